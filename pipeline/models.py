@@ -1,0 +1,222 @@
+"""Typed records exchanged by stages and the pipeline.
+
+Records are frozen pydantic models; those that are stored (Episode, RenderPlan, ledger)
+carry a ``schema_version``. Image-carrying records are plain dataclasses holding numpy
+arrays, since they travel through Ray's object store and are never serialised as JSON.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- episode
+
+
+class Camera(str, Enum):
+    """Shot framing, from widest to tightest."""
+
+    ESTABLISHING = "establishing"
+    WIDE = "wide"
+    MEDIUM = "medium"
+    CLOSE_UP = "close-up"
+    EXTREME_CLOSE_UP = "extreme-close-up"
+
+
+class DialogueLine(Record):
+    character: str = Field(description="Canonical cue name without extension, e.g. 'BOB' or '林小雨'.")
+    text: str
+    parenthetical: str | None = None
+    extension: str | None = Field(None, description="Cue extension such as 'V.O.', 'O.S.', \"CONT'D\".")
+    dual: bool = Field(False, description="Spoken simultaneously with the previous line (Fountain '^').")
+    line: int = Field(description="1-based line of the cue in the source file.")
+
+
+class Shot(Record):
+    id: str = Field(description="Stable id within the episode, e.g. 'sc01-sh03'.")
+    scene: int = Field(description="1-based index of the scene the shot belongs to.")
+    camera: Camera
+    duration_s: float = Field(gt=0)
+    characters: list[str] = Field(description="Characters on screen, in order of appearance.")
+    action: str = Field(description="What happens on screen; may be empty for a pure dialogue shot.")
+    dialogue: list[DialogueLine] = Field(default_factory=list)
+    static: bool = Field(False, description="Nothing moves: render one drawing and hold it.")
+    line: int = Field(description="1-based line in the source where the shot starts.")
+
+
+class Scene(Record):
+    index: int
+    heading: str
+    location: str
+    setting: Literal["INT", "EXT", "INT/EXT"] | None = None
+    time_of_day: str = Field("DAY", description="Upper-case, e.g. DAY, NIGHT, DUSK, DAWN.")
+    number: str | None = Field(None, description="Scene number from '#12A#', if given.")
+    line: int
+    shots: list[Shot]
+
+
+class Episode(Record):
+    schema_version: int = SCHEMA_VERSION
+    title: str
+    source: str = Field(description="Path of the script the episode was parsed from.")
+    title_page: dict[str, str] = Field(default_factory=dict)
+    characters: list[str] = Field(default_factory=list)
+    scenes: list[Scene]
+
+    @property
+    def shots(self) -> list[Shot]:
+        return [shot for scene in self.scenes for shot in scene.shots]
+
+    @property
+    def duration_s(self) -> float:
+        return sum(shot.duration_s for shot in self.shots)
+
+
+# --------------------------------------------------------------------------- profile
+
+
+class Profile(Record):
+    """Everything that decides how an episode is rendered. Resolved once at the entry point."""
+
+    name: str
+    aspect: Literal["16:9", "9:16"] = "16:9"
+    short_side: int = Field(360, ge=64, le=2160, description="Pixels on the short side; must be even.")
+    fps: int = Field(24, ge=1, le=60)
+    animate_on: int = Field(2, ge=1, le=3, description="Each drawing is held for this many frames.")
+    keyframe_stride: int = Field(6, ge=1, description="Drawings from one generated keyframe to the next.")
+    hold_static: bool = Field(True, description="Static shots render one keyframe and hold it.")
+    backend: str = Field("previz", description="Keyframe/storyboard backend.")
+    interpolation: Literal["flow", "crossfade"] = "flow"
+    flow_preset: Literal["ultrafast", "fast", "medium"] = "fast"
+    crf: int = Field(23, ge=0, le=51)
+    x264_preset: str = "veryfast"
+    storyboard_width: int = Field(480, ge=64, description="Width of one storyboard panel in pixels.")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels, both even, as the H.264 encoder requires."""
+        short = self.short_side - self.short_side % 2
+        long = int(round(short * 16 / 9))
+        long -= long % 2
+        return (long, short) if self.aspect == "16:9" else (short, long)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+class SubtitleCue(Record):
+    index: int
+    start_s: float
+    end_s: float
+    character: str
+    text: str
+    shot: str
+
+
+class ShotPlan(Record):
+    shot: Shot
+    scene_heading: str
+    location: str
+    time_of_day: str
+    start_frame: int = Field(description="First frame of the shot in the episode timeline.")
+    frames: int
+    drawings: list[int] = Field(description="Shot-local frame indices where a new drawing starts.")
+    keyframes: list[int] = Field(description="Shot-local frame indices of generated keyframes.")
+    held_frames: int = Field(description="Frames that repeat the drawing before them.")
+    keys: dict[str, str] = Field(description="Content key per stage (sha256 hex).")
+    estimate_seconds: dict[str, float] = Field(description="Estimated compute seconds per stage.")
+    estimate_yuan: dict[str, float] = Field(description="Estimated cost per stage in yuan.")
+
+    @property
+    def keyframe_times(self) -> list[float]:
+        """Keyframe positions as a fraction of the shot, 0.0 … 1.0."""
+        last = max(self.frames - 1, 1)
+        return [k / last for k in self.keyframes]
+
+
+class RenderPlan(Record):
+    schema_version: int = SCHEMA_VERSION
+    title: str
+    source: str
+    script_sha256: str
+    profile: Profile
+    width: int
+    height: int
+    shots: list[ShotPlan]
+    subtitles: list[SubtitleCue]
+    assemble_key: str
+
+    @property
+    def total_frames(self) -> int:
+        return sum(s.frames for s in self.shots)
+
+    @property
+    def duration_s(self) -> float:
+        return self.total_frames / self.profile.fps
+
+    @property
+    def total_keyframes(self) -> int:
+        return sum(len(s.keyframes) for s in self.shots)
+
+    @property
+    def estimated_cost_yuan(self) -> float:
+        return sum(sum(s.estimate_yuan.values()) for s in self.shots)
+
+
+# --------------------------------------------------------------------------- ledger
+
+
+class LedgerRecord(Record):
+    """One executed (or cached) node's measured cost."""
+
+    stage: str
+    shot: str | None
+    seconds: float = Field(description="Wall seconds the node held its resources.")
+    resource: str = Field(description="Price-catalog resource, e.g. 'cpu' or 'gpu:H200'.")
+    units: float = Field(description="How many of the resource the node held (cores, GPUs).")
+    yuan: float
+    cached: bool = False
+
+
+class Ledger(Record):
+    schema_version: int = SCHEMA_VERSION
+    records: list[LedgerRecord]
+
+    @property
+    def total_yuan(self) -> float:
+        return sum(r.yuan for r in self.records)
+
+    def by_stage(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for r in self.records:
+            out[r.stage] = out.get(r.stage, 0.0) + r.yuan
+        return out
+
+
+# --------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One image of a shot: RGB uint8, shape (height, width, 3)."""
+
+    index: int
+    image: np.ndarray
+
+
+@dataclass(frozen=True)
+class Keyframes:
+    """The generated drawings of one shot, at shot-local frame indices."""
+
+    shot: str
+    frames: list[Frame] = field(default_factory=list)
