@@ -155,6 +155,8 @@ class RenderPlan(Record):
     shots: list[ShotPlan]
     subtitles: list[SubtitleCue]
     assemble_key: str
+    assemble_estimate_seconds: float
+    assemble_estimate_yuan: float
 
     @property
     def total_frames(self) -> int:
@@ -170,7 +172,15 @@ class RenderPlan(Record):
 
     @property
     def estimated_cost_yuan(self) -> float:
-        return sum(sum(s.estimate_yuan.values()) for s in self.shots)
+        return sum(sum(s.estimate_yuan.values()) for s in self.shots) + self.assemble_estimate_yuan
+
+    def estimate_by_stage(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for shot in self.shots:
+            for stage, yuan in shot.estimate_yuan.items():
+                out[stage] = out.get(stage, 0.0) + yuan
+        out["assemble"] = self.assemble_estimate_yuan
+        return out
 
 
 # --------------------------------------------------------------------------- ledger

@@ -1,0 +1,63 @@
+"""Prices and money: the price catalog in ``cluster/prices.csv`` turns measured
+resource-seconds into yuan.
+
+Each catalog row is one resource at one pricing tier with its ``source``, ``checked_at``
+and ``confidence``; USD rows are converted with one FX rate, a config value.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from pydantic import Field
+
+from pipeline.errors import ProfileError
+from pipeline.models import LedgerRecord, Record
+
+
+class PriceRow(Record):
+    resource: str
+    tier: str
+    price: float = Field(ge=0)
+    currency: str
+    unit: str
+    source: str
+    checked_at: str
+    confidence: str
+
+
+class PriceCatalog(Record):
+    rows: list[PriceRow]
+    usd_cny: float = Field(gt=0)
+    tier: str = "on-demand"
+
+    @classmethod
+    def load(cls, path: str | Path, *, usd_cny: float, tier: str = "on-demand") -> "PriceCatalog":
+        path = Path(path)
+        try:
+            with path.open(newline="", encoding="utf-8") as fh:
+                rows = [PriceRow(**row) for row in csv.DictReader(fh)]
+        except (OSError, ValueError) as exc:
+            raise ProfileError(f"{path}: cannot read the price catalog: {exc}") from None
+        return cls(rows=rows, usd_cny=usd_cny, tier=tier)
+
+    def row(self, resource: str) -> PriceRow:
+        for row in self.rows:
+            if row.resource == resource and row.tier == self.tier:
+                return row
+        known = sorted({f"{r.resource} ({r.tier})" for r in self.rows})
+        raise ProfileError(f"no {self.tier} price for resource {resource!r}; catalog has: {', '.join(known)}")
+
+    def yuan_per_hour(self, resource: str) -> float:
+        row = self.row(resource)
+        return row.price * (self.usd_cny if row.currency == "USD" else 1.0)
+
+    def cost(self, seconds: float, resource: str, units: float) -> float:
+        """Yuan for holding ``units`` of ``resource`` for ``seconds``."""
+        return seconds * units * self.yuan_per_hour(resource) / 3600.0
+
+    def record(self, stage: str, shot: str | None, seconds: float, resource: str, units: float,
+               cached: bool = False) -> LedgerRecord:
+        yuan = 0.0 if cached else self.cost(seconds, resource, units)
+        return LedgerRecord(stage=stage, shot=shot, seconds=0.0 if cached else seconds,
+                            resource=resource, units=units, yuan=yuan, cached=cached)

@@ -1,0 +1,77 @@
+"""MLflow tracking, from the driver only: one run per render.
+
+Experiment = series (the title page's ``Series`` or the episode title); run = one render.
+Tags say what was rendered and where; params are the resolved profile; metrics are the
+ledger's sums; artifacts are the episode, its storyboard, subtitles, plan, ledger and config.
+SQLite-backed MLflow locks under concurrent writers, so workers never log.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pipeline.models import Ledger, RenderPlan
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def code_version() -> str:
+    """The git commit of the checkout, or the package version when not in a git checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    if sha:
+        return sha
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("anim-pipeline")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def render_metrics(plan: RenderPlan, ledger: Ledger, wall_seconds: float) -> dict[str, float]:
+    minutes = plan.duration_s / 60.0
+    executed = [r for r in ledger.records if not r.cached]
+    metrics: dict[str, float] = {
+        "cost_yuan": ledger.total_yuan,
+        "cost_yuan_per_min": ledger.total_yuan / minutes if minutes else 0.0,
+        "estimated_cost_yuan": plan.estimated_cost_yuan,
+        "wall_seconds": wall_seconds,
+        "cpu_seconds": sum(r.seconds * r.units for r in executed if r.resource == "cpu"),
+        "gpu_seconds": sum(r.seconds * r.units for r in executed if r.resource.startswith("gpu")),
+        "frames": plan.total_frames,
+        "keyframes": plan.total_keyframes,
+        "shots": len(plan.shots),
+        "duration_s": plan.duration_s,
+        "cache_hit_ratio": sum(r.cached for r in ledger.records) / max(len(ledger.records), 1),
+    }
+    for stage, yuan in ledger.by_stage().items():
+        metrics[f"cost.{stage}_yuan"] = yuan
+    return metrics
+
+
+def log_render(*, tracking_uri: str, plan: RenderPlan, ledger: Ledger, wall_seconds: float,
+               artifacts: dict[str, Path], tags: dict[str, str], series: str | None = None) -> str:
+    """Log one render as one MLflow run; returns the run id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(series or plan.title)
+    with mlflow.start_run(run_name=f"{plan.title} [{plan.profile.name}]") as run:
+        mlflow.set_tags({"script_sha256": plan.script_sha256, "profile": plan.profile.name,
+                         "backend": plan.profile.backend, "code_version": code_version(), **tags})
+        mlflow.log_params({f"profile.{k}": v for k, v in plan.profile.model_dump().items()})
+        mlflow.log_params({"width": plan.width, "height": plan.height})
+        mlflow.log_metrics(render_metrics(plan, ledger, wall_seconds))
+        table: dict[str, list[Any]] = {k: [] for k in ("stage", "shot", "seconds", "resource", "units", "yuan", "cached")}
+        for r in ledger.records:
+            for k in table:
+                table[k].append(getattr(r, k))
+        mlflow.log_table(data=table, artifact_file="ledger.json")
+        for path in artifacts.values():
+            mlflow.log_artifact(str(path))
+        return run.info.run_id
