@@ -1,0 +1,185 @@
+"""In-betweening on real OpenCV: holds, drawing cadence, streaming, and quality on real frames."""
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.models import Frame, Keyframes
+from stages.inbetween import INTERPOLATORS, Crossfade, FlowInterpolator, interpolator, shot_frames
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "frames"
+
+
+def _read(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path))
+    assert image is not None, f"missing test frame {path}"
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _triplets() -> dict[str, tuple[Path, Path, Path]]:
+    out = {}
+    for n in (16, 17, 18):
+        out[f"sintel_raft_demo/{n + 1}"] = tuple(DATA / "sintel_raft_demo" / f"frame_{i:04d}.png" for i in (n, n + 1, n + 2))
+    for n in (120, 430, 487):
+        d = DATA / "bbb" / f"triplet_f{n:04d}"
+        out[f"bbb/{n}"] = tuple(d / f"frame_{i:04d}.png" for i in (n - 1, n, n + 1))
+    for p in ("clean", "final"):
+        out[f"sintel_alley1_{p}/2"] = tuple(DATA / f"sintel_alley1_{p}" / f"frame_{i:04d}.png" for i in (1, 2, 3))
+    return out
+
+
+def _solid(value: int, shape=(36, 64, 3)) -> np.ndarray:
+    return np.full(shape, value, np.uint8)
+
+
+class CountingInterpolator:
+    """Our own test helper: records every call and returns cheap distinct images."""
+
+    def __init__(self):
+        self.calls: list[list[float]] = []
+
+    def __call__(self, a, b, ts):
+        self.calls.append(list(ts))
+        return [np.full_like(a, 100 + len(self.calls)) for _ in ts]
+
+
+def _keys(*pairs) -> Keyframes:
+    return Keyframes(shot="sh01", frames=[Frame(i, img) for i, img in pairs])
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_builds_by_name_and_rejects_unknown():
+    assert isinstance(interpolator("flow", preset="ultrafast"), FlowInterpolator)
+    assert isinstance(interpolator("crossfade"), Crossfade)
+    assert set(INTERPOLATORS) == {"flow", "crossfade"}
+    with pytest.raises(ValueError, match="crossfade.*flow"):
+        interpolator("rife2")
+    with pytest.raises(ValueError, match="preset"):
+        FlowInterpolator(preset="slowest")
+
+
+@pytest.mark.parametrize("name", ["flow", "crossfade"])
+def test_identical_neighbours_are_copied_exactly(name):
+    a = _read(DATA / "sintel_raft_demo" / "frame_0016.png")
+    out = interpolator(name)(a, a.copy(), [0.25, 0.5, 0.75])
+    assert len(out) == 3
+    for img in out:
+        assert img is not a and np.array_equal(img, a)
+
+
+def test_crossfade_is_the_linear_blend():
+    out = Crossfade()(_solid(0), _solid(200), [0.25, 0.5])
+    assert [int(o[0, 0, 0]) for o in out] == [50, 100]
+
+
+# --------------------------------------------------------------------------- shot_frames
+
+
+def test_shot_on_twos_repeats_drawings_and_reproduces_keyframes():
+    k0, k6, k12 = _solid(10), _solid(20), _solid(30)
+    counter = CountingInterpolator()
+    drawings = list(range(0, 16, 2))  # 0,2,…,14 on twos; 16 frames
+    out = list(shot_frames(_keys((0, k0), (6, k6), (12, k12)), frames=16, drawings=drawings, interpolate=counter))
+
+    assert len(out) == 16
+    assert out[0] is k0 and out[6] is k6 and out[12] is k12  # keyframes exactly, not recomputed
+    for d in drawings:  # each drawing held for two frames: the same object again
+        assert out[d + 1] is out[d]
+    assert out[14] is k12 and out[15] is k12  # after the last keyframe: hold it
+    # one call per keyframe pair, with all its in-between times
+    assert counter.calls == [[2 / 6, 4 / 6], [2 / 6, 4 / 6]]
+    assert out[2] is not out[4] and out[2] is not out[8]
+
+
+def test_single_keyframe_is_a_held_shot():
+    k0 = _solid(42)
+    counter = CountingInterpolator()
+    out = list(shot_frames(_keys((0, k0)), frames=10, drawings=[0, 3, 6, 9], interpolate=counter))
+    assert len(out) == 10 and all(o is k0 for o in out) and counter.calls == []
+
+
+def test_shot_frames_streams():
+    counter = CountingInterpolator()
+    gen = shot_frames(_keys((0, _solid(1)), (4, _solid(2)), (8, _solid(3))), frames=9,
+                      drawings=[0, 2, 4, 6, 8], interpolate=counter)
+    assert inspect.isgenerator(gen)
+    first = next(gen)
+    assert first[0, 0, 0] == 1 and counter.calls == []  # first frame before any interpolation
+    next(gen), next(gen)  # frames 1, 2: frame 2 needed the first pair only
+    assert len(counter.calls) == 1
+    assert len(list(gen)) == 6 and len(counter.calls) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, keys, message",
+    [
+        ({"frames": 0, "drawings": [0]}, [0], "frames=0"),
+        ({"frames": 8, "drawings": [0, 2]}, [2], "first keyframe is at frame 2"),
+        ({"frames": 8, "drawings": [0, 2, 4]}, [0, 3], r"keyframes \[3\] are not drawing starts"),
+        ({"frames": 4, "drawings": [0, 2, 4]}, [0], "< frames=4"),
+        ({"frames": 8, "drawings": [2, 4]}, [0], "start at frame 0"),
+        ({"frames": 8, "drawings": [0, 2]}, [], "no keyframes"),
+    ],
+)
+def test_shot_frames_rejects_bad_input(kwargs, keys, message):
+    with pytest.raises(ValueError, match=message):
+        shot_frames(_keys(*[(k, _solid(k)) for k in keys]), interpolate=Crossfade(), **kwargs)
+
+
+def test_shot_frames_rejects_mismatched_keyframe_shapes():
+    keys = _keys((0, _solid(1)), (4, _solid(2, shape=(36, 62, 3))))
+    with pytest.raises(ValueError, match="keyframe 4 is"):
+        shot_frames(keys, frames=6, drawings=[0, 2, 4], interpolate=Crossfade())
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def _disc(cx: float) -> np.ndarray:
+    img = np.full((96, 128, 3), (40, 90, 160), np.uint8)  # flat cel background
+    cv2.circle(img, (round(cx), 48), 18, (250, 210, 60), -1, lineType=cv2.LINE_AA)
+    return img
+
+
+def test_flow_moves_a_flat_disc_better_than_crossfade():
+    a, mid, b = _disc(56), _disc(60), _disc(64)  # 8 px of motion, true midpoint at +4
+    flow = cv2.PSNR(FlowInterpolator()(a, b, [0.5])[0], mid)
+    fade = cv2.PSNR(Crossfade()(a, b, [0.5])[0], mid)
+    print(f"\nmoving disc: flow {flow:.2f} dB, crossfade {fade:.2f} dB")
+    assert flow > fade + 3
+
+
+def test_flow_beats_crossfade_on_real_frames():
+    flow_i, fade_i = FlowInterpolator(), Crossfade()
+    flow, fade = [], []
+    print()
+    for name, paths in _triplets().items():
+        a, mid, b = (_read(p) for p in paths)
+        flow.append(cv2.PSNR(flow_i(a, b, [0.5])[0], mid))
+        fade.append(cv2.PSNR(fade_i(a, b, [0.5])[0], mid))
+        print(f"{name:24s} flow {flow[-1]:6.2f} dB   crossfade {fade[-1]:6.2f} dB")
+    print(f"{'mean':24s} flow {np.mean(flow):6.2f} dB   crossfade {np.mean(fade):6.2f} dB")
+    assert np.mean(flow) > np.mean(fade)
+
+
+def test_print_flow_timings():
+    """Not a check: ms per interpolated frame, three in-betweens per pair (a keyframe stride of 4)."""
+    a = _read(DATA / "sintel_raft_demo" / "frame_0016.png")
+    b = _read(DATA / "sintel_raft_demo" / "frame_0018.png")
+    print()
+    for w, h in ((640, 360), (1920, 1080)):
+        A, B = cv2.resize(a, (w, h)), cv2.resize(b, (w, h))
+        for preset in ("ultrafast", "fast"):
+            fi = FlowInterpolator(preset=preset)
+            fi(A, B, [0.5])  # warm up
+            t0 = time.perf_counter()
+            out = fi(A, B, [0.25, 0.5, 0.75])
+            ms = (time.perf_counter() - t0) * 1000 / len(out)
+            print(f"flow {preset:9s} {w}x{h}: {ms:6.1f} ms per interpolated frame")
