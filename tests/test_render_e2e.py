@@ -1,0 +1,115 @@
+"""End to end through the CLI: a real local Ray cluster, real ffmpeg, a real MLflow store."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio_ffmpeg
+import mlflow
+import pytest
+import srt
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def anim(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("e2e")
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+            "MLFLOW_DISABLE_TELEMETRY": "true", "ANIM_STORE": str(root / "store"),
+            "MLFLOW_ARTIFACTS_DESTINATION": str(root / "mlartifacts")}
+
+
+def probe(path: Path) -> dict:
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    reader.close()
+    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+    return {**meta, "frames": frames}
+
+
+@pytest.mark.parametrize("script, aspect, size", [
+    ("examples/episode_en.fountain", "16:9", (640, 360)),
+    ("examples/episode_zh.fountain", "9:16", (360, 640)),
+])
+def test_render_sample_at_draft(tmp_path, env, script, aspect, size):
+    out = tmp_path / "out"
+    done = anim("render", script, "--profile", "draft", "--aspect", aspect, "--out", str(out), "--no-progress",
+                env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = json.loads((out / "plan.json").read_text())
+    cost = json.loads((out / "cost.json").read_text())
+    fps = plan["profile"]["fps"]
+    total = sum(s["frames"] for s in plan["shots"])
+
+    # The video: H.264 yuv420p at the plan's size and fps, as long as the plan within one frame.
+    info = probe(out / "episode.mp4")
+    assert info["codec"].startswith("h264") and info["pix_fmt"].startswith("yuv420p")
+    assert tuple(info["size"]) == size and abs(info["fps"] - fps) < 1e-3
+    assert abs(info["frames"] - total) <= 1
+    assert abs(info["duration"] - total / fps) <= 1 / fps
+
+    # Subtitles: the plan's cues, to the millisecond.
+    subs = list(srt.parse((out / "subtitles.srt").read_text(encoding="utf-8")))
+    assert len(subs) == len(plan["subtitles"]) > 0
+    for sub, cue in zip(subs, plan["subtitles"]):
+        assert abs(sub.start.total_seconds() - cue["start_s"]) < 0.002
+        assert abs(sub.end.total_seconds() - cue["end_s"]) < 0.002
+        assert cue["text"] in sub.content
+
+    # The ledger covers every shot and stage; the MLflow run's cost equals its sum.
+    assert {r["stage"] for r in cost["records"]} == {"storyboard", "keyframes", "inbetween", "encode", "assemble"}
+    assert abs(cost["total_yuan"] - sum(r["yuan"] for r in cost["records"])) < 1e-12
+    run_id = done.stdout.split("MLflow run:")[1].split()[0]
+    run = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(run_id)
+    assert run.data.metrics["cost_yuan"] == pytest.approx(cost["total_yuan"], rel=1e-9, abs=1e-12)
+    assert run.data.metrics["frames"] == total
+    assert run.data.params["profile.aspect"] == aspect
+    for stage in ("storyboard", "keyframes", "inbetween", "encode", "assemble"):
+        assert f"cost.{stage}_yuan" in run.data.metrics
+    assert (out / "storyboard.png").stat().st_size > 10_000
+
+
+BAD_INPUTS = {
+    "empty.fountain": (b"", "empty"),
+    "blank.fountain": (b"  \n\n\t\n", "empty"),
+    "binary.fountain": (bytes(range(256)) * 4, "binary"),
+    "latin1.fountain": ("INT. CAFÉ - DAY\n\nAya waits.\n".encode("latin-1"), "UTF-8"),
+    "title_only.fountain": (b"Title: Nothing Here\nAuthor: Nobody\n", "no scenes"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_fails_cleanly(tmp_path, env, name):
+    data, expected = BAD_INPUTS[name]
+    script = tmp_path / name
+    script.write_bytes(data)
+    out = tmp_path / "out"
+    done = anim("render", str(script), "--out", str(out), "--no-progress", env=env)
+    assert done.returncode != 0
+    lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, done.stderr
+    assert str(script) in lines[0] and expected.lower() in lines[0].lower()
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not (out / "episode.mp4").exists()
+
+
+def test_plan_json_contract(env):
+    done = anim("plan", "examples/episode_en.fountain", "--profile", "draft", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert {"shots", "total_frames", "estimated_cost_yuan"} <= set(data)
+    assert {"id", "duration_s", "frames", "keyframes"} <= set(data["shots"][0])
+    assert data["total_frames"] == sum(s["frames"] for s in data["shots"])
+    assert 55 <= data["total_frames"] / 24 <= 75
+    assert data["estimated_cost_yuan"] > 0
