@@ -25,6 +25,7 @@ from PIL import Image
 
 from pipeline.cache import ArtifactStore
 from pipeline.cost import PriceCatalog
+from pipeline.errors import AnimError, StageError
 from pipeline.models import Frame, Keyframes, Ledger, LedgerRecord, RenderPlan, ShotPlan
 from stages import assemble, encode, inbetween, keyframes, storyboard
 
@@ -131,6 +132,8 @@ def assemble_node(plan: RenderPlan, _clips: list[Measured], _panels: list[Measur
     with store.writer(plan.assemble_key, {"title": plan.title}) as d:
         assemble.concat_clips(clips, d / "episode.mp4", ffmpeg=ffmpeg)
         assemble.write_srt(plan.subtitles, d / "subtitles.srt")
+        assemble.write_timeline(plan.shots, plan.subtitles, d / "timeline.otio", title=plan.title,
+                                fps=plan.profile.fps, media="episode.mp4")
         _save_png(storyboard.contact_sheet(panels, title=plan.title), d / "storyboard.png")
     return Measured(None, [("assemble", time.perf_counter() - t0)])
 
@@ -157,6 +160,24 @@ def init_ray(address: str | None, num_cpus: int | None) -> float:
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
     return time.perf_counter() - t0
+
+
+def _get(ref: Any) -> Measured:
+    """``ray.get`` that surfaces a stage's own error instead of Ray's wrapped traceback.
+
+    Nodes that finished are already in the store, so the next render resumes from them.
+    """
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, AnimError):
+            raise cause from None
+        node = getattr(exc, "function_name", "node").rsplit(".", 1)[-1].removesuffix("_node")
+        raise StageError(node, None, f"{type(cause).__name__}: {cause}; finished nodes are kept in the "
+                         "artifact store and will not be recomputed") from None
 
 
 def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmpeg: str,
@@ -218,14 +239,14 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
     waiting = list(pending)
     while waiting:
         ready, waiting = ray.wait(waiting, num_returns=1)
-        take(ray.get(ready[0]))
+        take(_get(ready[0]))
         done_shots += pending[ready[0]] == "clip"
         if on_progress:
             on_progress(done_shots, len(plan.shots), sum(r.yuan for r in records))
 
     # 3. One assemble node joins every shot.
     if store.get(plan.assemble_key) is None:
-        take(ray.get(asm_task.remote(plan, clip_refs, panel_refs, ffmpeg=ffmpeg, store_root=root)))
+        take(_get(asm_task.remote(plan, clip_refs, panel_refs, ffmpeg=ffmpeg, store_root=root)))
     else:
         records.append(prices.record("assemble", None, 0.0, CPU, 1.0, cached=True))
     outputs = _must(store, plan.assemble_key)
@@ -242,7 +263,7 @@ def publish(outputs: dict[str, Path], out_dir: Path, extra: dict[str, Any]) -> d
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    for name in ("storyboard.png", "subtitles.srt", "episode.mp4"):
+    for name in ("storyboard.png", "subtitles.srt", "timeline.otio", "episode.mp4"):
         tmp = out_dir / f".{name}.tmp"
         shutil.copyfile(outputs[name], tmp)
         tmp.replace(out_dir / name)

@@ -79,6 +79,14 @@ def test_render_sample_at_draft(tmp_path, env, script, aspect, size):
         assert f"cost.{stage}_yuan" in run.data.metrics
     assert (out / "storyboard.png").stat().st_size > 10_000
 
+    # The editorial hand-off: one clip per shot, frame-exact against the plan.
+    import opentimelineio as otio
+    timeline = otio.adapters.read_from_file(str(out / "timeline.otio"))
+    clips = list(timeline.find_clips())
+    assert [c.name for c in clips] == [s["shot"]["id"] for s in plan["shots"]]
+    assert [c.source_range.duration.value for c in clips] == [s["frames"] for s in plan["shots"]]
+    assert timeline.duration().value == total
+
 
 BAD_INPUTS = {
     "empty.fountain": (b"", "empty"),
