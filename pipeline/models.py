@@ -127,6 +127,7 @@ class ShotPlan(Record):
     shot: Shot
     scene_heading: str
     location: str
+    setting: Literal["INT", "EXT", "INT/EXT"] | None = None
     time_of_day: str
     start_frame: int = Field(description="First frame of the shot in the episode timeline.")
     frames: int

@@ -131,7 +131,8 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
             est_s = {stage: round(rows[stage].seconds(*units[stage]), 4) for stage in STAGES}
             est_y = {stage: prices.cost(est_s[stage], rows[stage].device, 1.0) for stage in STAGES}
             shots.append(ShotPlan(
-                shot=shot, scene_heading=scene.heading, location=scene.location, time_of_day=scene.time_of_day,
+                shot=shot, scene_heading=scene.heading, location=scene.location, setting=scene.setting,
+                time_of_day=scene.time_of_day,
                 start_frame=start, frames=frames, drawings=drawings, keyframes=keys,
                 held_frames=frames - len(drawings), keys={"storyboard": sb_key, "keyframes": kf_key, "clip": clip_key},
                 estimate_seconds=est_s, estimate_yuan=est_y))
