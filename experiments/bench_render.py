@@ -43,23 +43,39 @@ def main() -> None:
                      script_sha256=hashlib.sha256(args.script.read_bytes()).hexdigest())
     plan_s = time.perf_counter() - t0
     cores = os.cpu_count() or 1
-    with tempfile.TemporaryDirectory() as tmp:
-        result = dag.render(plan, store=ArtifactStore(tmp), prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe())
-    wall = result.wall_seconds
-    compute = result.stage_seconds
-    overhead = 1 - compute / (wall * cores)
-    by_stage = {}
-    for r in result.ledger.records:
-        by_stage[r.stage] = by_stage.get(r.stage, 0.0) + r.seconds
     print(f"episode         {plan.title}: {len(plan.shots)} shots, {plan.total_frames} frames, "
           f"{plan.duration_s:.1f} s at {plan.width}x{plan.height} {plan.profile.fps} fps ({plan.profile.name})")
     print(f"plan            {plan_s:.2f} s (parse + plan, no Ray)")
+    # Twice, each into an empty store so every node runs: first on a cluster that has just
+    # started (workers still importing), then on the same, now warm, cluster — which is what a
+    # studio's long-running cluster or the next render of a batch sees.
+    for label in ("cold", "warm"):
+        with tempfile.TemporaryDirectory() as tmp:
+            result = dag.render(plan, store=ArtifactStore(tmp), prices=prices,
+                                ffmpeg=imageio_ffmpeg.get_ffmpeg_exe())
+        report(label, plan, result, cores)
+
+
+def report(label: str, plan, result, cores: int) -> None:
+    wall = result.wall_seconds
+    compute = result.stage_seconds
+    overhead = 1 - compute / (wall * cores)
+    by_stage: dict[str, float] = {}
+    for r in result.ledger.records:
+        by_stage[r.stage] = by_stage.get(r.stage, 0.0) + r.seconds
+    first = min(s for _, s, _ in result.spans) - result.started
+    shots_end = max(e for name, _, e in result.spans if name != "assemble")
+    print(f"--- {label} cluster")
     print(f"ray start       {result.ray_init_seconds:.2f} s")
-    print(f"render wall     {wall:.2f} s  ({wall + result.ray_init_seconds:.2f} s with Ray start)")
+    print(f"render wall     {wall:.2f} s  ({wall + result.ray_init_seconds:.2f} s with Ray start; target < 120 s)")
     print(f"throughput      {plan.total_frames / wall:.1f} frames/s  ({plan.duration_s / wall:.2f}x real time)")
     print(f"stage compute   {compute:.2f} core-s on {cores} cores: "
           + ", ".join(f"{k} {v:.2f}" for k, v in by_stage.items()))
-    print(f"overhead        {overhead:.1%} of {wall * cores:.2f} core-s (target < 10%)")
+    print(f"overhead        {overhead:.1%} of {wall * cores:.2f} core-s outside stage code (target < 10%)")
+    # Where it sits: before the first node starts (worker start-up and imports), after the last
+    # shot node ends (assemble, collection), the rest is scheduling and idle cores at the tail.
+    print(f"  first node    starts {first:.2f} s after submission (worker start-up, imports)")
+    print(f"  after shots   {result.started + wall - shots_end:.2f} s (assemble + collection)")
     print(f"cost            ¥{result.ledger.total_yuan:.5f} measured, ¥{plan.estimated_cost_yuan:.5f} estimated")
 
 

@@ -14,6 +14,7 @@ measured wall seconds and the resources it held; the driver prices them.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class Measured:
     resource: str = CPU
     units: float = 1.0
     value: Any = None
+    span: tuple[float, float] = (0.0, 0.0)  # wall-clock (epoch) start and end, for utilization
 
 
 @dataclass
@@ -50,6 +52,8 @@ class RenderResult:
     wall_seconds: float
     ray_init_seconds: float
     stage_seconds: float = field(default=0.0)
+    started: float = 0.0  # epoch when the graph was submitted
+    spans: list[tuple[str, float, float]] = field(default_factory=list)  # (node, start, end) epochs
 
 
 # --------------------------------------------------------------------------- node bodies
@@ -66,21 +70,22 @@ def _load_png(path: Path) -> np.ndarray:
 
 
 def storyboard_node(shot: ShotPlan, *, width: int, aspect: str, store_root: str) -> Measured:
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     panel = storyboard.render_panel(shot, width=width, aspect=aspect)
     with ArtifactStore(store_root).writer(shot.keys["storyboard"], {"shot": shot.shot.id}) as d:
         _save_png(panel, d / "panel.png")
-    return Measured(shot.shot.id, [("storyboard", time.perf_counter() - t0)])
+    return Measured(shot.shot.id, [("storyboard", time.perf_counter() - t0)], span=(started, time.time()))
 
 
 def keyframes_node(shot: ShotPlan, _storyboard: Measured | None, *, backend: str, width: int, height: int,
                    store_root: str) -> Measured:
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     drawn = keyframes.backend(backend, width=width, height=height)([shot])[0]
     with ArtifactStore(store_root).writer(shot.keys["keyframes"], {"shot": shot.shot.id}) as d:
         for frame in drawn.frames:
             _save_png(frame.image, d / f"key_{frame.index:05d}.png")
-    return Measured(shot.shot.id, [("keyframes", time.perf_counter() - t0)], value=drawn)
+    return Measured(shot.shot.id, [("keyframes", time.perf_counter() - t0)], value=drawn,
+                    span=(started, time.time()))
 
 
 def _load_keyframes(store: ArtifactStore, shot: ShotPlan) -> Keyframes:
@@ -111,7 +116,7 @@ class _Timed:
 
 def clip_node(shot: ShotPlan, kf: Measured | None, *, interpolation: str, flow_preset: str, fps: int,
               width: int, height: int, crf: int, x264_preset: str, ffmpeg: str, store_root: str) -> Measured:
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     store = ArtifactStore(store_root)
     drawn = kf.value if kf is not None else _load_keyframes(store, shot)
     method = inbetween.interpolator(interpolation, **({"preset": flow_preset} if interpolation == "flow" else {}))
@@ -120,12 +125,13 @@ def clip_node(shot: ShotPlan, kf: Measured | None, *, interpolation: str, flow_p
         encode.encode_clip(timed, d / "clip.mp4", width=width, height=height, fps=fps, crf=crf,
                            preset=x264_preset, threads=1, ffmpeg=ffmpeg, shot=shot.shot.id)
     total = time.perf_counter() - t0
-    return Measured(shot.shot.id, [("inbetween", timed.seconds), ("encode", total - timed.seconds)])
+    return Measured(shot.shot.id, [("inbetween", timed.seconds), ("encode", total - timed.seconds)],
+                    span=(started, time.time()))
 
 
 def assemble_node(plan: RenderPlan, _clips: list[Measured], _panels: list[Measured], *, ffmpeg: str,
                   store_root: str) -> Measured:
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     store = ArtifactStore(store_root)
     clips = [_must(store, s.keys["clip"])["clip.mp4"] for s in plan.shots]
     panels = [_load_png(_must(store, s.keys["storyboard"])["panel.png"]) for s in plan.shots]
@@ -135,7 +141,7 @@ def assemble_node(plan: RenderPlan, _clips: list[Measured], _panels: list[Measur
         assemble.write_timeline(plan.shots, plan.subtitles, d / "timeline.otio", title=plan.title,
                                 fps=plan.profile.fps, media="episode.mp4")
         _save_png(storyboard.contact_sheet(panels, title=plan.title), d / "storyboard.png")
-    return Measured(None, [("assemble", time.perf_counter() - t0)])
+    return Measured(None, [("assemble", time.perf_counter() - t0)], span=(started, time.time()))
 
 
 def _must(store: ArtifactStore, key: str) -> dict[str, Path]:
@@ -175,7 +181,8 @@ def _get(ref: Any) -> Measured:
         cause = exc.cause
         if isinstance(cause, AnimError):
             raise cause from None
-        node = getattr(exc, "function_name", "node").rsplit(".", 1)[-1].removesuffix("_node")
+        where = f"{getattr(exc, 'function_name', '')} {getattr(exc, 'proctitle', '')}"
+        node = m.group(1) if (m := re.search(r"(\w+)_node", where)) else "render"
         raise StageError(node, None, f"{type(cause).__name__}: {cause}; finished nodes are kept in the "
                          "artifact store and will not be recomputed") from None
 
@@ -187,7 +194,7 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
     import ray
 
     init_s = init_ray(ray_address, num_cpus)
-    t_start = time.perf_counter()
+    t_start, started = time.perf_counter(), time.time()
     p = plan.profile
     root = str(store.root)
     sb_task = ray.remote(num_cpus=1)(storyboard_node)
@@ -199,7 +206,8 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
     records: list[LedgerRecord] = []
     pending: dict[Any, str] = {}  # ref -> "clip" | "other"
     clip_refs, panel_refs = [], []
-    for shot in plan.shots:
+    # Longest chains first, so the last node to finish is a short one and cores do not idle at the tail.
+    for shot in sorted(plan.shots, key=lambda s: -sum(s.estimate_seconds.values())):
         sid = shot.shot.id
         sb_ref = None
         if store.get(shot.keys["storyboard"]) is None:
@@ -228,8 +236,11 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
     done_shots = len(plan.shots) - len(clip_refs)
     stage_seconds = 0.0
 
+    spans: list[tuple[str, float, float]] = []
+
     def take(measured: Measured) -> None:
         nonlocal stage_seconds
+        spans.append(("+".join(stage for stage, _ in measured.timings), *measured.span))
         for stage, seconds in measured.timings:
             records.append(prices.record(stage, measured.shot, seconds, measured.resource, measured.units))
             stage_seconds += seconds * measured.units
@@ -252,7 +263,7 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
     outputs = _must(store, plan.assemble_key)
     return RenderResult(ledger=Ledger(records=records), outputs=outputs,
                         wall_seconds=time.perf_counter() - t_start, ray_init_seconds=init_s,
-                        stage_seconds=stage_seconds)
+                        stage_seconds=stage_seconds, started=started, spans=spans)
 
 
 def publish(outputs: dict[str, Path], out_dir: Path, extra: dict[str, Any]) -> dict[str, Path]:
