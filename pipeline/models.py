@@ -85,6 +85,31 @@ class Episode(Record):
 # --------------------------------------------------------------------------- profile
 
 
+class DiffusionSettings(Record):
+    """How the diffusers backend draws keyframes, storyboards, plates and character sheets."""
+
+    model: str = Field(description="Local pipeline directory, or a Hub repo id found in the local HF cache only.")
+    mode: Literal["txt2img", "img2img"] = Field("img2img", description="img2img starts from the previz layout.")
+    strength: float = Field(0.65, gt=0, le=1, description="img2img denoising strength.")
+    steps: int = Field(4, ge=1, le=150)
+    guidance_scale: float = Field(0.0, ge=0)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    device: str = Field("cuda", description="'cuda', 'cuda:1', 'cpu', 'mps'.")
+    offload: Literal["none", "model", "sequential"] = "none"
+    controlnet: str | None = Field(None, description="Local ControlNet directory (e.g. lineart/canny), optional.")
+    ip_adapter: str | None = Field(None, description="Local IP-Adapter weights for character consistency, optional.")
+    style_prompt: str = "anime key visual, cel shading, clean line art, vibrant colors"
+    negative_prompt: str = "lowres, blurry, bad anatomy, extra fingers, watermark, text, jpeg artifacts"
+    characters: dict[str, str] = Field(default_factory=dict,
+                                       description="Fixed description per character name, e.g. {'HANA': 'girl, orange bob hair'}.")
+    layered: bool = Field(True, description="One background plate per location, characters composited over it.")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per model actor; fractional shares a GPU.")
+    batch_size: int = Field(4, ge=1, description="Images per model call; requests from many shots are batched.")
+    actors: int = Field(1, ge=1, description="Model actors (replicas) in the pool.")
+    gpu_type: str = Field("H200", description="Price-catalog GPU type billed for the actor's GPUs.")
+    gen_short_side: int | None = Field(None, description="Generate at this short side, then upscale to the profile size.")
+
+
 class Profile(Record):
     """Everything that decides how an episode is rendered. Resolved once at the entry point."""
 
@@ -101,6 +126,7 @@ class Profile(Record):
     crf: int = Field(23, ge=0, le=51)
     x264_preset: str = "veryfast"
     storyboard_width: int = Field(480, ge=64, description="Width of one storyboard panel in pixels.")
+    diffusion: DiffusionSettings | None = Field(None, description="Settings of the diffusers backend.")
 
     @property
     def size(self) -> tuple[int, int]:
