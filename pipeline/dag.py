@@ -140,7 +140,8 @@ def assemble_node(plan: RenderPlan, _clips: list[Measured], _panels: list[Measur
         assemble.write_srt(plan.subtitles, d / "subtitles.srt")
         assemble.write_timeline(plan.shots, plan.subtitles, d / "timeline.otio", title=plan.title,
                                 fps=plan.profile.fps, media="episode.mp4")
-        _save_png(storyboard.contact_sheet(panels, title=plan.title), d / "storyboard.png")
+        _save_png(storyboard.contact_sheet(panels, title=plan.title, labels=[s.shot.id for s in plan.shots]),
+                  d / "storyboard.png")
     return Measured(None, [("assemble", time.perf_counter() - t0)], span=(started, time.time()))
 
 

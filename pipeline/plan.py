@@ -117,7 +117,7 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
             content = shot_content(shot, scene)
             sb_key = content_key("storyboard", storyboard.VERSION,
                                  {"backend": profile.backend, "width": panel_w, "aspect": profile.aspect,
-                                  "shot_id": shot.id}, [json.dumps(content, sort_keys=True, ensure_ascii=False)])
+                                  "heading": scene.heading}, [json.dumps(content, sort_keys=True, ensure_ascii=False)])
             kf_key = content_key("keyframes", keyframes.VERSION,
                                  {"backend": profile.backend, "size": [width, height], "frames": frames,
                                   "keyframes": keys}, [json.dumps(content, sort_keys=True, ensure_ascii=False)])

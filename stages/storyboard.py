@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from pipeline.models import ShotPlan
 from stages.draw import fit_lines, frame_camera, layout, load_font, render_cel, wrap_text
 
-VERSION = "1"
+VERSION = "2"
 ASPECTS = {"16:9": (16, 9), "9:16": (9, 16)}
 INK, PENCIL, ARROW, PAPER = (30, 30, 34), (110, 110, 118), (214, 44, 44), (255, 255, 255)
 BODY_LINES = 6
@@ -110,7 +110,9 @@ def render_panel(shot: ShotPlan, *, width: int, aspect: str) -> np.ndarray:
 
     # 3. caption: header, scene heading, action and dialogue
     y, text_w = frame_h + pad, width - 2 * pad
-    header = f"{shot.shot.id} · {label} · {shot.shot.duration_s:.1f}s"
+    # No shot id here: ids follow position in the episode, panels follow content only, so an
+    # inserted shot does not invalidate every panel after it. The contact sheet stamps the ids.
+    header = f"{label} · {shot.shot.duration_s:.1f}s"
     d.text((pad, y), fit_lines(wrap_text(header, bold, text_w), 1, bold, text_w)[0], font=bold, fill=INK)
     y += lh
     heading = fit_lines(wrap_text(shot.scene_heading, regular, text_w), 1, regular, text_w)[0]
@@ -126,8 +128,11 @@ def render_panel(shot: ShotPlan, *, width: int, aspect: str) -> np.ndarray:
     return np.asarray(panel).copy()
 
 
-def contact_sheet(panels: list[np.ndarray], *, title: str, columns: int | None = None) -> np.ndarray:
+def contact_sheet(panels: list[np.ndarray], *, title: str, columns: int | None = None,
+                  labels: list[str] | None = None) -> np.ndarray:
     """A grid of panels under a title bar (title, shot count) on white, RGB uint8.
+
+    ``labels`` (usually the shot ids) are stamped on each panel's top-right corner.
 
     ``columns`` defaults to 4 for landscape panels (16:9 panels, or any image no taller than
     wide) and 6 for portrait ones.
@@ -142,6 +147,8 @@ def contact_sheet(panels: list[np.ndarray], *, title: str, columns: int | None =
         columns = 4 if ph <= pw or panels[0].shape == panel_shape(pw, "16:9") else 6
     if columns < 1:
         raise ValueError(f"contact_sheet: columns must be at least 1, got {columns}")
+    if labels is not None and len(labels) != len(panels):
+        raise ValueError(f"contact_sheet: {len(labels)} labels for {len(panels)} panels")
     cols = min(columns, len(panels))
     rows = math.ceil(len(panels) / cols)
     m = max(8, pw // 24)
@@ -161,4 +168,9 @@ def contact_sheet(panels: list[np.ndarray], *, title: str, columns: int | None =
         x, y = m + c * (pw + m), title_h + m + r * (ph + m)
         sheet.paste(Image.fromarray(p), (x, y))
         d.rectangle((x - 1, y - 1, x + pw, y + ph), outline=(200, 200, 204))
+        if labels:
+            tag = max(4, pw // 60)
+            box = d.textbbox((x + pw - 2 * tag, y + 2 * tag), labels[i], font=bold, anchor="ra")
+            d.rectangle((box[0] - tag, box[1] - tag // 2, box[2] + tag, box[3] + tag // 2), fill=INK)
+            d.text((x + pw - 2 * tag, y + 2 * tag), labels[i], font=bold, fill=PAPER, anchor="ra")
     return np.asarray(sheet).copy()
