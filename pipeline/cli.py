@@ -79,24 +79,48 @@ def plan(script: Path = typer.Argument(..., help="Fountain screenplay or YAML sh
               f"{rplan.total_keyframes} keyframes; estimated ¥{rplan.estimated_cost_yuan:.4f} ({stages})")
 
 
+def _yuan(text: str | None) -> float | None:
+    """'¥12.5', '12.5', '12.5元' → 12.5; one clear error otherwise."""
+    if text is None:
+        return None
+    cleaned = text.strip().lstrip("¥￥").removesuffix("元").removesuffix("CNY").strip()
+    try:
+        value = float(cleaned)
+    except ValueError:
+        raise _fail(f"--budget {text!r}: expected an amount in yuan such as ¥10 or 2.5") from None
+    if value < 0:
+        raise _fail(f"--budget {text!r}: a budget cannot be negative")
+    return value
+
+
 @app.command()
 def render(script: Path = typer.Argument(..., help="Fountain screenplay or YAML shot list."),
            profile: str = ProfileOpt, aspect: Optional[str] = AspectOpt,
            out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: out/<script>]"),
+           budget: Optional[str] = typer.Option(None, "--budget", help="Cap attributed cost, e.g. ¥0.5; "
+                                                "stops before the node that would pass it."),
+           stop_after: Optional[str] = typer.Option(None, "--stop-after", help="'storyboard': panels and "
+                                                    "contact sheet only, for approval before keyframes."),
            progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")) -> None:
     """Render the episode, record its cost in MLflow and print the cost table."""
     import imageio_ffmpeg
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pipeline import dag, tracking
+    from pipeline.approvals import approved_keys
     from pipeline.cache import ArtifactStore
+    from pipeline.cost import billed_yuan
 
+    budget_yuan = _yuan(budget)
+    if stop_after not in (None, "storyboard"):
+        raise _fail(f"--stop-after {stop_after!r}: the only stop is 'storyboard'")
     try:
         settings, episode, prices, rplan = _prepare(script, profile, aspect)
+        store = ArtifactStore(settings.store)
     except AnimError as exc:
         raise _fail(exc)
     out_dir = out_dir or Path("out") / script.stem
-    store = ArtifactStore(settings.store)
+    approved = approved_keys(store, rplan) if rplan.profile.approval_gate else None
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("shots · ¥{task.fields[yuan]:.4f} so far"), TimeElapsedColumn(),
@@ -106,41 +130,105 @@ def render(script: Path = typer.Argument(..., help="Fountain screenplay or YAML 
         try:
             result = dag.render(rplan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(),
                                 ray_address=settings.ray_address, num_cpus=settings.num_cpus,
+                                budget_yuan=budget_yuan, stop_after=stop_after, approved=approved,
                                 on_progress=lambda done, total, yuan: bar.update(task, completed=done, yuan=yuan))
         except AnimError as exc:
             raise _fail(exc, 1)
 
+    # 1. Money: attributed (nodes), billed (machines × wall), utilization, quality.
     ledger = result.ledger
+    gpu_type = rplan.profile.diffusion.gpu_type if rplan.profile.diffusion else None
+    billed = billed_yuan(prices, result.wall_seconds, result.cluster, gpu_type)
+    metrics = tracking.render_metrics(rplan, ledger, wall_seconds=result.wall_seconds, billed_yuan=billed,
+                                      quality=result.quality)
     cost = {"total_yuan": ledger.total_yuan,
             "records": [r.model_dump() for r in ledger.records],
             "by_stage_yuan": ledger.by_stage(),
             "estimated_yuan": rplan.estimated_cost_yuan,
-            "wall_seconds": result.wall_seconds,
-            "ray_init_seconds": result.ray_init_seconds}
+            "billed_yuan": billed, "utilization": metrics["utilization"],
+            "budget_yuan": budget_yuan, "status": result.stopped or "complete",
+            "remaining_shots": result.remaining, "remaining_estimate_yuan": result.remaining_estimate_yuan,
+            "quality": result.quality,
+            "wall_seconds": result.wall_seconds, "ray_init_seconds": result.ray_init_seconds}
     config = {"settings": settings.model_dump(), "profile": rplan.profile.model_dump()}
+    # 2. Publish: the finished artifacts (all of them, or the storyboard sheet) and the JSON records.
     written = dag.publish(result.outputs, out_dir, {"plan.json": json.loads(rplan.model_dump_json()),
                                                     "cost.json": cost, "config.json": config})
-    run_id = tracking.log_render(tracking_uri=settings.tracking_uri, plan=rplan, ledger=ledger,
-                                 wall_seconds=result.wall_seconds, artifacts=written,
-                                 tags={"cluster": settings.ray_address or "local"},
+    run_id = tracking.log_render(tracking_uri=settings.tracking_uri, plan=rplan, ledger=ledger, metrics=metrics,
+                                 artifacts=written, quality=result.quality,
+                                 tags={"cluster": settings.ray_address or "local",
+                                       "status": result.stopped or "complete"},
                                  series=episode.title_page.get("series"))
+    # 3. Tell the producer.
+    out.print(_cost_table(rplan, ledger))
+    minutes = rplan.duration_s / 60
+    out.print(f"¥{ledger.total_yuan:.5f} attributed (¥{ledger.total_yuan / minutes:.5f}/min; estimated "
+              f"¥{rplan.estimated_cost_yuan:.5f}); billed ¥{billed:.5f}, utilization {metrics['utilization']:.0%}; "
+              f"wall {result.wall_seconds:.1f} s + Ray start {result.ray_init_seconds:.1f} s")
+    if "audit_psnr_db" in metrics:
+        out.print(f"in-between audit: {metrics['audit_psnr_db']:.2f} dB PSNR, SSIM {metrics['audit_ssim']:.4f} "
+                  f"(mean of {sum('audit_psnr_db' in q for q in result.quality.values())} shots)")
+    out.print(f"MLflow run: {run_id}  ({settings.tracking_uri})")
+    if result.stopped is None:
+        out.print(f"episode: {written['episode.mp4']}")
+        return
+    left = f"{len(result.remaining)} shots remain (estimated ¥{result.remaining_estimate_yuan:.5f}): " \
+           f"{', '.join(result.remaining[:12])}{' …' if len(result.remaining) > 12 else ''}"
+    reason = {"storyboard": "stopped after the storyboard as asked; approve with `anim approve`",
+              "approval": "waiting for storyboard approval (`anim approve`)",
+              "budget": f"budget ¥{budget_yuan} reached before the next node"}[result.stopped]
+    if "storyboard.png" in written:
+        out.print(f"storyboard: {written['storyboard.png']}")
+    err.print(f"[yellow]{reason}[/]; {left}. Finished work is kept: the next render resumes from it.")
+    raise typer.Exit(0 if result.stopped == "storyboard" else 3)
 
+
+def _cost_table(rplan, ledger) -> Table:
     table = Table(title=f"cost of {rplan.title} ({rplan.profile.name}, {rplan.duration_s:.1f} s)")
-    for col in ("stage", "nodes", "cached", "seconds", "¥"):
+    for col in ("stage", "shots", "cached", "seconds", "¥"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for stage, yuan in ledger.by_stage().items():
         rows = [r for r in ledger.records if r.stage == stage]
-        table.add_row(stage, str(len(rows)), str(sum(r.cached for r in rows)),
+        # A stage may be measured in two nodes of a shot (the audit: drawing, then comparing):
+        # count shots, not rows.
+        table.add_row(stage, str(len({r.shot for r in rows})), str(len({r.shot for r in rows if r.cached})),
                       f"{sum(r.seconds for r in rows):.2f}", f"{yuan:.5f}")
-    table.add_row("[bold]total", str(len(ledger.records)), str(sum(r.cached for r in ledger.records)),
+    table.add_row("[bold]total", "", f"{sum(r.cached for r in ledger.records)}/{len(ledger.records)} rows",
                   f"{sum(r.seconds for r in ledger.records):.2f}", f"[bold]{ledger.total_yuan:.5f}")
+    return table
+
+
+@app.command()
+def approve(script: Path = typer.Argument(..., help="The script whose storyboard you reviewed."),
+            profile: str = ProfileOpt, aspect: Optional[str] = AspectOpt,
+            shot: list[str] = typer.Option([], "--shot", "-s", help="Shot id to approve (repeatable)."),
+            all_shots: bool = typer.Option(False, "--all", help="Approve every shot.")) -> None:
+    """Approve storyboard panels, so a profile with approval_gate spends keyframe money on them."""
+    from pipeline.approvals import approve as approve_shots, approved_keys
+    from pipeline.cache import ArtifactStore
+
+    try:
+        settings, _, _, rplan = _prepare(script, profile, aspect)
+        store = ArtifactStore(settings.store)
+    except AnimError as exc:
+        raise _fail(exc)
+    ids = {s.shot.id: s for s in rplan.shots}
+    unknown = [s for s in shot if s not in ids]
+    if unknown:
+        raise _fail(f"{script}: no shot {', '.join(unknown)}; shots are {', '.join(ids)}")
+    chosen = list(ids.values()) if all_shots else [ids[s] for s in shot]
+    missing = [s.shot.id for s in chosen if store.get(s.keys["storyboard"]) is None]
+    if missing:
+        raise _fail(f"{script}: no storyboard panel yet for {', '.join(missing)}; "
+                    "render it first with `anim render --stop-after storyboard`")
+    approve_shots(store, chosen)
+    done = approved_keys(store, rplan)
+    table = Table(title=f"storyboard approvals — {rplan.title}")
+    table.add_column("shot")
+    table.add_column("approved")
+    for s in rplan.shots:
+        table.add_row(s.shot.id, "yes" if s.keys["storyboard"] in done else "[dim]no")
     out.print(table)
-    minutes = rplan.duration_s / 60
-    out.print(f"¥{ledger.total_yuan:.5f} (¥{ledger.total_yuan / minutes:.5f}/min; estimated "
-              f"¥{rplan.estimated_cost_yuan:.5f}); wall {result.wall_seconds:.1f} s "
-              f"+ Ray start {result.ray_init_seconds:.1f} s")
-    out.print(f"episode: {written['episode.mp4']}")
-    out.print(f"MLflow run: {run_id}  ({settings.tracking_uri})")
 
 
 def main() -> None:  # pragma: no cover - console-script shim

@@ -61,3 +61,11 @@ class PriceCatalog(Record):
         yuan = 0.0 if cached else self.cost(seconds, resource, units)
         return LedgerRecord(stage=stage, shot=shot, seconds=0.0 if cached else seconds,
                             resource=resource, units=units, yuan=yuan, cached=cached)
+
+
+def billed_yuan(catalog: PriceCatalog, wall_seconds: float, cluster: dict[str, float], gpu_type: str | None) -> float:
+    """What the machines cost for the render's wall time: every held CPU core and GPU, busy or not."""
+    yuan = catalog.cost(wall_seconds, "cpu", cluster.get("CPU", 0.0))
+    if cluster.get("GPU", 0.0) and gpu_type:
+        yuan += catalog.cost(wall_seconds, f"gpu:{gpu_type}", cluster["GPU"])
+    return yuan

@@ -1,15 +1,16 @@
-"""RenderPlan → Ray task graph → artifacts and a measured ledger. The only module that imports Ray.
+"""RenderPlan → Ray task graph → artifacts and a measured, priced ledger. The only module that imports Ray.
 
 Per shot a chain of remote tasks linked by ObjectRefs, so Ray's own dependency resolution
 schedules it::
 
-    storyboard ─► keyframes ─► clip (in-betweens streamed into the encoder)
-                                   └─────────────┐
-    every shot's clip and panel ───────────────► assemble (concat, subtitles, contact sheet)
+    storyboard ─► keyframes (+ audit drawing) ─► clip (in-betweens streamed into the encoder)
+    every shot's clip and panel ───────────────► assemble (concat, subtitles, timeline, sheet)
 
 Before submitting, the driver looks each node's content key up in the artifact store: a hit
-is not submitted and costs ¥0 (a cached ledger row). Every executed node returns its
-measured wall seconds and the resources it held; the driver prices them.
+is not submitted and costs ¥0 (a cached ledger row). Every executed node returns its measured
+wall seconds and the resources it held; the driver prices them. With a budget, a shot's chain
+is submitted only while spent + reserved + its estimate (with a margin) stays within it; the
+rest is reported with its estimate, and a later render resumes from the store.
 """
 from __future__ import annotations
 
@@ -19,140 +20,33 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import numpy as np
-from PIL import Image
+from typing import Any, Callable
 
 from pipeline.cache import ArtifactStore
 from pipeline.cost import PriceCatalog
 from pipeline.errors import AnimError, StageError
-from pipeline.models import Frame, Keyframes, Ledger, LedgerRecord, RenderPlan, ShotPlan
-from stages import assemble, encode, inbetween, keyframes, storyboard
+from pipeline.models import Ledger, LedgerRecord, RenderPlan, ShotPlan
+from pipeline.nodes import CPU, Measured, assemble_node, clip_node, keyframes_node, must, sheet_node, storyboard_node
+from pipeline.plan import content_key
+from stages import storyboard
 
-CPU = "cpu"
-
-
-@dataclass(frozen=True)
-class Measured:
-    """What a node did: ledger entries as (stage, seconds) on ``units`` of ``resource``, and its output."""
-
-    shot: str | None
-    timings: list[tuple[str, float]]
-    resource: str = CPU
-    units: float = 1.0
-    value: Any = None
-    span: tuple[float, float] = (0.0, 0.0)  # wall-clock (epoch) start and end, for utilization
+CHAIN = ("keyframes", "clip")
 
 
 @dataclass
 class RenderResult:
     ledger: Ledger
-    outputs: dict[str, Path]
+    outputs: dict[str, Path]  # artifact name -> file in the store
     wall_seconds: float
     ray_init_seconds: float
-    stage_seconds: float = field(default=0.0)
+    stage_seconds: float = 0.0  # resource-seconds inside stage code
     started: float = 0.0  # epoch when the graph was submitted
     spans: list[tuple[str, float, float]] = field(default_factory=list)  # (node, start, end) epochs
-
-
-# --------------------------------------------------------------------------- node bodies
-# Plain functions: they run stages and write the store. dag.render() wraps them in Ray.
-
-
-def _save_png(image: np.ndarray, path: Path) -> None:
-    Image.fromarray(image).save(path, optimize=False, compress_level=3)
-
-
-def _load_png(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def storyboard_node(shot: ShotPlan, *, width: int, aspect: str, store_root: str) -> Measured:
-    t0, started = time.perf_counter(), time.time()
-    panel = storyboard.render_panel(shot, width=width, aspect=aspect)
-    with ArtifactStore(store_root).writer(shot.keys["storyboard"], {"shot": shot.shot.id}) as d:
-        _save_png(panel, d / "panel.png")
-    return Measured(shot.shot.id, [("storyboard", time.perf_counter() - t0)], span=(started, time.time()))
-
-
-def keyframes_node(shot: ShotPlan, _storyboard: Measured | None, *, backend: str, width: int, height: int,
-                   store_root: str) -> Measured:
-    t0, started = time.perf_counter(), time.time()
-    drawn = keyframes.backend(backend, width=width, height=height)([shot])[0]
-    with ArtifactStore(store_root).writer(shot.keys["keyframes"], {"shot": shot.shot.id}) as d:
-        for frame in drawn.frames:
-            _save_png(frame.image, d / f"key_{frame.index:05d}.png")
-    return Measured(shot.shot.id, [("keyframes", time.perf_counter() - t0)], value=drawn,
-                    span=(started, time.time()))
-
-
-def _load_keyframes(store: ArtifactStore, shot: ShotPlan) -> Keyframes:
-    files = store.get(shot.keys["keyframes"])
-    if files is None:
-        raise FileNotFoundError(f"keyframes {shot.keys['keyframes'][:12]} of {shot.shot.id} vanished from the store")
-    frames = [Frame(int(name[4:9]), _load_png(path)) for name, path in sorted(files.items())]
-    return Keyframes(shot.shot.id, frames)
-
-
-class _Timed:
-    """Wraps the in-between generator to split one node's time between inbetween and encode."""
-
-    def __init__(self, frames: Iterator[np.ndarray]):
-        self.frames, self.seconds = frames, 0.0
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        while True:
-            t0 = time.perf_counter()
-            try:
-                frame = next(self.frames)
-            except StopIteration:
-                self.seconds += time.perf_counter() - t0
-                return
-            self.seconds += time.perf_counter() - t0
-            yield frame
-
-
-def clip_node(shot: ShotPlan, kf: Measured | None, *, interpolation: str, flow_preset: str, fps: int,
-              width: int, height: int, crf: int, x264_preset: str, ffmpeg: str, store_root: str) -> Measured:
-    t0, started = time.perf_counter(), time.time()
-    store = ArtifactStore(store_root)
-    drawn = kf.value if kf is not None else _load_keyframes(store, shot)
-    method = inbetween.interpolator(interpolation, **({"preset": flow_preset} if interpolation == "flow" else {}))
-    timed = _Timed(inbetween.shot_frames(drawn, frames=shot.frames, drawings=shot.drawings, interpolate=method))
-    with store.writer(shot.keys["clip"], {"shot": shot.shot.id, "frames": shot.frames}) as d:
-        encode.encode_clip(timed, d / "clip.mp4", width=width, height=height, fps=fps, crf=crf,
-                           preset=x264_preset, threads=1, ffmpeg=ffmpeg, shot=shot.shot.id)
-    total = time.perf_counter() - t0
-    return Measured(shot.shot.id, [("inbetween", timed.seconds), ("encode", total - timed.seconds)],
-                    span=(started, time.time()))
-
-
-def assemble_node(plan: RenderPlan, _clips: list[Measured], _panels: list[Measured], *, ffmpeg: str,
-                  store_root: str) -> Measured:
-    t0, started = time.perf_counter(), time.time()
-    store = ArtifactStore(store_root)
-    clips = [_must(store, s.keys["clip"])["clip.mp4"] for s in plan.shots]
-    panels = [_load_png(_must(store, s.keys["storyboard"])["panel.png"]) for s in plan.shots]
-    with store.writer(plan.assemble_key, {"title": plan.title}) as d:
-        assemble.concat_clips(clips, d / "episode.mp4", ffmpeg=ffmpeg)
-        assemble.write_srt(plan.subtitles, d / "subtitles.srt")
-        assemble.write_timeline(plan.shots, plan.subtitles, d / "timeline.otio", title=plan.title,
-                                fps=plan.profile.fps, media="episode.mp4")
-        _save_png(storyboard.contact_sheet(panels, title=plan.title, labels=[s.shot.id for s in plan.shots]),
-                  d / "storyboard.png")
-    return Measured(None, [("assemble", time.perf_counter() - t0)], span=(started, time.time()))
-
-
-def _must(store: ArtifactStore, key: str) -> dict[str, Path]:
-    files = store.get(key)
-    if files is None:
-        raise FileNotFoundError(f"artifact {key[:12]} is missing or damaged in {store.root}")
-    return files
-
-
-# --------------------------------------------------------------------------- driver
+    cluster: dict[str, float] = field(default_factory=dict)  # resources the render held: {"CPU": 2, "GPU": 0}
+    quality: dict[str, dict[str, float]] = field(default_factory=dict)  # shot -> audit metrics
+    stopped: str | None = None  # None (complete), "storyboard", "budget" or "approval"
+    remaining: list[str] = field(default_factory=list)  # shots whose clip was not rendered
+    remaining_estimate_yuan: float = 0.0
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> float:
@@ -188,94 +82,213 @@ def _get(ref: Any) -> Measured:
                          "artifact store and will not be recomputed") from None
 
 
+class _Cluster:
+    """Ray, started on first use: a render whose every node is a cache hit never starts it."""
+
+    def __init__(self, address: str | None, num_cpus: int | None):
+        self.address, self.num_cpus, self.init_seconds, self.started = address, num_cpus, 0.0, False
+
+    def task(self, fn: Callable[..., Measured], num_cpus: float = 1) -> "_LazyTask":
+        return _LazyTask(self, fn, num_cpus)
+
+    def start(self) -> None:
+        if not self.started:
+            self.init_seconds, self.started = init_ray(self.address, self.num_cpus), True
+
+    def wait(self, refs: list[Any]) -> tuple[list[Any], list[Any]]:
+        import ray
+
+        return ray.wait(refs, num_returns=1)
+
+    def resources(self) -> dict[str, float]:
+        """What the render held: the cluster's CPUs and GPUs, or nothing if Ray never started."""
+        if not self.started:
+            return {}
+        import ray
+
+        return {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+
+
+class _LazyTask:
+    def __init__(self, cluster: _Cluster, fn: Callable[..., Measured], num_cpus: float):
+        self.cluster, self.fn, self.num_cpus, self.remote_fn = cluster, fn, num_cpus, None
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        if self.remote_fn is None:
+            import ray
+
+            self.cluster.start()
+            self.remote_fn = ray.remote(num_cpus=self.num_cpus)(self.fn)
+        return self.remote_fn.remote(*args, **kwargs)
+
+
+def _chain_estimate(shot: ShotPlan, stages: tuple[str, ...]) -> dict[str, float]:
+    """Estimated yuan per node of a shot's chain: keyframes (+ audit drawing), clip (in-betweens + encode)."""
+    est = shot.estimate_yuan
+    return {"keyframes": est.get("keyframes", 0.0) + est.get("audit", 0.0),
+            "clip": est.get("inbetween", 0.0) + est.get("encode", 0.0)} if stages == CHAIN else {}
+
+
 def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmpeg: str,
            ray_address: str | None = None, num_cpus: int | None = None,
-           on_progress: Callable[[int, int, float], None] | None = None) -> RenderResult:
-    """Run the plan; return the priced ledger and the assembled artifacts' paths in the store."""
-    import ray
+           on_progress: Callable[[int, int, float], None] | None = None,
+           budget_yuan: float | None = None, budget_margin: float = 0.25,
+           stop_after: str | None = None, approved: set[str] | None = None) -> RenderResult:
+    """Run the plan; return the priced ledger and the artifacts' paths in the store.
 
-    init_s = init_ray(ray_address, num_cpus)
+    ``budget_yuan`` caps attributed cost: a node is submitted only if what is spent, what
+    running nodes are expected to cost and its own estimate, each estimate times
+    (1 + ``budget_margin``), fit. ``stop_after="storyboard"`` renders panels and the contact
+    sheet only. ``approved`` (a set of storyboard keys) turns on the approval gate: keyframe
+    money is spent only on those shots.
+    """
     t_start, started = time.perf_counter(), time.time()
     p = plan.profile
-    root = str(store.root)
-    sb_task = ray.remote(num_cpus=1)(storyboard_node)
-    kf_task = ray.remote(num_cpus=1)(keyframes_node)
-    clip_task = ray.remote(num_cpus=1)(clip_node)
-    asm_task = ray.remote(num_cpus=1)(assemble_node)
+    url = store.url
+    cluster = _Cluster(ray_address, num_cpus)
+    sb_task, kf_task, clip_task = cluster.task(storyboard_node), cluster.task(keyframes_node), cluster.task(clip_node)
+    sheet_task, asm_task = cluster.task(sheet_node), cluster.task(assemble_node)
 
-    # 1. Look every node up in the store; submit only the misses, chained by ObjectRefs.
     records: list[LedgerRecord] = []
-    pending: dict[Any, str] = {}  # ref -> "clip" | "other"
-    clip_refs, panel_refs = [], []
-    # Longest chains first, so the last node to finish is a short one and cores do not idle at the tail.
-    for shot in sorted(plan.shots, key=lambda s: -sum(s.estimate_seconds.values())):
-        sid = shot.shot.id
-        sb_ref = None
-        if store.get(shot.keys["storyboard"]) is None:
-            sb_ref = sb_task.remote(shot, width=p.storyboard_width, aspect=p.aspect, store_root=root)
-            pending[sb_ref] = "other"
-            panel_refs.append(sb_ref)
-        else:
-            records.append(prices.record("storyboard", sid, 0.0, CPU, 1.0, cached=True))
-        if store.get(shot.keys["clip"]) is not None:
-            records += [prices.record(s, sid, 0.0, CPU, 1.0, cached=True) for s in ("keyframes", "inbetween", "encode")]
-            continue
-        kf_ref = None
-        if store.get(shot.keys["keyframes"]) is None:
-            kf_ref = kf_task.remote(shot, sb_ref, backend=p.backend, width=plan.width, height=plan.height,
-                                    store_root=root)
-            pending[kf_ref] = "other"
-        else:
-            records.append(prices.record("keyframes", sid, 0.0, CPU, 1.0, cached=True))
-        ref = clip_task.remote(shot, kf_ref, interpolation=p.interpolation, flow_preset=p.flow_preset, fps=p.fps,
-                               width=plan.width, height=plan.height, crf=p.crf, x264_preset=p.x264_preset,
-                               ffmpeg=ffmpeg, store_root=root)
-        pending[ref] = "clip"
-        clip_refs.append(ref)
-
-    # 2. Collect results as they finish; the caller shows shots done and cost so far.
-    done_shots = len(plan.shots) - len(clip_refs)
-    stage_seconds = 0.0
-
     spans: list[tuple[str, float, float]] = []
+    quality: dict[str, dict[str, float]] = {}
+    reserved: dict[tuple[str, str], float] = {}
+    in_flight: dict[Any, tuple[str, str]] = {}  # ref -> (shot, node)
+    stage_seconds = 0.0
+    margin = 1.0 + budget_margin
+
+    def spent() -> float:
+        return sum(r.yuan for r in records)
+
+    def fits(yuan: float) -> bool:
+        return budget_yuan is None or spent() + sum(reserved.values()) + yuan * margin <= budget_yuan + 1e-15
 
     def take(measured: Measured) -> None:
         nonlocal stage_seconds
-        spans.append(("+".join(stage for stage, _ in measured.timings), *measured.span))
         for stage, seconds in measured.timings:
             records.append(prices.record(stage, measured.shot, seconds, measured.resource, measured.units))
             stage_seconds += seconds * measured.units
+        spans.append(("+".join(stage for stage, _ in measured.timings), *measured.span))
+        if measured.quality and measured.shot:
+            quality[measured.shot] = measured.quality
 
+    def hit(stage: str, shot: str | None) -> None:
+        records.append(prices.record(stage, shot, 0.0, CPU, 1.0, cached=True))
+
+    # 1. Storyboards: every shot's panel, the cheap first step and the approval gate's input.
+    sb_refs: dict[str, Any] = {}
+    stopped: str | None = None
+    missing = [s for s in plan.shots if store.get(s.keys["storyboard"]) is None]
+    if not fits(sum(s.estimate_yuan["storyboard"] for s in missing)):
+        stopped, missing = "budget", []  # not even the storyboards fit: spend nothing
+    missing_ids = {s.shot.id for s in missing}
+    for shot in plan.shots:
+        if shot.shot.id in missing_ids:
+            sb_refs[shot.shot.id] = sb_task.remote(shot, width=p.storyboard_width, aspect=p.aspect, store=url)
+        elif stopped is None:
+            hit("storyboard", shot.shot.id)
+
+    # 2. Which shots still need their chain: not cached, approved (with the gate), then by budget.
+    todo: list[ShotPlan] = []
+    done_shots = 0
+    for shot in plan.shots:
+        if store.get(shot.keys["clip"]) is None:
+            todo.append(shot)
+            continue
+        for stage in ("keyframes", "inbetween", "encode") + (("audit",) if shot.audit_frame is not None else ()):
+            hit(stage, shot.shot.id)
+        if (q := must(store, shot.keys["clip"]).get("quality.json")) is not None:
+            quality[shot.shot.id] = json.loads(q.read_text())
+        done_shots += 1
+    held_back: list[ShotPlan] = []  # shots this render will not draw
+    if stopped or stop_after == "storyboard":
+        stopped, held_back, todo = stopped or "storyboard", todo, []
+    elif approved is not None:
+        held_back = [s for s in todo if s.keys["storyboard"] not in approved]
+        todo = [s for s in todo if s.keys["storyboard"] in approved]
+        stopped = "approval" if held_back else None
+    queue = sorted(todo, key=lambda s: -sum(s.estimate_seconds.values()))  # longest first: no idle tail
+
+    def admit() -> None:
+        for shot in list(queue):
+            est = _chain_estimate(shot, CHAIN)
+            cached_kf = store.get(shot.keys["keyframes"]) is not None
+            need = est["clip"] + (0.0 if cached_kf else est["keyframes"])
+            if not fits(need):
+                continue
+            queue.remove(shot)
+            sid = shot.shot.id
+            kf_ref = None
+            if cached_kf:
+                hit("keyframes", sid)
+            else:
+                kf_ref = kf_task.remote(shot, sb_refs.get(sid), backend=p.backend, width=plan.width,
+                                        height=plan.height, store=url)
+                in_flight[kf_ref], reserved[(sid, "keyframes")] = (sid, "keyframes"), est["keyframes"] * margin
+            ref = clip_task.remote(shot, kf_ref, profile=p, width=plan.width, height=plan.height, ffmpeg=ffmpeg,
+                                   store=url)
+            in_flight[ref], reserved[(sid, "clip")] = (sid, "clip"), est["clip"] * margin
+
+    # 3. Run: collect nodes as they finish, admit more as actual costs replace reservations.
+    for sid, ref in sb_refs.items():
+        in_flight[ref] = (sid, "storyboard")
+    admit()
     if on_progress:
-        on_progress(done_shots, len(plan.shots), sum(r.yuan for r in records))
-    waiting = list(pending)
-    while waiting:
-        ready, waiting = ray.wait(waiting, num_returns=1)
+        on_progress(done_shots, len(plan.shots), spent())
+    while in_flight:
+        ready, _ = cluster.wait(list(in_flight))
+        sid, node = in_flight.pop(ready[0])
         take(_get(ready[0]))
-        done_shots += pending[ready[0]] == "clip"
+        reserved.pop((sid, node), None)
+        done_shots += node == "clip"
+        admit()
         if on_progress:
-            on_progress(done_shots, len(plan.shots), sum(r.yuan for r in records))
+            on_progress(done_shots, len(plan.shots), spent())
+    if queue:
+        stopped = "budget"
+    remaining = {s.shot.id for s in held_back + queue}
 
-    # 3. One assemble node joins every shot.
-    if store.get(plan.assemble_key) is None:
-        take(_get(asm_task.remote(plan, clip_refs, panel_refs, ffmpeg=ffmpeg, store_root=root)))
+    # 4. One assemble node joins every shot; a stopped render gets the storyboard sheet only.
+    outputs: dict[str, Path] = {}
+    if stopped is None and store.get(plan.assemble_key) is None:
+        if fits(plan.assemble_estimate_yuan):
+            take(_get(asm_task.remote(plan, [], [], ffmpeg=ffmpeg, store=url)))
+        else:
+            stopped = "budget"
+    elif stopped is None:
+        hit("assemble", None)
+    if stopped is None:
+        outputs = must(store, plan.assemble_key)
     else:
-        records.append(prices.record("assemble", None, 0.0, CPU, 1.0, cached=True))
-    outputs = _must(store, plan.assemble_key)
+        sheet_key = content_key("sheet", storyboard.VERSION, {"title": plan.title},
+                                [s.keys["storyboard"] for s in plan.shots])
+        if (store.get(sheet_key) is None and all(store.get(s.keys["storyboard"]) for s in plan.shots)
+                and fits(plan.shots[0].estimate_yuan["storyboard"])):
+            take(_get(sheet_task.remote(plan, [], key=sheet_key, store=url)))
+        if store.get(sheet_key) is not None:
+            outputs = {"storyboard.png": must(store, sheet_key)["storyboard.png"]}
+
+    remaining_est = sum(sum(s.estimate_yuan.values()) - s.estimate_yuan["storyboard"]
+                        for s in plan.shots if s.shot.id in remaining)
+    remaining_est += plan.assemble_estimate_yuan if stopped else 0.0
     return RenderResult(ledger=Ledger(records=records), outputs=outputs,
-                        wall_seconds=time.perf_counter() - t_start, ray_init_seconds=init_s,
-                        stage_seconds=stage_seconds, started=started, spans=spans)
+                        wall_seconds=time.perf_counter() - t_start - cluster.init_seconds,
+                        ray_init_seconds=cluster.init_seconds, stage_seconds=stage_seconds,
+                        started=started + cluster.init_seconds, spans=spans, cluster=cluster.resources(),
+                        quality=quality, stopped=stopped,
+                        remaining=[s.shot.id for s in plan.shots if s.shot.id in remaining],
+                        remaining_estimate_yuan=remaining_est)
 
 
 def publish(outputs: dict[str, Path], out_dir: Path, extra: dict[str, Any]) -> dict[str, Path]:
-    """Copy the episode's artifacts from the store into ``out_dir`` and write the JSON side files.
+    """Copy the render's artifacts from the store into ``out_dir`` and write the JSON side files.
 
-    Each file is copied under a temporary name and renamed, so ``out_dir`` never holds a
-    half-written episode.
+    Each file is copied under a temporary name and renamed, the episode last, so ``out_dir``
+    never holds a half-written file.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    for name in ("storyboard.png", "subtitles.srt", "timeline.otio", "episode.mp4"):
+    for name in sorted(outputs, key=lambda n: n == "episode.mp4"):
         tmp = out_dir / f".{name}.tmp"
         shutil.copyfile(outputs[name], tmp)
         tmp.replace(out_dir / name)

@@ -121,11 +121,16 @@ class Profile(Record):
     keyframe_stride: int = Field(6, ge=1, description="Drawings from one generated keyframe to the next.")
     hold_static: bool = Field(True, description="Static shots render one keyframe and hold it.")
     backend: str = Field("previz", description="Keyframe/storyboard backend.")
-    interpolation: Literal["flow", "crossfade"] = "flow"
+    interpolation: str = Field("flow", description="In-betweener: flow, crossfade or rife.")
     flow_preset: Literal["ultrafast", "fast", "medium"] = "fast"
     crf: int = Field(23, ge=0, le=51)
     x264_preset: str = "veryfast"
     storyboard_width: int = Field(480, ge=64, description="Width of one storyboard panel in pixels.")
+    audit: bool = Field(True, description="Draw one in-between per shot with the keyframe backend and "
+                        "measure the in-betweener against it (PSNR, SSIM).")
+    rife_weights: str | None = Field(None, description="RIFE 4.x flownet.pkl, for interpolation = 'rife'.")
+    approval_gate: bool = Field(False, description="Spend keyframe money only on shots whose storyboard "
+                                "panel was approved with `anim approve`.")
     diffusion: DiffusionSettings | None = Field(None, description="Settings of the diffusers backend.")
 
     @property
@@ -160,6 +165,8 @@ class ShotPlan(Record):
     drawings: list[int] = Field(description="Shot-local frame indices where a new drawing starts.")
     keyframes: list[int] = Field(description="Shot-local frame indices of generated keyframes.")
     held_frames: int = Field(description="Frames that repeat the drawing before them.")
+    audit_frame: int | None = Field(None, description="In-between drawing the keyframe backend also draws, "
+                                    "to measure in-betweening fidelity; None when the shot has no in-betweens.")
     keys: dict[str, str] = Field(description="Content key per stage (sha256 hex).")
     estimate_seconds: dict[str, float] = Field(description="Estimated compute seconds per stage.")
     estimate_yuan: dict[str, float] = Field(description="Estimated cost per stage in yuan.")

@@ -21,7 +21,9 @@ from typing import Any
 from pipeline.calibration import Calibration
 from pipeline.cost import PriceCatalog
 from pipeline.models import Episode, Profile, RenderPlan, Scene, Shot, ShotPlan, SubtitleCue
+from pipeline.errors import ProfileError
 from stages import assemble, encode, inbetween, keyframes, storyboard
+from stages import audit as audit_mod
 
 STAGES = ("storyboard", "keyframes", "inbetween", "encode")
 # Subtitle placement inside a shot: a short lead-in, a gap between cues, a tail before the cut.
@@ -54,6 +56,18 @@ def drawing_schedule(frames: int, profile: Profile, static: bool) -> tuple[list[
     if keys[-1] != drawings[-1]:
         keys.append(drawings[-1])
     return drawings, keys
+
+
+def audit_drawing(drawings: list[int], keys: list[int]) -> int | None:
+    """The in-between drawing farthest from any keyframe (ties: the earliest), or None."""
+    best, best_gap = None, 0
+    for d in drawings:
+        if d in keys:
+            continue
+        gap = min(abs(d - k) for k in keys)
+        if gap > best_gap:
+            best, best_gap = d, gap
+    return best
 
 
 def _speech_weight(text: str) -> float:
@@ -93,6 +107,12 @@ def subtitle_cues(shot: Shot, start_s: float, end_s: float, first_index: int) ->
 
 def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
               prices: PriceCatalog, script_sha256: str) -> RenderPlan:
+    if profile.backend not in keyframes.BACKENDS:
+        raise ProfileError(f"profile {profile.name}: unknown backend {profile.backend!r}; "
+                           f"known: {', '.join(sorted(keyframes.BACKENDS))}")
+    if profile.interpolation not in inbetween.INTERPOLATORS:
+        raise ProfileError(f"profile {profile.name}: unknown interpolation {profile.interpolation!r}; "
+                           f"known: {', '.join(sorted(inbetween.INTERPOLATORS))}")
     width, height = profile.size
     frame_mpx = width * height / 1e6
     panel_w = profile.storyboard_width
@@ -113,6 +133,7 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
             # 1. Timing: frames, drawings, keyframes, holds.
             frames = max(1, round(shot.duration_s * profile.fps))
             drawings, keys = drawing_schedule(frames, profile, shot.static)
+            audit = audit_drawing(drawings, keys) if profile.audit else None
             # 2. Content keys, each chained to its inputs.
             content = shot_content(shot, scene)
             sb_key = content_key("storyboard", storyboard.VERSION,
@@ -120,9 +141,11 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
                                   "heading": scene.heading}, [json.dumps(content, sort_keys=True, ensure_ascii=False)])
             kf_key = content_key("keyframes", keyframes.VERSION,
                                  {"backend": profile.backend, "size": [width, height], "frames": frames,
-                                  "keyframes": keys}, [json.dumps(content, sort_keys=True, ensure_ascii=False)])
+                                  "keyframes": keys, "audit": audit,
+                                  "diffusion": profile.diffusion.model_dump() if profile.diffusion else None}, [json.dumps(content, sort_keys=True, ensure_ascii=False)])
             clip_key = content_key("clip", f"{inbetween.VERSION}+{encode.VERSION}",
                                    {"interpolation": profile.interpolation, "preset": profile.flow_preset,
+                                    "rife": profile.rife_weights, "audit_version": audit_mod.VERSION,
                                     "fps": profile.fps, "drawings": drawings, "frames": frames,
                                     "crf": profile.crf, "x264": profile.x264_preset}, [kf_key])
             # 3. Estimates from calibration rows × prices.
@@ -130,11 +153,14 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
                      "inbetween": (len(drawings) - len(keys), frame_mpx), "encode": (frames, frame_mpx)}
             est_s = {stage: round(rows[stage].seconds(*units[stage]), 4) for stage in STAGES}
             est_y = {stage: prices.cost(est_s[stage], rows[stage].device, 1.0) for stage in STAGES}
+            if audit is not None:  # one more drawing by the keyframe backend, compared with its in-between
+                est_s["audit"] = round(rows["keyframes"].seconds_per_unit_mpx * frame_mpx, 4)
+                est_y["audit"] = prices.cost(est_s["audit"], rows["keyframes"].device, 1.0)
             shots.append(ShotPlan(
                 shot=shot, scene_heading=scene.heading, location=scene.location, setting=scene.setting,
                 time_of_day=scene.time_of_day,
                 start_frame=start, frames=frames, drawings=drawings, keyframes=keys,
-                held_frames=frames - len(drawings), keys={"storyboard": sb_key, "keyframes": kf_key, "clip": clip_key},
+                held_frames=frames - len(drawings), audit_frame=audit, keys={"storyboard": sb_key, "keyframes": kf_key, "clip": clip_key},
                 estimate_seconds=est_s, estimate_yuan=est_y))
             # 4. Subtitles on the quantised timeline, so they match the encoded frames.
             cues += subtitle_cues(shot, start / profile.fps, (start + frames) / profile.fps, len(cues) + 1)

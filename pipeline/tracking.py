@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,25 @@ def code_version() -> str:
         return "unknown"
 
 
-def render_metrics(plan: RenderPlan, ledger: Ledger, wall_seconds: float) -> dict[str, float]:
+def _experiment(mlflow: Any, tracking_uri: str, name: str) -> None:
+    """Select (or create) the experiment. With a SQLite store, artifacts go beside the database
+    file rather than into whatever directory the command was started from."""
+    if mlflow.get_experiment_by_name(name) is None and tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        mlflow.create_experiment(name, artifact_location=(db.parent / "mlartifacts").resolve().as_uri())
+    mlflow.set_experiment(name)
+
+
+def render_metrics(plan: RenderPlan, ledger: Ledger, *, wall_seconds: float, billed_yuan: float,
+                   quality: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The run's metrics: cost (attributed and billed), resources, sizes, cache and quality."""
     minutes = plan.duration_s / 60.0
     executed = [r for r in ledger.records if not r.cached]
     metrics: dict[str, float] = {
         "cost_yuan": ledger.total_yuan,
         "cost_yuan_per_min": ledger.total_yuan / minutes if minutes else 0.0,
+        "billed_yuan": billed_yuan,
+        "utilization": ledger.total_yuan / billed_yuan if billed_yuan else 0.0,
         "estimated_cost_yuan": plan.estimated_cost_yuan,
         "wall_seconds": wall_seconds,
         "cpu_seconds": sum(r.seconds * r.units for r in executed if r.resource == "cpu"),
@@ -51,27 +65,43 @@ def render_metrics(plan: RenderPlan, ledger: Ledger, wall_seconds: float) -> dic
     }
     for stage, yuan in ledger.by_stage().items():
         metrics[f"cost.{stage}_yuan"] = yuan
+    for name in ("audit_psnr_db", "audit_ssim", "flicker"):
+        values = [q[name] for q in quality.values() if name in q]
+        if values:
+            metrics[name] = sum(values) / len(values)
+            if name != "flicker":
+                metrics[f"{name}_min"] = min(values)
     return metrics
 
 
-def log_render(*, tracking_uri: str, plan: RenderPlan, ledger: Ledger, wall_seconds: float,
-               artifacts: dict[str, Path], tags: dict[str, str], series: str | None = None) -> str:
+def log_render(*, tracking_uri: str, plan: RenderPlan, ledger: Ledger, metrics: dict[str, float],
+               artifacts: dict[str, Path], tags: dict[str, str], series: str | None = None,
+               quality: dict[str, dict[str, float]] | None = None) -> str:
     """Log one render as one MLflow run; returns the run id."""
     import mlflow
 
+    from pipeline.report import cost_chart
+
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(series or plan.title)
+    _experiment(mlflow, tracking_uri, series or plan.title)
     with mlflow.start_run(run_name=f"{plan.title} [{plan.profile.name}]") as run:
         mlflow.set_tags({"script_sha256": plan.script_sha256, "profile": plan.profile.name,
                          "backend": plan.profile.backend, "code_version": code_version(), **tags})
         mlflow.log_params({f"profile.{k}": v for k, v in plan.profile.model_dump().items()})
         mlflow.log_params({"width": plan.width, "height": plan.height})
-        mlflow.log_metrics(render_metrics(plan, ledger, wall_seconds))
+        mlflow.log_metrics(metrics)
         table: dict[str, list[Any]] = {k: [] for k in ("stage", "shot", "seconds", "resource", "units", "yuan", "cached")}
         for r in ledger.records:
             for k in table:
                 table[k].append(getattr(r, k))
         mlflow.log_table(data=table, artifact_file="ledger.json")
+        if quality:
+            shots = sorted(quality)
+            mlflow.log_table(data={"shot": shots, **{m: [quality[s].get(m) for s in shots]
+                                                     for m in ("audit_psnr_db", "audit_ssim", "flicker")}},
+                             artifact_file="quality.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifact(str(cost_chart(ledger, Path(tmp) / "cost_chart.png", title=plan.title)))
         for path in artifacts.values():
             mlflow.log_artifact(str(path))
         return run.info.run_id

@@ -67,7 +67,9 @@ def test_plan_frames_keys_and_holds(calibration, prices):
     assert a.held_frames == 24 and b.held_frames == 35
     assert plan.total_frames == 84 and plan.total_keyframes == len(a.keyframes) + 1
     assert plan.estimated_cost_yuan > 0
-    assert set(a.estimate_yuan) == {"storyboard", "keyframes", "inbetween", "encode"}
+    assert set(a.estimate_yuan) == {"storyboard", "keyframes", "inbetween", "encode", "audit"}
+    assert a.audit_frame == 6 and b.audit_frame is None  # farthest from keyframes 0 and 12; a hold has none
+    assert set(b.estimate_yuan) == {"storyboard", "keyframes", "inbetween", "encode"}
 
 
 def test_content_keys_follow_content_not_position(calibration, prices):

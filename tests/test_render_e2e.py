@@ -68,15 +68,26 @@ def test_render_sample_at_draft(tmp_path, env, script, aspect, size):
         assert cue["text"] in sub.content
 
     # The ledger covers every shot and stage; the MLflow run's cost equals its sum.
-    assert {r["stage"] for r in cost["records"]} == {"storyboard", "keyframes", "inbetween", "encode", "assemble"}
+    assert {r["stage"] for r in cost["records"]} == {"storyboard", "keyframes", "inbetween", "encode", "assemble",
+                                                     "audit"}
     assert abs(cost["total_yuan"] - sum(r["yuan"] for r in cost["records"])) < 1e-12
     run_id = done.stdout.split("MLflow run:")[1].split()[0]
     run = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(run_id)
     assert run.data.metrics["cost_yuan"] == pytest.approx(cost["total_yuan"], rel=1e-9, abs=1e-12)
     assert run.data.metrics["frames"] == total
     assert run.data.params["profile.aspect"] == aspect
-    for stage in ("storyboard", "keyframes", "inbetween", "encode", "assemble"):
+    for stage in ("storyboard", "keyframes", "inbetween", "encode", "assemble", "audit"):
         assert f"cost.{stage}_yuan" in run.data.metrics
+    # Billed: the machine for the render's wall time; attributed cannot exceed it.
+    assert 0 < run.data.metrics["utilization"] <= 1.0
+    assert run.data.metrics["billed_yuan"] >= run.data.metrics["cost_yuan"]
+    # The in-betweening audit of every shot that has in-betweens lands in the run.
+    audited = [s for s in plan["shots"] if s["audit_frame"] is not None]
+    assert audited and set(cost["quality"]) >= {s["shot"]["id"] for s in audited}
+    assert 15 < run.data.metrics["audit_psnr_db"] < 100 and 0 < run.data.metrics["audit_ssim"] <= 1
+    artifacts = {a.path for a in mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).list_artifacts(run_id)}
+    assert {"episode.mp4", "storyboard.png", "subtitles.srt", "ledger.json", "plan.json", "cost_chart.png",
+            "quality.json", "timeline.otio"} <= artifacts
     assert (out / "storyboard.png").stat().st_size > 10_000
 
     # The editorial hand-off: one clip per shot, frame-exact against the plan.

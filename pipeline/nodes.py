@@ -1,0 +1,183 @@
+"""Node bodies: plain functions that run stages and write the artifact store.
+
+Each returns a ``Measured``: the wall seconds per stage, the resources held and, for clips,
+the quality audit. They know nothing of Ray; ``pipeline.dag`` wraps them in remote tasks
+and actors. They take the store's URL, not the store, so a worker on another machine can
+open the same store.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from pipeline.cache import ArtifactStore
+from pipeline.models import Frame, Keyframes, Profile, RenderPlan, ShotPlan
+from stages import assemble, audit, encode, inbetween, keyframes, storyboard
+
+CPU = "cpu"
+
+# What each in-betweener takes from the profile. A new one adds a line here and a class in
+# stages/inbetween.py.
+INTERPOLATOR_ARGS = {
+    "flow": lambda p: {"preset": p.flow_preset},
+    "crossfade": lambda p: {},
+    "rife": lambda p: {"weights": p.rife_weights},
+}
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a node did: (stage, seconds) on ``units`` of ``resource``, its output and its quality."""
+
+    shot: str | None
+    timings: list[tuple[str, float]]
+    resource: str = CPU
+    units: float = 1.0
+    value: Any = None
+    span: tuple[float, float] = (0.0, 0.0)  # wall-clock (epoch) start and end, for utilization
+    quality: dict[str, float] = field(default_factory=dict)
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    Image.fromarray(image).save(path, compress_level=3)
+
+
+def load_png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def must(store: ArtifactStore, key: str) -> dict[str, Path]:
+    files = store.get(key)
+    if files is None:
+        raise FileNotFoundError(f"artifact {key[:12]} is missing or damaged in {store.url}")
+    return files
+
+
+def storyboard_node(shot: ShotPlan, *, width: int, aspect: str, store: str) -> Measured:
+    t0, started = time.perf_counter(), time.time()
+    panel = storyboard.render_panel(shot, width=width, aspect=aspect)
+    with ArtifactStore(store).writer(shot.keys["storyboard"], {"stage": "storyboard", "shot": shot.shot.id}) as d:
+        save_png(panel, d / "panel.png")
+    return Measured(shot.shot.id, [("storyboard", time.perf_counter() - t0)], span=(started, time.time()))
+
+
+def draw_keyframes(drawer: Any, shots: list[ShotPlan], store: str, resource: str = CPU,
+                   units: float = 1.0) -> list[Measured]:
+    """Draw the keyframes (and audit frame) of ``shots`` with one backend call, store each shot's set.
+
+    Used by the CPU task (one shot) and by model actors (a batch of shots).
+    """
+    t0, started = time.perf_counter(), time.time()
+    drawn = drawer(shots)
+    key_s = (time.perf_counter() - t0) / len(shots)
+    audits = [s.model_copy(update={"keyframes": [s.audit_frame]}) for s in shots if s.audit_frame is not None]
+    t1 = time.perf_counter()
+    truths = {a.shot.id: kf.frames[0].image for a, kf in zip(audits, drawer(audits) if audits else [])}
+    audit_s = (time.perf_counter() - t1) / max(len(audits), 1)
+    out = []
+    for shot, kf in zip(shots, drawn):
+        with ArtifactStore(store).writer(shot.keys["keyframes"], {"stage": "keyframes", "shot": shot.shot.id}) as d:
+            for frame in kf.frames:
+                save_png(frame.image, d / f"key_{frame.index:05d}.png")
+            if shot.shot.id in truths:
+                save_png(truths[shot.shot.id], d / f"audit_{shot.audit_frame:05d}.png")
+        timings = [("keyframes", key_s)] + ([("audit", audit_s)] if shot.shot.id in truths else [])
+        out.append(Measured(shot.shot.id, timings, resource, units, value=(kf, truths.get(shot.shot.id)),
+                            span=(started, time.time())))
+    return out
+
+
+def keyframes_node(shot: ShotPlan, _after_storyboard: Any, *, backend: str, width: int, height: int,
+                   store: str) -> Measured:
+    return draw_keyframes(keyframes.backend(backend, width=width, height=height), [shot], store)[0]
+
+
+def load_keyframes(store: ArtifactStore, shot: ShotPlan) -> tuple[Keyframes, np.ndarray | None]:
+    files = must(store, shot.keys["keyframes"])
+    frames = [Frame(int(name[4:9]), load_png(path)) for name, path in sorted(files.items())
+              if name.startswith("key_")]
+    truth = next((load_png(p) for n, p in files.items() if n.startswith("audit_")), None)
+    return Keyframes(shot.shot.id, frames), truth
+
+
+class _Watch:
+    """Wraps the in-between stream: times it, keeps the audited frame, measures flicker."""
+
+    def __init__(self, frames: Iterator[np.ndarray], audit_frame: int | None):
+        self.frames, self.audit_frame = frames, audit_frame
+        self.seconds, self.audited, self.flicker = 0.0, None, audit.FlickerMeter()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        index = 0
+        while True:
+            t0 = time.perf_counter()
+            try:
+                frame = next(self.frames)
+            except StopIteration:
+                self.seconds += time.perf_counter() - t0
+                return
+            self.flicker.add(frame)
+            if index == self.audit_frame:
+                self.audited = frame
+            self.seconds += time.perf_counter() - t0
+            index += 1
+            yield frame
+
+
+def clip_node(shot: ShotPlan, kf: Measured | None, *, profile: Profile, width: int, height: int, ffmpeg: str,
+              store: str) -> Measured:
+    """In-betweens streamed into the encoder; the audit frame compared on the way."""
+    t0, started = time.perf_counter(), time.time()
+    st = ArtifactStore(store)
+    drawn, truth = kf.value if kf is not None else load_keyframes(st, shot)
+    method = inbetween.interpolator(profile.interpolation, **INTERPOLATOR_ARGS[profile.interpolation](profile))
+    watch = _Watch(inbetween.shot_frames(drawn, frames=shot.frames, drawings=shot.drawings, interpolate=method),
+                   shot.audit_frame if truth is not None else None)
+    quality: dict[str, float] = {}
+    with st.writer(shot.keys["clip"], {"stage": "clip", "shot": shot.shot.id}) as d:
+        encode.encode_clip(watch, d / "clip.mp4", width=width, height=height, fps=profile.fps, crf=profile.crf,
+                           preset=profile.x264_preset, threads=1, ffmpeg=ffmpeg, shot=shot.shot.id)
+        total = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if truth is not None and watch.audited is not None:
+            fid = audit.fidelity(shot.audit_frame, truth, watch.audited)
+            quality = {"audit_psnr_db": fid.psnr_db, "audit_ssim": fid.ssim}
+        quality["flicker"] = watch.flicker.value
+        (d / "quality.json").write_text(json.dumps(quality))
+    timings = [("inbetween", watch.seconds), ("encode", total - watch.seconds)]
+    if "audit_psnr_db" in quality:
+        timings.append(("audit", time.perf_counter() - t1))
+    return Measured(shot.shot.id, timings, span=(started, time.time()), quality=quality)
+
+
+def sheet_node(plan: RenderPlan, _panels: list[Any], *, key: str, store: str) -> Measured:
+    """The storyboard contact sheet alone (for ``--stop-after storyboard`` and partial renders)."""
+    t0, started = time.perf_counter(), time.time()
+    st = ArtifactStore(store)
+    panels = [load_png(must(st, s.keys["storyboard"])["panel.png"]) for s in plan.shots]
+    with st.writer(key, {"stage": "sheet", "title": plan.title}) as d:
+        save_png(storyboard.contact_sheet(panels, title=plan.title, labels=[s.shot.id for s in plan.shots]),
+                 d / "storyboard.png")
+    return Measured(None, [("storyboard", time.perf_counter() - t0)], span=(started, time.time()))
+
+
+def assemble_node(plan: RenderPlan, _clips: list[Any], _panels: list[Any], *, ffmpeg: str, store: str) -> Measured:
+    t0, started = time.perf_counter(), time.time()
+    st = ArtifactStore(store)
+    clips = [must(st, s.keys["clip"])["clip.mp4"] for s in plan.shots]
+    panels = [load_png(must(st, s.keys["storyboard"])["panel.png"]) for s in plan.shots]
+    with st.writer(plan.assemble_key, {"stage": "assemble", "title": plan.title}) as d:
+        assemble.concat_clips(clips, d / "episode.mp4", ffmpeg=ffmpeg)
+        assemble.write_srt(plan.subtitles, d / "subtitles.srt")
+        assemble.write_timeline(plan.shots, plan.subtitles, d / "timeline.otio", title=plan.title,
+                                fps=plan.profile.fps, media="episode.mp4")
+        save_png(storyboard.contact_sheet(panels, title=plan.title, labels=[s.shot.id for s in plan.shots]),
+                 d / "storyboard.png")
+    return Measured(None, [("assemble", time.perf_counter() - t0)], span=(started, time.time()))
