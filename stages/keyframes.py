@@ -3,6 +3,8 @@
 Backends are classes in ``BACKENDS``; a new backend is a new class and a registry entry.
 ``previz`` draws flat cel-style frames on the CPU with ``stages.draw`` — no weights, fully
 deterministic — and reuses one background plate per (location, time of day, size).
+``diffusers`` (``stages.diffusion``, needs the ``gen`` extra) draws them with a diffusers model
+and takes ``settings=DiffusionSettings`` besides the size.
 """
 from __future__ import annotations
 
@@ -32,7 +34,13 @@ class PrevizKeyframes:
         return out
 
 
-BACKENDS: dict[str, type] = {"previz": PrevizKeyframes}
+def _diffusers(**kwargs):
+    """The diffusers backend, imported only when asked for: importing this module never imports torch."""
+    from stages.diffusion import DiffusersKeyframes
+    return DiffusersKeyframes(**kwargs)
+
+
+BACKENDS: dict[str, object] = {"previz": PrevizKeyframes, "diffusers": _diffusers}
 
 
 def backend(name: str, **kwargs):
