@@ -1,0 +1,152 @@
+"""Incremental re-render, damage recovery, budget guard and estimates — on a real local Ray cluster."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import imageio_ffmpeg
+import pytest
+
+from pipeline import dag
+from pipeline.cache import ArtifactStore
+from pipeline.calibration import Calibration
+from pipeline.config import resolve_profile
+from pipeline.cost import PriceCatalog
+from pipeline.models import Episode
+from pipeline.plan import make_plan
+from stages.script import load_episode
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+SHOTLIST = REPO / "examples" / "shotlist.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    import ray
+
+    dag.init_ray(None, None)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prices() -> PriceCatalog:
+    return PriceCatalog.load(REPO / "cluster" / "prices.csv", usd_cny=7.1)
+
+
+def plan_for(episode: Episode, prices: PriceCatalog, **overrides):
+    return make_plan(episode, resolve_profile("draft", overrides), prices=prices,
+                     calibration=Calibration.load(REPO / "cluster" / "calibration.csv"),
+                     script_sha256=hashlib.sha256(episode.model_dump_json().encode()).hexdigest())
+
+
+def run(plan, store, prices, **kw):
+    return dag.render(plan, store=store, prices=prices, ffmpeg=FFMPEG, **kw)
+
+
+def executed(result) -> set[tuple[str, str | None]]:
+    return {(r.stage, r.shot) for r in result.ledger.records if not r.cached}
+
+
+def test_unchanged_rerender_costs_nothing(tmp_path, prices):
+    store = ArtifactStore(tmp_path / "store")
+    plan = plan_for(load_episode(SHOTLIST), prices)
+    first = run(plan, store, prices)
+    assert first.stopped is None and first.ledger.total_yuan > 0
+    assert not any(r.cached for r in first.ledger.records)
+    again = run(plan, store, prices)
+    assert again.ledger.total_yuan == 0.0
+    assert all(r.cached for r in again.ledger.records)
+    assert {(r.stage, r.shot) for r in again.ledger.records} == {(r.stage, r.shot) for r in first.ledger.records}
+    assert again.quality == first.quality  # the audit travels with the cached clip
+    assert again.outputs["episode.mp4"].read_bytes() == first.outputs["episode.mp4"].read_bytes()
+
+
+def test_one_shot_edit_recomputes_only_that_shot(tmp_path, prices):
+    store = ArtifactStore(tmp_path / "store")
+    episode = load_episode(SHOTLIST)
+    run(plan_for(episode, prices), store, prices)
+    scene = episode.scenes[0]
+    target = scene.shots[1]
+    edited_shot = target.model_copy(update={"action": target.action + " She smiles."})
+    edited = episode.model_copy(update={"scenes": [scene.model_copy(update={
+        "shots": [edited_shot if s.id == target.id else s for s in scene.shots]})] + episode.scenes[1:]})
+    result = run(plan_for(edited, prices), store, prices)
+    assert {shot for _, shot in executed(result)} == {target.id, None}
+    assert {stage for stage, shot in executed(result) if shot == target.id} >= {"storyboard", "keyframes",
+                                                                                 "inbetween", "encode"}
+
+
+def test_profile_change_reruns_only_the_stages_it_affects(tmp_path, prices):
+    store = ArtifactStore(tmp_path / "store")
+    episode = load_episode(SHOTLIST)
+    run(plan_for(episode, prices), store, prices)
+    result = run(plan_for(episode, prices, crf=30), store, prices)  # an encoder setting
+    stages = {stage for stage, _ in executed(result)}
+    assert stages <= {"inbetween", "encode", "audit", "assemble"} and "encode" in stages
+    assert all(r.cached for r in result.ledger.records if r.stage in ("storyboard", "keyframes"))
+
+
+def test_damaged_entry_is_recomputed_never_used(tmp_path, prices):
+    store = ArtifactStore(tmp_path / "store")
+    plan = plan_for(load_episode(SHOTLIST), prices)
+    run(plan, store, prices)
+    victim = plan.shots[2]
+    clip = store.get(victim.keys["clip"])["clip.mp4"]
+    data = bytearray(clip.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    clip.write_bytes(bytes(data))
+    shutil.rmtree(store.get(plan.shots[3].keys["keyframes"])["key_00000.png"].parent)  # a vanished entry
+    result = run(plan, store, prices)
+    assert {shot for stage, shot in executed(result) if stage == "encode"} == {victim.shot.id}
+    assert ("keyframes", plan.shots[3].shot.id) not in executed(result)  # its clip was intact: not needed
+    assert store.get(victim.keys["clip"]) is not None
+
+
+def test_budget_guard_stops_before_the_limit_and_resume_finishes(tmp_path, prices):
+    store = ArtifactStore(tmp_path / "store")
+    plan = plan_for(load_episode(SHOTLIST), prices)
+    budget = plan.estimated_cost_yuan * 0.5
+    first = run(plan, store, prices, budget_yuan=budget)
+    assert first.stopped == "budget"
+    assert first.ledger.total_yuan <= budget
+    assert first.remaining and first.remaining_estimate_yuan > 0
+    finished = {shot for stage, shot in executed(first) if stage == "encode"}
+    assert finished and not finished & set(first.remaining)
+    resumed = run(plan, store, prices)
+    assert resumed.stopped is None
+    redone = {shot for stage, shot in executed(resumed) if stage in ("keyframes", "encode")}
+    assert redone == set(first.remaining)  # nothing finished before is recomputed
+
+
+def test_zero_budget_spends_nothing(tmp_path, prices):
+    store = ArtifactStore(tmp_path / "store")
+    result = run(plan_for(load_episode(SHOTLIST), prices), store, prices, budget_yuan=0.0)
+    assert result.stopped == "budget" and result.ledger.total_yuan == 0.0 and not result.ledger.records
+
+
+def test_storyboard_stop_and_approval_gate(tmp_path, prices):
+    from pipeline.approvals import approve, approved_keys
+
+    store = ArtifactStore(tmp_path / "store")
+    plan = plan_for(load_episode(SHOTLIST), prices, approval_gate=True)
+    boards = run(plan, store, prices, stop_after="storyboard")
+    assert boards.stopped == "storyboard" and set(boards.outputs) == {"storyboard.png"}
+    assert {r.stage for r in boards.ledger.records if not r.cached} == {"storyboard"}
+    approve(store, plan.shots[:2])
+    gated = run(plan, store, prices, approved=approved_keys(store, plan))
+    assert gated.stopped == "approval"
+    assert {shot for stage, shot in executed(gated) if stage == "keyframes"} == {s.shot.id for s in plan.shots[:2]}
+    assert gated.remaining == [s.shot.id for s in plan.shots[2:]]
+
+
+def test_estimate_within_25_percent_of_measured(tmp_path, prices):
+    episode = load_episode(REPO / "examples" / "episode_en.fountain")
+    plan = plan_for(episode, prices)
+    result = run(plan, ArtifactStore(tmp_path / "store"), prices)
+    measured, estimated = result.ledger.total_yuan, plan.estimated_cost_yuan
+    print(f"estimated ¥{estimated:.6f}, measured ¥{measured:.6f} ({estimated / measured - 1:+.1%})")
+    assert abs(estimated - measured) <= 0.25 * measured
