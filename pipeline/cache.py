@@ -1,24 +1,118 @@
-"""Content-addressed artifact store.
+"""Content-addressed artifact store on a local directory or any fsspec filesystem.
 
-Every node's output lives under its content key: ``ROOT/ab/abcdef…/`` with the files and a
-``manifest.json`` naming each file with its size and sha256. Writes are atomic: files are
-staged in ``ROOT/.staging/<random>/``, the manifest is written last, and the directory is
-renamed into place in one step. A manifest whose checksums hold is the only proof that an
-artifact exists; anything else (a missing manifest, a wrong size or checksum) is treated as
-absent and removed, so it is recomputed, never used.
+Every node's output lives under its content key, with a ``manifest.json`` naming each file
+with its size and sha256. A manifest whose checksums hold is the only proof that an
+artifact exists; anything else (a missing or unreadable manifest, a missing file, a wrong
+size or checksum) is treated as absent and removed, so it is recomputed, never used.
+
+``ArtifactStore(location)`` opens one of two layouts, chosen by the location:
+
+* **Local** (a path or ``file://`` URL): ``ROOT/ab/abcdef…/{files, manifest.json}``. Files
+  are staged in ``ROOT/.staging/<write>/``, the manifest is written last, and the directory
+  is renamed into place in one step. A hit touches the manifest's mtime: that is its last use.
+* **Remote** (``s3://``, ``oss://``, ``memory://`` …): ``PREFIX/ab/abcdef…/<write>/<files>``,
+  then ``PREFIX/ab/abcdef…/manifest.json`` created last (a conditional put where the
+  filesystem has one), then ``used`` (the epoch of the last use, rewritten at most once an
+  hour per key and machine). Each write uploads under its own ``<write>`` prefix
+  (``<epoch>-<random>``), so two writers of one key never overwrite each other's files; the
+  manifest names the one upload that counts. ``get`` downloads into a local read-through
+  cache and checks every copy against the manifest.
+
+``stats()`` and ``gc()`` read the manifests only (no database): stage, size, creation and
+last use are all recorded there or beside it.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
+from pydantic import Field
+
+from pipeline.errors import AnimError
+from pipeline.models import Record
+
+SCHEMA = "anim.artifact/2"  # manifests without "schema" are version 1: files and meta only
 MANIFEST = "manifest.json"
+USED = "used"
+STAGING = ".staging"
+STALE_S = 3600.0  # staging leftovers and orphaned uploads older than this are garbage
+USED_EVERY_S = 3600.0  # a remote store records a key's use at most this often per machine
+
+_KEY = re.compile(r"[0-9a-f]{8,128}")
+_NAME = re.compile(r"[^/\\\x00]+")
+
+
+class StoreError(AnimError):
+    """An artifact store that cannot be opened, or a write that the store must refuse."""
+
+
+# --------------------------------------------------------------------------- records
+
+
+class StageUsage(Record):
+    entries: int = 0
+    bytes: int = 0
+
+
+class StoreStats(Record):
+    """What the store holds, from its manifests (checksums are not re-read)."""
+
+    location: str
+    entries: int
+    bytes: int = Field(description="Sum of the artifacts' file sizes.")
+    by_stage: dict[str, StageUsage]
+    oldest_use: float | None = Field(description="Epoch of the least recently used entry's last use.")
+    newest_use: float | None
+    damaged: int = Field(description="Entries whose manifest is missing or unreadable.")
+    staging: int = Field(description="Leftover staging directories and uploads without a manifest.")
+    staging_bytes: int
+
+
+class GcItem(Record):
+    what: str = Field(description="The content key, or the path of a leftover.")
+    reason: Literal["age", "size", "damaged", "staging"]
+    stage: str | None = None
+    bytes: int
+    last_used: float | None = None
+
+
+class GcReport(Record):
+    location: str
+    dry_run: bool
+    removed: list[GcItem] = Field(description="What was removed, or would be with dry_run.")
+    bytes_freed: int
+    entries_left: int
+    bytes_left: int
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: str
+    stage: str
+    bytes: int
+    last_used: float
+
+
+@dataclass(frozen=True)
+class _Leftover:
+    path: str
+    kind: Literal["damaged", "staging"]
+    bytes: int
+    mtime: float
+    key: str | None = None
+
+
+# --------------------------------------------------------------------------- shared helpers
 
 
 def _sha256(path: Path) -> str:
@@ -29,53 +123,610 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-class ArtifactStore:
-    """A local directory of artifacts addressed by content key."""
+def _intact(path: Path, entry: dict) -> bool:
+    try:
+        return path.stat().st_size == entry["size"] and _sha256(path) == entry["sha256"]
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return False
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise StoreError(f"artifact key {key!r} is not a lowercase hex content key")
+
+
+def _write_id() -> str:
+    return f"{int(time.time())}-{uuid.uuid4().hex[:12]}"
+
+
+def _write_time(write: str) -> float:
+    """When a write id was made; a name that is not one is as old as can be."""
+    head = write.split("-", 1)[0]
+    return float(head) if head.isdigit() else 0.0
+
+
+def _manifest(key: str, folder: Path, meta: dict | None, write: str | None = None) -> dict:
+    """The manifest of the files a stage left in ``folder`` (flat: files only)."""
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.name == MANIFEST:
+            raise StoreError(f"artifact {key[:12]}: a stage wrote {MANIFEST}, a name the store reserves; "
+                             "nothing was stored")
+        if not p.is_file():
+            raise StoreError(f"artifact {key[:12]}: {p.name} is not a regular file; an artifact is a flat "
+                             "set of files; nothing was stored")
+        files[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    meta = dict(meta or {})
+    manifest = {"schema": SCHEMA, "key": key, "stage": str(meta.get("stage", "unknown")),
+                "created": time.time(), "bytes": sum(e["size"] for e in files.values()),
+                "files": files, "meta": meta}
+    if write is not None:
+        manifest["write"] = write
+    return manifest
+
+
+def _dump(manifest: dict) -> bytes:
+    return json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8")
+
+
+def _parse(raw: bytes, key: str) -> dict:
+    """A manifest's content, or ValueError if it is not a well-formed manifest of ``key``."""
+    manifest = json.loads(raw)  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    if not isinstance(manifest, dict) or manifest.get("key", key) != key:
+        raise ValueError("not a manifest of this key")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ValueError("manifest has no file table")
+    for name, entry in files.items():
+        if (not _NAME.fullmatch(name) or name in (".", "..", MANIFEST) or not isinstance(entry, dict)
+                or not isinstance(entry.get("size"), int) or not isinstance(entry.get("sha256"), str)):
+            raise ValueError(f"bad file entry {name!r}")
+    return manifest
+
+
+def _stage_and_bytes(manifest: dict) -> tuple[str, int]:
+    stage = manifest.get("stage") or manifest.get("meta", {}).get("stage") or "unknown"
+    size = manifest.get("bytes")
+    if not isinstance(size, int):  # a version-1 manifest
+        size = sum(e["size"] for e in manifest["files"].values())
+    return str(stage), size
+
+
+def _tree(path: Path) -> tuple[int, float]:
+    """Bytes under ``path`` and its latest mtime (a writer still at work keeps it fresh)."""
+    size, latest = 0, path.stat().st_mtime
+    for base, _dirs, names in os.walk(path):
+        for name in names:
+            try:
+                st = os.stat(os.path.join(base, name))
+            except FileNotFoundError:
+                continue
+            size, latest = size + st.st_size, max(latest, st.st_mtime)
+    return size, latest
+
+
+def _default_local_cache() -> Path:
+    # A per-machine location for downloaded copies, not a setting that changes any result,
+    # so it is found here rather than resolved at the entry point (workers build stores too).
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "anim-pipeline" / "remote"
+
+
+def _open_fs(location: str):
+    from fsspec.core import url_to_fs
+
+    try:
+        return url_to_fs(location)
+    except (ImportError, ValueError) as exc:
+        raise StoreError(f"artifact store {location!r} cannot be opened: {exc}") from None
+
+
+def _is_local(location: str | Path) -> bool:
+    if isinstance(location, Path) or ("://" not in location and "::" not in location):
+        return True
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(_open_fs(location)[0], LocalFileSystem)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class ArtifactStore:
+    """Artifacts addressed by content key, in a local directory or under an fsspec URL.
+
+    ``ArtifactStore(location)`` returns a :class:`LocalStore` for a path or ``file://`` URL
+    and a :class:`RemoteStore` for any other fsspec URL; ``ArtifactStore(store.url)`` opens
+    the same store in another process.
+    """
+
+    url: str
+
+    def __new__(cls, location: str | Path | None = None, **kwargs):
+        if cls is ArtifactStore:
+            if location is None:
+                raise StoreError("an artifact store needs a location: a path or an fsspec URL")
+            cls = LocalStore if _is_local(location) else RemoteStore
+        return super().__new__(cls)
+
+    # Each layout implements these.
+    def get(self, key: str) -> dict[str, Path] | None:
+        """The artifact's files (local paths) if it exists intact, else None; a damaged one is removed."""
+        raise NotImplementedError
+
+    def meta(self, key: str) -> dict:
+        """The ``meta`` the artifact was written with."""
+        raise NotImplementedError
+
+    def writer(self, key: str, meta: dict | None = None):
+        """Context manager yielding a local staging directory; on success its files become ``key``.
+
+        ``meta["stage"]``, when given, is recorded for ``stats``/``gc``. If the body raises,
+        nothing is stored. If another writer completes ``key`` first, its artifact is kept
+        and this one is discarded.
+        """
+        raise NotImplementedError
+
+    def touch(self, key: str, when: float | None = None) -> None:
+        """Record a use of ``key`` at epoch ``when`` (now by default)."""
+        raise NotImplementedError
+
+    def _scan(self) -> tuple[list[_Entry], list[_Leftover]]:
+        raise NotImplementedError
+
+    def _remove_entry(self, key: str) -> None:
+        raise NotImplementedError
+
+    def _remove_leftover(self, item: _Leftover) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    # Shared by both layouts: numbers and collection from the manifests.
+    def stats(self) -> StoreStats:
+        """Entries and bytes per stage, last-use range, damaged entries and staging leftovers."""
+        entries, leftovers = self._scan()
+        by_stage: dict[str, StageUsage] = {}
+        for e in entries:
+            u = by_stage.get(e.stage, StageUsage())
+            by_stage[e.stage] = StageUsage(entries=u.entries + 1, bytes=u.bytes + e.bytes)
+        uses = [e.last_used for e in entries]
+        staging = [x for x in leftovers if x.kind == "staging"]
+        return StoreStats(location=self.url, entries=len(entries), bytes=sum(e.bytes for e in entries),
+                          by_stage=dict(sorted(by_stage.items())), oldest_use=min(uses, default=None),
+                          newest_use=max(uses, default=None),
+                          damaged=sum(x.kind == "damaged" for x in leftovers),
+                          staging=len(staging), staging_bytes=sum(x.bytes for x in staging))
+
+    def gc(self, *, older_than_s: float | None = None, max_bytes: int | None = None,
+           dry_run: bool = False) -> GcReport:
+        """Remove leftovers, then entries unused for ``older_than_s``, then the least recently used
+        until the store holds at most ``max_bytes``.
+
+        Leftovers are damaged entries and staging directories or uploads untouched for an hour.
+        Only entries with a complete manifest are candidates, so a write in progress is never
+        removed. An entry in use by a render that started before gc may still be removed by the
+        size limit; run a tight ``max_bytes`` between renders.
+        """
+        if older_than_s is not None and older_than_s < 0:
+            raise StoreError(f"gc: older_than_s must be >= 0, got {older_than_s}")
+        if max_bytes is not None and max_bytes < 0:
+            raise StoreError(f"gc: max_bytes must be >= 0, got {max_bytes}")
+        now = time.time()
+        entries, leftovers = self._scan()
+        removed: list[GcItem] = []
+
+        # 1. Damaged entries always; staging leftovers once stale.
+        junk = [x for x in leftovers if x.kind == "damaged" or now - x.mtime > STALE_S]
+        removed += [GcItem(what=x.key or x.path, reason=x.kind, bytes=x.bytes, last_used=x.mtime) for x in junk]
+
+        # 2. Entries unused for longer than older_than_s.
+        live = sorted(entries, key=lambda e: e.last_used)
+        doomed: list[tuple[_Entry, Literal["age", "size"]]] = []
+        if older_than_s is not None:
+            doomed += [(e, "age") for e in live if now - e.last_used > older_than_s]
+            live = [e for e in live if now - e.last_used <= older_than_s]
+
+        # 3. Least recently used first until under max_bytes.
+        if max_bytes is not None:
+            total = sum(e.bytes for e in live)
+            while live and total > max_bytes:
+                e = live.pop(0)
+                total -= e.bytes
+                doomed.append((e, "size"))
+        removed += [GcItem(what=e.key, reason=why, stage=e.stage, bytes=e.bytes, last_used=e.last_used)
+                    for e, why in doomed]
+
+        if not dry_run:
+            for x in junk:
+                self._remove_leftover(x)
+            for e, _ in doomed:
+                self._remove_entry(e.key)
+        return GcReport(location=self.url, dry_run=dry_run, removed=removed,
+                        bytes_freed=sum(item.bytes for item in removed), entries_left=len(live),
+                        bytes_left=sum(e.bytes for e in live))
+
+
+class LocalStore(ArtifactStore):
+    """A local directory; artifacts are used in place."""
+
+    def __init__(self, location: str | Path, *, local_cache: str | Path | None = None):
+        # local_cache is accepted so callers need not know the layout; a local store needs none.
+        if isinstance(location, str) and ("://" in location or "::" in location):
+            location = _open_fs(location)[1]
+        self.root = Path(location).expanduser().resolve()
+        (self.root / STAGING).mkdir(parents=True, exist_ok=True)
+        self.url = str(self.root)
 
     def path(self, key: str) -> Path:
+        _check_key(key)
         return self.root / key[:2] / key
 
     def get(self, key: str) -> dict[str, Path] | None:
-        """The artifact's files by name if it exists intact, else None (a damaged one is removed)."""
         folder = self.path(key)
         try:
-            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-            files = {name: folder / name for name in manifest["files"]}
-            for name, entry in manifest["files"].items():
-                if files[name].stat().st_size != entry["size"] or _sha256(files[name]) != entry["sha256"]:
-                    raise ValueError(f"{name} does not match its manifest")
+            manifest = _parse((folder / MANIFEST).read_bytes(), key)
         except FileNotFoundError:
-            if folder.exists():  # files without a manifest: an interrupted or foreign write
-                shutil.rmtree(folder, ignore_errors=True)
+            # Files without a manifest: an interrupted or foreign write. Checked again, since
+            # a writer may have renamed a complete entry into place since the read above.
+            if folder.exists() and not (folder / MANIFEST).exists():
+                self._discard(folder)
             return None
-        except (ValueError, KeyError, TypeError, OSError):
-            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, OSError):
+            self._discard(folder)
             return None
+        files = {name: folder / name for name in manifest["files"]}
+        if not all(_intact(files[name], entry) for name, entry in manifest["files"].items()):
+            self._discard(folder)
+            return None
+        try:
+            os.utime(folder / MANIFEST)  # the manifest's mtime is the entry's last use
+        except OSError:
+            pass  # a read-only store still serves hits; it just cannot record them
         return files
 
     def meta(self, key: str) -> dict:
-        return json.loads((self.path(key) / MANIFEST).read_text(encoding="utf-8")).get("meta", {})
+        try:
+            return json.loads((self.path(key) / MANIFEST).read_bytes()).get("meta", {})
+        except FileNotFoundError:
+            raise StoreError(f"no artifact {key[:12]} in {self.url}") from None
+
+    def touch(self, key: str, when: float | None = None) -> None:
+        when = time.time() if when is None else when
+        try:
+            os.utime(self.path(key) / MANIFEST, (when, when))
+        except FileNotFoundError:
+            raise StoreError(f"no artifact {key[:12]} in {self.url}") from None
 
     @contextmanager
     def writer(self, key: str, meta: dict | None = None) -> Iterator[Path]:
-        """Yield a staging directory; on success its files become the artifact ``key``."""
-        staging = self.root / ".staging" / uuid.uuid4().hex
+        _check_key(key)
+        staging = self.root / STAGING / _write_id()
         staging.mkdir(parents=True)
         try:
             yield staging
-            entries = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-                       for p in sorted(staging.iterdir()) if p.is_file()}
-            manifest = {"key": key, "files": entries, "meta": meta or {}}
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-            final = self.path(key)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists() and self.get(key) is not None:
-                return  # another worker finished the same artifact first; keep theirs
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
+            manifest = _manifest(key, staging, meta)
+            (staging / MANIFEST).write_bytes(_dump(manifest))
+            self._commit(staging, key)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _commit(self, staging: Path, key: str) -> None:
+        final = self.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                os.replace(staging, final)  # one step; refused if another writer's entry is there
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            if self.get(key) is not None:
+                return  # another writer finished first: theirs wins, ours is discarded
+            # get() removed a damaged entry in the way; try again
+        raise StoreError(f"artifact {key[:12]}: could not move the new entry into {final}; it was discarded")
+
+    def _discard(self, folder: Path) -> None:
+        """Take an entry out of the store in one step (readers never see half of it), then delete it."""
+        trash = self.root / STAGING / f"{_write_id()}.discard"
+        try:
+            os.replace(folder, trash)
+        except FileNotFoundError:
+            return  # someone else removed it
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _scan(self) -> tuple[list[_Entry], list[_Leftover]]:
+        entries: list[_Entry] = []
+        leftovers: list[_Leftover] = []
+        for d in sorted((self.root / STAGING).iterdir()):
+            try:
+                size, mtime = _tree(d)
+            except FileNotFoundError:
+                continue  # a writer just committed or cleaned up
+            leftovers.append(_Leftover(str(d), "staging", size, mtime))
+        for prefix in sorted(self.root.iterdir()):
+            if len(prefix.name) != 2 or not prefix.is_dir():
+                continue
+            for folder in sorted(prefix.iterdir()):
+                if not _KEY.fullmatch(folder.name):
+                    continue
+                try:
+                    manifest_path = folder / MANIFEST
+                    manifest = _parse(manifest_path.read_bytes(), folder.name)
+                    last_used = manifest_path.stat().st_mtime
+                except (ValueError, OSError):  # no manifest, or an unreadable one
+                    try:
+                        size, mtime = _tree(folder)
+                    except FileNotFoundError:
+                        continue  # removed while we looked
+                    leftovers.append(_Leftover(str(folder), "damaged", size, mtime, folder.name))
+                    continue
+                stage, size = _stage_and_bytes(manifest)
+                entries.append(_Entry(folder.name, stage, size, last_used))
+        return entries, leftovers
+
+    def _remove_entry(self, key: str) -> None:
+        self._discard(self.path(key))
+
+    def _remove_leftover(self, item: _Leftover) -> None:
+        path = Path(item.path)
+        if item.kind == "damaged":
+            try:  # a writer may have renamed a complete entry into place since the scan
+                _parse((path / MANIFEST).read_bytes(), path.name)
+                return
+            except (ValueError, OSError):
+                self._discard(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class RemoteStore(ArtifactStore):
+    """An fsspec filesystem (s3://, oss://, memory:// …) with a local read-through cache.
+
+    Credentials and endpoints come from the filesystem's own configuration (environment,
+    config files), since ``url`` is all another process gets.
+    """
+
+    def __init__(self, location: str, *, local_cache: str | Path | None = None):
+        self.fs, root = _open_fs(location)
+        self._root = root.rstrip("/")
+        self.url = location if "::" in location else self.fs.unstrip_protocol(self._root)
+        base = Path(local_cache).expanduser() if local_cache is not None else _default_local_cache()
+        # One folder per store, so two stores never share (or fight over) copies.
+        self.local_cache = base.resolve() / hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        (self.local_cache / STAGING).mkdir(parents=True, exist_ok=True)
+
+    # ---- layout
+    def _key_dir(self, key: str) -> str:
+        _check_key(key)
+        return f"{self._root}/{key[:2]}/{key}"
+
+    def _local_dir(self, key: str) -> Path:
+        return self.local_cache / key[:2] / key
+
+    def _read_manifest(self, key: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(f"{self._key_dir(key)}/{MANIFEST}")
+        except FileNotFoundError:
+            return None
+
+    def _rm(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    # ---- reading
+    def get(self, key: str) -> dict[str, Path] | None:
+        kd = self._key_dir(key)
+        raw = self._read_manifest(key)
+        if raw is None:
+            return None  # files without a manifest may be an upload in progress: gc removes them when stale
+        try:
+            manifest = _parse(raw, key)
+            write = manifest["write"]
+            if not isinstance(write, str) or not _NAME.fullmatch(write):
+                raise ValueError("no write id")
+        except (ValueError, KeyError):
+            self._discard(key, raw)
+            return None
+        local = self._local_dir(key) / "files"
+        local.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for name, entry in manifest["files"].items():
+            path = local / name
+            if not _intact(path, entry):  # no copy here yet, or a stale or damaged one
+                if not self._download(f"{kd}/{write}/{name}", path) or not _intact(path, entry):
+                    path.unlink(missing_ok=True)
+                    self._discard(key, raw)
+                    return None
+            files[name] = path
+        self._note_use(key)
+        return files
+
+    def _download(self, remote: str, path: Path) -> bool:
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            self.fs.get_file(remote, str(tmp))
+            os.replace(tmp, path)
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _note_use(self, key: str) -> None:
+        """Write ``used`` at most once per USED_EVERY_S per key on this machine."""
+        marker = self._local_dir(key) / USED
+        try:
+            if time.time() - marker.stat().st_mtime < USED_EVERY_S:
+                return
+        except FileNotFoundError:
+            pass
+        self.touch(key)
+
+    def meta(self, key: str) -> dict:
+        raw = self._read_manifest(key)
+        if raw is None:
+            raise StoreError(f"no artifact {key[:12]} in {self.url}")
+        return json.loads(raw).get("meta", {})
+
+    def touch(self, key: str, when: float | None = None) -> None:
+        when = time.time() if when is None else when
+        if self._read_manifest(key) is None:
+            raise StoreError(f"no artifact {key[:12]} in {self.url}")
+        self.fs.pipe_file(f"{self._key_dir(key)}/{USED}", repr(when).encode())
+        marker = self._local_dir(key) / USED
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        os.utime(marker, (when, when))
+
+    # ---- writing
+    @contextmanager
+    def writer(self, key: str, meta: dict | None = None) -> Iterator[Path]:
+        _check_key(key)
+        staging = self.local_cache / STAGING / _write_id()
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+            self._commit(key, staging, meta)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _commit(self, key: str, staging: Path, meta: dict | None) -> None:
+        kd = self._key_dir(key)
+        # 1. First complete manifest wins: do not upload next to a finished artifact.
+        if self._finished(key):
+            return
+        # 2. Files first, under this write's own prefix, so no other manifest ever names them.
+        write = _write_id()
+        manifest = _manifest(key, staging, meta, write=write)
+        try:
+            for name in manifest["files"]:
+                self.fs.put_file(str(staging / name), f"{kd}/{write}/{name}")
+            # 3. The manifest last, created only if none is there (atomic where the filesystem
+            #    supports conditional writes).
+            won = self._create_manifest(key, _dump(manifest))
+        except BaseException:
+            self._rm(f"{kd}/{write}")
+            raise
+        # 4. A non-atomic create can still lose to a writer that finished in the same instant.
+        if not won or self._write_of(self._read_manifest(key)) != write:
+            self._rm(f"{kd}/{write}")
+            return
+        # 5. Keep the staged files as this machine's read-through copies.
+        local = self._local_dir(key) / "files"
+        local.mkdir(parents=True, exist_ok=True)
+        for name in manifest["files"]:
+            os.replace(staging / name, local / name)
+        self.touch(key, manifest["created"])
+
+    def _finished(self, key: str) -> bool:
+        raw = self._read_manifest(key)
+        if raw is None:
+            return False
+        try:
+            _parse(raw, key)
+            return True
+        except ValueError:
+            self._discard(key, raw)
+            return False
+
+    def _create_manifest(self, key: str, data: bytes) -> bool:
+        path = f"{self._key_dir(key)}/{MANIFEST}"
+        for _ in range(2):
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+                return True
+            except FileExistsError:
+                if self._finished(key):  # a readable manifest is there; an unreadable one was removed
+                    return False
+        return False
+
+    @staticmethod
+    def _write_of(raw: bytes | None) -> str | None:
+        try:
+            return json.loads(raw).get("write") if raw is not None else None
+        except (ValueError, AttributeError):
+            return None
+
+    def _discard(self, key: str, raw: bytes) -> None:
+        """Remove the entry whose manifest reads ``raw``, unless another writer replaced it meanwhile."""
+        if self._read_manifest(key) != raw:
+            return
+        kd = self._key_dir(key)
+        self._rm(f"{kd}/{MANIFEST}")  # first: the entry stops existing
+        write = self._write_of(raw)
+        if write and _NAME.fullmatch(write):
+            self._rm(f"{kd}/{write}")
+        shutil.rmtree(self._local_dir(key), ignore_errors=True)
+
+    # ---- stats and gc
+    def _scan(self) -> tuple[list[_Entry], list[_Leftover]]:
+        listing = self.fs.find(self._root or "/", detail=True)
+        groups: dict[str, dict[str, dict[str, int]]] = {}  # key -> part (manifest, used, a write) -> path -> size
+        prefix = self._root + "/"
+        for path, info in listing.items():
+            if not path.startswith(prefix):
+                continue
+            rel = path[len(prefix):].split("/")
+            if len(rel) < 3 or len(rel[0]) != 2 or not _KEY.fullmatch(rel[1]) or not rel[1].startswith(rel[0]):
+                continue  # not ours: the store's prefix may hold other objects
+            groups.setdefault(rel[1], {}).setdefault(rel[2], {})[path] = int(info.get("size") or 0)
+        manifests = self._cat([f"{self._key_dir(k)}/{MANIFEST}" for k, parts in groups.items() if MANIFEST in parts])
+        used = self._cat([f"{self._key_dir(k)}/{USED}" for k, parts in groups.items() if USED in parts])
+
+        entries: list[_Entry] = []
+        leftovers: list[_Leftover] = []
+        for key, parts in sorted(groups.items()):
+            kd = self._key_dir(key)
+            raw = manifests.get(f"{kd}/{MANIFEST}")
+            write = None
+            if raw is not None:
+                try:
+                    manifest = _parse(raw, key)
+                    write = manifest["write"]
+                    stage, size = _stage_and_bytes(manifest)
+                    try:  # the last recorded use; a missing or unreadable marker leaves the creation time
+                        last = float(used[f"{kd}/{USED}"])
+                    except (KeyError, ValueError):
+                        last = float(manifest.get("created") or 0.0)
+                    entries.append(_Entry(key, stage, size, last))
+                except (ValueError, KeyError):
+                    leftovers.append(_Leftover(f"{kd}/{MANIFEST}", "damaged", len(raw), time.time(), key))
+            elif MANIFEST in parts:
+                continue  # removed while we looked
+            for part, paths in parts.items():
+                if part in (MANIFEST, USED) or part == write:
+                    continue
+                leftovers.append(_Leftover(f"{kd}/{part}", "staging", sum(paths.values()), _write_time(part), key))
+            if USED in parts and raw is None:  # a use marker left behind by a removed entry
+                leftovers.append(_Leftover(f"{kd}/{USED}", "staging", 0, 0.0, key))
+        return entries, leftovers
+
+    def _cat(self, paths: list[str]) -> dict[str, bytes]:
+        """Many small objects at once (concurrently on async filesystems), keyed as asked."""
+        if not paths:
+            return {}
+        found = self.fs.cat(paths, on_error="omit")
+        if not isinstance(found, dict):  # one path may come back as its bytes
+            found = {paths[0]: found}
+        strip = self.fs._strip_protocol
+        by_canonical = {strip(p): v for p, v in found.items()}
+        return {p: by_canonical[strip(p)] for p in paths if strip(p) in by_canonical}
+
+    def _remove_entry(self, key: str) -> None:
+        raw = self._read_manifest(key)
+        if raw is None:
+            return
+        self._discard(key, raw)
+        self._rm(f"{self._key_dir(key)}/{USED}")
+
+    def _remove_leftover(self, item: _Leftover) -> None:
+        if item.kind == "damaged" and item.key:
+            raw = self._read_manifest(item.key)
+            if raw is not None:
+                self._discard(item.key, raw)
+        else:
+            self._rm(item.path)
