@@ -2,6 +2,10 @@
 
     anim plan SCRIPT [--profile P] [--aspect A] [--json]      the plan, without starting Ray
     anim render SCRIPT [--profile P] [--aspect A] [--out DIR] render, track, print the cost
+        [--budget ¥N] [--stop-after storyboard]
+    anim approve SCRIPT --shot ID | --all                     approve storyboard panels
+    anim runs / anim compare RUN_A RUN_B                      renders in MLflow, cost deltas
+    anim cache stats / anim cache gc                          the artifact store
 
 Errors a user can fix (a bad script, an unknown profile) print one line naming the file and
 the problem and exit 2; nothing is written to the output folder in that case.
@@ -229,6 +233,14 @@ def approve(script: Path = typer.Argument(..., help="The script whose storyboard
     for s in rplan.shots:
         table.add_row(s.shot.id, "yes" if s.keys["storyboard"] in done else "[dim]no")
     out.print(table)
+
+
+from pipeline.cli_cache import cache_app  # noqa: E402  (sub-commands live in their own modules)
+from pipeline.cli_runs import compare, runs  # noqa: E402
+
+app.command()(runs)
+app.command()(compare)
+app.add_typer(cache_app, name="cache")
 
 
 def main() -> None:  # pragma: no cover - console-script shim

@@ -65,7 +65,7 @@ def default_store() -> str:
 class Settings(Record):
     ray_address: str | None = Field(None, description="None starts a local Ray cluster.")
     tracking_uri: str
-    store: str = Field(description="Artifact store root: a local path (fsspec URLs in a later release).")
+    store: str = Field(description="Artifact store: a local path or any fsspec URL (s3://, oss://, file://).")
     prices: str = str(REPO_ROOT / "cluster" / "prices.csv")
     calibration: str = str(REPO_ROOT / "cluster" / "calibration.csv")
     usd_cny: float = 7.10

@@ -16,6 +16,7 @@ from typing import Any
 from pipeline.models import Ledger, RenderPlan
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def code_version() -> str:

@@ -1,0 +1,121 @@
+"""``anim runs`` and ``anim compare``: the engineers' view of renders recorded in MLflow."""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+out = Console()
+err = Console(stderr=True)
+QUALITY = ("audit_psnr_db", "audit_ssim", "flicker")
+
+
+def _client(tracking_uri: str):
+    import mlflow
+
+    import pipeline.tracking  # noqa: F401  (MLflow environment defaults: no telemetry, no progress bars)
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.MlflowClient(tracking_uri)
+
+
+def _find(client, run_ref: str):
+    """A run by id, or by a unique prefix of the id among recent runs."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_ref)
+    except MlflowException:
+        pass
+    exps = [e.experiment_id for e in client.search_experiments()]
+    matches = [r for r in client.search_runs(exps, max_results=1000, order_by=["attributes.start_time DESC"])
+               if r.info.run_id.startswith(run_ref)]
+    if len(matches) != 1:
+        what = "no run" if not matches else f"{len(matches)} runs"
+        err.print(f"[bold red]error:[/] {what} with id {run_ref!r} in {client.tracking_uri}")
+        raise typer.Exit(2)
+    return matches[0]
+
+
+def _ledger(client, run) -> dict[str, dict[str, float]]:
+    """shot -> stage -> yuan, from the run's ledger table."""
+    path = Path(client.download_artifacts(run.info.run_id, "ledger.json"))
+    data = json.loads(path.read_text())
+    cols = data["columns"]
+    table: dict[str, dict[str, float]] = {}
+    for row in data["data"]:
+        rec = dict(zip(cols, row))
+        shot = rec["shot"] or "(episode)"
+        table.setdefault(shot, {})
+        table[shot][rec["stage"]] = table[shot].get(rec["stage"], 0.0) + float(rec["yuan"])
+    return table
+
+
+def _delta(a: float, b: float) -> tuple[str, str]:
+    pct = "—" if a == 0 else f"{(b - a) / a:+.1%}"
+    return f"{b - a:+.6f}", pct
+
+
+def runs(limit: int = typer.Option(15, "--limit", "-n", help="How many recent renders."),
+         experiment: str | None = typer.Option(None, "--series", help="Only this series (MLflow experiment).")) -> None:
+    """List recent renders with their cost, cache use and quality."""
+    from pipeline.config import resolve_settings
+
+    client = _client(resolve_settings().tracking_uri)
+    exps = {e.experiment_id: e.name for e in client.search_experiments()}
+    ids = [i for i, name in exps.items() if experiment in (None, name)]
+    found = client.search_runs(ids, max_results=limit, order_by=["attributes.start_time DESC"]) if ids else []
+    table = Table(title=f"recent renders — {client.tracking_uri}")
+    for col in ("run", "started", "series", "profile", "status", "¥", "¥/min", "cache hits", "PSNR dB", "wall s"):
+        table.add_column(col, justify="right" if col in ("¥", "¥/min", "cache hits", "PSNR dB", "wall s") else "left",
+                         no_wrap=col != "series", max_width=24 if col == "series" else None,
+                         overflow="ellipsis")
+    for r in found:
+        m, t = r.data.metrics, r.data.tags
+        table.add_row(r.info.run_id[:8], datetime.fromtimestamp(r.info.start_time / 1000).strftime("%m-%d %H:%M"),
+                      exps.get(r.info.experiment_id, "?"), t.get("profile", ""), t.get("status", ""),
+                      f"{m.get('cost_yuan', 0):.5f}", f"{m.get('cost_yuan_per_min', 0):.5f}",
+                      f"{m.get('cache_hit_ratio', 0):.0%}", f"{m['audit_psnr_db']:.2f}" if "audit_psnr_db" in m else "",
+                      f"{m.get('wall_seconds', 0):.1f}")
+    out.print(table)
+
+
+def compare(run_a: str = typer.Argument(..., help="Baseline run id (or unique prefix)."),
+            run_b: str = typer.Argument(..., help="Run to compare with it."),
+            as_json: bool = typer.Option(False, "--json", help="Print the deltas as JSON.")) -> None:
+    """Per-stage and per-shot cost deltas of two renders, in ¥ and %, with quality beside them."""
+    from pipeline.config import resolve_settings
+
+    client = _client(resolve_settings().tracking_uri)
+    a, b = _find(client, run_a), _find(client, run_b)
+    ma, mb = a.data.metrics, b.data.metrics
+    stages = sorted({k[5:-5] for k in list(ma) + list(mb) if k.startswith("cost.") and k.endswith("_yuan")})
+    la, lb = _ledger(client, a), _ledger(client, b)
+    shots = list(dict.fromkeys(list(la) + list(lb)))
+    result: dict[str, Any] = {
+        "a": a.info.run_id, "b": b.info.run_id,
+        "total": {"a": ma.get("cost_yuan", 0.0), "b": mb.get("cost_yuan", 0.0)},
+        "stages": {s: {"a": ma.get(f"cost.{s}_yuan", 0.0), "b": mb.get(f"cost.{s}_yuan", 0.0)} for s in stages},
+        "shots": {s: {"a": sum(la.get(s, {}).values()), "b": sum(lb.get(s, {}).values())} for s in shots},
+        "quality": {q: {"a": ma.get(q), "b": mb.get(q)} for q in QUALITY if q in ma or q in mb},
+    }
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    for title, rows in (("stage", result["stages"]), ("shot", result["shots"]),
+                        ("total", {"episode": result["total"]})):
+        table = Table(title=f"{title} cost: {a.info.run_id[:8]} → {b.info.run_id[:8]}")
+        for col in (title, "A ¥", "B ¥", "Δ ¥", "Δ %"):
+            table.add_column(col, justify="left" if col == title else "right")
+        for name, v in rows.items():
+            table.add_row(name, f"{v['a']:.6f}", f"{v['b']:.6f}", *_delta(v["a"], v["b"]))
+        out.print(table)
+    if result["quality"]:
+        out.print("quality: " + "; ".join(f"{q} {v['a'] if v['a'] is None else round(v['a'], 4)} → "
+                                          f"{v['b'] if v['b'] is None else round(v['b'], 4)}"
+                                          for q, v in result["quality"].items()))
