@@ -25,14 +25,12 @@ from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.config import resolve_profile, resolve_settings
 from pipeline.cost import PriceCatalog
 from pipeline.models import Profile
-from pipeline.plan import make_plan
+from pipeline.plan import calibration_keys, make_plan
 from stages.script import load_episode
 
 
 def _keys(p: Profile) -> dict[str, tuple[str, str]]:
-    return {"storyboard": (p.backend, "panel"), "keyframes": (p.backend, "keyframe"),
-            "inbetween": (f"{p.interpolation}:{p.flow_preset}", "inbetween"),
-            "encode": (f"x264:{p.x264_preset}", "frame"), "assemble": ("concat", "frame")}
+    return {stage: (backend, unit) for stage, (backend, _, unit) in calibration_keys(p).items()}
 
 
 def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:

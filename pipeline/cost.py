@@ -17,6 +17,7 @@ from pipeline.models import LedgerRecord, Record
 
 class PriceRow(Record):
     resource: str
+    provider: str
     tier: str
     price: float = Field(ge=0)
     currency: str
@@ -30,27 +31,40 @@ class PriceCatalog(Record):
     rows: list[PriceRow]
     usd_cny: float = Field(gt=0)
     tier: str = "on-demand"
+    provider: str | None = Field(None, description="Only this provider's rows; None = the cheapest row.")
 
     @classmethod
-    def load(cls, path: str | Path, *, usd_cny: float, tier: str = "on-demand") -> "PriceCatalog":
+    def load(cls, path: str | Path, *, usd_cny: float, tier: str = "on-demand",
+             provider: str | None = None) -> "PriceCatalog":
         path = Path(path)
         try:
             with path.open(newline="", encoding="utf-8") as fh:
                 rows = [PriceRow(**row) for row in csv.DictReader(fh)]
         except (OSError, ValueError) as exc:
             raise ProfileError(f"{path}: cannot read the price catalog: {exc}") from None
-        return cls(rows=rows, usd_cny=usd_cny, tier=tier)
+        return cls(rows=rows, usd_cny=usd_cny, tier=tier, provider=provider)
+
+    def with_tier(self, tier: str) -> "PriceCatalog":
+        return self.model_copy(update={"tier": tier})
+
+    def _yuan(self, row: PriceRow) -> float:
+        return row.price * (self.usd_cny if row.currency == "USD" else 1.0)
 
     def row(self, resource: str) -> PriceRow:
-        for row in self.rows:
-            if row.resource == resource and row.tier == self.tier:
-                return row
-        known = sorted({f"{r.resource} ({r.tier})" for r in self.rows})
-        raise ProfileError(f"no {self.tier} price for resource {resource!r}; catalog has: {', '.join(known)}")
+        """The row that prices ``resource``: this tier, this provider if set, else the cheapest."""
+        rows = [r for r in self.rows if r.resource == resource and r.tier == self.tier
+                and self.provider in (None, r.provider)]
+        if not rows:
+            known = sorted({f"{r.resource} ({r.provider}, {r.tier})" for r in self.rows})
+            who = f" from {self.provider}" if self.provider else ""
+            raise ProfileError(f"no {self.tier} price{who} for resource {resource!r}; catalog has: {', '.join(known)}")
+        return min(rows, key=self._yuan)
+
+    def gpu_types(self) -> list[str]:
+        return sorted({r.resource.removeprefix("gpu:") for r in self.rows if r.resource.startswith("gpu:")})
 
     def yuan_per_hour(self, resource: str) -> float:
-        row = self.row(resource)
-        return row.price * (self.usd_cny if row.currency == "USD" else 1.0)
+        return self._yuan(self.row(resource))
 
     def cost(self, seconds: float, resource: str, units: float) -> float:
         """Yuan for holding ``units`` of ``resource`` for ``seconds``."""

@@ -89,6 +89,7 @@ class DiffusionSettings(Record):
     """How the diffusers backend draws keyframes, storyboards, plates and character sheets."""
 
     model: str = Field(description="Local pipeline directory, or a Hub repo id found in the local HF cache only.")
+    family: str = Field("sd15", description="Architecture for throughput calibration: sd15, sdxl, qwen-image, …")
     mode: Literal["txt2img", "img2img"] = Field("img2img", description="img2img starts from the previz layout.")
     strength: float = Field(0.65, gt=0, le=1, description="img2img denoising strength.")
     steps: int = Field(4, ge=1, le=150)
@@ -189,8 +190,13 @@ class RenderPlan(Record):
     shots: list[ShotPlan]
     subtitles: list[SubtitleCue]
     assemble_key: str
-    assemble_estimate_seconds: float
-    assemble_estimate_yuan: float
+    episode_estimate_seconds: dict[str, float] = Field(
+        description="Estimated seconds of episode-level nodes: assemble, and background plates when layered.")
+    episode_estimate_yuan: dict[str, float]
+
+    @property
+    def assemble_estimate_yuan(self) -> float:
+        return self.episode_estimate_yuan.get("assemble", 0.0)
 
     @property
     def total_frames(self) -> int:
@@ -206,14 +212,15 @@ class RenderPlan(Record):
 
     @property
     def estimated_cost_yuan(self) -> float:
-        return sum(sum(s.estimate_yuan.values()) for s in self.shots) + self.assemble_estimate_yuan
+        return sum(sum(s.estimate_yuan.values()) for s in self.shots) + sum(self.episode_estimate_yuan.values())
 
     def estimate_by_stage(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for shot in self.shots:
             for stage, yuan in shot.estimate_yuan.items():
                 out[stage] = out.get(stage, 0.0) + yuan
-        out["assemble"] = self.assemble_estimate_yuan
+        for stage, yuan in self.episode_estimate_yuan.items():
+            out[stage] = out.get(stage, 0.0) + yuan
         return out
 
 

@@ -18,7 +18,7 @@ import json
 import re
 from typing import Any
 
-from pipeline.calibration import Calibration
+from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.cost import PriceCatalog
 from pipeline.models import Episode, Profile, RenderPlan, Scene, Shot, ShotPlan, SubtitleCue
 from pipeline.errors import ProfileError
@@ -105,25 +105,66 @@ def subtitle_cues(shot: Shot, start_s: float, end_s: float, first_index: int) ->
     return cues
 
 
+# Which calibration row prices a backend's keyframes: (backend id, device). Add a backend: add a line.
+KEYFRAME_CALIBRATION = {
+    "previz": lambda p: ("previz", "cpu"),
+    "diffusers": lambda p: (f"diffusers:{p.diffusion.family}:s{p.diffusion.steps}", f"gpu:{p.diffusion.gpu_type}"),
+}
+
+
+def _generation_mpx(profile: Profile) -> float:
+    """Megapixels of one generated keyframe: the profile size, or the diffusion generation size."""
+    w, h = profile.size
+    gen = profile.diffusion.gen_short_side if profile.diffusion else None
+    return w * h / 1e6 if not gen else (gen * gen * max(w, h) / min(w, h)) / 1e6
+
+
+# What each in-betweener's calibration row is called.
+INBETWEEN_CALIBRATION = {
+    "flow": lambda p: f"flow:{p.flow_preset}",
+    "crossfade": lambda p: "crossfade",
+    "rife": lambda p: "rife",
+}
+
+
+def calibration_keys(profile: Profile) -> dict[str, tuple[str, str, str]]:
+    """(backend id, device, unit) of the calibration row that prices each stage of this profile.
+
+    Storyboard panels are always drawn by previz on a CPU.
+    """
+    if profile.backend == "diffusers" and profile.diffusion is None:
+        raise ProfileError(f"profile {profile.name}: backend 'diffusers' needs a [diffusion] table")
+    kf_backend, kf_device = KEYFRAME_CALIBRATION[profile.backend](profile)
+    return {
+        "storyboard": ("previz", "cpu", "panel"),
+        "keyframes": (kf_backend, kf_device, "keyframe"),
+        "inbetween": (INBETWEEN_CALIBRATION[profile.interpolation](profile), "cpu", "inbetween"),
+        "encode": (f"x264:{profile.x264_preset}", "cpu", "frame"),
+        "assemble": ("concat", "cpu", "frame"),
+    }
+
+
+def stage_rows(profile: Profile, calibration: Calibration) -> dict[str, CalibrationRow]:
+    """The calibration row that prices each stage of this profile."""
+    return {stage: calibration.row(stage, backend, device)
+            for stage, (backend, device, _) in calibration_keys(profile).items()}
+
+
 def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
               prices: PriceCatalog, script_sha256: str) -> RenderPlan:
-    if profile.backend not in keyframes.BACKENDS:
+    if profile.backend not in keyframes.BACKENDS or profile.backend not in KEYFRAME_CALIBRATION:
         raise ProfileError(f"profile {profile.name}: unknown backend {profile.backend!r}; "
                            f"known: {', '.join(sorted(keyframes.BACKENDS))}")
-    if profile.interpolation not in inbetween.INTERPOLATORS:
+    if profile.interpolation not in inbetween.INTERPOLATORS or profile.interpolation not in INBETWEEN_CALIBRATION:
         raise ProfileError(f"profile {profile.name}: unknown interpolation {profile.interpolation!r}; "
                            f"known: {', '.join(sorted(inbetween.INTERPOLATORS))}")
     width, height = profile.size
     frame_mpx = width * height / 1e6
+    gen_mpx = _generation_mpx(profile)
     panel_w = profile.storyboard_width
     panel_mpx = panel_w * panel_w * (9 / 16 if profile.aspect == "16:9" else 16 / 9) / 1e6
-    rows = {
-        "storyboard": calibration.row("storyboard", profile.backend),
-        "keyframes": calibration.row("keyframes", profile.backend),
-        "inbetween": calibration.row("inbetween", f"{profile.interpolation}:{profile.flow_preset}"),
-        "encode": calibration.row("encode", f"x264:{profile.x264_preset}"),
-        "assemble": calibration.row("assemble", "concat"),
-    }
+    rows = stage_rows(profile, calibration)
+    kf_units = profile.diffusion.num_gpus if profile.diffusion else 1.0
 
     shots: list[ShotPlan] = []
     cues: list[SubtitleCue] = []
@@ -149,13 +190,14 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
                                     "fps": profile.fps, "drawings": drawings, "frames": frames,
                                     "crf": profile.crf, "x264": profile.x264_preset}, [kf_key])
             # 3. Estimates from calibration rows × prices.
-            units = {"storyboard": (1, panel_mpx), "keyframes": (len(keys), frame_mpx),
+            units = {"storyboard": (1, panel_mpx), "keyframes": (len(keys), gen_mpx),
                      "inbetween": (len(drawings) - len(keys), frame_mpx), "encode": (frames, frame_mpx)}
             est_s = {stage: round(rows[stage].seconds(*units[stage]), 4) for stage in STAGES}
-            est_y = {stage: prices.cost(est_s[stage], rows[stage].device, 1.0) for stage in STAGES}
+            est_y = {stage: prices.cost(est_s[stage], rows[stage].device, kf_units if stage == "keyframes" else 1.0)
+                     for stage in STAGES}
             if audit is not None:  # one more drawing by the keyframe backend, compared with its in-between
-                est_s["audit"] = round(rows["keyframes"].seconds_per_unit_mpx * frame_mpx, 4)
-                est_y["audit"] = prices.cost(est_s["audit"], rows["keyframes"].device, 1.0)
+                est_s["audit"] = round(rows["keyframes"].seconds_per_unit_mpx * gen_mpx, 4)
+                est_y["audit"] = prices.cost(est_s["audit"], rows["keyframes"].device, kf_units)
             shots.append(ShotPlan(
                 shot=shot, scene_heading=scene.heading, location=scene.location, setting=scene.setting,
                 time_of_day=scene.time_of_day,
@@ -169,12 +211,16 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
     asm_key = content_key("assemble", assemble.VERSION, {"title": episode.title},
                           [s.keys["clip"] for s in shots] + [s.keys["storyboard"] for s in shots]
                           + [c.model_dump_json() for c in cues])
-    asm_s = rows["assemble"].seconds(start, frame_mpx)
+    ep_s = {"assemble": round(rows["assemble"].seconds(start, frame_mpx), 4)}
+    ep_y = {"assemble": prices.cost(ep_s["assemble"], rows["assemble"].device, 1.0)}
+    if profile.diffusion and profile.diffusion.layered:  # one generated plate per location and time of day
+        plates = {(s.location, s.time_of_day, s.setting) for s in shots}
+        ep_s["plates"] = round(rows["keyframes"].seconds(len(plates), gen_mpx), 4)
+        ep_y["plates"] = prices.cost(ep_s["plates"], rows["keyframes"].device, kf_units)
     return RenderPlan(
         title=episode.title, source=episode.source, script_sha256=script_sha256, profile=profile,
         width=width, height=height, shots=shots, subtitles=cues, assemble_key=asm_key,
-        assemble_estimate_seconds=round(asm_s, 4),
-        assemble_estimate_yuan=prices.cost(asm_s, rows["assemble"].device, 1.0))
+        episode_estimate_seconds=ep_s, episode_estimate_yuan=ep_y)
 
 
 def plan_summary(plan: RenderPlan) -> dict[str, Any]:

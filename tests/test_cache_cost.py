@@ -350,13 +350,18 @@ def test_prices_and_ledger_arithmetic():
     cpu = next(r for r in cat.rows if r.resource == "cpu" and r.tier == "on-demand")
     assert cat.yuan_per_hour("cpu") == pytest.approx(cpu.price * 7.0)
     assert cat.cost(3600, "cpu", 2) == pytest.approx(2 * cpu.price * 7.0)
-    assert cat.yuan_per_hour("gpu:RTX4090-CN") == pytest.approx(1.88)  # CNY rows are not converted
+    autodl = cat.model_copy(update={"provider": "autodl"})
+    assert autodl.yuan_per_hour("gpu:RTX4090") == pytest.approx(1.88)  # CNY rows are not converted
     rec = cat.record("keyframes", "sc01-sh01", 10.0, "cpu", 1.0)
     hit = cat.record("keyframes", "sc01-sh02", 10.0, "cpu", 1.0, cached=True)
     assert hit.yuan == 0 and hit.seconds == 0 and hit.cached
     ledger = Ledger(records=[rec, hit, cat.record("encode", "sc01-sh01", 5.0, "cpu", 1.0)])
     assert ledger.total_yuan == pytest.approx(rec.yuan * 1.5)
     assert ledger.by_stage() == pytest.approx({"keyframes": rec.yuan, "encode": rec.yuan / 2})
+    # Several providers: the cheapest row prices a resource unless a provider is chosen.
+    assert cat.row("gpu:H100").provider == "runpod-community"
+    assert cat.model_copy(update={"provider": "aws"}).row("gpu:H100").price == pytest.approx(6.88)
+    assert cat.with_tier("spot").yuan_per_hour("gpu:H200") < cat.yuan_per_hour("gpu:H200")
     with pytest.raises(ProfileError, match="no on-demand price for resource 'gpu:TPU'"):
         cat.yuan_per_hour("gpu:TPU")
     for row in cat.rows:
