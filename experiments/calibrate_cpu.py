@@ -1,110 +1,71 @@
 """Measure the CPU stages on this machine and write their rows into cluster/calibration.csv.
 
 Renders a sample with each profile through the real pipeline (local Ray, a fresh artifact
-store, MLflow run logged), then fits, per stage, ``seconds = overhead + units × Mpx × k``
-over the executed nodes of the ledger (least squares, overhead ≥ 0). Each row records the
-machine, the date and the MLflow run it came from.
+store so every node runs, MLflow run logged), then fits per stage
+``seconds = overhead + units × Mpx × k`` over the executed nodes (``pipeline.calibrate``).
+Each row records the machine, the date and the MLflow run it came from.
 
-    .venv/bin/python experiments/calibrate_cpu.py [--script examples/episode_en.fountain] [--profile draft ...]
+    .venv/bin/python experiments/calibrate_cpu.py                       # draft and standard
+    .venv/bin/python experiments/calibrate_cpu.py --profile draft --script examples/episode_en.fountain
+
+Run it on a quiet machine: the rows are what every estimate is computed from.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import platform
 import tempfile
-from datetime import date
 from pathlib import Path
 
 import imageio_ffmpeg
-import numpy as np
 
 from pipeline import dag, tracking
 from pipeline.cache import ArtifactStore
+from pipeline.calibrate import fit_rows
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.config import resolve_profile, resolve_settings
-from pipeline.cost import PriceCatalog
-from pipeline.models import Profile
+from pipeline.cost import PriceCatalog, billed_yuan
 from pipeline.plan import calibration_keys, make_plan
 from stages.script import load_episode
 
-
-def _keys(p: Profile) -> dict[str, tuple[str, str]]:
-    return {stage: (backend, unit) for stage, (backend, _, unit) in calibration_keys(p).items()}
+DEFAULT = [("draft", Path("examples/episode_en.fountain")), ("standard", Path("examples/shotlist.yaml"))]
 
 
-def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    x, y = np.asarray(xs), np.asarray(ys)
-    if len(x) >= 2 and np.ptp(x) > 0:
-        slope, intercept = np.polyfit(x, y, 1)
-        if intercept >= 0 and slope >= 0:
-            return float(intercept), float(slope)
-    slope = float((x @ y) / (x @ x)) if (x @ x) > 0 else 0.0  # through the origin
-    return 0.0, max(slope, 0.0)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
-
-
-def calibrate(script: Path, profile: Profile, settings, table: Calibration) -> list[CalibrationRow]:
-    # 1. Plan with zero rows: estimates are irrelevant here, only the work units are.
-    zero = Calibration(path=table.path, rows=[
-        CalibrationRow(stage=s, backend=b, device="cpu", unit=u, overhead_s=0, seconds_per_unit_mpx=0,
-                       source="bootstrap", measured_at="") for s, (b, u) in _keys(profile).items()])
+def measure(script: Path, profile_name: str, settings):
+    profile = resolve_profile(profile_name)
+    # 1. Plan against zero rows: only the work units matter here, not the estimates.
+    zero = Calibration(path="", rows=[
+        CalibrationRow(stage=s, backend=b, device=d, unit=u, overhead_s=0, seconds_per_unit_mpx=0,
+                       source="bootstrap", measured_at="") for s, (b, d, u) in calibration_keys(profile).items()])
     prices = PriceCatalog.load(settings.prices, usd_cny=settings.usd_cny)
-    episode = load_episode(script)
-    plan = make_plan(episode, profile, calibration=zero, prices=prices,
+    plan = make_plan(load_episode(script), profile, calibration=zero, prices=prices,
                      script_sha256=hashlib.sha256(script.read_bytes()).hexdigest())
-    # 2. Render for real into a fresh store, so every node executes.
+    # 2. Render for real into a fresh store, so every node executes; record the run.
     with tempfile.TemporaryDirectory() as tmp:
         result = dag.render(plan, store=ArtifactStore(tmp), prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe())
-        run_id = tracking.log_render(tracking_uri=settings.tracking_uri, plan=plan, ledger=result.ledger,
-                                     wall_seconds=result.wall_seconds, artifacts={},
-                                     tags={"purpose": "calibration", "cluster": "local"}, series="calibration")
-    # 3. Fit each stage on (units × Mpx, seconds).
-    w, h = plan.width, plan.height
-    frame_mpx = w * h / 1e6
-    panel_w = profile.storyboard_width
-    panel_mpx = panel_w * panel_w * (9 / 16 if profile.aspect == "16:9" else 16 / 9) / 1e6
-    by_shot = {s.shot.id: s for s in plan.shots}
-    work = {"storyboard": lambda s: panel_mpx, "keyframes": lambda s: len(s.keyframes) * frame_mpx,
-            "inbetween": lambda s: (len(s.drawings) - len(s.keyframes)) * frame_mpx,
-            "encode": lambda s: s.frames * frame_mpx, "assemble": lambda s: plan.total_frames * frame_mpx}
-    rows = []
-    for stage, (backend, unit) in _keys(profile).items():
-        recs = [r for r in result.ledger.records if r.stage == stage and not r.cached]
-        xs = [work[stage](by_shot.get(r.shot)) for r in recs]
-        overhead, slope = _fit(xs, [r.seconds for r in recs])
-        if stage == "assemble":  # a single node: no intercept can be separated from the slope
-            overhead, slope = 0.0, slope
-        rows.append(CalibrationRow(
-            stage=stage, backend=backend, device="cpu", unit=unit, overhead_s=round(overhead, 5),
-            seconds_per_unit_mpx=round(slope, 6),
-            source=f"measured here: {_cpu_name()}, {len(recs)} nodes of {script.name} at {profile.name} "
-                   f"{w}x{h}, MLflow run {run_id}",
-            measured_at=str(date.today())))
-        print(f"{profile.name:>9} {stage:>10} {backend:>16}: {overhead:.4f} s + {slope:.5f} s/(unit·Mpx)  "
-              f"[{len(recs)} nodes, {sum(r.seconds for r in recs):.2f} s]")
-    return rows
+    metrics = tracking.render_metrics(plan, result.ledger, wall_seconds=result.wall_seconds, quality=result.quality,
+                                      billed_yuan=billed_yuan(prices, result.wall_seconds, result.cluster, None))
+    run_id = tracking.log_render(tracking_uri=settings.tracking_uri, plan=plan, ledger=result.ledger,
+                                 metrics=metrics, artifacts={}, tags={"purpose": "calibration", "cluster": "local"},
+                                 series="calibration", plan_json=True)
+    print(f"rendered {script.name} at {profile.name} {plan.width}x{plan.height}: wall {result.wall_seconds:.1f} s, "
+          f"MLflow run {run_id}")
+    return plan, result.ledger, run_id
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--script", type=Path, default=Path("examples/episode_en.fountain"))
-    ap.add_argument("--profile", action="append", default=None, help="profile(s) to measure [draft, standard]")
+    ap.add_argument("--profile", action="append", help="profile to measure (repeatable) [draft, standard]")
+    ap.add_argument("--script", type=Path, help="script to render [episode_en for draft, shotlist for standard]")
     args = ap.parse_args()
     settings = resolve_settings()
+    jobs = [(p, args.script or dict(DEFAULT).get(p, DEFAULT[0][1])) for p in args.profile] if args.profile else DEFAULT
     table = Calibration.load(settings.calibration)
-    rows = []
-    for name in args.profile or ["draft", "standard"]:
-        rows += calibrate(args.script, resolve_profile(name), settings, table)
+    # Fit over every render at once: rows shared by profiles (previz at two sizes) pool their nodes.
+    rows = fit_rows([measure(script, name, settings) for name, script in jobs],
+                    origin="experiments/calibrate_cpu.py " + ", ".join(f"{s.name}@{n}" for n, s in jobs))
+    for r in rows:
+        print(f"{r.stage:>10} {r.backend:>16}: {r.overhead_s:.4f} s + {r.seconds_per_unit_mpx:.5f} s/(unit·Mpx)")
     table.write(rows)
     print(f"wrote {len(rows)} rows to {table.path}")
 

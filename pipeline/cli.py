@@ -5,6 +5,7 @@
         [--budget ¥N] [--stop-after storyboard]
     anim approve SCRIPT --shot ID | --all                     approve storyboard panels
     anim runs / anim compare RUN_A RUN_B                      renders in MLflow, cost deltas
+    anim calibrate                                            refresh throughput rows from MLflow runs
     anim cache stats / anim cache gc                          the artifact store
 
 Errors a user can fix (a bad script, an unknown profile) print one line naming the file and
@@ -38,7 +39,7 @@ def _fail(exc: BaseException, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _prepare(script: Path, profile: str, aspect: str | None):
+def _prepare(script: Path, profile: str, aspect: str | None, *, gpu: str | None = None, spot: bool = False):
     """Resolve settings and profile, parse the script and make the plan (pure, no Ray)."""
     from pipeline.calibration import Calibration
     from pipeline.config import resolve_profile, resolve_settings
@@ -46,11 +47,18 @@ def _prepare(script: Path, profile: str, aspect: str | None):
     from pipeline.plan import make_plan
     from stages.script import load_episode
 
-    settings = resolve_settings()
+    settings = resolve_settings(price_tier="spot" if spot else None)
     prof = resolve_profile(profile, {"aspect": aspect})
+    if gpu:
+        if prof.diffusion is None:
+            raise AnimError(f"--gpu {gpu}: profile {prof.name} renders with the {prof.backend} backend on CPUs; "
+                            "--gpu applies to a diffusers profile (see examples/profiles/)")
+        prof = prof.model_copy(update={"diffusion": prof.diffusion.model_copy(update={"gpu_type": gpu})})
     episode = load_episode(script)
-    prices = PriceCatalog.load(settings.prices, usd_cny=settings.usd_cny, tier=settings.price_tier)
-    plan = make_plan(episode, prof, calibration=Calibration.load(settings.calibration), prices=prices,
+    prices = PriceCatalog.load(settings.prices, usd_cny=settings.usd_cny, tier=settings.price_tier,
+                               provider=settings.price_provider)
+    calibration = Calibration.load(settings.calibration)
+    plan = make_plan(episode, prof, calibration=calibration, prices=prices,
                      script_sha256=hashlib.sha256(script.read_bytes()).hexdigest())
     return settings, episode, prices, plan
 
@@ -58,12 +66,20 @@ def _prepare(script: Path, profile: str, aspect: str | None):
 @app.command()
 def plan(script: Path = typer.Argument(..., help="Fountain screenplay or YAML shot list."),
          profile: str = ProfileOpt, aspect: Optional[str] = AspectOpt,
+         gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU type for a diffusers profile, e.g. H100, RTX4090."),
+         spot: bool = typer.Option(False, "--spot", help="Price with spot/interruptible rows."),
+         budget: Optional[str] = typer.Option(None, "--budget", help="Propose the best profile that fits, e.g. ¥10."),
+         write_profile: Optional[Path] = typer.Option(None, "--write-profile", help="Save the proposal as TOML."),
          as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
-    """Print the render plan: shots, frames, keyframes and estimated yuan per stage."""
+    """Print the render plan: shots, frames, keyframes and estimated yuan per stage — without starting Ray."""
     from pipeline.plan import plan_summary
 
+    budget_yuan = _yuan(budget)
     try:
-        _, _, _, rplan = _prepare(script, profile, aspect)
+        settings, episode, prices, rplan = _prepare(script, profile, aspect, gpu=gpu, spot=spot)
+        if budget_yuan is not None:
+            _propose(script, episode, rplan, prices, settings, budget_yuan, spot, write_profile, as_json)
+            return
     except AnimError as exc:
         raise _fail(exc)
     summary = plan_summary(rplan)
@@ -79,8 +95,45 @@ def plan(script: Path = typer.Argument(..., help="Fountain screenplay or YAML sh
                       f"{sum(s.estimate_yuan.values()):.5f}")
     out.print(table)
     stages = ", ".join(f"{k} ¥{v:.4f}" for k, v in summary["estimated_cost_by_stage_yuan"].items())
+    minutes = rplan.duration_s / 60
+    where = f"gpu:{rplan.profile.diffusion.gpu_type}" if rplan.profile.diffusion else "cpu"
     out.print(f"{len(rplan.shots)} shots, {rplan.total_frames} frames ({rplan.duration_s:.1f} s), "
-              f"{rplan.total_keyframes} keyframes; estimated ¥{rplan.estimated_cost_yuan:.4f} ({stages})")
+              f"{rplan.total_keyframes} keyframes; estimated ¥{rplan.estimated_cost_yuan:.4f} "
+              f"(¥{rplan.estimated_cost_yuan / minutes:.4f} per finished minute, keyframes on {where}, "
+              f"{settings.price_tier}): {stages}")
+
+
+def _propose(script, episode, rplan, prices, settings, budget_yuan, spot, write_profile, as_json) -> None:
+    from pipeline.calibration import Calibration
+    from pipeline.optimize import fit_budget
+
+    prop = fit_budget(episode, rplan.profile, budget_yuan, calibration=Calibration.load(settings.calibration),
+                      prices=prices.with_tier("on-demand"), allow_spot=spot, script_sha256=rplan.script_sha256)
+    if write_profile:
+        import tomli_w
+
+        data = prop.profile.model_dump(exclude_none=True)
+        write_profile.write_text(tomli_w.dumps(data), encoding="utf-8")
+    if as_json:
+        sys.stdout.write(json.dumps({"fits": prop.fits, "estimate_yuan": prop.estimate_yuan, "tier": prop.tier,
+                                     "budget_yuan": budget_yuan, "steps": prop.steps,
+                                     "profile": prop.profile.model_dump()}, indent=2, ensure_ascii=False) + "\n")
+        return
+    table = Table(title=f"fitting {rplan.title} into ¥{budget_yuan}")
+    table.add_column("step")
+    table.add_column("estimate ¥", justify="right")
+    for what, yuan in prop.steps:
+        table.add_row(what, f"{yuan:.5f}")
+    out.print(table)
+    changed = {k: v for k, v in prop.profile.model_dump().items()
+               if k != "name" and v != rplan.profile.model_dump().get(k)}
+    verdict = "fits" if prop.fits else "does NOT fit even at the cheapest settings"
+    out.print(f"proposal {verdict}: ¥{prop.estimate_yuan:.5f} ({prop.tier}) for ¥{budget_yuan}; "
+              f"changes: {changed or 'none'}")
+    if write_profile:
+        out.print(f"written to {write_profile}: anim render {script} --profile {write_profile}")
+    if not prop.fits:
+        raise typer.Exit(3)
 
 
 def _yuan(text: str | None) -> float | None:
@@ -236,10 +289,11 @@ def approve(script: Path = typer.Argument(..., help="The script whose storyboard
 
 
 from pipeline.cli_cache import cache_app  # noqa: E402  (sub-commands live in their own modules)
-from pipeline.cli_runs import compare, runs  # noqa: E402
+from pipeline.cli_runs import calibrate, compare, runs  # noqa: E402
 
 app.command()(runs)
 app.command()(compare)
+app.command()(calibrate)
 app.add_typer(cache_app, name="cache")
 
 

@@ -119,3 +119,48 @@ def compare(run_a: str = typer.Argument(..., help="Baseline run id (or unique pr
         out.print("quality: " + "; ".join(f"{q} {v['a'] if v['a'] is None else round(v['a'], 4)} → "
                                           f"{v['b'] if v['b'] is None else round(v['b'], 4)}"
                                           for q, v in result["quality"].items()))
+
+
+def calibrate(last: int = typer.Option(20, "--runs", "-n", help="Use the last N complete renders."),
+              experiment: str | None = typer.Option(None, "--series", help="Only renders of this series."),
+              dry_run: bool = typer.Option(False, "--dry-run", help="Print the rows, do not write them.")) -> None:
+    """Refresh cluster/calibration.csv from the nodes measured in recent renders recorded in MLflow."""
+    from pipeline.calibrate import fit_rows
+    from pipeline.calibration import Calibration
+    from pipeline.config import resolve_settings
+    from pipeline.models import Ledger, LedgerRecord, RenderPlan
+
+    settings = resolve_settings()
+    client = _client(settings.tracking_uri)
+    exps = {e.experiment_id: e.name for e in client.search_experiments()}
+    ids = [i for i, name in exps.items() if experiment in (None, name)]
+    found = client.search_runs(ids, max_results=5 * last, order_by=["attributes.start_time DESC"]) if ids else []
+    complete = [r for r in found if r.data.tags.get("status") == "complete" or r.data.tags.get("purpose") == "calibration"]
+    renders, skipped = [], 0
+    for run in complete[:last]:
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        if not {"plan.json", "ledger.json"} <= names:
+            continue
+        try:
+            plan = RenderPlan.model_validate_json(Path(client.download_artifacts(run.info.run_id, "plan.json")).read_text())
+        except ValueError:  # a plan written by an older schema: its work units cannot be trusted
+            skipped += 1
+            continue
+        data = json.loads(Path(client.download_artifacts(run.info.run_id, "ledger.json")).read_text())
+        ledger = Ledger(records=[LedgerRecord(**dict(zip(data["columns"], row))) for row in data["data"]])
+        renders.append((plan, ledger, run.info.run_id[:8]))
+    if not renders:
+        err.print(f"[bold red]error:[/] no complete render with plan.json and ledger.json in {settings.tracking_uri}")
+        raise typer.Exit(2)
+    if skipped:
+        err.print(f"skipped {skipped} renders whose plan.json has an older layout")
+    rows = fit_rows(renders, origin=f"anim calibrate over {len(renders)} MLflow renders")
+    table = Table(title=f"calibration from {len(renders)} renders")
+    for col in ("stage", "backend", "device", "overhead s", "s/(unit·Mpx)"):
+        table.add_column(col, justify="right" if "s" in col.split()[-1] and col != "stage" else "left")
+    for r in rows:
+        table.add_row(r.stage, r.backend, r.device, f"{r.overhead_s:.4f}", f"{r.seconds_per_unit_mpx:.5f}")
+    out.print(table)
+    if not dry_run:
+        Calibration.load(settings.calibration).write(rows)
+        out.print(f"wrote {len(rows)} rows to {settings.calibration}")

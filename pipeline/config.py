@@ -5,7 +5,7 @@ Two things are resolved here and nowhere else:
 * ``Settings`` — where things run and are kept: Ray address, MLflow tracking URI, artifact
   store, price catalog, FX rate. Sources, lowest to highest: built-in defaults, then the
   environment (``RAY_ADDRESS``, ``MLFLOW_TRACKING_URI``, ``ANIM_STORE``, ``ANIM_USD_CNY``,
-  ``ANIM_PRICE_TIER``), then explicit CLI options.
+  ``ANIM_PRICE_TIER``, ``ANIM_PRICE_PROVIDER``), then explicit CLI options.
 * ``Profile`` — how an episode is rendered: a built-in profile name (``draft``,
   ``standard``) or a path to a TOML file, then CLI overrides such as ``--aspect``.
 
@@ -70,6 +70,7 @@ class Settings(Record):
     calibration: str = str(REPO_ROOT / "cluster" / "calibration.csv")
     usd_cny: float = 7.10
     price_tier: str = "on-demand"
+    price_provider: str | None = Field(None, description="Price rows of this provider only; None = cheapest.")
     num_cpus: int | None = Field(None, description="CPUs for a local Ray cluster; None = all.")
 
 
@@ -86,6 +87,7 @@ def resolve_settings(env: Mapping[str, str] | None = None, **cli: Any) -> Settin
         "store": env.get("ANIM_STORE"),
         "usd_cny": env.get("ANIM_USD_CNY"),
         "price_tier": env.get("ANIM_PRICE_TIER"),
+        "price_provider": env.get("ANIM_PRICE_PROVIDER"),
     }
     values.update({k: v for k, v in from_env.items() if v})
     values.update({k: v for k, v in cli.items() if v is not None})

@@ -77,7 +77,7 @@ def render_metrics(plan: RenderPlan, ledger: Ledger, *, wall_seconds: float, bil
 
 def log_render(*, tracking_uri: str, plan: RenderPlan, ledger: Ledger, metrics: dict[str, float],
                artifacts: dict[str, Path], tags: dict[str, str], series: str | None = None,
-               quality: dict[str, dict[str, float]] | None = None) -> str:
+               quality: dict[str, dict[str, float]] | None = None, plan_json: bool = False) -> str:
     """Log one render as one MLflow run; returns the run id."""
     import mlflow
 
@@ -103,6 +103,9 @@ def log_render(*, tracking_uri: str, plan: RenderPlan, ledger: Ledger, metrics: 
                              artifact_file="quality.json")
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifact(str(cost_chart(ledger, Path(tmp) / "cost_chart.png", title=plan.title)))
+            if plan_json and "plan.json" not in {p.name for p in artifacts.values()}:
+                (Path(tmp) / "plan.json").write_text(plan.model_dump_json(), encoding="utf-8")
+                mlflow.log_artifact(str(Path(tmp) / "plan.json"))
         for path in artifacts.values():
             mlflow.log_artifact(str(path))
         return run.info.run_id

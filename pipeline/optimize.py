@@ -1,0 +1,104 @@
+"""Fit a render to a budget: walk the cost levers from least to most visible and stop when it fits.
+
+The ladder (each step keeps the ones before it):
+
+1. price levers, which cost no quality: the cheapest GPU type with a calibration row (and
+   spot pricing when allowed);
+2. hold static shots on one drawing;
+3. one background plate per location (diffusers, layered keyframes);
+4. fewer generated keyframes: a keyframe every 6, then 8, then 12 drawings (in-betweens fill);
+5. animate on threes instead of twos;
+6. fewer denoising steps (diffusers): halve, down to 2;
+7. lower resolution: 1080 → 720 → 540 → 360 on the short side (generation size for diffusers).
+
+Each proposal carries every step taken with the estimate after it — the "why". Estimates
+come from ``make_plan``, so they trace to calibration and price rows like any plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pipeline.calibration import Calibration
+from pipeline.cost import PriceCatalog
+from pipeline.errors import AnimError
+from pipeline.models import Episode, Profile
+from pipeline.plan import make_plan
+
+
+@dataclass
+class Proposal:
+    profile: Profile
+    tier: str
+    estimate_yuan: float
+    fits: bool
+    steps: list[tuple[str, float]] = field(default_factory=list)  # (what changed, estimate after it)
+
+
+def _diffusion(p: Profile, **changes) -> Profile:
+    return p.model_copy(update={"diffusion": p.diffusion.model_copy(update=changes)}) if p.diffusion else p
+
+
+def _ladder(p: Profile) -> list[tuple[str, Callable[[Profile], Profile | None]]]:
+    """(description, change) pairs; a change returns None where it does not apply."""
+    steps: list[tuple[str, Callable[[Profile], Profile | None]]] = [
+        ("hold static shots on one drawing", lambda q: None if q.hold_static else q.model_copy(update={"hold_static": True})),
+        ("one background plate per location", lambda q: None if not q.diffusion or q.diffusion.layered
+         else _diffusion(q, layered=True)),
+    ]
+    for stride in (6, 8, 12):
+        steps.append((f"a keyframe every {stride} drawings",
+                      lambda q, s=stride: q.model_copy(update={"keyframe_stride": s}) if q.keyframe_stride < s else None))
+    steps.append(("animate on threes", lambda q: q.model_copy(update={"animate_on": 3}) if q.animate_on < 3 else None))
+    for _ in range(3):
+        steps.append(("halve the denoising steps", lambda q: _diffusion(q, steps=max(2, q.diffusion.steps // 2))
+                      if q.diffusion and q.diffusion.steps > 2 else None))
+    for side in (720, 540, 360):
+        steps.append((f"render at {side}p", lambda q, s=side: _lower(q, s)))
+    return steps
+
+
+def _lower(p: Profile, side: int) -> Profile | None:
+    if p.diffusion:
+        current = p.diffusion.gen_short_side or p.short_side
+        return _diffusion(p, gen_short_side=side) if current > side else None
+    return p.model_copy(update={"short_side": side}) if p.short_side > side else None
+
+
+def fit_budget(episode: Episode, profile: Profile, budget_yuan: float, *, calibration: Calibration,
+               prices: PriceCatalog, allow_spot: bool, script_sha256: str) -> Proposal:
+    """The least-degraded profile whose estimate fits ``budget_yuan`` (or the cheapest, marked not fitting)."""
+
+    def estimate(p: Profile, catalog: PriceCatalog) -> float:
+        return make_plan(episode, p, calibration=calibration, prices=catalog,
+                         script_sha256=script_sha256).estimated_cost_yuan
+
+    # 1. Price levers first: they cost no quality.
+    tiers = ["on-demand"] + (["spot"] if allow_spot else [])
+    gpus = prices.gpu_types() if profile.diffusion else [None]
+    options = []
+    for tier in tiers:
+        for gpu in gpus:
+            p = _diffusion(profile, gpu_type=gpu) if gpu else profile
+            try:
+                options.append((estimate(p, prices.with_tier(tier)), tier, p, gpu))
+            except AnimError:  # no calibration or price row for this GPU/tier: not an option
+                continue
+    if not options:
+        raise AnimError(f"profile {profile.name}: no GPU type has both a calibration row and a price row")
+    cost, tier, current, gpu = min(options, key=lambda o: o[0])
+    catalog = prices.with_tier(tier)
+    steps = [(f"as given ({profile.name}, on-demand)", estimate(profile, prices))]
+    if cost < steps[0][1]:
+        steps.append((f"price: {'GPU ' + gpu + ', ' if gpu else ''}{tier}", cost))
+    # 2. Then the visible levers, in order, until it fits.
+    for what, change in _ladder(current):
+        if cost <= budget_yuan:
+            break
+        changed = change(current)
+        if changed is None:
+            continue
+        current, cost = changed, estimate(changed, catalog)
+        steps.append((what, cost))
+    return Proposal(profile=current.model_copy(update={"name": f"{profile.name}-fit"}), tier=tier,
+                    estimate_yuan=cost, fits=cost <= budget_yuan, steps=steps)
