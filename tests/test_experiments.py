@@ -1,0 +1,116 @@
+"""Fast checks of the experiments (no rendering): the cost report's figures trace to one
+calibration row and one price row each, naive costs more than optimized, the example GPU
+profiles load and plan, and the lever sweep's Pareto front is right on a small table."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from pipeline.calibration import Calibration
+from pipeline.config import REPO_ROOT, resolve_profile
+from pipeline.cost import PriceCatalog
+from pipeline.plan import make_plan, stage_rows
+from stages.script import load_episode
+
+sys.path.insert(0, str(REPO_ROOT / "experiments"))
+import cost_report  # noqa: E402
+import sweep_levers  # noqa: E402
+
+GPU = "A100-80GB"  # has published rows for both example profiles and a spot price row
+
+
+@pytest.fixture(scope="module")
+def calibration() -> Calibration:
+    return Calibration.load(REPO_ROOT / "cluster" / "calibration.csv")
+
+
+@pytest.fixture(scope="module")
+def prices() -> PriceCatalog:
+    return PriceCatalog.load(REPO_ROOT / "cluster" / "prices.csv", usd_cny=7.10)
+
+
+@pytest.fixture(scope="module")
+def minute_episode():
+    return cost_report.repeat_episode(load_episode(REPO_ROOT / "examples" / "episode_en.fountain"), 90.0)
+
+
+def test_repeat_episode_reaches_the_duration_with_unique_ids(minute_episode):
+    assert minute_episode.duration_s == pytest.approx(90.0, abs=0.01)
+    ids = [s.id for s in minute_episode.shots]
+    assert len(ids) == len(set(ids))
+    locations = [sc.location for sc in minute_episode.scenes]
+    assert any("#2" in loc for loc in locations)  # the second pass through the script is a new set
+
+
+@pytest.mark.parametrize("name", ["naive", "standard"])
+def test_example_gpu_profiles_load_and_plan(name, calibration, prices, minute_episode):
+    profile = cost_report.profile_for(cost_report.PROFILES[name], "9:16", GPU)
+    assert profile.backend == "diffusers" and profile.size == (1080, 1920)
+    plan = make_plan(minute_episode, profile, calibration=calibration, prices=prices, script_sha256="0" * 64)
+    assert plan.estimated_cost_yuan > 0
+    assert stage_rows(profile, calibration)["keyframes"].source.startswith("published")
+
+
+def test_each_figure_is_seconds_from_its_row_times_the_price(calibration, prices, minute_episode):
+    profile = cost_report.profile_for(cost_report.PROFILES["standard"], "16:9", GPU)
+    plan = make_plan(minute_episode, profile, calibration=calibration, prices=prices, script_sha256="0" * 64)
+    rows = stage_rows(profile, calibration)
+    shot = next(s for s in plan.shots if len(s.keyframes) > 1)
+    w, h = plan.width, plan.height
+    gen = profile.diffusion.gen_short_side
+    gen_mpx = gen * gen * max(w, h) / min(w, h) / 1e6
+    # Keyframes: the published GPU row's seconds × the A100 price row.
+    kf = rows["keyframes"]
+    assert kf.device == f"gpu:{GPU}"
+    seconds = kf.overhead_s + len(shot.keyframes) * gen_mpx * kf.seconds_per_unit_mpx
+    assert shot.estimate_seconds["keyframes"] == pytest.approx(seconds, abs=1e-4)
+    per_hour = prices.row(kf.device).price * 7.10
+    assert shot.estimate_yuan["keyframes"] == pytest.approx(shot.estimate_seconds["keyframes"] * per_hour / 3600)
+    # In-betweens: the measured CPU row at 1080p × the CPU price row.
+    ib = rows["inbetween"]
+    seconds = ib.overhead_s + (len(shot.drawings) - len(shot.keyframes)) * (w * h / 1e6) * ib.seconds_per_unit_mpx
+    assert shot.estimate_seconds["inbetween"] == pytest.approx(seconds, abs=1e-4)
+    assert shot.estimate_yuan["inbetween"] == pytest.approx(seconds * prices.yuan_per_hour("cpu") / 3600, rel=1e-4)
+    # The report's trace recomputes every stage from its rows and sums to the plan's total.
+    figures = cost_report.trace(plan, calibration, prices)
+    assert sum(f.yuan for f in figures) == pytest.approx(plan.estimated_cost_yuan)
+    assert {f.price.resource for f in figures} == {"cpu", f"gpu:{GPU}"}
+
+
+def test_naive_costs_more_than_optimized_on_both_tiers(calibration, prices, minute_episode):
+    for tier in ("on-demand", "spot"):
+        est = {name: cost_report.estimate("t", minute_episode, name, cost_report.profile_for(path, "16:9", GPU),
+                                          GPU, tier, calibration, prices, "0" * 64)
+               for name, path in cost_report.PROFILES.items()}
+        assert est["naive"].yuan > 20 * est["standard"].yuan
+        assert est["naive"].keyframes == est["naive"].frames  # every frame generated
+        assert all(f.price.tier == tier for e in est.values() for f in e.stages)
+
+
+def test_gpu_types_need_rows_for_both_profiles(calibration):
+    profiles = {n: cost_report.profile_for(p, "16:9", "none") for n, p in cost_report.PROFILES.items()}
+    gpus = cost_report.gpu_types(calibration, profiles)
+    assert GPU in gpus and "H200" not in gpus  # no published H200 figure: not priced, not invented
+
+
+def test_pareto_front_on_a_small_table():
+    rows = [
+        {"config": "a", "cost_yuan_per_min": 1.0, "audit_psnr_db": 20.0},
+        {"config": "b", "cost_yuan_per_min": 2.0, "audit_psnr_db": 25.0},
+        {"config": "c", "cost_yuan_per_min": 2.5, "audit_psnr_db": 24.0},  # dominated by b
+        {"config": "d", "cost_yuan_per_min": 3.0, "audit_psnr_db": 30.0},
+        {"config": "e", "cost_yuan_per_min": 1.0, "audit_psnr_db": 19.0},  # dominated by a (same cost)
+        {"config": "f", "cost_yuan_per_min": 0.5, "audit_psnr_db": None},  # no in-betweens: not ranked
+    ]
+    assert [r["config"] for r in sweep_levers.pareto_front(rows)] == ["a", "b", "d"]
+
+
+def test_sweep_sub_episode_and_profiles_plan(calibration, prices):
+    episode = sweep_levers.sub_episode(load_episode(REPO_ROOT / "examples" / "episode_en.fountain"), 20.0)
+    assert 20.0 <= episode.duration_s < 30.0
+    for lever, value, overrides in sweep_levers.CONFIGS:
+        profile = resolve_profile(sweep_levers.BASE, overrides)
+        plan = make_plan(episode, profile, calibration=sweep_levers.with_placeholders(calibration, profile),
+                         prices=prices, script_sha256="0" * 64)
+        assert plan.total_frames > 0, (lever, value)
