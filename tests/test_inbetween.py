@@ -58,7 +58,7 @@ def _keys(*pairs) -> Keyframes:
 def test_registry_builds_by_name_and_rejects_unknown():
     assert isinstance(interpolator("flow", preset="ultrafast"), FlowInterpolator)
     assert isinstance(interpolator("crossfade"), Crossfade)
-    assert set(INTERPOLATORS) == {"flow", "crossfade"}
+    assert set(INTERPOLATORS) == {"flow", "crossfade", "rife"}
     with pytest.raises(ValueError, match="crossfade.*flow"):
         interpolator("rife2")
     with pytest.raises(ValueError, match="preset"):
@@ -183,3 +183,27 @@ def test_print_flow_timings():
             out = fi(A, B, [0.25, 0.5, 0.75])
             ms = (time.perf_counter() - t0) * 1000 / len(out)
             print(f"flow {preset:9s} {w}x{h}: {ms:6.1f} ms per interpolated frame")
+
+
+RIFE_WEIGHTS = DATA.parent / "weights" / "rife" / "flownet.pkl"
+
+
+@pytest.mark.skipif(not RIFE_WEIGHTS.is_file(), reason=f"RIFE weights absent: {RIFE_WEIGHTS}")
+def test_print_flow_versus_rife():
+    """Not a threshold: flow (each preset) and RIFE side by side, PSNR and ms per frame."""
+    methods = {f"flow:{p}": FlowInterpolator(preset=p) for p in ("ultrafast", "fast", "medium")}
+    methods["rife"] = interpolator("rife", weights=RIFE_WEIGHTS, threads=2)
+    scores = {m: [] for m in methods}
+    seconds = {m: 0.0 for m in methods}
+    print(f"\n{'triplet':24s}" + "".join(f"{m:>16s}" for m in methods))
+    for name, paths in _triplets().items():
+        a, mid, b = (_read(p) for p in paths)
+        for m, fn in methods.items():
+            t0 = time.perf_counter()
+            scores[m].append(cv2.PSNR(fn(a, b, [0.5])[0], mid))
+            seconds[m] += time.perf_counter() - t0
+        print(f"{name:24s}" + "".join(f"{scores[m][-1]:13.2f} dB" for m in methods))
+    print(f"{'mean':24s}" + "".join(f"{np.mean(scores[m]):13.2f} dB" for m in methods))
+    n = len(scores["rife"])
+    print(f"{'ms/frame':24s}" + "".join(f"{1000 * seconds[m] / n:13.0f} ms" for m in methods))
+    assert all(np.isfinite(np.mean(s)) for s in scores.values())

@@ -1,0 +1,236 @@
+"""Benchmark the in-betweeners side by side: crossfade, DIS flow and RIFE, quality and speed, in one run.
+
+    .venv/bin/python experiments/interp_bench.py [--weights ../shared/data/weights/rife/flownet.pkl]
+                                                 [--preset fast] [--no-rife]
+
+1. Quality: every triplet (n-1, n, n+1) in ../shared/data/frames, plus triplets decoded from
+   its clips (Big Buck Bunny webm, the Pigs in a Polka GIF, the Chaplin mp4); predict n at
+   t = 0.5, PSNR (RGB) and SSIM (luma, Wang et al. 2004, Gaussian window σ = 1.5).
+   Chaplin duplicates every third frame, but its decoded duplicates are not bitwise equal, so
+   holds are measured as their own group: neighbours (k, k) must come back as exact copies.
+2. Speed: ms per frame at native size and at 1920×1080 (RIFE at 1080p on 2 frames only), and
+   the share of flow time spent inside the DIS ``calc`` calls (timed separately).
+3. Scaling: the same frame list through a pool of 1 and of 2 worker processes, one OpenCV
+   thread each: frames/s for each.
+
+Prints a table and logs one MLflow run (experiment "interp_bench": metrics per method, the
+table as an artifact). Tracking URI from MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import imageio_ffmpeg
+import numpy as np
+from PIL import Image, ImageSequence
+
+from stages.inbetween import Crossfade, FlowInterpolator, interpolator
+
+REPO = Path(__file__).resolve().parents[1]
+FRAMES = REPO.parent / "shared" / "data" / "frames"
+HD = (1920, 1080)
+
+
+# --------------------------------------------------------------------------- material
+
+
+def _png(path: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+def _video(path: Path, first: int, count: int) -> list[np.ndarray]:
+    gen = imageio_ffmpeg.read_frames(str(path))
+    w, h = next(gen)["size"]
+    out = []
+    for i, raw in enumerate(gen):
+        if i >= first + count:
+            break
+        if i >= first:
+            out.append(np.frombuffer(raw, np.uint8).reshape(h, w, 3).copy())
+    gen.close()
+    return out
+
+
+def triplets() -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(motion triplets, hold triplets): name → (a, middle, b)."""
+    trip: dict[str, tuple] = {}
+    for d in sorted(p for p in FRAMES.iterdir() if p.is_dir() and p.name != "bbb"):  # every consecutive PNG triple
+        pngs = sorted(d.glob("*.png"))
+        for i in range(1, len(pngs) - 1):
+            trip[f"{d.name}/{pngs[i].stem[-4:]}"] = tuple(_png(p) for p in pngs[i - 1:i + 2])
+    for d in sorted((FRAMES / "bbb").glob("triplet_f*")):
+        pngs = sorted(d.glob("*.png"))
+        trip[f"bbb/{d.name[-5:]}"] = tuple(_png(p) for p in pngs)
+    for start in (200, 500):  # two moments of the bbb clip, away from the PNG triplets
+        f = _video(FRAMES / "bbb" / "big_buck_bunny_0_30.webm", start, 3)
+        trip[f"bbb_webm/{start + 1}"] = tuple(f)
+    gif = [np.array(f.convert("RGB")) for f in ImageSequence.Iterator(Image.open(FRAMES / "cartoon_pigs_in_a_polka" / "pigs_in_a_polka.gif"))]
+    for i in (5, 15, 25):
+        trip[f"pigs_gif/{i}"] = (gif[i - 1], gif[i], gif[i + 1])
+    chap = _video(FRAMES / "liveaction_chaplin" / "chaplin.mp4", 60, 12)
+    dup = [i for i in range(len(chap) - 1) if cv2.PSNR(chap[i], chap[i + 1]) > 40.0]  # decoded duplicate pairs
+    moving = [i for i in range(1, len(chap) - 1) if i - 1 not in dup and i not in dup]
+    for i in moving[:2]:
+        trip[f"chaplin/{60 + i}"] = (chap[i - 1], chap[i], chap[i + 1])
+    holds = {f"chaplin_hold/{60 + i}": (chap[i], chap[i + 1], chap[i].copy()) for i in dup[:3]}
+    return trip, holds
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean SSIM on luma (Wang et al. 2004): Gaussian window 11×11, σ = 1.5, K1 = .01, K2 = .03."""
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    a = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    b = cv2.cvtColor(y, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    blur = lambda z: cv2.GaussianBlur(z, (11, 11), 1.5)  # noqa: E731
+    ma, mb = blur(a), blur(b)
+    va, vb, cov = blur(a * a) - ma * ma, blur(b * b) - mb * mb, blur(a * b) - ma * mb
+    s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma * ma + mb * mb + c1) * (va + vb + c2))
+    return float(s.mean())
+
+
+class TimedDIS:
+    """Wraps a DIS object: delegates ``calc`` and adds up the seconds spent in it."""
+
+    def __init__(self, dis):
+        self.dis, self.seconds = dis, 0.0
+
+    def calc(self, *args):
+        t0 = time.perf_counter()
+        out = self.dis.calc(*args)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def timed_flow(preset: str) -> tuple[FlowInterpolator, TimedDIS]:
+    fi = FlowInterpolator(preset=preset)
+    fi._dis = timer = TimedDIS(fi._dis)  # measurement only: the experiment looks inside
+    return fi, timer
+
+
+# --------------------------------------------------------------------------- scaling
+
+
+def _worker_init(preset: str) -> None:
+    global _FLOW
+    cv2.setNumThreads(1)
+    _FLOW = FlowInterpolator(preset=preset)
+
+
+def _worker(pair: tuple[np.ndarray, np.ndarray]) -> int:
+    return len(_FLOW(pair[0], pair[1], [0.5]))
+
+
+def scaling(pairs: list, preset: str) -> dict[int, float]:
+    fps = {}
+    ctx = mp.get_context("spawn")  # fork after torch/OpenMP start-up can deadlock the workers
+    for n in (1, 2):
+        with ctx.Pool(n, initializer=_worker_init, initargs=(preset,)) as pool:
+            pool.map(_worker, pairs[:n])  # warm the workers
+            t0 = time.perf_counter()
+            done = sum(pool.map(_worker, pairs, chunksize=1))
+            fps[n] = done / (time.perf_counter() - t0)
+    return fps
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", type=Path, default=REPO.parent / "shared" / "data" / "weights" / "rife" / "flownet.pkl")
+    ap.add_argument("--preset", default="medium", help="flow preset to benchmark")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for RIFE")
+    ap.add_argument("--no-rife", action="store_true")
+    args = ap.parse_args()
+
+    # 1. Material and methods.
+    trip, holds = triplets()
+    flow, dis_timer = timed_flow(args.preset)
+    methods = {"crossfade": Crossfade(), "flow": flow}
+    if not args.no_rife:
+        methods["rife"] = interpolator("rife", weights=args.weights, threads=args.threads)
+    lines = [f"{'triplet':26s} {'size':>10s}" + "".join(f" {m + ' dB/SSIM':>20s}" for m in methods)]
+
+    # 2. Quality and native-size speed, all methods on the same triplets.
+    psnr = {m: [] for m in methods}
+    sim = {m: [] for m in methods}
+    secs = {m: 0.0 for m in methods}
+    for name, (a, mid, b) in trip.items():
+        row = f"{name:26s} {a.shape[1]:>5d}x{a.shape[0]:<4d}"
+        for m, fn in methods.items():
+            t0 = time.perf_counter()
+            (out,) = fn(a, b, [0.5])
+            secs[m] += time.perf_counter() - t0
+            psnr[m].append(cv2.PSNR(out, mid))
+            sim[m].append(ssim(out, mid))
+            row += f" {psnr[m][-1]:13.2f} {sim[m][-1]:.3f}"
+        lines.append(row)
+    flow_secs = secs["flow"]
+    dis_native = dis_timer.seconds
+    lines.append(f"{'mean':26s} {'':10s}" + "".join(f" {np.mean(psnr[m]):13.2f} {np.mean(sim[m]):.3f}" for m in methods))
+    n = len(trip)
+    lines.append(f"{'ms/frame native':26s} {'':10s}" + "".join(f" {1000 * secs[m] / n:19.1f}" for m in methods))
+
+    # 3. Holds: neighbours identical → exact copies, no flow, no net.
+    hold_exact = all(
+        all(np.array_equal(o, a) for o in fn(a, b, [0.25, 0.5, 0.75])) for a, _, b in holds.values() for fn in methods.values()
+    )
+    for name, (a, mid, _) in holds.items():
+        lines.append(f"{name:26s} hold: copies exact={hold_exact}, vs decoded duplicate "
+                     f"{cv2.PSNR(a, mid):.2f} dB (mp4 duplicates differ by up to {int(cv2.absdiff(a, mid).max())} levels)")
+
+    # 4. 1080p: ms per frame, share of flow time inside DIS calc.
+    hd = [tuple(cv2.resize(x, HD, interpolation=cv2.INTER_AREA) for x in t) for t in list(trip.values())[:6]]
+    hd_ms = {}
+    dis_timer.seconds = 0.0
+    for m, fn in methods.items():
+        use = hd[:2] if m == "rife" else hd
+        fn(use[0][0], use[0][2], [0.5])  # warm-up (allocations, thread pools)
+        if m == "flow":
+            dis_timer.seconds = 0.0
+        t0 = time.perf_counter()
+        for a, _, b in use:
+            fn(a, b, [0.5])
+        hd_ms[m] = 1000 * (time.perf_counter() - t0) / len(use)
+    dis_share_hd = dis_timer.seconds / (hd_ms["flow"] * len(hd) / 1000)
+    lines.append(f"{'ms/frame 1920x1080':26s} {'':10s}" + "".join(f" {hd_ms[m]:19.1f}" for m in methods))
+    lines.append(f"flow time inside DIS calc: native {dis_native / flow_secs:.1%}, 1080p {dis_share_hd:.1%}")
+
+    # 5. Process scaling of the flow in-betweener, one OpenCV thread per worker.
+    pairs = [(a, b) for a, _, b in trip.values()] * 2
+    fps = scaling(pairs, args.preset)
+    lines.append(f"flow scaling ({len(pairs)} frames, native sizes): 1 process {fps[1]:.1f} frames/s, "
+                 f"2 processes {fps[2]:.1f} frames/s ({fps[2] / fps[1]:.2f}x)")
+    table = "\n".join(lines)
+    print(table)
+
+    # 6. One MLflow run, from this driver only.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    mlflow.set_experiment("interp_bench")
+    with mlflow.start_run():
+        mlflow.log_params({"flow_preset": args.preset, "triplets": n, "holds": len(holds), "rife_threads": args.threads})
+        for m in methods:
+            mlflow.log_metrics({f"{m}.psnr_db": float(np.mean(psnr[m])), f"{m}.ssim": float(np.mean(sim[m])),
+                                f"{m}.ms_per_frame": 1000 * secs[m] / n, f"{m}.ms_per_frame_1080p": hd_ms[m]})
+        mlflow.log_metrics({"flow.dis_share_1080p": dis_share_hd, "flow.dis_share_native": dis_native / flow_secs,
+                            "flow.fps_1proc": fps[1], "flow.fps_2proc": fps[2], "holds_exact": float(hold_exact)})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "interp_bench.txt"
+            path.write_text(table + "\n")
+            mlflow.log_artifact(str(path))
+
+
+if __name__ == "__main__":
+    main()
