@@ -197,7 +197,7 @@ def render(script: Path = typer.Argument(..., help="Fountain screenplay or YAML 
     gpu_type = rplan.profile.diffusion.gpu_type if rplan.profile.diffusion else None
     billed = billed_yuan(prices, result.wall_seconds, result.cluster, gpu_type)
     metrics = tracking.render_metrics(rplan, ledger, wall_seconds=result.wall_seconds, billed_yuan=billed,
-                                      quality=result.quality)
+                                      quality=result.quality, consistency=result.consistency)
     cost = {"total_yuan": ledger.total_yuan,
             "records": [r.model_dump() for r in ledger.records],
             "by_stage_yuan": ledger.by_stage(),
@@ -205,7 +205,7 @@ def render(script: Path = typer.Argument(..., help="Fountain screenplay or YAML 
             "billed_yuan": billed, "utilization": metrics["utilization"],
             "budget_yuan": budget_yuan, "status": result.stopped or "complete",
             "remaining_shots": result.remaining, "remaining_estimate_yuan": result.remaining_estimate_yuan,
-            "quality": result.quality,
+            "quality": result.quality, "character_consistency": result.consistency,
             "wall_seconds": result.wall_seconds, "ray_init_seconds": result.ray_init_seconds}
     config = {"settings": settings.model_dump(), "profile": rplan.profile.model_dump()}
     # 2. Publish: the finished artifacts (all of them, or the storyboard sheet) and the JSON records.

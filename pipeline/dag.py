@@ -44,6 +44,7 @@ class RenderResult:
     spans: list[tuple[str, float, float]] = field(default_factory=list)  # (node, start, end) epochs
     cluster: dict[str, float] = field(default_factory=dict)  # resources the render held: {"CPU": 2, "GPU": 0}
     quality: dict[str, dict[str, float]] = field(default_factory=dict)  # shot -> audit metrics
+    consistency: dict[str, float] = field(default_factory=dict)  # character -> colour consistency 0…1
     stopped: str | None = None  # None (complete), "storyboard", "budget" or "approval"
     remaining: list[str] = field(default_factory=list)  # shots whose clip was not rendered
     remaining_estimate_yuan: float = 0.0
@@ -63,7 +64,7 @@ def init_ray(address: str | None, num_cpus: int | None) -> float:
     return time.perf_counter() - t0
 
 
-def _get(ref: Any) -> Measured:
+def _get(ref: Any) -> Any:
     """``ray.get`` that surfaces a stage's own error instead of Ray's wrapped traceback.
 
     Nodes that finished are already in the store, so the next render resumes from them.
@@ -80,6 +81,89 @@ def _get(ref: Any) -> Measured:
         node = m.group(1) if (m := re.search(r"(\w+)_node", where)) else "render"
         raise StageError(node, None, f"{type(cause).__name__}: {cause}; finished nodes are kept in the "
                          "artifact store and will not be recomputed") from None
+
+
+# Keyframe backends that hold a model: they run as a pool of Ray actors that load it once.
+ACTOR_BACKENDS = {"diffusers"}
+
+
+class _WorkerPool:
+    """Model actors for the keyframe backend: ``actors`` replicas, each holding ``num_gpus``.
+
+    Plates (one per location) and character sheets (one per character) are drawn first, once,
+    into the store; keyframes are then drawn in batches that mix shots, so one model call
+    serves several shots.
+    """
+
+    def __init__(self, cluster: "_Cluster", plan: RenderPlan, url: str):
+        from pipeline.nodes import KeyframeWorker
+
+        d = plan.profile.diffusion
+        gpu = d.num_gpus if d.device != "cpu" else 0.0
+        self.resource, self.units = (f"gpu:{d.gpu_type}", gpu) if gpu else (CPU, 1.0)
+        self.plan, self.url, self.batch_size = plan, url, d.batch_size
+        self.cluster, self.n, self.turn = cluster, d.actors, 0
+        self.spec = dict(backend=plan.profile.backend, width=plan.width, height=plan.height, settings=d,
+                         store=url, resource=self.resource, units=self.units)
+        self.cls, self.gpus, self.actors = KeyframeWorker, gpu, []
+        self.submitted: dict[str, Any] = {}  # plate/sheet key -> ref
+        self.keys_of: dict[Any, str] = {}
+
+    def _next(self) -> Any:
+        if not self.actors:
+            import ray
+
+            self.cluster.start()
+            actor = ray.remote(num_cpus=1, num_gpus=self.gpus)(self.cls)
+            self.actors = [actor.remote(**self.spec) for _ in range(self.n)]
+        self.turn += 1
+        return self.actors[self.turn % len(self.actors)]
+
+    def count(self, node: str) -> int:
+        return len({s.keys["plate"] for s in self.plan.shots}) if node == "plates" else len(self.plan.sheets)
+
+    def reservation(self, ref: Any, node: str) -> tuple[str, str]:
+        return (self.keys_of.get(ref, ""), node)
+
+    @staticmethod
+    def where(shot: ShotPlan) -> tuple[str, str, str]:
+        """A plate's identity as the backend looks it up (``stages.diffusion.plate_key``)."""
+        from stages.draw import setting_of
+
+        return (shot.location, shot.time_of_day, setting_of(shot.scene_heading, shot.location))
+
+    def prerequisites(self, shots: list[ShotPlan], store: ArtifactStore) -> list[tuple[Any, str, str]]:
+        """Submit the plates and sheets these shots need that the store does not hold yet."""
+        out = []
+        needed = [(s.keys["plate"], "plates", self.where(s)) for s in shots]
+        needed += [(self.plan.sheets[n], "sheets", n) for s in shots for n in s.shot.characters]
+        for key, node, arg in needed:
+            if key in self.submitted or store.get(key) is not None:
+                continue
+            actor = self._next()
+            ref = (actor.plate if node == "plates" else actor.sheet).remote(key, arg)
+            self.submitted[key], self.keys_of[ref] = ref, key
+            out.append((ref, node, key))
+        return out
+
+    def consistency(self, shots: list[ShotPlan]) -> Any:
+        return self._next().consistency.remote(shots)
+
+    def keyframes(self, shots: list[ShotPlan], after: list[Any]) -> list[tuple[ShotPlan, Any]]:
+        """Batches of shots, about ``2 × batch_size`` keyframes each, round-robin over the actors."""
+        out, group, count = [], [], 0
+        for i, shot in enumerate(shots):
+            group.append(shot)
+            count += len(shot.keyframes) + (shot.audit_frame is not None)
+            if count >= 2 * self.batch_size or i == len(shots) - 1:
+                plates = {self.where(s): s.keys["plate"] for s in group}
+                sheets = {n: self.plan.sheets[n] for s in group for n in s.shot.characters}
+                deps = [self.submitted[k] for k in list(plates.values()) + list(sheets.values()) if k in self.submitted]
+                refs = self._next().keyframes.options(num_returns=len(group)).remote(group, plates, sheets,
+                                                                                      *deps, *after)
+                out += zip(group, refs if len(group) > 1 else [refs])
+                group, count = [], 0
+        return out
 
 
 class _Cluster:
@@ -209,7 +293,22 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
         stopped = "approval" if held_back else None
     queue = sorted(todo, key=lambda s: -sum(s.estimate_seconds.values()))  # longest first: no idle tail
 
+    pool = _WorkerPool(cluster, plan, url) if p.backend in ACTOR_BACKENDS else None
+
+    def submit_keyframes(batch: list[ShotPlan]) -> list[tuple[ShotPlan, Any]]:
+        """One CPU task per shot, or batches across shots on the model actors (plates and sheets first)."""
+        if pool is None:
+            return [(s, kf_task.remote(s, sb_refs.get(s.shot.id), backend=p.backend, width=plan.width,
+                                       height=plan.height, store=url)) for s in batch]
+        for ref, node, key in pool.prerequisites(batch, store):
+            in_flight[ref] = (None, node)
+            reserved[(key, node)] = plan.episode_estimate_yuan.get(node, 0.0) * margin / max(pool.count(node), 1)
+        for s in batch:
+            hit("plates", s.shot.id)  # each shot's plate comes from the store, drawn once per location
+        return pool.keyframes(batch, [sb_refs[s.shot.id] for s in batch if s.shot.id in sb_refs])
+
     def admit() -> None:
+        batch: list[ShotPlan] = []
         for shot in list(queue):
             est = _chain_estimate(shot, CHAIN)
             cached_kf = store.get(shot.keys["keyframes"]) is not None
@@ -217,17 +316,21 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
             if not fits(need):
                 continue
             queue.remove(shot)
-            sid = shot.shot.id
-            kf_ref = None
             if cached_kf:
-                hit("keyframes", sid)
+                hit("keyframes", shot.shot.id)
+                submit_clip(shot, None, est)
             else:
-                kf_ref = kf_task.remote(shot, sb_refs.get(sid), backend=p.backend, width=plan.width,
-                                        height=plan.height, store=url)
-                in_flight[kf_ref], reserved[(sid, "keyframes")] = (sid, "keyframes"), est["keyframes"] * margin
-            ref = clip_task.remote(shot, kf_ref, profile=p, width=plan.width, height=plan.height, ffmpeg=ffmpeg,
-                                   store=url)
-            in_flight[ref], reserved[(sid, "clip")] = (sid, "clip"), est["clip"] * margin
+                reserved[(shot.shot.id, "keyframes")] = est["keyframes"] * margin
+                reserved[(shot.shot.id, "clip")] = est["clip"] * margin
+                batch.append(shot)
+        for shot, kf_ref in submit_keyframes(batch) if batch else []:
+            in_flight[kf_ref] = (shot.shot.id, "keyframes")
+            submit_clip(shot, kf_ref, _chain_estimate(shot, CHAIN))
+
+    def submit_clip(shot: ShotPlan, kf_ref: Any, est: dict[str, float]) -> None:
+        ref = clip_task.remote(shot, kf_ref, profile=p, width=plan.width, height=plan.height, ffmpeg=ffmpeg,
+                               store=url)
+        in_flight[ref], reserved[(shot.shot.id, "clip")] = (shot.shot.id, "clip"), est["clip"] * margin
 
     # 3. Run: collect nodes as they finish, admit more as actual costs replace reservations.
     for sid, ref in sb_refs.items():
@@ -240,6 +343,8 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
         sid, node = in_flight.pop(ready[0])
         take(_get(ready[0]))
         reserved.pop((sid, node), None)
+        if pool and node in ("plates", "sheets"):
+            reserved.pop(pool.reservation(ready[0], node), None)
         done_shots += node == "clip"
         admit()
         if on_progress:
@@ -268,6 +373,9 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
         if store.get(sheet_key) is not None:
             outputs = {"storyboard.png": must(store, sheet_key)["storyboard.png"]}
 
+    consistency = {}
+    if pool is not None and stopped is None and any(s.shot.characters for s in plan.shots):
+        consistency = _get(pool.consistency([s for s in plan.shots if s.shot.characters]))
     remaining_est = sum(sum(s.estimate_yuan.values()) - s.estimate_yuan["storyboard"]
                         for s in plan.shots if s.shot.id in remaining)
     remaining_est += plan.assemble_estimate_yuan if stopped else 0.0
@@ -275,7 +383,7 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
                         wall_seconds=time.perf_counter() - t_start - cluster.init_seconds,
                         ray_init_seconds=cluster.init_seconds, stage_seconds=stage_seconds,
                         started=started + cluster.init_seconds, spans=spans, cluster=cluster.resources(),
-                        quality=quality, stopped=stopped,
+                        quality=quality, consistency=consistency, stopped=stopped,
                         remaining=[s.shot.id for s in plan.shots if s.shot.id in remaining],
                         remaining_estimate_yuan=remaining_est)
 

@@ -190,6 +190,8 @@ class RenderPlan(Record):
     shots: list[ShotPlan]
     subtitles: list[SubtitleCue]
     assemble_key: str
+    sheets: dict[str, str] = Field(default_factory=dict,
+                                   description="Character sheet content key per character (layered diffusers).")
     episode_estimate_seconds: dict[str, float] = Field(
         description="Estimated seconds of episode-level nodes: assemble, and background plates when layered.")
     episode_estimate_yuan: dict[str, float]

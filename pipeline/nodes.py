@@ -99,6 +99,59 @@ def keyframes_node(shot: ShotPlan, _after_storyboard: Any, *, backend: str, widt
     return draw_keyframes(keyframes.backend(backend, width=width, height=height), [shot], store)[0]
 
 
+class KeyframeWorker:
+    """A model-holding keyframe backend: loads once in ``__init__``, then draws background plates,
+    character sheets and batches of keyframes (across shots) into the store. ``pipeline.dag``
+    runs it as a Ray actor holding ``num_gpus``."""
+
+    def __init__(self, *, backend: str, width: int, height: int, settings: Any, store: str,
+                 resource: str, units: float):
+        self.drawer = keyframes.backend(backend, width=width, height=height, settings=settings)
+        self.store, self.resource, self.units = store, resource, units
+
+    def _measured(self, stage: str, t0: float, started: float, shot: str | None = None) -> Measured:
+        return Measured(shot, [(stage, time.perf_counter() - t0)], self.resource, self.units,
+                        span=(started, time.time()))
+
+    def plate(self, key: str, where: tuple[str, str, str]) -> Measured:
+        t0, started = time.perf_counter(), time.time()
+        image = self.drawer.background_plate(*where)
+        with ArtifactStore(self.store).writer(key, {"stage": "plate", "where": list(where)}) as d:
+            save_png(image, d / "plate.png")
+        return self._measured("plates", t0, started)
+
+    def sheet(self, key: str, name: str) -> Measured:
+        t0, started = time.perf_counter(), time.time()
+        image = self.drawer.character_sheet(name)
+        with ArtifactStore(self.store).writer(key, {"stage": "sheet", "character": name}) as d:
+            save_png(image, d / "sheet.png")
+        return self._measured("sheets", t0, started)
+
+    def keyframes(self, shots: list[ShotPlan], plates: dict[tuple[str, str, str], str], sheets: dict[str, str],
+                  *_after: Any) -> Any:
+        """Keyframes of ``shots`` in one backend call; one ``Measured`` per shot (a bare one for one shot,
+        as Ray's ``num_returns`` expects)."""
+        st = ArtifactStore(self.store)
+        plate_images = {where: load_png(must(st, key)["plate.png"]) for where, key in plates.items()}
+        sheet_images = {name: load_png(must(st, key)["sheet.png"]) for name, key in sheets.items()}
+        out = draw_keyframes(lambda batch: self.drawer(batch, plates=plate_images, sheets=sheet_images or None),
+                             shots, self.store, self.resource, self.units)
+        return out if len(out) > 1 else out[0]
+
+    def consistency(self, shots: list[ShotPlan]) -> dict[str, float]:
+        """Each character's colour consistency across every keyframe it appears in (``stages.consistency``)."""
+        from stages.consistency import consistency_score
+        from stages.diffusion import character_crops
+
+        st, crops = ArtifactStore(self.store), {}
+        for shot in shots:
+            drawn, _ = load_keyframes(st, shot)
+            for frame, t in zip(drawn.frames, shot.keyframe_times):
+                for name, crop in character_crops(shot, t, frame.image).items():
+                    crops.setdefault(name, []).append(crop)
+        return consistency_score(crops) if crops else {}
+
+
 def load_keyframes(store: ArtifactStore, shot: ShotPlan) -> tuple[Keyframes, np.ndarray | None]:
     files = must(store, shot.keys["keyframes"])
     frames = [Frame(int(name[4:9]), load_png(path)) for name, path in sorted(files.items())

@@ -24,6 +24,7 @@ from pipeline.models import Episode, Profile, RenderPlan, Scene, Shot, ShotPlan,
 from pipeline.errors import ProfileError
 from stages import assemble, encode, inbetween, keyframes, storyboard
 from stages import audit as audit_mod
+from stages.draw import setting_of
 
 STAGES = ("storyboard", "keyframes", "inbetween", "encode")
 # Subtitle placement inside a shot: a short lead-in, a gap between cues, a tail before the cut.
@@ -108,7 +109,8 @@ def subtitle_cues(shot: Shot, start_s: float, end_s: float, first_index: int) ->
 # Which calibration row prices a backend's keyframes: (backend id, device). Add a backend: add a line.
 KEYFRAME_CALIBRATION = {
     "previz": lambda p: ("previz", "cpu"),
-    "diffusers": lambda p: (f"diffusers:{p.diffusion.family}:s{p.diffusion.steps}", f"gpu:{p.diffusion.gpu_type}"),
+    "diffusers": lambda p: (f"diffusers:{p.diffusion.family}:s{p.diffusion.steps}",
+                            "cpu" if p.diffusion.device == "cpu" else f"gpu:{p.diffusion.gpu_type}"),
 }
 
 
@@ -164,7 +166,8 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
     panel_w = profile.storyboard_width
     panel_mpx = panel_w * panel_w * (9 / 16 if profile.aspect == "16:9" else 16 / 9) / 1e6
     rows = stage_rows(profile, calibration)
-    kf_units = profile.diffusion.num_gpus if profile.diffusion else 1.0
+    kf_units = profile.diffusion.num_gpus if profile.diffusion and profile.diffusion.device != "cpu" else 1.0
+    layered = bool(profile.diffusion and profile.diffusion.layered)
 
     shots: list[ShotPlan] = []
     cues: list[SubtitleCue] = []
@@ -202,7 +205,9 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
                 shot=shot, scene_heading=scene.heading, location=scene.location, setting=scene.setting,
                 time_of_day=scene.time_of_day,
                 start_frame=start, frames=frames, drawings=drawings, keyframes=keys,
-                held_frames=frames - len(drawings), audit_frame=audit, keys={"storyboard": sb_key, "keyframes": kf_key, "clip": clip_key},
+                held_frames=frames - len(drawings), audit_frame=audit,
+                keys={"storyboard": sb_key, "keyframes": kf_key, "clip": clip_key,
+                      **({"plate": _plate_key(profile, scene)} if layered else {})},
                 estimate_seconds=est_s, estimate_yuan=est_y))
             # 4. Subtitles on the quantised timeline, so they match the encoded frames.
             cues += subtitle_cues(shot, start / profile.fps, (start + frames) / profile.fps, len(cues) + 1)
@@ -213,14 +218,35 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
                           + [c.model_dump_json() for c in cues])
     ep_s = {"assemble": round(rows["assemble"].seconds(start, frame_mpx), 4)}
     ep_y = {"assemble": prices.cost(ep_s["assemble"], rows["assemble"].device, 1.0)}
-    if profile.diffusion and profile.diffusion.layered:  # one generated plate per location and time of day
-        plates = {(s.location, s.time_of_day, s.setting) for s in shots}
-        ep_s["plates"] = round(rows["keyframes"].seconds(len(plates), gen_mpx), 4)
-        ep_y["plates"] = prices.cost(ep_s["plates"], rows["keyframes"].device, kf_units)
+    sheets: dict[str, str] = {}
+    if layered:  # one generated plate per location and time of day; one sheet per character
+        sheets = {name: _sheet_key(profile, name) for name in dict.fromkeys(
+            n for s in shots for n in s.shot.characters)}
+        side_mpx = min(gen_mpx, gen_mpx * 9 / 16)  # square sheets at the generation short side
+        ep_s["plates"] = round(rows["keyframes"].seconds(len({s.keys["plate"] for s in shots}), gen_mpx), 4)
+        ep_s["sheets"] = round(rows["keyframes"].seconds(len(sheets), side_mpx), 4)
+        for stage in ("plates", "sheets"):
+            ep_y[stage] = prices.cost(ep_s[stage], rows["keyframes"].device, kf_units)
     return RenderPlan(
         title=episode.title, source=episode.source, script_sha256=script_sha256, profile=profile,
-        width=width, height=height, shots=shots, subtitles=cues, assemble_key=asm_key,
+        width=width, height=height, shots=shots, subtitles=cues, assemble_key=asm_key, sheets=sheets,
         episode_estimate_seconds=ep_s, episode_estimate_yuan=ep_y)
+
+
+def _generator_params(profile: Profile) -> dict[str, Any]:
+    """Everything about the generator that changes what it draws (not where it runs)."""
+    d = profile.diffusion
+    return d.model_dump(exclude={"device", "offload", "num_gpus", "batch_size", "actors", "gpu_type"}) | {
+        "backend": profile.backend, "gen_mpx": _generation_mpx(profile), "aspect": profile.aspect}
+
+
+def _plate_key(profile: Profile, scene: Scene) -> str:
+    where = [scene.location.strip().upper(), scene.time_of_day.upper(), setting_of(scene.heading, scene.location)]
+    return content_key("plate", keyframes.VERSION, _generator_params(profile), where)
+
+
+def _sheet_key(profile: Profile, name: str) -> str:
+    return content_key("sheet", keyframes.VERSION, _generator_params(profile), [name.strip().upper()])
 
 
 def plan_summary(plan: RenderPlan) -> dict[str, Any]:

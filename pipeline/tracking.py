@@ -45,7 +45,7 @@ def _experiment(mlflow: Any, tracking_uri: str, name: str) -> None:
 
 
 def render_metrics(plan: RenderPlan, ledger: Ledger, *, wall_seconds: float, billed_yuan: float,
-                   quality: dict[str, dict[str, float]]) -> dict[str, float]:
+                   quality: dict[str, dict[str, float]], consistency: dict[str, float] | None = None) -> dict[str, float]:
     """The run's metrics: cost (attributed and billed), resources, sizes, cache and quality."""
     minutes = plan.duration_s / 60.0
     executed = [r for r in ledger.records if not r.cached]
@@ -72,6 +72,11 @@ def render_metrics(plan: RenderPlan, ledger: Ledger, *, wall_seconds: float, bil
             metrics[name] = sum(values) / len(values)
             if name != "flicker":
                 metrics[f"{name}_min"] = min(values)
+    if consistency:
+        metrics["character_consistency"] = sum(consistency.values()) / len(consistency)
+        for name, score in consistency.items():
+            safe = "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
+            metrics[f"consistency.{safe}"] = score
     return metrics
 
 
