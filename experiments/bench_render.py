@@ -75,6 +75,11 @@ def report(label: str, plan, result, cores: int) -> None:
     # Where it sits: before the first node starts (worker start-up and imports), after the last
     # shot node ends (assemble, collection), the rest is scheduling and idle cores at the tail.
     print(f"  first node    starts {first:.2f} s after submission (worker start-up, imports)")
+    inside = sum(e - s for _, s, e in result.spans)
+    print(f"  in nodes      {inside:.2f} core-s, of which {inside - compute:.2f} outside stage code "
+          "(artifact store: PNG encoding, sha256, loading inputs)")
+    print(f"  orchestration {1 - inside / (wall * cores):.1%} outside any node (Ray scheduling, worker start-up, "
+          "idle cores at the tail)")
     print(f"  after shots   {result.started + wall - shots_end:.2f} s (assemble + collection)")
     print(f"cost            ¥{result.ledger.total_yuan:.5f} measured, ¥{plan.estimated_cost_yuan:.5f} estimated")
 

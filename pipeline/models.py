@@ -123,7 +123,7 @@ class Profile(Record):
     hold_static: bool = Field(True, description="Static shots render one keyframe and hold it.")
     backend: str = Field("previz", description="Keyframe/storyboard backend.")
     interpolation: str = Field("flow", description="In-betweener: flow, crossfade or rife.")
-    flow_preset: Literal["ultrafast", "fast", "medium"] = "fast"
+    flow_preset: Literal["ultrafast", "fast", "medium"] = "medium"
     crf: int = Field(23, ge=0, le=51)
     x264_preset: str = "veryfast"
     storyboard_width: int = Field(480, ge=64, description="Width of one storyboard panel in pixels.")
