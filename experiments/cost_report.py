@@ -134,8 +134,8 @@ class Estimate:
 
 
 def _stage_of(plan_stage: str) -> str:
-    """Which calibration stage prices a plan stage: the audit drawing and plates are keyframe work."""
-    return "keyframes" if plan_stage in ("audit", "plates") else plan_stage
+    """Which calibration stage prices a plan stage: the audit drawing, plates and sheets are keyframe work."""
+    return "keyframes" if plan_stage in ("audit", "plates", "sheets") else plan_stage
 
 
 def trace(plan: RenderPlan, calibration: Calibration, prices: PriceCatalog) -> list[StageFigure]:
