@@ -18,7 +18,9 @@ QUALITY = ("audit_psnr_db", "audit_ssim", "flicker")
 def _client(tracking_uri: str):
     import mlflow
 
-    import pipeline.tracking  # noqa: F401  (MLflow environment defaults: no telemetry, no progress bars)
+    from pipeline.tracking import mlflow_defaults
+
+    mlflow_defaults()
 
     mlflow.set_tracking_uri(tracking_uri)
     return mlflow.MlflowClient(tracking_uri)

@@ -15,8 +15,15 @@ from typing import Any
 
 from pipeline.models import Ledger, RenderPlan
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def mlflow_defaults() -> None:
+    """No telemetry, no progress bars on the console: set before MLflow is first used."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+mlflow_defaults()
 
 
 def code_version() -> str:

@@ -34,7 +34,7 @@ OUTSIDE_WEIGHT = 1e-3
 Interpolate = Callable[[np.ndarray, np.ndarray, list[float]], list[np.ndarray]]
 
 
-def _check_pair(a: np.ndarray, b: np.ndarray, ts: list[float]) -> None:
+def check_pair(a: np.ndarray, b: np.ndarray, ts: list[float]) -> None:
     if a.shape != b.shape or a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
         raise ValueError(
             f"interpolate needs two RGB uint8 images of equal shape, got {a.shape} {a.dtype} "
@@ -51,7 +51,7 @@ class Crossfade:
     name = "crossfade"
 
     def __call__(self, a: np.ndarray, b: np.ndarray, ts: list[float]) -> list[np.ndarray]:
-        _check_pair(a, b, ts)
+        check_pair(a, b, ts)
         return [cv2.addWeighted(a, 1.0 - t, b, t, 0.0) for t in ts]
 
 
@@ -98,7 +98,7 @@ class FlowInterpolator:
         self._ones: np.ndarray | None = None
 
     def __call__(self, a: np.ndarray, b: np.ndarray, ts: list[float]) -> list[np.ndarray]:
-        _check_pair(a, b, ts)
+        check_pair(a, b, ts)
         if np.array_equal(a, b):  # a hold: nothing moves, no flow to compute
             return [a.copy() for _ in ts]
 

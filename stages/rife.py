@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import StageError
+from stages.inbetween import check_pair  # the in-betweeners' shared input contract
 
 WIDTHS = (192, 128, 96, 64, 32)  # channels of block0…block4
 SCALES = (16, 8, 4, 2, 1)  # working scale of block0…block4 at scale=1.0
@@ -150,7 +151,7 @@ class RifeInterpolator:
         self.net.load_state_dict(_load_state(Path(weights), self.net, self.device))
 
     def __call__(self, a: np.ndarray, b: np.ndarray, ts: list[float]) -> list[np.ndarray]:
-        _check_pair(a, b, ts)
+        check_pair(a, b, ts)
         if np.array_equal(a, b):  # a hold: nothing moves, no net to run
             return [a.copy() for _ in ts]
         h, w = a.shape[:2]
@@ -201,14 +202,3 @@ def _load_state(path: Path, net: nn.Module, device: torch.device) -> dict[str, t
             f"{path} does not fit the RIFE 4.x IFNet ({len(problems)} mismatches): " + "; ".join(problems[:6]),
         )
     return state
-
-
-def _check_pair(a: np.ndarray, b: np.ndarray, ts: list[float]) -> None:
-    if a.shape != b.shape or a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
-        raise ValueError(
-            f"interpolate needs two RGB uint8 images of equal shape, got {a.shape} {a.dtype} "
-            f"and {b.shape} {b.dtype}"
-        )
-    bad = [t for t in ts if not 0.0 < t < 1.0]
-    if bad:
-        raise ValueError(f"interpolation times must lie strictly between 0 and 1, got {bad}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,3 +19,25 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"the shared test material is missing: expected {SHARED_DATA}")
     return SHARED_DATA
+
+
+FRAMES = SHARED_DATA / "frames"
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path))
+    assert image is not None, f"missing test frame {path}"
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def shared_triplets() -> dict[str, tuple[Path, Path, Path]]:
+    """The real frame triplets (before, middle, after) of ../shared/data/frames, by name."""
+    out = {}
+    for n in (16, 17, 18):
+        out[f"sintel_raft_demo/{n + 1}"] = tuple(FRAMES / "sintel_raft_demo" / f"frame_{i:04d}.png" for i in (n, n + 1, n + 2))
+    for n in (120, 430, 487):
+        d = FRAMES / "bbb" / f"triplet_f{n:04d}"
+        out[f"bbb/{n}"] = tuple(d / f"frame_{i:04d}.png" for i in (n - 1, n, n + 1))
+    for p in ("clean", "final"):
+        out[f"sintel_alley1_{p}/2"] = tuple(FRAMES / f"sintel_alley1_{p}" / f"frame_{i:04d}.png" for i in (1, 2, 3))
+    return out

@@ -3,34 +3,15 @@ from __future__ import annotations
 
 import inspect
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from pipeline.models import Frame, Keyframes
+from tests.conftest import FRAMES, SHARED_DATA, read_rgb, shared_triplets
 from stages.inbetween import INTERPOLATORS, Crossfade, FlowInterpolator, interpolator, shot_frames
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "frames"
-
-
-def _read(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path))
-    assert image is not None, f"missing test frame {path}"
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def _triplets() -> dict[str, tuple[Path, Path, Path]]:
-    out = {}
-    for n in (16, 17, 18):
-        out[f"sintel_raft_demo/{n + 1}"] = tuple(DATA / "sintel_raft_demo" / f"frame_{i:04d}.png" for i in (n, n + 1, n + 2))
-    for n in (120, 430, 487):
-        d = DATA / "bbb" / f"triplet_f{n:04d}"
-        out[f"bbb/{n}"] = tuple(d / f"frame_{i:04d}.png" for i in (n - 1, n, n + 1))
-    for p in ("clean", "final"):
-        out[f"sintel_alley1_{p}/2"] = tuple(DATA / f"sintel_alley1_{p}" / f"frame_{i:04d}.png" for i in (1, 2, 3))
-    return out
 
 
 def _solid(value: int, shape=(36, 64, 3)) -> np.ndarray:
@@ -67,7 +48,7 @@ def test_registry_builds_by_name_and_rejects_unknown():
 
 @pytest.mark.parametrize("name", ["flow", "crossfade"])
 def test_identical_neighbours_are_copied_exactly(name):
-    a = _read(DATA / "sintel_raft_demo" / "frame_0016.png")
+    a = read_rgb(FRAMES / "sintel_raft_demo" / "frame_0016.png")
     out = interpolator(name)(a, a.copy(), [0.25, 0.5, 0.75])
     assert len(out) == 3
     for img in out:
@@ -160,8 +141,8 @@ def test_flow_beats_crossfade_on_real_frames():
     flow_i, fade_i = FlowInterpolator(), Crossfade()
     flow, fade = [], []
     print()
-    for name, paths in _triplets().items():
-        a, mid, b = (_read(p) for p in paths)
+    for name, paths in shared_triplets().items():
+        a, mid, b = (read_rgb(p) for p in paths)
         flow.append(cv2.PSNR(flow_i(a, b, [0.5])[0], mid))
         fade.append(cv2.PSNR(fade_i(a, b, [0.5])[0], mid))
         print(f"{name:24s} flow {flow[-1]:6.2f} dB   crossfade {fade[-1]:6.2f} dB")
@@ -171,8 +152,8 @@ def test_flow_beats_crossfade_on_real_frames():
 
 def test_print_flow_timings():
     """Not a check: ms per interpolated frame, three in-betweens per pair (a keyframe stride of 4)."""
-    a = _read(DATA / "sintel_raft_demo" / "frame_0016.png")
-    b = _read(DATA / "sintel_raft_demo" / "frame_0018.png")
+    a = read_rgb(FRAMES / "sintel_raft_demo" / "frame_0016.png")
+    b = read_rgb(FRAMES / "sintel_raft_demo" / "frame_0018.png")
     print()
     for w, h in ((640, 360), (1920, 1080)):
         A, B = cv2.resize(a, (w, h)), cv2.resize(b, (w, h))
@@ -185,7 +166,7 @@ def test_print_flow_timings():
             print(f"flow {preset:9s} {w}x{h}: {ms:6.1f} ms per interpolated frame")
 
 
-RIFE_WEIGHTS = DATA.parent / "weights" / "rife" / "flownet.pkl"
+RIFE_WEIGHTS = SHARED_DATA / "weights" / "rife" / "flownet.pkl"
 
 
 @pytest.mark.skipif(not RIFE_WEIGHTS.is_file(), reason=f"RIFE weights absent: {RIFE_WEIGHTS}")
@@ -196,8 +177,8 @@ def test_print_flow_versus_rife():
     scores = {m: [] for m in methods}
     seconds = {m: 0.0 for m in methods}
     print(f"\n{'triplet':24s}" + "".join(f"{m:>16s}" for m in methods))
-    for name, paths in _triplets().items():
-        a, mid, b = (_read(p) for p in paths)
+    for name, paths in shared_triplets().items():
+        a, mid, b = (read_rgb(p) for p in paths)
         for m, fn in methods.items():
             t0 = time.perf_counter()
             scores[m].append(cv2.PSNR(fn(a, b, [0.5])[0], mid))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.calibration import Calibration, CalibrationRow
+from pipeline.calibration import Calibration
 from pipeline.config import resolve_profile
 from pipeline.cost import PriceCatalog
 from pipeline.errors import ProfileError

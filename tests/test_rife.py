@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,30 +11,11 @@ import torch
 from pipeline.errors import StageError
 from stages.inbetween import interpolator
 from stages.rife import RifeInterpolator
+from tests.conftest import FRAMES, SHARED_DATA, read_rgb, shared_triplets
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-WEIGHTS = SHARED / "weights" / "rife" / "flownet.pkl"
-FRAMES = SHARED / "frames"
+WEIGHTS = SHARED_DATA / "weights" / "rife" / "flownet.pkl"
 
 needs_weights = pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"RIFE weights absent: {WEIGHTS}")
-
-
-def _read(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path))
-    assert image is not None, f"missing test frame {path}"
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def _triplets() -> dict[str, tuple[Path, Path, Path]]:
-    out = {}
-    for n in (16, 17, 18):
-        out[f"sintel_raft_demo/{n + 1}"] = tuple(FRAMES / "sintel_raft_demo" / f"frame_{i:04d}.png" for i in (n, n + 1, n + 2))
-    for n in (120, 430, 487):
-        d = FRAMES / "bbb" / f"triplet_f{n:04d}"
-        out[f"bbb/{n}"] = tuple(d / f"frame_{i:04d}.png" for i in (n - 1, n, n + 1))
-    for p in ("clean", "final"):
-        out[f"sintel_alley1_{p}/2"] = tuple(FRAMES / f"sintel_alley1_{p}" / f"frame_{i:04d}.png" for i in (1, 2, 3))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +29,8 @@ def rife() -> RifeInterpolator:
 def test_rife_reproduces_published_quality_on_real_triplets(rife):
     psnr = []
     print()
-    for name, paths in _triplets().items():
-        a, mid, b = (_read(p) for p in paths)
+    for name, paths in shared_triplets().items():
+        a, mid, b = (read_rgb(p) for p in paths)
         t0 = time.perf_counter()
         (out,) = rife(a, b, [0.5])
         psnr.append(cv2.PSNR(out, mid))
@@ -63,8 +43,8 @@ def test_rife_reproduces_published_quality_on_real_triplets(rife):
 
 @needs_weights
 def test_rife_arbitrary_times_and_identical_neighbours(rife):
-    a = _read(FRAMES / "sintel_raft_demo" / "frame_0016.png")[:128, :192].copy()
-    b = _read(FRAMES / "sintel_raft_demo" / "frame_0018.png")[:128, :192].copy()
+    a = read_rgb(FRAMES / "sintel_raft_demo" / "frame_0016.png")[:128, :192].copy()
+    b = read_rgb(FRAMES / "sintel_raft_demo" / "frame_0018.png")[:128, :192].copy()
     outs = rife(a, b, [0.25, 0.75])
     assert len(outs) == 2 and all(o.shape == a.shape for o in outs)
     # nearer in time → nearer in content
