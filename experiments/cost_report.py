@@ -41,7 +41,6 @@ import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.config import REPO_ROOT, resolve_profile, resolve_settings

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from pipeline.models import ShotPlan
 from stages.draw import fit_lines, frame_camera, layout, load_font, render_cel, wrap_text
 
-VERSION = "2"
+VERSION = "3"
 ASPECTS = {"16:9": (16, 9), "9:16": (9, 16)}
 INK, PENCIL, ARROW, PAPER = (30, 30, 34), (110, 110, 118), (214, 44, 44), (255, 255, 255)
 BODY_LINES = 6
@@ -158,6 +158,7 @@ def contact_sheet(panels: list[np.ndarray], *, title: str, columns: int | None =
     sheet = Image.new("RGB", (sheet_w, title_h + rows * (ph + m) + m), PAPER)
     d = ImageDraw.Draw(sheet)
     bold, regular = load_font(fs, bold=True), load_font(fs)
+    label_font = load_font(max(9, pw // 22), bold=True)  # sized to the panel, like its camera label
     count = f"{len(panels)} shot" + ("s" if len(panels) != 1 else "")
     title_w = sheet_w - 3 * m - regular.getlength(count)
     d.text((m, title_h // 2), fit_lines(wrap_text(title, bold, title_w), 1, bold, title_w)[0], font=bold, fill=INK, anchor="lm")
@@ -170,7 +171,7 @@ def contact_sheet(panels: list[np.ndarray], *, title: str, columns: int | None =
         d.rectangle((x - 1, y - 1, x + pw, y + ph), outline=(200, 200, 204))
         if labels:
             tag = max(4, pw // 60)
-            box = d.textbbox((x + pw - 2 * tag, y + 2 * tag), labels[i], font=bold, anchor="ra")
+            box = d.textbbox((x + pw - 2 * tag, y + 2 * tag), labels[i], font=label_font, anchor="ra")
             d.rectangle((box[0] - tag, box[1] - tag // 2, box[2] + tag, box[3] + tag // 2), fill=INK)
-            d.text((x + pw - 2 * tag, y + 2 * tag), labels[i], font=bold, fill=PAPER, anchor="ra")
+            d.text((x + pw - 2 * tag, y + 2 * tag), labels[i], font=label_font, fill=PAPER, anchor="ra")
     return np.asarray(sheet).copy()
