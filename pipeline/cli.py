@@ -125,8 +125,7 @@ def _propose(script, episode, rplan, prices, settings, budget_yuan, spot, write_
     for what, yuan in prop.steps:
         table.add_row(what, f"{yuan:.5f}")
     out.print(table)
-    changed = {k: v for k, v in prop.profile.model_dump().items()
-               if k != "name" and v != rplan.profile.model_dump().get(k)}
+    changed = _changes(rplan.profile.model_dump(), prop.profile.model_dump())
     verdict = "fits" if prop.fits else "does NOT fit even at the cheapest settings"
     out.print(f"proposal {verdict}: ¥{prop.estimate_yuan:.5f} ({prop.tier}) for ¥{budget_yuan}; "
               f"changes: {changed or 'none'}")
@@ -134,6 +133,19 @@ def _propose(script, episode, rplan, prices, settings, budget_yuan, spot, write_
         out.print(f"written to {write_profile}: anim render {script} --profile {write_profile}")
     if not prop.fits:
         raise typer.Exit(3)
+
+
+def _changes(before: dict, after: dict, prefix: str = "") -> dict[str, object]:
+    """Flat ``{"field": new}`` of what differs, nested tables as ``diffusion.steps``."""
+    out: dict[str, object] = {}
+    for key, value in after.items():
+        if key == "name" or value == before.get(key):
+            continue
+        if isinstance(value, dict) and isinstance(before.get(key), dict):
+            out.update(_changes(before[key], value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _yuan(text: str | None) -> float | None:

@@ -43,8 +43,9 @@ def _ladder(p: Profile) -> list[tuple[str, Callable[[Profile], Profile | None]]]
     """(description, change) pairs; a change returns None where it does not apply."""
     steps: list[tuple[str, Callable[[Profile], Profile | None]]] = [
         ("hold static shots on one drawing", lambda q: None if q.hold_static else q.model_copy(update={"hold_static": True})),
+        # layered plates composite through img2img; a txt2img profile has no layout to composite into
         ("one background plate per location", lambda q: None if not q.diffusion or q.diffusion.layered
-         else _diffusion(q, layered=True)),
+         or q.diffusion.mode != "img2img" else _diffusion(q, layered=True)),
     ]
     for stride in (6, 8, 12):
         steps.append((f"a keyframe every {stride} drawings",
@@ -98,7 +99,10 @@ def fit_budget(episode: Episode, profile: Profile, budget_yuan: float, *, calibr
         changed = change(current)
         if changed is None:
             continue
-        current, cost = changed, estimate(changed, catalog)
+        new_cost = estimate(changed, catalog)
+        if new_cost >= cost:  # a lever that does not pay here (e.g. plates for very short scenes): skip it
+            continue
+        current, cost = changed, new_cost
         steps.append((what, cost))
     return Proposal(profile=current.model_copy(update={"name": f"{profile.name}-fit"}), tier=tier,
                     estimate_yuan=cost, fits=cost <= budget_yuan, steps=steps)
