@@ -41,7 +41,10 @@ def probe(path: Path) -> dict:
 @pytest.mark.parametrize("script, aspect, size", [
     ("examples/episode_en.fountain", "16:9", (640, 360)),
     ("examples/episode_zh.fountain", "9:16", (360, 640)),
-])
+    # real third-party material: a 5-minute public-domain cartoon web-series episode
+    (str(REPO.parent / "shared" / "data" / "screenplays" / "cyber_bob_ep00001_traffic_control_dogs.fountain"),
+     "16:9", (640, 360)),
+], ids=["sample-en", "sample-zh-vertical", "cyber-bob"])
 def test_render_sample_at_draft(tmp_path, env, script, aspect, size):
     out = tmp_path / "out"
     done = anim("render", script, "--profile", "draft", "--aspect", aspect, "--out", str(out), "--no-progress",
