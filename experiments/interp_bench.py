@@ -1,7 +1,7 @@
 """Benchmark the in-betweeners side by side: crossfade, DIS flow and RIFE, quality and speed, in one run.
 
     .venv/bin/python experiments/interp_bench.py [--weights ../shared/data/weights/rife/flownet.pkl]
-                                                 [--preset fast] [--no-rife]
+                                                 [--preset fast] [--no-rife] [--hd-only]
 
 1. Quality: every triplet (n-1, n, n+1) in ../shared/data/frames, plus triplets decoded from
    its clips (Big Buck Bunny webm, the Pigs in a Polka GIF, the Chaplin mp4); predict n at
@@ -9,7 +9,12 @@
    Chaplin duplicates every third frame, but its decoded duplicates are not bitwise equal, so
    holds are measured as their own group: neighbours (k, k) must come back as exact copies.
 2. Speed: ms per frame at native size and at 1920×1080 (RIFE at 1080p on 2 frames only), and
-   the share of flow time spent inside the DIS ``calc`` calls (timed separately).
+   the share of flow time spent inside the DIS ``calc`` calls (timed separately) with three
+   in-betweens per keyframe pair (t = 0.25, 0.5, 0.75, a keyframe stride of 4: the flow is paid
+   once per pair, warping and blending once per frame), the median of three repeats, with all
+   OpenCV threads and on one core. ``--hd-only`` runs just this part.
+   "flow_occ" (quality table) is the flow in-betweener with forward-backward occlusion
+   weighting (``FlowInterpolator(occlusion=True)``), measured beside the default that leaves it off.
 3. Scaling: the same frame list through a pool of 1 and of 2 worker processes, one OpenCV
    thread each: frames/s for each.
 
@@ -35,6 +40,7 @@ from stages.inbetween import Crossfade, FlowInterpolator, interpolator
 REPO = Path(__file__).resolve().parents[1]
 FRAMES = REPO.parent / "shared" / "data" / "frames"
 HD = (1920, 1080)
+HD_TS = [0.25, 0.5, 0.75]  # three in-betweens per keyframe pair for the 1080p timing
 
 
 # --------------------------------------------------------------------------- material
@@ -110,10 +116,32 @@ class TimedDIS:
         return out
 
 
-def timed_flow(preset: str) -> tuple[FlowInterpolator, TimedDIS]:
-    fi = FlowInterpolator(preset=preset)
+def timed_flow(preset: str, **kwargs) -> tuple[FlowInterpolator, TimedDIS]:
+    fi = FlowInterpolator(preset=preset, **kwargs)
     fi._dis = timer = TimedDIS(fi._dis)  # measurement only: the experiment looks inside
     return fi, timer
+
+
+def hd_flow_timing(pairs: list, preset: str, threads: int | None = None, repeats: int = 3) -> tuple[float, float]:
+    """(ms per in-between, share inside DIS calc): medians over ``repeats`` runs of every 1080p
+    pair with ``HD_TS``; ``threads`` sets OpenCV's thread count for the run (then restores it)."""
+    before = cv2.getNumThreads()
+    if threads is not None:
+        cv2.setNumThreads(threads)
+    try:
+        runs = []
+        for _ in range(repeats):
+            fi, timer = timed_flow(preset)
+            fi(pairs[0][0], pairs[0][1], HD_TS)  # warm-up: buffers, thread pools
+            timer.seconds = 0.0
+            t0 = time.perf_counter()
+            for a, b in pairs:
+                fi(a, b, HD_TS)
+            total = time.perf_counter() - t0
+            runs.append((1000 * total / (len(pairs) * len(HD_TS)), timer.seconds / total))
+    finally:
+        cv2.setNumThreads(before)
+    return float(np.median([r[0] for r in runs])), float(np.median([r[1] for r in runs]))
 
 
 # --------------------------------------------------------------------------- scaling
@@ -150,12 +178,22 @@ def main() -> None:
     ap.add_argument("--preset", default="medium", help="flow preset to benchmark")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for RIFE")
     ap.add_argument("--no-rife", action="store_true")
+    ap.add_argument("--hd-only", action="store_true", help="only the 1080p flow timing (DIS share, one core)")
     args = ap.parse_args()
 
     # 1. Material and methods.
     trip, holds = triplets()
+    hd = [tuple(cv2.resize(x, HD, interpolation=cv2.INTER_AREA) for x in t) for t in list(trip.values())[:6]]
+    hd_pairs = [(a, b) for a, _, b in hd]
+    if args.hd_only:
+        ms, share = hd_flow_timing(hd_pairs, args.preset)
+        ms1, share1 = hd_flow_timing(hd_pairs, args.preset, threads=1)
+        print(f"flow {args.preset} 1920x1080, {len(HD_TS)} in-betweens per pair, median of 3: "
+              f"{cv2.getNumThreads()} threads {ms:.1f} ms/frame, {share:.1%} inside DIS calc; "
+              f"1 core {ms1:.1f} ms/frame, {share1:.1%} inside DIS calc")
+        return
     flow, dis_timer = timed_flow(args.preset)
-    methods = {"crossfade": Crossfade(), "flow": flow}
+    methods = {"crossfade": Crossfade(), "flow": flow, "flow_occ": FlowInterpolator(preset=args.preset, occlusion=True)}
     if not args.no_rife:
         methods["rife"] = interpolator("rife", weights=args.weights, threads=args.threads)
     lines = [f"{'triplet':26s} {'size':>10s}" + "".join(f" {m + ' dB/SSIM':>20s}" for m in methods)]
@@ -188,22 +226,23 @@ def main() -> None:
         lines.append(f"{name:26s} hold: copies exact={hold_exact}, vs decoded duplicate "
                      f"{cv2.PSNR(a, mid):.2f} dB (mp4 duplicates differ by up to {int(cv2.absdiff(a, mid).max())} levels)")
 
-    # 4. 1080p: ms per frame, share of flow time inside DIS calc.
-    hd = [tuple(cv2.resize(x, HD, interpolation=cv2.INTER_AREA) for x in t) for t in list(trip.values())[:6]]
+    # 4. 1080p: ms per frame (one in-between per pair, t = 0.5, like the quality run), then the
+    #    flow in-betweener with three in-betweens per pair: share of its time inside DIS calc,
+    #    with all OpenCV threads and on one core.
     hd_ms = {}
-    dis_timer.seconds = 0.0
     for m, fn in methods.items():
         use = hd[:2] if m == "rife" else hd
         fn(use[0][0], use[0][2], [0.5])  # warm-up (allocations, thread pools)
-        if m == "flow":
-            dis_timer.seconds = 0.0
         t0 = time.perf_counter()
         for a, _, b in use:
             fn(a, b, [0.5])
         hd_ms[m] = 1000 * (time.perf_counter() - t0) / len(use)
-    dis_share_hd = dis_timer.seconds / (hd_ms["flow"] * len(hd) / 1000)
+    hd3_ms, dis_share_hd = hd_flow_timing(hd_pairs, args.preset)
+    hd1_ms, dis_share_hd1 = hd_flow_timing(hd_pairs, args.preset, threads=1)
     lines.append(f"{'ms/frame 1920x1080':26s} {'':10s}" + "".join(f" {hd_ms[m]:19.1f}" for m in methods))
-    lines.append(f"flow time inside DIS calc: native {dis_native / flow_secs:.1%}, 1080p {dis_share_hd:.1%}")
+    lines.append(f"flow time inside DIS calc: native {dis_native / flow_secs:.1%}; 1080p with {len(HD_TS)} in-betweens "
+                 f"per pair {dis_share_hd:.1%} ({hd3_ms:.1f} ms/frame, {cv2.getNumThreads()} threads), "
+                 f"one core {dis_share_hd1:.1%} ({hd1_ms:.1f} ms/frame)")
 
     # 5. Process scaling of the flow in-betweener, one OpenCV thread per worker.
     pairs = [(a, b) for a, _, b in trip.values()] * 2
@@ -225,6 +264,8 @@ def main() -> None:
             mlflow.log_metrics({f"{m}.psnr_db": float(np.mean(psnr[m])), f"{m}.ssim": float(np.mean(sim[m])),
                                 f"{m}.ms_per_frame": 1000 * secs[m] / n, f"{m}.ms_per_frame_1080p": hd_ms[m]})
         mlflow.log_metrics({"flow.dis_share_1080p": dis_share_hd, "flow.dis_share_native": dis_native / flow_secs,
+                            "flow.dis_share_1080p_1core": dis_share_hd1, "flow.ms_per_frame_1080p_3t": hd3_ms,
+                            "flow.ms_per_frame_1080p_1core": hd1_ms,
                             "flow.fps_1proc": fps[1], "flow.fps_2proc": fps[2], "holds_exact": float(hold_exact)})
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "interp_bench.txt"

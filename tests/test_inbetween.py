@@ -10,8 +10,7 @@ import pytest
 
 from pipeline.models import Frame, Keyframes
 from tests.conftest import FRAMES, SHARED_DATA, read_rgb, shared_triplets
-from stages.inbetween import INTERPOLATORS, Crossfade, FlowInterpolator, interpolator, shot_frames
-
+from stages.inbetween import INTERPOLATORS, Crossfade, FlowInterpolator, _fb_occlusion, interpolator, shot_frames
 
 
 def _solid(value: int, shape=(36, 64, 3)) -> np.ndarray:
@@ -137,6 +136,95 @@ def test_flow_moves_a_flat_disc_better_than_crossfade():
     assert flow > fade + 3
 
 
+def _reference_warp(a, b, t, f01, f10):
+    """The flow in-betweener's maths written out plainly: float maps, soft frame-edge weights."""
+    h, w = a.shape[:2]
+    xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    grid = np.dstack([xs, ys])
+    map0 = grid - (1 - t) * t * f01 + t * t * f10
+    map1 = grid + (1 - t) ** 2 * f01 - t * (1 - t) * f10
+    warp = lambda img, m: cv2.remap(img, m, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)  # noqa: E731
+    ones = np.ones((h, w), np.float32)
+    inside = lambda m: cv2.remap(ones, m, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=1e-3)  # noqa: E731
+    w0, w1 = (1 - t) * inside(map0), t * inside(map1)
+    return cv2.blendLinear(warp(a, map0), warp(b, map1), w0, w1)
+
+
+def test_fast_warp_matches_the_plain_formulation():
+    """Fixed-point maps, reused buffers and the border-band reblend change nothing that shows."""
+    a = read_rgb(FRAMES / "bbb" / "triplet_f0120" / "frame_0119.png")  # a pan: content crosses the edge
+    b = read_rgb(FRAMES / "bbb" / "triplet_f0120" / "frame_0121.png")
+    fi = FlowInterpolator()
+    f01, f10 = fi.flows(a, b)
+    out = fi(a, b, [0.25, 0.75])
+    for t, img in zip((0.25, 0.75), out):
+        assert cv2.PSNR(img, _reference_warp(a, b, t, f01, f10)) > 45
+
+
+def test_flow_outputs_are_fresh_arrays_across_calls_and_sizes():
+    a = read_rgb(FRAMES / "sintel_raft_demo" / "frame_0016.png")
+    b = read_rgb(FRAMES / "sintel_raft_demo" / "frame_0018.png")
+    fi = FlowInterpolator(preset="ultrafast")
+    first = fi(a, b, [0.25, 0.75])
+    kept = [x.copy() for x in first]
+    fi(b, a, [0.5])  # same size: buffers are reused
+    small = fi(cv2.resize(a, (160, 90)), cv2.resize(b, (160, 90)), [0.5])  # new size: new buffers
+    assert first[0] is not first[1] and all(np.array_equal(x, y) for x, y in zip(first, kept))
+    assert small[0].shape == (90, 160, 3)
+
+
+# A disc moving over a textured background: the background it uncovers must come from the
+# keyframe that shows it. Background texture coarse enough (σ = 3 px) and the disc large and
+# marked enough that DIS gets both motions right, so the figures are about occlusion.
+OCC_H, OCC_W, OCC_R = 240, 400, 40
+
+
+def _textured(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = cv2.GaussianBlur(rng.standard_normal((OCC_H, OCC_W, 3)).astype(np.float32), (0, 0), 3.0)
+    return cv2.normalize(noise, None, 20, 235, cv2.NORM_MINMAX).astype(np.uint8)
+
+
+def _disc_over(background: np.ndarray, cx: float, color=(250, 210, 60)) -> np.ndarray:
+    img = background.copy()
+    centre = (round(cx * 16), OCC_H // 2 * 16)
+    cv2.circle(img, centre, OCC_R * 16, color, -1, lineType=cv2.LINE_AA, shift=4)
+    cv2.circle(img, centre, OCC_R * 8, (30, 30, 30), 3, lineType=cv2.LINE_AA, shift=4)
+    return img
+
+
+def _disc_mask(cx: float) -> np.ndarray:
+    mask = np.zeros((OCC_H, OCC_W), np.uint8)
+    cv2.circle(mask, (round(cx * 16), OCC_H // 2 * 16), OCC_R * 16, 255, -1, lineType=cv2.LINE_AA, shift=4)
+    return mask > 127
+
+
+def test_forward_backward_masks_find_the_covered_background():
+    bg = _textured(0)
+    a, b = _disc_over(bg, 150), _disc_over(bg, 170)  # 20 px to the right
+    fi = FlowInterpolator()
+    f01, f10 = fi.flows(a, b)
+    occ0 = _fb_occlusion(f01, f10, fi._buffers(OCC_H, OCC_W)) > 0
+    truth = (_disc_mask(170) & ~_disc_mask(150))  # background of a that the disc covers in b
+    recall = (occ0 & truth).sum() / truth.sum()
+    print(f"\nfb mask: recall {recall:.2f}, flagged {occ0.mean():.3%} of the frame, truly occluded {truth.mean():.3%}")
+    assert recall > 0.8 and occ0.mean() < 4 * truth.mean()
+
+
+def test_print_occlusion_weighting_on_uncovered_background():
+    """Not a threshold between the two flow variants: the figures that keep occlusion weighting
+    off by default (see ``FlowInterpolator``). Both must beat crossfade by a wide margin."""
+    bg = _textured(0)
+    print()
+    for step in (6, 10, 14):
+        a, mid, b = (_disc_over(bg, 150 + k * step) for k in (0, 1, 2))
+        plain = cv2.PSNR(FlowInterpolator()(a, b, [0.5])[0], mid)
+        occ = cv2.PSNR(FlowInterpolator(occlusion=True)(a, b, [0.5])[0], mid)
+        fade = cv2.PSNR(Crossfade()(a, b, [0.5])[0], mid)
+        print(f"disc over texture, {2 * step:2d} px: flow {plain:.2f} dB, flow+occlusion {occ:.2f} dB, crossfade {fade:.2f} dB")
+        assert plain > fade + 6 and occ > fade + 6
+
+
 def test_flow_beats_crossfade_on_real_frames():
     flow_i, fade_i = FlowInterpolator(), Crossfade()
     flow, fade = [], []
@@ -157,7 +245,7 @@ def test_print_flow_timings():
     print()
     for w, h in ((640, 360), (1920, 1080)):
         A, B = cv2.resize(a, (w, h)), cv2.resize(b, (w, h))
-        for preset in ("ultrafast", "fast"):
+        for preset in ("ultrafast", "fast", "medium"):
             fi = FlowInterpolator(preset=preset)
             fi(A, B, [0.5])  # warm up
             t0 = time.perf_counter()
