@@ -57,11 +57,31 @@ def init_ray(address: str | None, num_cpus: int | None) -> float:
     t0 = time.perf_counter()
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=True,
-                     runtime_env={"py_modules": [str(Path(__file__).parent), str(Path(storyboard.__file__).parent)]})
+            _check_reachable(address)
+            try:
+                ray.init(address=address, logging_level="WARNING", log_to_driver=True,
+                         runtime_env={"py_modules": [str(Path(__file__).parent),
+                                                     str(Path(storyboard.__file__).parent)]})
+            except (ConnectionError, RuntimeError) as exc:
+                raise AnimError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {exc}; nothing was "
+                                "rendered (unset RAY_ADDRESS to render on a local cluster)") from None
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
     return time.perf_counter() - t0
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes, when a ``host:port`` cluster address does not answer."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return  # "auto", "ray://…" and other forms: Ray resolves them itself
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise AnimError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {exc}; nothing was rendered "
+                        "(unset RAY_ADDRESS to render on a local cluster)") from None
 
 
 def _get(ref: Any) -> Any:

@@ -135,3 +135,36 @@ def test_plan_json_contract(env):
     assert data["total_frames"] == sum(s["frames"] for s in data["shots"])
     assert 55 <= data["total_frames"] / 24 <= 75
     assert data["estimated_cost_yuan"] > 0
+
+
+def test_render_on_an_existing_ray_cluster(tmp_path, env):
+    """The same command against a running cluster (RAY_ADDRESS): the code travels as py_modules.
+
+    Ray ≥ 2.59 authenticates with a token: the cluster and the driver share it through
+    RAY_AUTH_TOKEN, as a studio's cluster would (KubeRay sets the same variables).
+    """
+    import secrets
+
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    port = "6391"
+    env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    started = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",
+                              "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
+                             capture_output=True, text=True, timeout=120, env=env)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        done = anim("render", "examples/shotlist.yaml", "--out", str(tmp_path / "out"), "--no-progress",
+                    env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "ANIM_STORE": str(tmp_path / "store")})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (tmp_path / "out" / "episode.mp4").stat().st_size > 0
+        cost = json.loads((tmp_path / "out" / "cost.json").read_text())
+        assert cost["status"] == "complete" and cost["total_yuan"] > 0
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
+
+
+def test_unreachable_cluster_is_one_clear_line(tmp_path, env):
+    done = anim("render", "examples/shotlist.yaml", "--out", str(tmp_path / "out"), "--no-progress",
+                env={**env, "RAY_ADDRESS": "127.0.0.1:1", "ANIM_STORE": str(tmp_path / "store")})
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "127.0.0.1:1" in done.stderr and not (tmp_path / "out" / "episode.mp4").exists()
