@@ -142,12 +142,7 @@ def trace(plan: RenderPlan, calibration: Calibration, prices: PriceCatalog) -> l
     from the price row, and checked against the plan's own yuan."""
     rows = stage_rows(plan.profile, calibration)
     kf_units = plan.profile.diffusion.num_gpus if plan.profile.diffusion else 1.0
-    seconds: dict[str, float] = {}
-    for shot in plan.shots:
-        for stage, s in shot.estimate_seconds.items():
-            seconds[stage] = seconds.get(stage, 0.0) + s
-    for stage, s in plan.episode_estimate_seconds.items():
-        seconds[stage] = seconds.get(stage, 0.0) + s
+    seconds = plan.estimate_by_stage("seconds")
     planned = plan.estimate_by_stage()
     out = []
     for stage, secs in seconds.items():

@@ -216,13 +216,14 @@ class RenderPlan(Record):
     def estimated_cost_yuan(self) -> float:
         return sum(sum(s.estimate_yuan.values()) for s in self.shots) + sum(self.episode_estimate_yuan.values())
 
-    def estimate_by_stage(self) -> dict[str, float]:
+    def estimate_by_stage(self, what: Literal["yuan", "seconds"] = "yuan") -> dict[str, float]:
+        """Estimated yuan (or resource-seconds) per stage, over every shot and the episode nodes."""
+        parts = [s.estimate_yuan if what == "yuan" else s.estimate_seconds for s in self.shots]
+        parts.append(self.episode_estimate_yuan if what == "yuan" else self.episode_estimate_seconds)
         out: dict[str, float] = {}
-        for shot in self.shots:
-            for stage, yuan in shot.estimate_yuan.items():
-                out[stage] = out.get(stage, 0.0) + yuan
-        for stage, yuan in self.episode_estimate_yuan.items():
-            out[stage] = out.get(stage, 0.0) + yuan
+        for part in parts:
+            for stage, value in part.items():
+                out[stage] = out.get(stage, 0.0) + value
         return out
 
 

@@ -15,6 +15,22 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 @pytest.fixture(scope="session")
+def calibration():
+    """The committed throughput calibration table."""
+    from pipeline.calibration import Calibration
+
+    return Calibration.load(REPO / "cluster" / "calibration.csv")
+
+
+@pytest.fixture(scope="session")
+def prices():
+    """The committed price catalog at a fixed FX rate."""
+    from pipeline.cost import PriceCatalog
+
+    return PriceCatalog.load(REPO / "cluster" / "prices.csv", usd_cny=7.10)
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"the shared test material is missing: expected {SHARED_DATA}")

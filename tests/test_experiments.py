@@ -7,9 +7,7 @@ import sys
 
 import pytest
 
-from pipeline.calibration import Calibration
 from pipeline.config import REPO_ROOT, resolve_profile
-from pipeline.cost import PriceCatalog
 from pipeline.plan import make_plan, stage_rows
 from stages.script import load_episode
 
@@ -20,14 +18,6 @@ import sweep_levers  # noqa: E402
 GPU = "A100-80GB"  # has published rows for both example profiles and a spot price row
 
 
-@pytest.fixture(scope="module")
-def calibration() -> Calibration:
-    return Calibration.load(REPO_ROOT / "cluster" / "calibration.csv")
-
-
-@pytest.fixture(scope="module")
-def prices() -> PriceCatalog:
-    return PriceCatalog.load(REPO_ROOT / "cluster" / "prices.csv", usd_cny=7.10)
 
 
 @pytest.fixture(scope="module")

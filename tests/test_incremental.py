@@ -32,10 +32,6 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def prices() -> PriceCatalog:
-    return PriceCatalog.load(REPO / "cluster" / "prices.csv", usd_cny=7.1)
-
 
 def plan_for(episode: Episode, prices: PriceCatalog, **overrides):
     return make_plan(episode, resolve_profile("draft", overrides), prices=prices,

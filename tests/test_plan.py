@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.calibration import Calibration
 from pipeline.config import resolve_profile
-from pipeline.cost import PriceCatalog
 from pipeline.errors import ProfileError
 from pipeline.models import Camera, DialogueLine, Episode, Scene, Shot
 from pipeline.plan import drawing_schedule, make_plan
 
-from .conftest import REPO
 
 
 def _shot(i: int, **kw) -> Shot:
@@ -26,14 +23,6 @@ def _episode(shots: list[Shot]) -> Episode:
     return Episode(title="Test", source="test.fountain", scenes=[scene], characters=["AYA"])
 
 
-@pytest.fixture(scope="module")
-def calibration() -> Calibration:
-    return Calibration.load(REPO / "cluster" / "calibration.csv")
-
-
-@pytest.fixture(scope="module")
-def prices() -> PriceCatalog:
-    return PriceCatalog.load(REPO / "cluster" / "prices.csv", usd_cny=7.1)
 
 
 def plan_of(shots, calibration, prices, profile="draft", **overrides):
