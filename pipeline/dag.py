@@ -30,7 +30,6 @@ from pipeline.nodes import CPU, Measured, assemble_node, clip_node, keyframes_no
 from pipeline.plan import content_key
 from stages import storyboard
 
-CHAIN = ("keyframes", "clip")
 
 
 @dataclass
@@ -226,11 +225,11 @@ class _LazyTask:
         return self.remote_fn.remote(*args, **kwargs)
 
 
-def _chain_estimate(shot: ShotPlan, stages: tuple[str, ...]) -> dict[str, float]:
+def _chain_estimate(shot: ShotPlan) -> dict[str, float]:
     """Estimated yuan per node of a shot's chain: keyframes (+ audit drawing), clip (in-betweens + encode)."""
     est = shot.estimate_yuan
     return {"keyframes": est.get("keyframes", 0.0) + est.get("audit", 0.0),
-            "clip": est.get("inbetween", 0.0) + est.get("encode", 0.0)} if stages == CHAIN else {}
+            "clip": est.get("inbetween", 0.0) + est.get("encode", 0.0)}
 
 
 def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmpeg: str,
@@ -279,10 +278,18 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
     def hit(stage: str, shot: str | None) -> None:
         records.append(prices.record(stage, shot, 0.0, CPU, 1.0, cached=True))
 
+    looked_up: dict[str, dict[str, Path] | None] = {}
+
+    def have(key: str) -> dict[str, Path] | None:
+        """The store's answer for ``key``, verified once per render (a lookup checksums the files)."""
+        if key not in looked_up:
+            looked_up[key] = store.get(key)
+        return looked_up[key]
+
     # 1. Storyboards: every shot's panel, the cheap first step and the approval gate's input.
     sb_refs: dict[str, Any] = {}
     stopped: str | None = None
-    missing = [s for s in plan.shots if store.get(s.keys["storyboard"]) is None]
+    missing = [s for s in plan.shots if have(s.keys["storyboard"]) is None]
     if not fits(sum(s.estimate_yuan["storyboard"] for s in missing)):
         stopped, missing = "budget", []  # not even the storyboards fit: spend nothing
     missing_ids = {s.shot.id for s in missing}
@@ -296,12 +303,12 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
     todo: list[ShotPlan] = []
     done_shots = 0
     for shot in plan.shots:
-        if store.get(shot.keys["clip"]) is None:
+        if have(shot.keys["clip"]) is None:
             todo.append(shot)
             continue
         for stage in ("keyframes", "inbetween", "encode") + (("audit",) if shot.audit_frame is not None else ()):
             hit(stage, shot.shot.id)
-        if (q := must(store, shot.keys["clip"]).get("quality.json")) is not None:
+        if (q := have(shot.keys["clip"]).get("quality.json")) is not None:
             quality[shot.shot.id] = json.loads(q.read_text())
         done_shots += 1
     held_back: list[ShotPlan] = []  # shots this render will not draw
@@ -330,8 +337,8 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
     def admit() -> None:
         batch: list[ShotPlan] = []
         for shot in list(queue):
-            est = _chain_estimate(shot, CHAIN)
-            cached_kf = store.get(shot.keys["keyframes"]) is not None
+            est = _chain_estimate(shot)
+            cached_kf = have(shot.keys["keyframes"]) is not None
             need = est["clip"] + (0.0 if cached_kf else est["keyframes"])
             if not fits(need):
                 continue
@@ -345,7 +352,7 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
                 batch.append(shot)
         for shot, kf_ref in submit_keyframes(batch) if batch else []:
             in_flight[kf_ref] = (shot.shot.id, "keyframes")
-            submit_clip(shot, kf_ref, _chain_estimate(shot, CHAIN))
+            submit_clip(shot, kf_ref, _chain_estimate(shot))
 
     def submit_clip(shot: ShotPlan, kf_ref: Any, est: dict[str, float]) -> None:
         ref = clip_task.remote(shot, kf_ref, profile=p, width=plan.width, height=plan.height, ffmpeg=ffmpeg,
