@@ -240,8 +240,10 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
     """Run the plan; return the priced ledger and the artifacts' paths in the store.
 
     ``budget_yuan`` caps attributed cost: a node is submitted only if what is spent, what
-    running nodes are expected to cost and its own estimate, each estimate times
-    (1 + ``budget_margin``), fit. ``stop_after="storyboard"`` renders panels and the contact
+    running nodes are expected to cost and its own estimate, each estimate times a margin, fit.
+    The margin starts at 1 + ``budget_margin`` and grows to 1.1 × the worst actual/estimate
+    ratio seen so far in this render, so a machine slower than its calibration tightens the
+    guard instead of overshooting. ``stop_after="storyboard"`` renders panels and the contact
     sheet only. ``approved`` (a set of storyboard keys) turns on the approval gate: keyframe
     money is spent only on those shots.
     """
@@ -259,6 +261,7 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
     in_flight: dict[Any, tuple[str, str]] = {}  # ref -> (shot, node)
     stage_seconds = 0.0
     margin = 1.0 + budget_margin
+    planned: dict[tuple[str, str], float] = {}  # in-flight shot node -> its plain estimate
 
     def spent() -> float:
         return sum(r.yuan for r in records)
@@ -349,6 +352,7 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
             else:
                 reserved[(shot.shot.id, "keyframes")] = est["keyframes"] * margin
                 reserved[(shot.shot.id, "clip")] = est["clip"] * margin
+                planned[(shot.shot.id, "keyframes")] = est["keyframes"]
                 batch.append(shot)
         for shot, kf_ref in submit_keyframes(batch) if batch else []:
             in_flight[kf_ref] = (shot.shot.id, "keyframes")
@@ -358,6 +362,7 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
         ref = clip_task.remote(shot, kf_ref, profile=p, width=plan.width, height=plan.height, ffmpeg=ffmpeg,
                                store=url)
         in_flight[ref], reserved[(shot.shot.id, "clip")] = (shot.shot.id, "clip"), est["clip"] * margin
+        planned[(shot.shot.id, "clip")] = est["clip"]
 
     # 3. Run: collect nodes as they finish, admit more as actual costs replace reservations.
     for sid, ref in sb_refs.items():
@@ -368,8 +373,12 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
     while in_flight:
         ready, _ = cluster.wait(list(in_flight))
         sid, node = in_flight.pop(ready[0])
+        before = len(records)
         take(_get(ready[0]))
         reserved.pop((sid, node), None)
+        if planned.get((sid, node)):  # learn how far off this render's estimates run
+            actual = sum(r.yuan for r in records[before:])
+            margin = max(margin, 1.1 * actual / planned.pop((sid, node)))
         if pool and node in ("plates", "sheets"):
             reserved.pop(pool.reservation(ready[0], node), None)
         done_shots += node == "clip"
