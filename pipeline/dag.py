@@ -58,14 +58,14 @@ def init_ray(address: str | None, num_cpus: int | None) -> float:
         if address:
             _check_reachable(address)
             try:
-                ray.init(address=address, logging_level="WARNING", log_to_driver=True,
+                ray.init(address=address, logging_level="WARNING", log_to_driver=False,
                          runtime_env={"py_modules": [str(Path(__file__).parent),
                                                      str(Path(storyboard.__file__).parent)]})
             except (ConnectionError, RuntimeError) as exc:
                 raise AnimError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {exc}; nothing was "
                                 "rendered (unset RAY_ADDRESS to render on a local cluster)") from None
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     return time.perf_counter() - t0
 
 
@@ -128,13 +128,30 @@ class _WorkerPool:
         self.submitted: dict[str, Any] = {}  # plate/sheet key -> ref
         self.keys_of: dict[Any, str] = {}
 
+    def start(self) -> None:
+        """Create the actors and wait until each has loaded its model: a missing model, no GPU or a
+        model that does not fit is reported here, before any node is submitted."""
+        import ray
+
+        self.cluster.start()
+        have_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        if self.gpus > have_gpus:
+            raise AnimError(f"the profile asks for {self.gpus:g} GPU per {self.spec['backend']} actor and the Ray "
+                            f"cluster has {have_gpus:g}; set diffusion.device = 'cpu' and num_gpus = 0 to run on "
+                            "CPUs, or point RAY_ADDRESS at a cluster with GPUs; nothing was rendered")
+        actor = ray.remote(num_cpus=1, num_gpus=self.gpus)(self.cls)
+        self.actors = [actor.remote(**self.spec) for _ in range(self.n)]
+        try:
+            ray.get([a.ready.remote() for a in self.actors])
+        except ray.exceptions.RayActorError as exc:
+            text = str(exc)
+            found = re.findall(r"(?:ProfileError|StageError|AnimError|ValueError): (.+)", text)
+            problem = found[-1].strip() if found else text.strip().splitlines()[-1]
+            raise AnimError(f"the {self.spec['backend']} backend could not start: {problem}; nothing was rendered")
+
     def _next(self) -> Any:
         if not self.actors:
-            import ray
-
-            self.cluster.start()
-            actor = ray.remote(num_cpus=1, num_gpus=self.gpus)(self.cls)
-            self.actors = [actor.remote(**self.spec) for _ in range(self.n)]
+            self.start()
         self.turn += 1
         return self.actors[self.turn % len(self.actors)]
 
@@ -289,6 +306,11 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
             looked_up[key] = store.get(key)
         return looked_up[key]
 
+    # 0. A model backend loads first: its errors (missing weights, no GPU) come before any work.
+    pool = _WorkerPool(cluster, plan, url) if p.backend in ACTOR_BACKENDS else None
+    if pool is not None and stop_after != "storyboard" and any(have(s.keys["clip"]) is None for s in plan.shots):
+        pool.start()
+
     # 1. Storyboards: every shot's panel, the cheap first step and the approval gate's input.
     sb_refs: dict[str, Any] = {}
     stopped: str | None = None
@@ -322,8 +344,6 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
         todo = [s for s in todo if s.keys["storyboard"] in approved]
         stopped = "approval" if held_back else None
     queue = sorted(todo, key=lambda s: -sum(s.estimate_seconds.values()))  # longest first: no idle tail
-
-    pool = _WorkerPool(cluster, plan, url) if p.backend in ACTOR_BACKENDS else None
 
     def submit_keyframes(batch: list[ShotPlan]) -> list[tuple[ShotPlan, Any]]:
         """One CPU task per shot, or batches across shots on the model actors (plates and sheets first)."""

@@ -115,6 +115,9 @@ class KeyframeWorker:
         self.drawer = keyframes.backend(backend, width=width, height=height, settings=settings)
         self.store, self.resource, self.units = store, resource, units
 
+    def ready(self) -> str:
+        return self.drawer.ready() if hasattr(self.drawer, "ready") else type(self.drawer).__name__
+
     def _measured(self, stage: str, t0: float, started: float, shot: str | None = None) -> Measured:
         return Measured(shot, [(stage, time.perf_counter() - t0)], self.resource, self.units,
                         span=(started, time.time()))

@@ -178,7 +178,7 @@ class DiffusersKeyframes:
     name = "diffusers"
 
     def __init__(self, *, width: int, height: int, settings: DiffusionSettings):
-        # 1. validate everything that can be checked before loading weights
+        # 1. validate everything that can be checked before loading weights (see ready())
         if width < 16 or height < 16:
             raise ValueError(f"DiffusersKeyframes: size {width}x{height} is too small (at least 16x16)")
         s = settings
@@ -227,6 +227,10 @@ class DiffusersKeyframes:
         self.max_tokens = None if limit is None or limit > 100_000 else limit - 2
         self.count_tokens = (lambda text: len(tok(text, add_special_tokens=False).input_ids)) if tok else None
         self.stats = {"images": 0, "batches": 0, "plates": 0, "sheets": 0}
+
+    def ready(self) -> str:
+        """Loaded: what this instance runs on (the pipeline waits on it before spending anything)."""
+        return f"{type(self.pipe).__name__} from {self.model_dir} on {self.device}"
 
     # ---------------------------------------------------------------- building blocks
 

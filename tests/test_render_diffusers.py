@@ -93,3 +93,15 @@ def test_diffusers_episode_renders_with_one_plate_per_location(setup):
     # A second render into the same store: every node, plates and sheets included, is a hit.
     third = render(plan, prices, store)
     assert third.ledger.total_yuan == 0 and all(r.cached for r in third.ledger.records)
+
+
+def test_missing_weights_stop_the_render_before_any_work(setup, tmp_path):
+    from pipeline.errors import AnimError
+
+    plan, prices, _ = setup
+    broken = plan.profile.diffusion.model_copy(update={"model": str(tmp_path / "no-such-model")})
+    plan = plan.model_copy(update={"profile": plan.profile.model_copy(update={"diffusion": broken})})
+    store = ArtifactStore(tmp_path / "store")
+    with pytest.raises(AnimError, match=r"could not start: diffusion.model: .*no-such-model.*model_index.json"):
+        render(plan, prices, store)
+    assert store.stats().entries == 0  # not even a storyboard panel was drawn
