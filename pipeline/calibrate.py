@@ -3,7 +3,7 @@
 For every executed (not cached) ledger row, the plan says how much work the node did
 (units × megapixels: keyframes drawn, in-betweens made, frames encoded …) and which
 calibration key prices it. Per key, ``seconds = overhead + work × k`` is fitted by least
-squares (overhead ≥ 0; through the origin when there is one node or the fit goes negative).
+squares (overhead ≥ 0; through the origin with fewer than 8 nodes or when the fit goes negative).
 ``anim calibrate`` feeds it the runs recorded in MLflow; ``experiments/calibrate_cpu.py``
 feeds it fresh renders.
 """
@@ -53,7 +53,7 @@ def samples(plan: RenderPlan, ledger: Ledger) -> dict[tuple[str, str, str, str],
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """(overhead seconds ≥ 0, seconds per unit·Mpx ≥ 0)."""
     x, y = np.asarray(xs, float), np.asarray(ys, float)
-    if len(x) >= 3 and np.ptp(x) > 0:
+    if len(x) >= 8 and np.ptp(x) > 0:  # fewer nodes cannot separate a fixed overhead from the slope
         slope, intercept = np.polyfit(x, y, 1)
         if intercept >= 0 and slope >= 0:
             return float(intercept), float(slope)

@@ -55,7 +55,8 @@ class Calibration(Record):
                 return row
         raise ProfileError(
             f"{self.path}: no calibration row for stage={stage} backend={backend} device={device}; "
-            "run `python experiments/calibrate_cpu.py` to measure it")
+            "measure it with `python experiments/calibrate_cpu.py --profile PROFILE` (a name or .toml), or after "
+            "GPU renders with `anim calibrate`")
 
     def write(self, rows: list[CalibrationRow]) -> None:
         """Replace rows with the same (stage, backend, device) and write the table back."""

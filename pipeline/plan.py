@@ -160,6 +160,9 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
     if profile.interpolation not in inbetween.INTERPOLATORS or profile.interpolation not in INBETWEEN_CALIBRATION:
         raise ProfileError(f"profile {profile.name}: unknown interpolation {profile.interpolation!r}; "
                            f"known: {', '.join(sorted(inbetween.INTERPOLATORS))}")
+    if profile.interpolation == "rife" and not profile.rife_weights:
+        raise ProfileError(f"profile {profile.name}: interpolation 'rife' needs rife_weights = the path of a "
+                           "RIFE 4.x flownet.pkl (e.g. ../shared/data/weights/rife/flownet.pkl)")
     width, height = profile.size
     frame_mpx = width * height / 1e6
     gen_mpx = _generation_mpx(profile)
