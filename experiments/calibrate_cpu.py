@@ -8,7 +8,10 @@ Each row records the machine, the date and the MLflow run it came from.
     .venv/bin/python experiments/calibrate_cpu.py                       # draft and standard
     .venv/bin/python experiments/calibrate_cpu.py --profile draft --script examples/episode_en.fountain
 
-Run it on a quiet machine: the rows are what every estimate is computed from.
+Run it on a quiet machine: the rows are what every estimate is computed from. Profiles given
+together are fitted together where they share a row (previz, x264 presets), so measure a
+profile that loads the CPUs differently (RIFE: torch threads beside ffmpeg) on its own:
+``--profile examples/profiles/draft_rife.toml`` updates only the rows it measures.
 """
 from __future__ import annotations
 
