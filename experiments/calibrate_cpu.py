@@ -11,7 +11,7 @@ Each row records the machine, the date and the MLflow run it came from.
 Run it on a quiet machine: the rows are what every estimate is computed from. Profiles given
 together are fitted together where they share a row (previz, x264 presets), so measure a
 profile that loads the CPUs differently (RIFE: torch threads beside ffmpeg) on its own:
-``--profile examples/profiles/draft_rife.toml`` updates only the rows it measures.
+``--profile examples/profiles/draft_rife.toml --only inbetween`` writes only its in-between row.
 """
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", action="append", help="profile to measure (repeatable) [draft, standard]")
     ap.add_argument("--script", type=Path, help="script to render [episode_en for draft, shotlist for standard]")
+    ap.add_argument("--only", action="append", help="write only these stages' rows (repeatable)")
     args = ap.parse_args()
     settings = resolve_settings()
     jobs = [(p, args.script or dict(DEFAULT).get(p, DEFAULT[0][1])) for p in args.profile] if args.profile else DEFAULT
@@ -67,6 +68,7 @@ def main() -> None:
     # Fit over every render at once: rows shared by profiles (previz at two sizes) pool their nodes.
     rows = fit_rows([measure(script, name, settings) for name, script in jobs],
                     origin="experiments/calibrate_cpu.py " + ", ".join(f"{s.name}@{n}" for n, s in jobs))
+    rows = [r for r in rows if not args.only or r.stage in args.only]
     for r in rows:
         print(f"{r.stage:>10} {r.backend:>16}: {r.overhead_s:.4f} s + {r.seconds_per_unit_mpx:.5f} s/(unit·Mpx)")
     table.write(rows)
