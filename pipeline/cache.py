@@ -263,13 +263,29 @@ class ArtifactStore:
         """The ``meta`` the artifact was written with."""
         raise NotImplementedError
 
-    def writer(self, key: str, meta: dict | None = None):
+    @contextmanager
+    def writer(self, key: str, meta: dict | None = None) -> Iterator[Path]:
         """Context manager yielding a local staging directory; on success its files become ``key``.
 
         ``meta["stage"]``, when given, is recorded for ``stats``/``gc``. If the body raises,
         nothing is stored. If another writer completes ``key`` first, its artifact is kept
         and this one is discarded.
         """
+        _check_key(key)
+        staging = self._staging_root() / _write_id()
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+            self._commit(key, staging, meta)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _staging_root(self) -> Path:
+        """Local folder where writes are staged."""
+        raise NotImplementedError
+
+    def _commit(self, key: str, staging: Path, meta: dict | None) -> None:
+        """Make the staged files the artifact ``key``, manifest last; lose quietly to a finished one."""
         raise NotImplementedError
 
     def touch(self, key: str, when: float | None = None) -> None:
@@ -404,20 +420,11 @@ class LocalStore(ArtifactStore):
         except FileNotFoundError:
             raise StoreError(f"no artifact {key[:12]} in {self.url}") from None
 
-    @contextmanager
-    def writer(self, key: str, meta: dict | None = None) -> Iterator[Path]:
-        _check_key(key)
-        staging = self.root / STAGING / _write_id()
-        staging.mkdir(parents=True)
-        try:
-            yield staging
-            manifest = _manifest(key, staging, meta)
-            (staging / MANIFEST).write_bytes(_dump(manifest))
-            self._commit(staging, key)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    def _staging_root(self) -> Path:
+        return self.root / STAGING
 
-    def _commit(self, staging: Path, key: str) -> None:
+    def _commit(self, key: str, staging: Path, meta: dict | None) -> None:
+        (staging / MANIFEST).write_bytes(_dump(_manifest(key, staging, meta)))
         final = self.path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):

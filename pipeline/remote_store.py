@@ -12,9 +12,7 @@ import os
 import shutil
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.cache import (MANIFEST, STAGING, USED, USED_EVERY_S, _KEY, _NAME, ArtifactStore, StoreError, _check_key,
                             _default_local_cache, _dump, _Entry, _intact, _Leftover, _manifest, _open_fs, _parse,
@@ -122,17 +120,9 @@ class RemoteStore(ArtifactStore):
         marker.touch()
         os.utime(marker, (when, when))
 
-    # ---- writing
-    @contextmanager
-    def writer(self, key: str, meta: dict | None = None) -> Iterator[Path]:
-        _check_key(key)
-        staging = self.local_cache / STAGING / _write_id()
-        staging.mkdir(parents=True)
-        try:
-            yield staging
-            self._commit(key, staging, meta)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    # ---- writing (ArtifactStore.writer stages locally, then calls _commit)
+    def _staging_root(self) -> Path:
+        return self.local_cache / STAGING
 
     def _commit(self, key: str, staging: Path, meta: dict | None) -> None:
         kd = self._key_dir(key)
