@@ -38,7 +38,7 @@ class RenderResult:
     outputs: dict[str, Path]  # artifact name -> file in the store
     wall_seconds: float
     ray_init_seconds: float
-    stage_seconds: float = 0.0  # resource-seconds inside stage code
+    stage_seconds: float = 0.0  # resource-seconds inside nodes, as the ledger bills them
     started: float = 0.0  # epoch when the graph was submitted
     spans: list[tuple[str, float, float]] = field(default_factory=list)  # (node, start, end) epochs
     cluster: dict[str, float] = field(default_factory=dict)  # resources the render held: {"CPU": 2, "GPU": 0}
@@ -413,7 +413,7 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
     outputs: dict[str, Path] = {}
     if stopped is None and store.get(plan.assemble_key) is None:
         if fits(plan.assemble_estimate_yuan):
-            take(_get(asm_task.remote(plan, [], [], ffmpeg=ffmpeg, store=url)))
+            take(_get(asm_task.remote(plan, ffmpeg=ffmpeg, store=url)))
         else:
             stopped = "budget"
     elif stopped is None:
@@ -425,7 +425,7 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
                                 [s.keys["storyboard"] for s in plan.shots])
         if (store.get(sheet_key) is None and all(store.get(s.keys["storyboard"]) for s in plan.shots)
                 and fits(plan.shots[0].estimate_yuan["storyboard"])):
-            take(_get(sheet_task.remote(plan, [], key=sheet_key, store=url)))
+            take(_get(sheet_task.remote(plan, key=sheet_key, store=url)))
         if store.get(sheet_key) is not None:
             outputs = {"storyboard.png": must(store, sheet_key)["storyboard.png"]}
 

@@ -222,7 +222,7 @@ def clip_node(shot: ShotPlan, kf: Measured | None, *, profile: Profile, width: i
     return Measured(shot.shot.id, timings, span=(started, time.time()), quality=quality)
 
 
-def sheet_node(plan: RenderPlan, _panels: list[Any], *, key: str, store: str) -> Measured:
+def sheet_node(plan: RenderPlan, *, key: str, store: str) -> Measured:
     """The storyboard contact sheet alone (for ``--stop-after storyboard`` and partial renders)."""
     t0, started = time.perf_counter(), time.time()
     st = ArtifactStore(store)
@@ -233,7 +233,7 @@ def sheet_node(plan: RenderPlan, _panels: list[Any], *, key: str, store: str) ->
     return Measured(None, [("storyboard", time.perf_counter() - t0)], span=(started, time.time()))
 
 
-def assemble_node(plan: RenderPlan, _clips: list[Any], _panels: list[Any], *, ffmpeg: str, store: str) -> Measured:
+def assemble_node(plan: RenderPlan, *, ffmpeg: str, store: str) -> Measured:
     t0, started = time.perf_counter(), time.time()
     st = ArtifactStore(store)
     clips = [must(st, s.keys["clip"])["clip.mp4"] for s in plan.shots]
