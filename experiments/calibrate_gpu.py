@@ -20,7 +20,8 @@ GPU is kept busy by this Python loop, an upper bound on utilisation.
 Rows go to ``cluster/calibration_gpu.csv`` (the calibration columns plus model, steps, batch,
 width, height, seconds_per_image, busy_fraction); the source says "measured on <GPU>, random
 weights". The whole run is time-boxed (``--budget-s``, default 450 s) and prints progress;
-configurations left when the budget is spent are skipped and reported.
+configurations left when the budget is spent are skipped and reported. The CSV is rewritten after
+every configuration, so a run stopped from outside keeps what it measured.
 
     .venv/bin/python experiments/calibrate_gpu.py            # on a CUDA machine, fp16/bf16
     .venv/bin/python experiments/calibrate_gpu.py --smoke    # CPU, tiny configs, 1 step: proves the code path
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                                      source=source, measured_at=date.today().isoformat(), model=fam.name, steps=n,
                                      batch=batch, width=width, height=height,
                                      seconds_per_image=round(per_image, 6), busy_fraction=round(busy, 4)))
+                write(out, rows)
         if fam.skipped:
             print(f"[{fam.name}] skipped (budget or memory): {', '.join(fam.skipped)}", flush=True)
         del denoiser, vae
@@ -233,14 +235,19 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # 3. write
+    print(f"wrote {len(rows)} rows to {out}")
+    return 0 if rows else 1
+
+
+def write(out: Path, rows: list[dict]) -> None:
+    """Write every row so far (atomically): a run stopped from outside keeps what it measured."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="", encoding="utf-8") as fh:
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {len(rows)} rows to {out}")
-    return 0 if rows else 1
+    tmp.replace(out)
 
 
 if __name__ == "__main__":
