@@ -13,12 +13,13 @@ For each model family — SD 1.5 (UNet 320/640/1280/1280, cross-attention 768 + 
 
 and writes, per steps in ``STEPS``, ``seconds_per_image = (steps × t_step + t_decode) / batch``
 (img2img with strength s runs ⌊steps × s⌋ steps: scale accordingly; classifier-free guidance
-doubles the denoiser batch: read the row with twice the batch). ``busy_fraction`` is GPU time
-(CUDA events around each forward) over wall time of the step loop — how much of the time the
-GPU is kept busy by this Python loop, an upper bound on utilisation.
+doubles the denoiser batch: read the row with twice the batch). Beside the eager step time
+(what the backend pays), each configuration is also captured once as a CUDA graph and replayed:
+the GPU's own time for the step, without Python and launch overhead. Eager far above the graph
+figure means the step is host-bound at that batch, and batching is the lever.
 
 Rows go to ``cluster/calibration_gpu.csv`` (the calibration columns plus model, steps, batch,
-width, height, seconds_per_image, busy_fraction); the source says "measured on <GPU>, random
+width, height, seconds_per_image, step_ms_eager, step_ms_graph, decode_ms); the source says "measured on <GPU>, random
 weights". The whole run is time-boxed (``--budget-s``, default 450 s) and prints progress;
 configurations left when the budget is spent are skipped and reported. The CSV is rewritten after
 every configuration, so a run stopped from outside keeps what it measured.
@@ -42,9 +43,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ["stage", "backend", "device", "unit", "overhead_s", "seconds_per_unit_mpx", "source", "measured_at",
-          "model", "steps", "batch", "width", "height", "seconds_per_image", "busy_fraction"]
+          "model", "steps", "batch", "width", "height", "seconds_per_image", "step_ms_eager",
+          "step_ms_graph", "decode_ms"]
 STEPS = (4, 8, 20, 30)
-REPS = 3
+REPS = 10
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
               layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -140,32 +142,63 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fam: Family, denoiser, vae, batch: int, width: int, height: int, device: torch.device) -> tuple[float, float, float]:
-    """(seconds per step, seconds per VAE decode of the batch, GPU busy fraction of the step loop)."""
+def measure(fam: Family, denoiser, vae, batch: int, width: int, height: int, device: torch.device,
+            reps: int) -> tuple[float, float, float]:
+    """(seconds per step in eager PyTorch, seconds per step replaying a CUDA graph of it — NaN when
+    the model cannot be captured or on the CPU —, seconds per VAE decode of the batch).
+
+    The eager figure is what the backend pays today; the graph figure is the GPU's own time with
+    the Python and kernel-launch overhead removed: where the two are close the step is GPU-bound,
+    where eager is far above it the step is host-bound and batching (or compiling) is the lever.
+    """
     kw, latents = inputs(fam, batch, width, height, device)
     key = "hidden_states" if fam.kind == "qwen" else "sample"
     with torch.inference_mode():
-        denoiser(**kw)  # warm-up: kernels, autotuning, allocator
+        # 1. eager: warm-up (kernels, allocator), then reps steps with the scheduler's update
+        denoiser(**kw)
         sync(device)
-        cuda = device.type == "cuda"
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(REPS)] if cuda else []
         start = time.perf_counter()
         x = kw[key]
-        for i in range(REPS):
-            if cuda:
-                events[i][0].record()
+        for _ in range(reps):
             out = denoiser(**{**kw, key: x})[0]
-            if cuda:
-                events[i][1].record()
             x = x - 0.01 * out  # the scheduler's update
         sync(device)
-        wall = time.perf_counter() - start
-        busy = sum(a.elapsed_time(b) for a, b in events) / 1000 / wall if cuda else float("nan")
+        eager = (time.perf_counter() - start) / reps
+        # 2. the same step captured once in a CUDA graph and replayed
+        graph = _graph_step(denoiser, kw, device, reps)
+        # 3. VAE decode of the batch
         t0 = time.perf_counter()
         vae.decode(latents, return_dict=False)
         sync(device)
         decode = time.perf_counter() - t0
-    return wall / REPS, decode, busy
+    return eager, graph, decode
+
+
+def _graph_step(denoiser, kw: dict, device: torch.device, reps: int) -> float:
+    """Seconds per replay of one captured denoiser call; NaN if it cannot be captured."""
+    if device.type != "cuda":
+        return float("nan")
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                denoiser(**kw)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            denoiser(**kw)
+        g.replay()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            g.replay()
+        sync(device)
+        return (time.perf_counter() - t0) / reps
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be captured is a finding, not a failure
+        print(f"  (no CUDA graph: {type(exc).__name__}: {str(exc)[:120]})", flush=True)
+        sync(device)
+        return float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="CSV to write (default cluster/calibration_gpu.csv; temp file with --smoke)")
     ap.add_argument("--budget-s", type=float, default=450.0, help="stop starting new measurements after this")
     ap.add_argument("--only", nargs="*", help="model families to run (sd15, sdxl, qwen-image)")
+    ap.add_argument("--reps", type=int, default=REPS, help="timed steps per configuration (after a warm-up)")
     args = ap.parse_args(argv)
 
     # 1. device
@@ -212,13 +246,13 @@ def main(argv: list[str] | None = None) -> int:
                     fam.skipped.append(f"{width}x{height} b{batch}")
                     continue
                 try:
-                    t_step, t_dec, busy = measure(fam, denoiser, vae, batch, width, height, device)
+                    t_step, t_graph, t_dec = measure(fam, denoiser, vae, batch, width, height, device, args.reps)
                 except torch.OutOfMemoryError:
                     fam.skipped.append(f"{width}x{height} b{batch} (out of memory)")
                     torch.cuda.empty_cache()
                     continue
                 print(f"[{fam.name}] {width}x{height} batch {batch}: {t_step * 1000:.1f} ms/step, "
-                      f"decode {t_dec * 1000:.1f} ms, busy {busy:.2f}", flush=True)
+                      f"as a CUDA graph {t_graph * 1000:.1f} ms/step, decode {t_dec * 1000:.1f} ms", flush=True)
                 for n in steps:
                     per_image = (n * t_step + t_dec) / batch
                     rows.append(dict(stage="keyframes", backend=f"diffusers:{fam.name}:s{n}:b{batch}", device=resource,
@@ -226,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                                      seconds_per_unit_mpx=round(per_image / (width * height / 1e6), 6),
                                      source=source, measured_at=date.today().isoformat(), model=fam.name, steps=n,
                                      batch=batch, width=width, height=height,
-                                     seconds_per_image=round(per_image, 6), busy_fraction=round(busy, 4)))
+                                     seconds_per_image=round(per_image, 6), step_ms_eager=round(1000 * t_step, 2),
+                                     step_ms_graph=round(1000 * t_graph, 2), decode_ms=round(1000 * t_dec, 2)))
                 write(out, rows)
         if fam.skipped:
             print(f"[{fam.name}] skipped (budget or memory): {', '.join(fam.skipped)}", flush=True)

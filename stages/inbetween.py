@@ -26,7 +26,7 @@ import numpy as np
 
 from pipeline.models import Keyframes
 
-VERSION = "3"
+VERSION = "4"  # 4: frame-edge samples defer to the other keyframe by masked copy
 
 # Weight of a sample taken from outside a keyframe (motion across the frame edge): the
 # replicated border is not what is there, so the other keyframe decides (+0.1 dB on bbb/120).
@@ -76,10 +76,13 @@ class FlowInterpolator:
     cached pixel coordinates, converted to fixed-point ``CV_16SC2``), two remaps and one
     ``addWeighted`` straight into the output; nothing is allocated per frame but the output.
     Samples from outside a keyframe (motion across the frame edge) can only occur within the
-    largest flow component of the border, so only that band is checked and reblended: there
-    the other keyframe decides. At 1080p with three in-betweens per pair this is ~70% of the
-    time inside DIS (two threads) and ~76% on one core (was 50% / 54%); the two bilinear
-    remaps per frame are most of what is left. An instance is not thread-safe (nor is DIS).
+    largest flow component of the border, so only that band is checked: there the other
+    keyframe's sample is copied in. At 1080p with three in-betweens per pair
+    (``experiments/interp_bench.py --hd-only``) this is 137 ms per in-between on one core with
+    78% of the time inside DIS (88 ms and 72% on two threads; was 54% / 50% before the strips).
+    The two bilinear remaps per frame are ~15 ms of the ~34 ms left on one core, which puts
+    the ceiling of this method near 88% inside DIS: the 90% target is not reachable with two
+    full-resolution warps per frame. An instance is not thread-safe (nor is DIS).
 
     Occlusion (``occlusion=True``): forward-backward consistency once per pair (Sundaram et
     al. 2010: ``|F01(x) + F10(x + F01(x))|² > 0.01 (|F01|² + |F10(x + F01(x))|²) + 0.5``, plus
@@ -95,6 +98,19 @@ class FlowInterpolator:
     that needs forward splatting of the flow to ``t``. Other uses of the masks measured no
     better (occlusion-aware flow fusion, photometric-residual weights, softer floors, blurred
     masks: -0.01 to -0.5 dB). Hence off by default.
+
+    Also measured and not adopted (t = 0.5, mean PSNR on the 10 PNG triplets of
+    ../shared/data/frames / the 17 of ``experiments/interp_bench.py``, default 31.53 / 30.86):
+    the flow to ``t`` splatted from both flows (XVFI's complementary flow reversal) -0.02 /
+    -0.03 dB; splatting only forward-backward consistent pixels +0.00 / +0.01 dB at ~1 s per
+    frame, and letting the inconsistent pixels' splats decide visibility -0.12 / -0.13 dB; soft
+    forward-backward error weights -0.02 to -0.16 dB; the flow picked per pixel among the target
+    pixel and four neighbours 8 px away by agreement of the two warps +0.07 / +0.04 dB at ~3x
+    the time; bicubic warps +0.01 / -0.06 dB; blurring the blend where the warps disagree
+    +0.01 / +0.09 dB for ~+48 ms per 1080p frame; DIS refinement weights, iterations, patch 12,
+    stride 3, finest scale 0, fused DIS settings, median-filtered flow, CLAHE / green / Lab L /
+    blurred DIS input: -0.05 to +0.02 dB. What is left to RIFE is mostly bbb/430 (flapping
+    wings) and bbb/487 (motion blur), where DIS's flow itself is wrong.
     """
 
     name = "flow"
@@ -276,7 +292,7 @@ def _warp_rows(a, b, f01, f10, t, image, lo, hi, scratch, band, occ) -> None:
         if occ is None:
             cv2.addWeighted(s.a_t, 1.0 - t, s.b_t, t, 0.0, dst=image[r0:r1])
             for cols in _edge_columns(r0, r1, h, w, band):
-                image[r0:r1, cols] = _edge_blend(s, t, cols, w, h)
+                _defer_outside(s, image[r0:r1, cols], cols, w, h)
         else:
             image[r0:r1] = _occlusion_blend(s, occ, t, w, h)
 
@@ -298,12 +314,18 @@ def _weights(mask: np.ndarray, weight: float, floor: float) -> np.ndarray:
     return cv2.addWeighted(mask, weight * (1.0 - floor) / 255.0, mask, 0.0, weight * floor, dtype=cv2.CV_32F)
 
 
-def _edge_blend(s: _Strip, t: float, cols: slice, w: int, h: int) -> np.ndarray:
-    """Temporal blend of border columns of a strip, where a sample from outside a keyframe (the
-    replicated border, not what is there) defers to the other keyframe (+0.1 dB on bbb/120)."""
-    w0 = _weights(_inside(s.map0[:, cols], w, h), 1.0 - t, OUTSIDE_WEIGHT)
-    w1 = _weights(_inside(s.map1[:, cols], w, h), t, OUTSIDE_WEIGHT)
-    return cv2.blendLinear(s.a_t[:, cols], s.b_t[:, cols], w0, w1)
+def _defer_outside(s: _Strip, out: np.ndarray, cols: slice, w: int, h: int) -> None:
+    """Border columns of a strip: where one keyframe's sample lies outside its frame (the
+    replicated border, not what is there) and the other's does not, the other keyframe is
+    copied in (+0.1 dB on bbb/120). Byte masks and a masked copy: the float-weighted blend it
+    replaces cost a third of the per-frame time outside the warps at 1080p."""
+    in0, in1 = _inside(s.map0[:, cols], w, h), _inside(s.map1[:, cols], w, h)
+    only1 = cv2.subtract(in1, in0)  # 255 where only b's sample is inside its frame
+    only0 = cv2.subtract(in0, in1)
+    if cv2.countNonZero(only1):
+        cv2.copyTo(s.b_t[:, cols], only1, out)
+    if cv2.countNonZero(only0):
+        cv2.copyTo(s.a_t[:, cols], only0, out)
 
 
 def _fb_occlusion(f01: np.ndarray, f10: np.ndarray, buf: _Buffers) -> np.ndarray:

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import StageError
-from stages.inbetween import check_pair  # the in-betweeners' shared input contract
 
 WIDTHS = (192, 128, 96, 64, 32)  # channels of block0…block4
 SCALES = (16, 8, 4, 2, 1)  # working scale of block0…block4 at scale=1.0
@@ -151,7 +150,7 @@ class RifeInterpolator:
         self.net.load_state_dict(_load_state(Path(weights), self.net, self.device))
 
     def __call__(self, a: np.ndarray, b: np.ndarray, ts: list[float]) -> list[np.ndarray]:
-        check_pair(a, b, ts)
+        _check_pair(a, b, ts)
         if np.array_equal(a, b):  # a hold: nothing moves, no net to run
             return [a.copy() for _ in ts]
         h, w = a.shape[:2]
@@ -168,6 +167,17 @@ class RifeInterpolator:
                 y = self.net(x0, x1, float(t), self.scales)[0, :, :h, :w]
                 out.append((y * 255.0).round_().clamp_(0, 255).byte().permute(1, 2, 0).contiguous().cpu().numpy())
         return out
+
+
+def _check_pair(a: np.ndarray, b: np.ndarray, ts: list[float]) -> None:
+    """The in-betweeners' input contract (``stages/inbetween.py`` checks the same; a stage does not
+    import another stage)."""
+    if a.shape != b.shape or a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"interpolate needs two RGB uint8 images of equal shape, got {a.shape} {a.dtype} "
+                         f"and {b.shape} {b.dtype}")
+    bad = [t for t in ts if not 0.0 < t < 1.0]
+    if bad:
+        raise ValueError(f"interpolation times must lie strictly between 0 and 1, got {bad}")
 
 
 def _load_state(path: Path, net: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:

@@ -37,8 +37,10 @@ def test_rife_reproduces_published_quality_on_real_triplets(rife):
         print(f"{name:24s} rife {psnr[-1]:6.2f} dB   {time.perf_counter() - t0:5.2f} s")
         assert out.shape == a.shape and out.dtype == np.uint8
     print(f"{'mean':24s} rife {np.mean(psnr):6.2f} dB")
-    # a wrong wiring of any block (inputs, scales, mask) costs several dB; ours measures 30.56
-    assert np.mean(psnr) >= 30.5
+    # The weights' README: "about 31.5 dB mean PSNR" on these ten triplets; ours measures 31.49
+    # (on the CPU and, through experiments/rife_device.py, on an H200). A wrong wiring of any
+    # block (inputs, scales, mask) costs several dB.
+    assert len(psnr) == 10 and abs(np.mean(psnr) - 31.5) < 0.15
 
 
 @needs_weights
