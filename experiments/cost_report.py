@@ -181,7 +181,11 @@ def gpu_types(calibration: Calibration, profiles: dict[str, Profile]) -> list[st
 
 def provenance(row: CalibrationRow) -> str:
     kind = row.source.split(":", 1)[0]
-    return {"published": "PUBLISHED", "measured here": "measured here"}.get(kind, kind)
+    if kind.startswith("measured on"):  # experiments/calibrate_gpu.py, rife_device.py
+        return "measured here (GPU)"
+    if kind.startswith("published"):  # "published" and "published, derived"
+        return "PUBLISHED"
+    return {"measured here": "measured here"}.get(kind, kind)
 
 
 # --------------------------------------------------------------------------- report
@@ -222,12 +226,17 @@ def render_markdown(estimates: list[Estimate], skipped: list[str], calibration: 
       "`experiments/cost_report.py`. FX: ¥%.2f per USD. Costs are **attributed** (busy resource-seconds "
       "× price), not billed: idle GPU time, model loading and cluster start-up are not included." % prices.usd_cny)
     w()
-    w("**Read this first: every GPU keyframe figure below comes from a PUBLISHED benchmark on someone "
-      "else's machine (sources in the trace), not from a measurement made here.** No GPU was available to "
-      "this project when the report was made. The CPU stages (storyboard, in-betweening, encode, assemble) "
-      "come from rows measured here on CPU at 360p/720p and are scaled to 1080p by megapixels; the CPU "
-      "optical-flow in-betweening at 1080p is part of the optimized cost. Spot prices are "
-      "the catalog's *assumed* 50%-of-on-demand rows (low confidence).")
+    gpu_rows = {s.calibration.device.removeprefix("gpu:"): provenance(s.calibration)
+                for e in estimates for s in e.stages if s.stage == "keyframes" and s.calibration.device.startswith("gpu:")}
+    measured = sorted({g for g, kind in gpu_rows.items() if kind.startswith("measured")}) or ["no GPU"]
+    published = sorted({g for g, kind in gpu_rows.items() if kind == "PUBLISHED"}) or ["no GPU"]
+    w(f"**Read this first: the GPU keyframe figures for {', '.join(measured)} were measured by this project "
+      "(`experiments/calibrate_gpu.py`: the real architectures at real size with random weights, eager PyTorch; "
+      f"see the calibration rows at the end); those for {', '.join(published)} come from PUBLISHED benchmarks "
+      "on someone else's machine (sources in the trace), not from a measurement made here.** The CPU stages "
+      "(storyboard, in-betweening, encode, assemble) come from rows measured here on CPU at 360p/720p and are "
+      "scaled to 1080p by megapixels; the CPU optical-flow in-betweening at 1080p is part of the optimized cost. "
+      "Spot prices are the catalog's *assumed* 50%-of-on-demand rows (low confidence).")
     w()
     w("## ¥ per episode and per finished minute")
     w()

@@ -4,7 +4,8 @@
 # shared PNG triplets in .devdata/). Writes CSVs and logs to $OUT (default ./gpu_out):
 #   rife_gpu.csv + rife.log          experiments/rife_device.py: RIFE on the GPU vs the CPU
 #   calibration_gpu.csv + calib.log  experiments/calibrate_gpu.py: SD1.5/SDXL/Qwen-Image rows
-# Then, here: .venv/bin/python experiments/merge_gpu_rows.py OUT/calibration_gpu.csv OUT/rife_gpu.csv
+# Then, here: cp OUT/calibration_gpu.csv cluster/ && .venv/bin/python experiments/merge_gpu_rows.py \
+#   cluster/calibration_gpu.csv OUT/rife_gpu.csv   (folds them into cluster/calibration.csv)
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
