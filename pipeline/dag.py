@@ -164,7 +164,7 @@ class _WorkerPool:
     @staticmethod
     def where(shot: ShotPlan) -> tuple[str, str, str]:
         """A plate's identity as the backend looks it up (``stages.diffusion.plate_key``)."""
-        from stages.draw import setting_of
+        from stages.backgrounds import setting_of
 
         return (shot.location, shot.time_of_day, setting_of(shot.scene_heading, shot.location))
 

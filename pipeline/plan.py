@@ -24,7 +24,7 @@ from pipeline.models import Episode, Profile, RenderPlan, Scene, Shot, ShotPlan,
 from pipeline.errors import ProfileError
 from stages import assemble, encode, inbetween, keyframes, storyboard
 from stages import audit as audit_mod
-from stages.draw import setting_of
+from stages.backgrounds import setting_of
 
 STAGES = ("storyboard", "keyframes", "inbetween", "encode")
 # Subtitle placement inside a shot: a short lead-in, a gap between cues, a tail before the cut.

@@ -28,7 +28,9 @@ from PIL import Image, ImageDraw
 from pipeline.errors import ProfileError
 from pipeline.models import DiffusionSettings, Frame, Keyframes, ShotPlan
 from stages import prompts
-from stages.draw import Placement, background_plate, draw_figure, frame_camera, layout, render_cel, setting_of, stable_hash
+from stages.backgrounds import background_plate, setting_of
+from stages.draw import draw_figure, render_cel
+from stages.staging import Placement, frame_camera, layout, stable_hash
 
 VERSION = "1"
 EXPECTED = ("a diffusers pipeline directory with model_index.json (e.g. saved with save_pretrained), "

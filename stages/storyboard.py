@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.models import ShotPlan
-from stages.draw import fit_lines, frame_camera, layout, load_font, render_cel, wrap_text
+from stages.draw import fit_lines, load_font, render_cel, wrap_text
+from stages.staging import frame_camera, layout
 
 VERSION = "3"
 ASPECTS = {"16:9": (16, 9), "9:16": (9, 16)}

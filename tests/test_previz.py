@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.models import Camera, DialogueLine, Shot, ShotPlan
-from stages import draw
+from stages import backgrounds, draw, staging
 from stages.keyframes import BACKENDS, PrevizKeyframes, backend
 from stages.storyboard import contact_sheet, render_panel
 
@@ -55,8 +55,8 @@ def test_render_is_identical_in_a_fresh_process():
 
 def test_characters_get_distinct_stable_styles():
     names = ["MAYA", "KENJI", "AIKO", "林小雨", "陈浩"]
-    styles = [draw.character_style(n) for n in names]
-    assert draw.character_style("MAYA") == styles[0]
+    styles = [staging.character_style(n) for n in names]
+    assert staging.character_style("MAYA") == styles[0]
     looks = {(s.hair, s.top, s.bottom, s.hair_shape) for s in styles}
     assert len(looks) == len(names)
     # and it shows in pixels: the same shot with a different character differs
@@ -66,15 +66,15 @@ def test_characters_get_distinct_stable_styles():
 
 
 def test_plates_differ_by_location_and_time_of_day():
-    day = draw.background_plate("CITY STREET", "DAY", "EXT", W, H)
-    night = draw.background_plate("CITY STREET", "NIGHT", "EXT", W, H)
-    park = draw.background_plate("CITY PARK", "DAY", "EXT", W, H)
-    room = draw.background_plate("KENJI'S APARTMENT", "NIGHT", "INT", W, H)
+    day = backgrounds.background_plate("CITY STREET", "DAY", "EXT", W, H)
+    night = backgrounds.background_plate("CITY STREET", "NIGHT", "EXT", W, H)
+    park = backgrounds.background_plate("CITY PARK", "DAY", "EXT", W, H)
+    room = backgrounds.background_plate("KENJI'S APARTMENT", "NIGHT", "INT", W, H)
     assert day.shape == (H, W, 3) and day.dtype == np.uint8
     assert luminance(night) < luminance(day) - 40
     assert not np.array_equal(day, park) and not np.array_equal(night, room)
-    assert draw.sky_kind("夜") == "night" and draw.sky_kind("SUNSET") == "dusk" and draw.sky_kind("CONTINUOUS") == "day"
-    assert draw.setting_of("INT. OFFICE - DAY", "OFFICE") == "INT" and draw.setting_of("内景 教室 - 夜", "教室") == "INT"
+    assert backgrounds.sky_kind("夜") == "night" and backgrounds.sky_kind("SUNSET") == "dusk" and backgrounds.sky_kind("CONTINUOUS") == "day"
+    assert backgrounds.setting_of("INT. OFFICE - DAY", "OFFICE") == "INT" and backgrounds.setting_of("内景 教室 - 夜", "教室") == "INT"
 
 
 def test_plate_cache_is_filled_once_per_location_and_size():
@@ -89,8 +89,8 @@ def test_moving_shot_moves_and_static_shot_holds():
     moving = plan(action="Maya runs left.")
     frames = [draw.render_cel(moving, t, W, H, {}) for t in (0.0, 0.5, 1.0)]
     assert not np.array_equal(frames[0], frames[1]) and not np.array_equal(frames[1], frames[2])
-    p0 = draw.layout(moving.shot, t=0.0, width=W, height=H)
-    p1 = draw.layout(moving.shot, t=1.0, width=W, height=H)
+    p0 = staging.layout(moving.shot, t=0.0, width=W, height=H)
+    p1 = staging.layout(moving.shot, t=1.0, width=W, height=H)
     assert p1[0].x < p0[0].x - 0.3 * W  # MAYA ran left, a long way
     static = plan(action="Maya runs left.", static=True)
     still = [draw.render_cel(static, t, W, H, {}) for t in (0.0, 0.5, 1.0)]
@@ -99,7 +99,7 @@ def test_moving_shot_moves_and_static_shot_holds():
 
 def test_cjk_verbs_and_idle_motion():
     shot = plan(characters=("林小雨", "陈浩"), action="林小雨走向陈浩。陈浩转身。").shot
-    a, b = draw.layout(shot, t=0.0, width=W, height=H), draw.layout(shot, t=1.0, width=W, height=H)
+    a, b = staging.layout(shot, t=0.0, width=W, height=H), staging.layout(shot, t=1.0, width=W, height=H)
     assert b[0].x > a[0].x  # approached
     assert a[1].facing != b[1].facing  # turned
     idle = plan(action="They talk quietly.", dialogue=[("MAYA", "So?")])
