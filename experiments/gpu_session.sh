@@ -4,6 +4,12 @@
 # shared PNG triplets in .devdata/). Writes CSVs and logs to $OUT (default ./gpu_out):
 #   rife_gpu.csv + rife.log          experiments/rife_device.py: RIFE on the GPU vs the CPU
 #   calibration_gpu.csv + calib.log  experiments/calibrate_gpu.py: SD1.5/SDXL/Qwen-Image rows
+# Prepare here first (both folders are git-ignored via .git/info/exclude, and carried to the machine):
+#   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata pydantic==2.14.4 \
+#     pydantic_core==2.50.5 annotated-types typing-inspection typing_extensions
+#   mkdir -p .devdata && cp ../shared/data/weights/rife/flownet.pkl .devdata/ &&
+#     (cd ../shared/data/frames && find . -name '*.png' -exec install -D {} ../../../main/.devdata/frames/{} \;)
 # Then, here: cp OUT/calibration_gpu.csv cluster/ && .venv/bin/python experiments/merge_gpu_rows.py \
 #   cluster/calibration_gpu.csv OUT/rife_gpu.csv   (folds them into cluster/calibration.csv)
 set -u
