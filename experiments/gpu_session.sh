@@ -9,7 +9,7 @@
 #     --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata pydantic==2.14.4 \
 #     pydantic_core==2.50.5 annotated-types typing-inspection typing_extensions
 #   mkdir -p .devdata && cp ../shared/data/weights/rife/flownet.pkl .devdata/ &&
-#     (cd ../shared/data/frames && find . -name '*.png' -exec install -D {} ../../../main/.devdata/frames/{} \;)
+#     (cd ../shared/data/frames && find . -name '*.png' -exec install -D {} "$OLDPWD/.devdata/frames/{}" \;)
 # Then, here: cp OUT/calibration_gpu.csv cluster/ && .venv/bin/python experiments/merge_gpu_rows.py \
 #   cluster/calibration_gpu.csv OUT/rife_gpu.csv   (folds them into cluster/calibration.csv)
 set -u
