@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.budget import BudgetGuard
 from pipeline.cache import ArtifactStore
 from pipeline.cost import PriceCatalog
 from pipeline.errors import AnimError, StageError
@@ -256,11 +257,9 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
            stop_after: str | None = None, approved: set[str] | None = None) -> RenderResult:
     """Run the plan; return the priced ledger and the artifacts' paths in the store.
 
-    ``budget_yuan`` caps attributed cost: a node is submitted only if what is spent, what
-    running nodes are expected to cost and its own estimate, each estimate times a margin, fit.
-    The margin starts at 1 + ``budget_margin`` and grows to 1.1 × the worst actual/estimate
-    ratio seen so far in this render, so a machine slower than its calibration tightens the
-    guard instead of overshooting. ``stop_after="storyboard"`` renders panels and the contact
+    ``budget_yuan`` caps attributed cost (``pipeline.budget.BudgetGuard``, margin
+    1 + ``budget_margin``, learning from this render's overruns).
+    ``stop_after="storyboard"`` renders panels and the contact
     sheet only. ``approved`` (a set of storyboard keys) turns on the approval gate: keyframe
     money is spent only on those shots.
     """
@@ -274,26 +273,24 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
     records: list[LedgerRecord] = []
     spans: list[tuple[str, float, float]] = []
     quality: dict[str, dict[str, float]] = {}
-    reserved: dict[tuple[str, str], float] = {}
     in_flight: dict[Any, tuple[str, str]] = {}  # ref -> (shot, node)
     stage_seconds = 0.0
-    margin = 1.0 + budget_margin
-    planned: dict[tuple[str, str], float] = {}  # in-flight shot node -> its plain estimate
+    guard = BudgetGuard(budget_yuan, budget_margin)
+    fits = guard.fits
 
-    def spent() -> float:
-        return sum(r.yuan for r in records)
-
-    def fits(yuan: float) -> bool:
-        return budget_yuan is None or spent() + sum(reserved.values()) + yuan * margin <= budget_yuan + 1e-15
-
-    def take(measured: Measured) -> None:
+    def take(measured: Measured) -> float:
+        """Price a finished node into the ledger and charge it; its yuan."""
         nonlocal stage_seconds
+        yuan = 0.0
         for stage, seconds in measured.timings:
             records.append(prices.record(stage, measured.shot, seconds, measured.resource, measured.units))
             stage_seconds += seconds * measured.units
+            yuan += records[-1].yuan
+        guard.charge(yuan)
         spans.append(("+".join(stage for stage, _ in measured.timings), *measured.span))
         if measured.quality and measured.shot:
             quality[measured.shot] = measured.quality
+        return yuan
 
     def hit(stage: str, shot: str | None) -> None:
         records.append(prices.record(stage, shot, 0.0, CPU, 1.0, cached=True))
@@ -352,7 +349,7 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
                                        height=plan.height, store=url)) for s in batch]
         for ref, node, key in pool.prerequisites(batch, store):
             in_flight[ref] = (None, node)
-            reserved[(key, node)] = plan.episode_estimate_yuan.get(node, 0.0) * margin / max(pool.count(node), 1)
+            guard.reserve((key, node), plan.episode_estimate_yuan.get(node, 0.0) / max(pool.count(node), 1), learn=False)
         for s in batch:
             hit("plates", s.shot.id)  # each shot's plate comes from the store, drawn once per location
         return pool.keyframes(batch, [sb_refs[s.shot.id] for s in batch if s.shot.id in sb_refs])
@@ -370,9 +367,8 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
                 hit("keyframes", shot.shot.id)
                 submit_clip(shot, None, est)
             else:
-                reserved[(shot.shot.id, "keyframes")] = est["keyframes"] * margin
-                reserved[(shot.shot.id, "clip")] = est["clip"] * margin
-                planned[(shot.shot.id, "keyframes")] = est["keyframes"]
+                guard.reserve((shot.shot.id, "keyframes"), est["keyframes"])
+                guard.reserve((shot.shot.id, "clip"), est["clip"])
                 batch.append(shot)
         for shot, kf_ref in submit_keyframes(batch) if batch else []:
             in_flight[kf_ref] = (shot.shot.id, "keyframes")
@@ -381,30 +377,25 @@ def render(plan: RenderPlan, *, store: ArtifactStore, prices: PriceCatalog, ffmp
     def submit_clip(shot: ShotPlan, kf_ref: Any, est: dict[str, float]) -> None:
         ref = clip_task.remote(shot, kf_ref, profile=p, width=plan.width, height=plan.height, ffmpeg=ffmpeg,
                                store=url)
-        in_flight[ref], reserved[(shot.shot.id, "clip")] = (shot.shot.id, "clip"), est["clip"] * margin
-        planned[(shot.shot.id, "clip")] = est["clip"]
+        in_flight[ref] = (shot.shot.id, "clip")
+        guard.reserve((shot.shot.id, "clip"), est["clip"])
 
     # 3. Run: collect nodes as they finish, admit more as actual costs replace reservations.
     for sid, ref in sb_refs.items():
         in_flight[ref] = (sid, "storyboard")
     admit()
     if on_progress:
-        on_progress(done_shots, len(plan.shots), spent())
+        on_progress(done_shots, len(plan.shots), guard.spent)
     while in_flight:
         ready, _ = cluster.wait(list(in_flight))
         sid, node = in_flight.pop(ready[0])
-        before = len(records)
-        take(_get(ready[0]))
-        reserved.pop((sid, node), None)
-        if planned.get((sid, node)):  # learn how far off this render's estimates run
-            actual = sum(r.yuan for r in records[before:])
-            margin = max(margin, 1.1 * actual / planned.pop((sid, node)))
+        guard.finish((sid, node), take(_get(ready[0])))  # the margin learns how far off estimates run
         if pool and node in ("plates", "sheets"):
-            reserved.pop(pool.reservation(ready[0], node), None)
+            guard.release(pool.reservation(ready[0], node))
         done_shots += node == "clip"
         admit()
         if on_progress:
-            on_progress(done_shots, len(plan.shots), spent())
+            on_progress(done_shots, len(plan.shots), guard.spent)
     if queue:
         stopped = "budget"
     remaining = {s.shot.id for s in held_back + queue}
