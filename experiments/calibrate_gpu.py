@@ -166,7 +166,9 @@ def measure(fam: Family, denoiser, vae, batch: int, width: int, height: int, dev
         eager = (time.perf_counter() - start) / reps
         # 2. the same step captured once in a CUDA graph and replayed
         graph = _graph_step(denoiser, kw, device, reps)
-        # 3. VAE decode of the batch
+        # 3. VAE decode of the batch, after a warm-up decode (the first one pays cuDNN's set-up)
+        vae.decode(latents, return_dict=False)
+        sync(device)
         t0 = time.perf_counter()
         vae.decode(latents, return_dict=False)
         sync(device)
