@@ -45,8 +45,9 @@ from pathlib import Path
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.config import REPO_ROOT, resolve_profile, resolve_settings
 from pipeline.cost import PriceCatalog, PriceRow
-from pipeline.errors import ProfileError
-from pipeline.models import Episode, Profile, RenderPlan
+from stages.records import ProfileError
+from stages.records import Episode
+from pipeline.models import Profile, RenderPlan
 from pipeline.plan import make_plan, stage_rows
 from stages.script import load_episode
 

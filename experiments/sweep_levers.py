@@ -40,7 +40,8 @@ from pipeline.cache import ArtifactStore
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.config import resolve_profile, resolve_settings
 from pipeline.cost import PriceCatalog, billed_yuan
-from pipeline.models import Episode, Profile
+from stages.records import Episode
+from pipeline.models import Profile
 from pipeline.plan import calibration_keys, make_plan
 from stages.script import load_episode
 

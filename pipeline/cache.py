@@ -38,8 +38,8 @@ from typing import Iterator, Literal
 
 from pydantic import Field
 
-from pipeline.errors import AnimError
-from pipeline.models import Record
+from stages.records import AnimError
+from stages.records import Record
 
 SCHEMA = "anim.artifact/2"  # manifests without "schema" are version 1: files and meta only
 MANIFEST = "manifest.json"

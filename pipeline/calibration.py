@@ -13,8 +13,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from pipeline.errors import ProfileError
-from pipeline.models import Record
+from stages.records import ProfileError
+from stages.records import Record
 
 FIELDS = ["stage", "backend", "device", "unit", "overhead_s", "seconds_per_unit_mpx", "source", "measured_at"]
 

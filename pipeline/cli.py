@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.errors import AnimError
+from stages.records import AnimError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn an episode screenplay into storyboards, keyframes, in-betweens and a finished video.")

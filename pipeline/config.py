@@ -20,8 +20,9 @@ from typing import Any, Mapping
 
 from pydantic import Field, ValidationError
 
-from pipeline.errors import ProfileError
-from pipeline.models import Profile, Record
+from stages.records import ProfileError
+from stages.records import Record
+from pipeline.models import Profile
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 REPO_ROOT = Path(__file__).resolve().parents[1]

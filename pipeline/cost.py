@@ -11,8 +11,9 @@ from pathlib import Path
 
 from pydantic import Field
 
-from pipeline.errors import ProfileError
-from pipeline.models import LedgerRecord, Record
+from stages.records import ProfileError
+from stages.records import Record
+from pipeline.models import LedgerRecord
 
 
 class PriceRow(Record):

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from pipeline.budget import BudgetGuard
 from pipeline.cache import ArtifactStore
 from pipeline.cost import PriceCatalog
-from pipeline.errors import AnimError, StageError
+from stages.records import AnimError, StageError
 from pipeline.models import Ledger, LedgerRecord, RenderPlan, ShotPlan
 from pipeline.nodes import CPU, Measured, assemble_node, clip_node, keyframes_node, must, sheet_node, storyboard_node
 from pipeline.plan import content_key

@@ -1,85 +1,17 @@
-"""Typed records exchanged by stages and the pipeline.
+"""Orchestration records: the profile, the render plan and the ledger.
 
-Records are frozen pydantic models; those that are stored (Episode, RenderPlan, ledger)
-carry a ``schema_version``. Image-carrying records are plain dataclasses holding numpy
-arrays, since they travel through Ray's object store and are never serialised as JSON.
+What stages and the pipeline share (episode, shots, frames, subtitle cues, errors) lives in
+``stages.records``; these records are the pipeline's own and stages never see them. Records
+are frozen pydantic models; those that are stored (RenderPlan, Ledger) carry a
+``schema_version``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import Literal
 
-import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-SCHEMA_VERSION = 1
-
-
-class Record(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-# --------------------------------------------------------------------------- episode
-
-
-class Camera(str, Enum):
-    """Shot framing, from widest to tightest."""
-
-    ESTABLISHING = "establishing"
-    WIDE = "wide"
-    MEDIUM = "medium"
-    CLOSE_UP = "close-up"
-    EXTREME_CLOSE_UP = "extreme-close-up"
-
-
-class DialogueLine(Record):
-    character: str = Field(description="Canonical cue name without extension, e.g. 'BOB' or '林小雨'.")
-    text: str
-    parenthetical: str | None = None
-    extension: str | None = Field(None, description="Cue extension such as 'V.O.', 'O.S.', \"CONT'D\".")
-    dual: bool = Field(False, description="Spoken simultaneously with the previous line (Fountain '^').")
-    line: int = Field(description="1-based line of the cue in the source file.")
-
-
-class Shot(Record):
-    id: str = Field(description="Stable id within the episode, e.g. 'sc01-sh03'.")
-    scene: int = Field(description="1-based index of the scene the shot belongs to.")
-    camera: Camera
-    duration_s: float = Field(gt=0)
-    characters: list[str] = Field(description="Characters on screen, in order of appearance.")
-    action: str = Field(description="What happens on screen; may be empty for a pure dialogue shot.")
-    dialogue: list[DialogueLine] = Field(default_factory=list)
-    static: bool = Field(False, description="Nothing moves: render one drawing and hold it.")
-    line: int = Field(description="1-based line in the source where the shot starts.")
-
-
-class Scene(Record):
-    index: int
-    heading: str
-    location: str
-    setting: Literal["INT", "EXT", "INT/EXT"] | None = None
-    time_of_day: str = Field("DAY", description="Upper-case, e.g. DAY, NIGHT, DUSK, DAWN.")
-    number: str | None = Field(None, description="Scene number from '#12A#', if given.")
-    line: int
-    shots: list[Shot]
-
-
-class Episode(Record):
-    schema_version: int = SCHEMA_VERSION
-    title: str
-    source: str = Field(description="Path of the script the episode was parsed from.")
-    title_page: dict[str, str] = Field(default_factory=dict)
-    characters: list[str] = Field(default_factory=list)
-    scenes: list[Scene]
-
-    @property
-    def shots(self) -> list[Shot]:
-        return [shot for scene in self.scenes for shot in scene.shots]
-
-    @property
-    def duration_s(self) -> float:
-        return sum(shot.duration_s for shot in self.shots)
+from stages.records import SCHEMA_VERSION, Record, Shot, SubtitleCue
 
 
 # --------------------------------------------------------------------------- profile
@@ -144,15 +76,6 @@ class Profile(Record):
 
 
 # --------------------------------------------------------------------------- plan
-
-
-class SubtitleCue(Record):
-    index: int
-    start_s: float
-    end_s: float
-    character: str
-    text: str
-    shot: str
 
 
 class ShotPlan(Record):
@@ -255,22 +178,3 @@ class Ledger(Record):
         for r in self.records:
             out[r.stage] = out.get(r.stage, 0.0) + r.yuan
         return out
-
-
-# --------------------------------------------------------------------------- images
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One image of a shot: RGB uint8, shape (height, width, 3)."""
-
-    index: int
-    image: np.ndarray
-
-
-@dataclass(frozen=True)
-class Keyframes:
-    """The generated drawings of one shot, at shot-local frame indices."""
-
-    shot: str
-    frames: list[Frame] = field(default_factory=list)

@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.cache import ArtifactStore
-from pipeline.models import Frame, Keyframes, Profile, RenderPlan, ShotPlan
+from stages.records import Frame, Keyframes
+from pipeline.models import Profile, RenderPlan, ShotPlan
 from stages import assemble, audit, encode, inbetween, keyframes, storyboard
 
 CPU = "cpu"

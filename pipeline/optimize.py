@@ -21,8 +21,9 @@ from typing import Callable
 
 from pipeline.calibration import Calibration
 from pipeline.cost import PriceCatalog
-from pipeline.errors import AnimError
-from pipeline.models import Episode, Profile
+from stages.records import AnimError
+from stages.records import Episode
+from pipeline.models import Profile
 from pipeline.plan import make_plan
 
 

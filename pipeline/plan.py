@@ -20,8 +20,9 @@ from typing import Any
 
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.cost import PriceCatalog
-from pipeline.models import Episode, Profile, RenderPlan, Scene, Shot, ShotPlan, SubtitleCue
-from pipeline.errors import ProfileError
+from stages.records import Episode, Scene, Shot, SubtitleCue
+from pipeline.models import Profile, RenderPlan, ShotPlan
+from stages.records import ProfileError
 from stages import assemble, encode, inbetween, keyframes, storyboard
 from stages import audit as audit_mod
 from stages.backgrounds import setting_of

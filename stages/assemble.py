@@ -19,8 +19,9 @@ import cv2
 import numpy as np
 import srt
 
-from pipeline.errors import StageError
-from pipeline.models import ShotPlan, SubtitleCue
+from stages.records import StageError
+from stages.records import SubtitleCue
+from pipeline.models import ShotPlan
 
 VERSION = "1"
 STAGE = "assemble"

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.errors import ProfileError
-from pipeline.models import DiffusionSettings, Frame, Keyframes, ShotPlan
+from stages.records import ProfileError
+from stages.records import Frame, Keyframes
+from pipeline.models import DiffusionSettings, ShotPlan
 from stages import prompts
 from stages.backgrounds import background_plate, setting_of
 from stages.draw import draw_figure, render_cel

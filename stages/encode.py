@@ -18,7 +18,7 @@ from pathlib import Path
 import ffmpeg as ffmpeg_lib
 import numpy as np
 
-from pipeline.errors import StageError
+from stages.records import StageError
 
 VERSION = "1"
 STAGE = "encode"

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
-from pipeline.models import Keyframes
+from stages.records import Keyframes
 
 VERSION = "4"  # 4: frame-edge samples defer to the other keyframe by masked copy
 

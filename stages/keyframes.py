@@ -8,7 +8,9 @@ and takes ``settings=DiffusionSettings`` besides the size.
 """
 from __future__ import annotations
 
-from pipeline.models import Frame, Keyframes, ShotPlan
+from stages.records import Frame, Keyframes
+
+from pipeline.models import ShotPlan
 from stages.draw import render_cel
 
 VERSION = "1"

@@ -14,7 +14,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from pipeline.models import Camera, DiffusionSettings, ShotPlan
+from stages.records import Camera
+
+from pipeline.models import DiffusionSettings, ShotPlan
 
 CAMERA_WORDS = {
     Camera.ESTABLISHING: "establishing shot, extreme wide shot, scenery",

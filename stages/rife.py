@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import StageError
+from stages.records import StageError
 
 WIDTHS = (192, 128, 96, 64, 32)  # channels of block0…block4
 SCALES = (16, 8, 4, 2, 1)  # working scale of block0…block4 at scale=1.0

@@ -45,8 +45,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import ScriptError
-from pipeline.models import Camera, DialogueLine, Episode, Scene, Shot
+from stages.records import ScriptError
+from stages.records import Camera, DialogueLine, Episode, Scene, Shot
 from stages.fountain import Element, FountainDocument, parse_fountain, parse_heading
 from stages.shotlist import load_shotlist
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.errors import ScriptError
-from pipeline.models import Camera, DialogueLine, Episode, Scene, Shot
+from stages.records import ScriptError
+from stages.records import Camera, DialogueLine, Episode, Scene, Shot
 from stages.fountain import parse_heading
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.models import Camera, Shot
+from stages.records import Camera, Shot
 
 RGB = tuple[int, int, int]
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from pipeline.cache import MANIFEST, STAGING, ArtifactStore, LocalStore, RemoteStore, StoreError
 from pipeline.cli_cache import cache_app, parse_duration, parse_size
 from pipeline.cost import PriceCatalog
-from pipeline.errors import ProfileError
+from stages.records import ProfileError
 from pipeline.models import Ledger
 
 from .conftest import REPO

@@ -16,8 +16,9 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from pipeline.errors import ProfileError  # noqa: E402
-from pipeline.models import Camera, DiffusionSettings  # noqa: E402
+from stages.records import ProfileError  # noqa: E402
+from stages.records import Camera  # noqa: E402
+from pipeline.models import DiffusionSettings  # noqa: E402
 from stages import prompts  # noqa: E402
 from stages.consistency import consistency_score  # noqa: E402
 from stages.diffusion import DiffusersKeyframes, character_crops, plate_key  # noqa: E402

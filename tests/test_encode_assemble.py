@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import srt
 
-from pipeline.errors import StageError
-from pipeline.models import SubtitleCue
+from stages.records import StageError
+from stages.records import SubtitleCue
 from stages.assemble import concat_clips, probe, write_png, write_srt
 from stages.encode import Clip, encode_clip
 

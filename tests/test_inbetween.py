@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.models import Frame, Keyframes
+from stages.records import Frame, Keyframes
 from tests.conftest import FRAMES, SHARED_DATA, read_rgb, shared_triplets
 from stages.inbetween import INTERPOLATORS, Crossfade, FlowInterpolator, _fb_occlusion, interpolator, shot_frames
 

@@ -12,7 +12,7 @@ from pipeline.cache import ArtifactStore
 from pipeline.calibration import Calibration
 from pipeline.config import resolve_profile
 from pipeline.cost import PriceCatalog
-from pipeline.models import Episode
+from stages.records import Episode
 from pipeline.plan import make_plan
 from stages.script import load_episode
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import resolve_profile
-from pipeline.errors import ProfileError
-from pipeline.models import Camera, DialogueLine, Episode, Scene, Shot
+from stages.records import ProfileError
+from stages.records import Camera, DialogueLine, Episode, Scene, Shot
 from pipeline.plan import drawing_schedule, make_plan
 
 

@@ -9,7 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.models import Camera, DialogueLine, Shot, ShotPlan
+from stages.records import Camera, DialogueLine, Shot
+
+from pipeline.models import ShotPlan
 from stages import backgrounds, draw, staging
 from stages.keyframes import BACKENDS, PrevizKeyframes, backend
 from stages.storyboard import contact_sheet, render_panel

@@ -15,7 +15,8 @@ from pipeline.cache import ArtifactStore  # noqa: E402
 from pipeline.calibration import FIELDS, Calibration  # noqa: E402
 from pipeline.config import resolve_profile  # noqa: E402
 from pipeline.cost import PriceCatalog  # noqa: E402
-from pipeline.models import Camera, DiffusionSettings, Episode, Scene, Shot  # noqa: E402
+from stages.records import Camera, Episode, Scene, Shot  # noqa: E402
+from pipeline.models import DiffusionSettings  # noqa: E402
 from pipeline.plan import make_plan  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.tiny_diffusers import save_sd15  # noqa: E402
@@ -96,7 +97,7 @@ def test_diffusers_episode_renders_with_one_plate_per_location(setup):
 
 
 def test_missing_weights_stop_the_render_before_any_work(setup, tmp_path):
-    from pipeline.errors import AnimError
+    from stages.records import AnimError
 
     plan, prices, _ = setup
     broken = plan.profile.diffusion.model_copy(update={"model": str(tmp_path / "no-such-model")})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import StageError
+from stages.records import StageError
 from stages.inbetween import interpolator
 from stages.rife import RifeInterpolator
 from tests.conftest import FRAMES, SHARED_DATA, read_rgb, shared_triplets

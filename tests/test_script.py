@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ScriptError
-from pipeline.models import Camera, Episode
+from stages.records import ScriptError
+from stages.records import Camera, Episode
 from stages.fountain import parse_fountain
 from stages.script import load_episode
 
