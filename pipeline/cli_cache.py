@@ -81,10 +81,10 @@ def _fail(exc: BaseException, code: int = 2) -> typer.Exit:
 
 def _open_store(store: str | None):
     """The one place the store location is resolved: --store, then ANIM_STORE, then the default."""
-    from pipeline.cache import ArtifactStore
+    from pipeline.store import open_store
     from pipeline.config import resolve_settings
 
-    return ArtifactStore(resolve_settings(store=store).store)
+    return open_store(resolve_settings(store=store).store)
 
 
 StoreOpt = typer.Option(None, "--store", metavar="URL",

@@ -1,0 +1,58 @@
+"""Content-addressed artifact store on a local directory or any fsspec filesystem.
+
+Every node's output lives under its content key, with a ``manifest.json`` naming each file
+with its size and sha256. A manifest whose checksums hold is the only proof that an
+artifact exists. Only content proven bad (an ill-formed manifest, a file it names that is
+missing, a wrong size or checksum; on a local store also files without a manifest) is
+treated as absent and removed, so it is recomputed, never used. A read that fails for any
+other reason (EIO, a permission, a network timeout) raises :class:`StoreError` naming the
+entry and the store, and removes nothing: on a shared store a hiccup must not destroy good
+artifacts.
+
+``open_store(location)`` opens one of two layouts, chosen by the location:
+
+* **Local** (a path or ``file://`` URL, :class:`LocalStore`): ``ROOT/ab/abcdef…/{files,
+  manifest.json}``. Files are staged in ``ROOT/.staging/<write>/``, the manifest is written
+  last, and the directory is renamed into place in one step. A hit touches the manifest's
+  mtime: that is its last use.
+* **Remote** (``s3://``, ``oss://``, ``memory://`` …, :class:`RemoteStore`):
+  ``PREFIX/ab/abcdef…/<write>/<files>``, then ``PREFIX/ab/abcdef…/manifest.json`` created
+  last (a conditional put where the filesystem has one), then ``used`` (the epoch of the
+  last use, rewritten at most once an hour per key and machine). Each write uploads under
+  its own ``<write>`` prefix (``<epoch>-<random>``), so two writers of one key never
+  overwrite each other's files; the manifest names the one upload that counts. ``get``
+  downloads into a local read-through cache and checks every copy against the manifest.
+
+``stats()`` and ``gc()`` read the manifests only (no database): stage, size, creation and
+last use are all recorded there or beside it.
+
+Modules: ``manifest`` (format, checks, records, the error), ``base`` (:class:`Store`, what
+both layouts share), ``local`` and ``remote`` (one layout each). fsspec is imported only when
+a URL is opened.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.store.base import Store, local_path
+from pipeline.store.local import LocalStore
+from pipeline.store.manifest import GcItem, GcReport, StageUsage, StoreError, StoreStats
+from pipeline.store.remote import RemoteStore
+
+__all__ = ["open_store", "Store", "LocalStore", "RemoteStore", "StoreError", "StoreStats", "StageUsage", "GcItem",
+           "GcReport"]
+
+
+def open_store(location: str | Path, *, local_cache: str | Path | None = None) -> Store:
+    """The artifact store at ``location``: a :class:`LocalStore` for a path or ``file://`` URL,
+    a :class:`RemoteStore` for any other fsspec URL.
+
+    ``local_cache`` is where a remote store keeps its checked copies (default: the per-user
+    cache directory); a local store uses its artifacts in place and ignores it.
+    ``open_store(store.url)`` opens the same store in another process.
+    """
+    if location is None or not str(location).strip():
+        raise StoreError(f"an artifact store needs a location: a path or an fsspec URL, got {location!r}")
+    if local_path(location) is not None:
+        return LocalStore(location, local_cache=local_cache)
+    return RemoteStore(location, local_cache=local_cache)

@@ -1,0 +1,217 @@
+"""The artifact store in a local directory (or a shared mount every node sees).
+
+Layout: ``ROOT/ab/abcdef…/{files, manifest.json}``. A write stages its files in
+``ROOT/.staging/<write>/``, writes the manifest there last, and renames the directory into
+place in one step; the rename is refused if an entry is already there, so the first writer
+wins. A hit touches the manifest's mtime: that is the entry's last use. Artifacts are used
+in place, no copy is made.
+
+An entry is removed only on proof that it is damaged (no manifest, an ill-formed one, a
+file missing or with the wrong size or checksum); removal renames it into staging first, so
+a reader never sees half of it. Any other OSError raises StoreError and removes nothing.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from pathlib import Path
+
+from pipeline.store.base import Entry, Leftover, Store, local_path
+from pipeline.store.manifest import (KEY_RE, MANIFEST, MISSING, STAGING, StoreError, build_manifest, check_key,
+                                     dump_manifest, intact, parse_manifest, stage_and_bytes, unreadable, write_id)
+
+
+def _tree(path: Path) -> tuple[int, float]:
+    """Bytes under ``path`` and its latest mtime (a writer still at work keeps it fresh)."""
+    size, latest = 0, path.stat().st_mtime
+    for base, _dirs, names in os.walk(path):
+        for name in names:
+            try:
+                st = os.stat(os.path.join(base, name))
+            except FileNotFoundError:
+                continue
+            size, latest = size + st.st_size, max(latest, st.st_mtime)
+    return size, latest
+
+
+class LocalStore(Store):
+    """A local directory; artifacts are used in place."""
+
+    def __init__(self, location: str | Path, *, local_cache: str | Path | None = None):
+        # local_cache is accepted so callers need not know the layout; a local store needs none.
+        root = local_path(location)
+        if root is None:
+            raise StoreError(f"artifact store {location!r} is not a local directory; open it with open_store")
+        self.root = root.expanduser().resolve()
+        (self.root / STAGING).mkdir(parents=True, exist_ok=True)
+        self.url = str(self.root)
+
+    def path(self, key: str) -> Path:
+        """The entry's directory (it may not exist)."""
+        check_key(key)
+        return self.root / key[:2] / key
+
+    # ---- reading
+    def get(self, key: str) -> dict[str, Path] | None:
+        folder = self.path(key)
+        # 1. The manifest: absent or ill-formed is proof, any other failure is not.
+        try:
+            raw = (folder / MANIFEST).read_bytes()
+        except FileNotFoundError:
+            self._discard_unfinished(key, folder)
+            return None
+        except (NotADirectoryError, IsADirectoryError):  # a file where the entry's folder should be, or the reverse
+            self._discard(folder)
+            return None
+        except OSError as exc:
+            raise unreadable(self.url, key, MANIFEST, exc) from exc
+        try:
+            manifest = parse_manifest(raw, key)
+        except ValueError:
+            self._discard(folder)
+            return None
+        # 2. Every file it names, by size and checksum.
+        files = {name: folder / name for name in manifest["files"]}
+        for name, entry in manifest["files"].items():
+            try:
+                ok = intact(files[name], entry)
+            except OSError as exc:
+                raise unreadable(self.url, key, name, exc) from exc
+            if not ok:
+                self._discard(folder)
+                return None
+        # 3. Record the use.
+        try:
+            os.utime(folder / MANIFEST)  # the manifest's mtime is the entry's last use
+        except OSError:
+            pass  # a read-only store still serves hits; it just cannot record them
+        return files
+
+    def meta(self, key: str) -> dict:
+        try:
+            raw = (self.path(key) / MANIFEST).read_bytes()
+        except MISSING:
+            raise StoreError(f"no artifact {key[:12]} in {self.url}") from None
+        except OSError as exc:
+            raise unreadable(self.url, key, MANIFEST, exc) from exc
+        try:
+            return parse_manifest(raw, key).get("meta", {})
+        except ValueError as exc:
+            raise StoreError(f"artifact {key[:12]} in {self.url}: its manifest is damaged ({exc}); "
+                             "nothing was removed (get removes it)") from None
+
+    def touch(self, key: str, when: float | None = None) -> None:
+        when = time.time() if when is None else when
+        try:
+            os.utime(self.path(key) / MANIFEST, (when, when))
+        except FileNotFoundError:
+            raise StoreError(f"no artifact {key[:12]} in {self.url}") from None
+
+    # ---- writing (Store.writer stages here, then calls _commit)
+    def _staging_root(self) -> Path:
+        return self.root / STAGING
+
+    def _commit(self, key: str, staging: Path, meta: dict | None) -> None:
+        (staging / MANIFEST).write_bytes(dump_manifest(build_manifest(key, staging, meta)))
+        final = self.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                os.replace(staging, final)  # one step; refused if another writer's entry is there
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            try:
+                if self.get(key) is not None:
+                    return  # another writer finished first: theirs wins, ours is discarded
+            except StoreError as exc:
+                raise StoreError(f"artifact {key[:12]}: an entry is already in {final} and cannot be checked; "
+                                 f"the new one was discarded: {exc}") from exc
+            # get() removed a damaged entry in the way; try again
+        raise StoreError(f"artifact {key[:12]}: could not move the new entry into {final}; it was discarded")
+
+    # ---- removal
+    def _discard(self, folder: Path) -> None:
+        """Take an entry out of the store in one step (readers never see half of it), then delete it."""
+        trash = self.root / STAGING / f"{write_id()}.discard"
+        try:
+            os.replace(folder, trash)
+        except FileNotFoundError:
+            return  # someone else removed it
+        if trash.is_dir():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            trash.unlink(missing_ok=True)
+
+    def _discard_unfinished(self, key: str, folder: Path) -> None:
+        """Remove files without a manifest (an interrupted or foreign write), if they are still so.
+
+        Checked again, since a writer may have renamed a complete entry into place since the
+        manifest was found missing.
+        """
+        try:
+            if folder.exists() and not (folder / MANIFEST).exists():
+                self._discard(folder)
+        except OSError as exc:
+            raise unreadable(self.url, key, MANIFEST, exc) from exc
+
+    # ---- stats and gc
+    def _scan(self) -> tuple[list[Entry], list[Leftover]]:
+        try:
+            return self._scan_tree()
+        except StoreError:
+            raise
+        except OSError as exc:
+            raise StoreError(f"artifact store {self.url} cannot be listed ({type(exc).__name__}: {exc}); "
+                             "nothing was removed") from exc
+
+    def _scan_tree(self) -> tuple[list[Entry], list[Leftover]]:
+        entries: list[Entry] = []
+        leftovers: list[Leftover] = []
+        for d in sorted((self.root / STAGING).iterdir()):
+            try:
+                size, mtime = _tree(d)
+            except FileNotFoundError:
+                continue  # a writer just committed or cleaned up
+            leftovers.append(Leftover(str(d), "staging", size, mtime))
+        for prefix in sorted(self.root.iterdir()):
+            if len(prefix.name) != 2 or not prefix.is_dir():
+                continue
+            for folder in sorted(prefix.iterdir()):
+                if not KEY_RE.fullmatch(folder.name):
+                    continue
+                manifest_path = folder / MANIFEST
+                try:
+                    manifest = parse_manifest(manifest_path.read_bytes(), folder.name)
+                    last_used = manifest_path.stat().st_mtime
+                except (ValueError, *MISSING):  # no manifest, or an ill-formed one
+                    try:
+                        size, mtime = _tree(folder)
+                    except FileNotFoundError:
+                        continue  # removed while we looked
+                    leftovers.append(Leftover(str(folder), "damaged", size, mtime, folder.name))
+                    continue
+                except OSError as exc:  # not proof of damage: stop before gc removes anything
+                    raise unreadable(self.url, folder.name, MANIFEST, exc) from exc
+                stage, size = stage_and_bytes(manifest)
+                entries.append(Entry(folder.name, stage, size, last_used))
+        return entries, leftovers
+
+    def _remove_entry(self, key: str) -> None:
+        self._discard(self.path(key))
+
+    def _remove_leftover(self, item: Leftover) -> None:
+        path = Path(item.path)
+        if item.kind == "damaged":
+            try:  # a writer may have renamed a complete entry into place since the scan
+                parse_manifest((path / MANIFEST).read_bytes(), path.name)
+                return
+            except (ValueError, *MISSING):
+                self._discard(path)
+            except OSError as exc:
+                raise unreadable(self.url, path.name, MANIFEST, exc) from exc
+        else:
+            shutil.rmtree(path, ignore_errors=True)
