@@ -20,7 +20,7 @@ from pathlib import Path
 import imageio_ffmpeg
 
 from pipeline import dag
-from pipeline.cache import ArtifactStore
+from pipeline.store import open_store
 from pipeline.calibration import Calibration
 from pipeline.config import resolve_profile, resolve_settings
 from pipeline.cost import PriceCatalog
@@ -51,7 +51,7 @@ def main() -> None:
     # studio's long-running cluster or the next render of a batch sees.
     for label in ("cold", "warm"):
         with tempfile.TemporaryDirectory() as tmp:
-            result = dag.render(plan, store=ArtifactStore(tmp), prices=prices,
+            result = dag.render(plan, store=open_store(tmp), prices=prices,
                                 ffmpeg=imageio_ffmpeg.get_ffmpeg_exe())
         report(label, plan, result, cores)
 

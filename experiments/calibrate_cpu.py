@@ -23,7 +23,7 @@ from pathlib import Path
 import imageio_ffmpeg
 
 from pipeline import dag, tracking
-from pipeline.cache import ArtifactStore
+from pipeline.store import open_store
 from pipeline.calibrate import fit_rows
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.config import resolve_profile, resolve_settings
@@ -37,7 +37,7 @@ DEFAULT = [("draft", Path("examples/episode_en.fountain")), ("standard", Path("e
 def measure(script: Path, profile_name: str, settings):
     profile = resolve_profile(profile_name)
     # 1. Plan against zero rows: only the work units matter here, not the estimates.
-    zero = Calibration(path="", rows=[
+    zero = Calibration(rows=[
         CalibrationRow(stage=s, backend=b, device=d, unit=u, overhead_s=0, seconds_per_unit_mpx=0,
                        source="bootstrap", measured_at="") for s, (b, d, u) in calibration_keys(profile).items()])
     prices = PriceCatalog.load(settings.prices, usd_cny=settings.usd_cny)
@@ -45,7 +45,7 @@ def measure(script: Path, profile_name: str, settings):
                      script_sha256=hashlib.sha256(script.read_bytes()).hexdigest())
     # 2. Render for real into a fresh store, so every node executes; record the run.
     with tempfile.TemporaryDirectory() as tmp:
-        result = dag.render(plan, store=ArtifactStore(tmp), prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe())
+        result = dag.render(plan, store=open_store(tmp), prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe())
     metrics = tracking.render_metrics(plan, result.ledger, wall_seconds=result.wall_seconds, quality=result.quality,
                                       billed_yuan=billed_yuan(prices, result.wall_seconds, result.cluster, None))
     run_id = tracking.log_render(tracking_uri=settings.tracking_uri, plan=plan, ledger=result.ledger,
@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--only", action="append", help="write only these stages' rows (repeatable)")
     args = ap.parse_args()
     settings = resolve_settings()
+    tracking.mlflow_defaults()
     jobs = [(p, args.script or dict(DEFAULT).get(p, DEFAULT[0][1])) for p in args.profile] if args.profile else DEFAULT
     table = Calibration.load(settings.calibration)
     # Fit over every render at once: rows shared by profiles (previz at two sizes) pool their nodes.

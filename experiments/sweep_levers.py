@@ -36,7 +36,7 @@ from typing import Any
 import imageio_ffmpeg
 
 from pipeline import dag, tracking
-from pipeline.cache import ArtifactStore
+from pipeline.store import open_store
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.config import resolve_profile, resolve_settings
 from pipeline.cost import PriceCatalog, billed_yuan
@@ -159,7 +159,7 @@ def run_config(lever: str, value: str, overrides: dict[str, Any], episode: Episo
     results = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
-            results.append(dag.render(plan, store=ArtifactStore(tmp), prices=prices, ffmpeg=ffmpeg))
+            results.append(dag.render(plan, store=open_store(tmp), prices=prices, ffmpeg=ffmpeg))
     result = results[-1]
     # 3. Measure and log: the last render's ledger, with cost and wall averaged over the repeats.
     billed = billed_yuan(prices, result.wall_seconds, result.cluster, None)
@@ -206,6 +206,7 @@ def main() -> None:
     args = ap.parse_args()
 
     settings = resolve_settings()
+    tracking.mlflow_defaults()
     prices = PriceCatalog.load(settings.prices, usd_cny=settings.usd_cny, tier=settings.price_tier)
     calibration = Calibration.load(settings.calibration)
     episode = sub_episode(load_episode(args.script), args.seconds)
@@ -218,7 +219,7 @@ def main() -> None:
     # A cold cluster's first render pays worker start-up and imports: render once, unlogged, first.
     with tempfile.TemporaryDirectory(prefix="sweep-warmup-") as tmp:
         warm = make_plan(episode, resolve_profile(BASE), calibration=calibration, prices=prices, script_sha256=sha)
-        dag.render(warm, store=ArtifactStore(tmp), prices=prices, ffmpeg=ffmpeg)
+        dag.render(warm, store=open_store(tmp), prices=prices, ffmpeg=ffmpeg)
 
     rows = []
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ import getpass
 import json
 import time
 
-from pipeline.cache import ArtifactStore
+from pipeline.store import Store
 from pipeline.models import RenderPlan, ShotPlan
 from pipeline.plan import content_key
 
@@ -22,7 +22,7 @@ def approval_key(storyboard_key: str) -> str:
     return content_key("approval", VERSION, {}, [storyboard_key])
 
 
-def approve(store: ArtifactStore, shots: list[ShotPlan], *, by: str | None = None) -> None:
+def approve(store: Store, shots: list[ShotPlan], *, by: str | None = None) -> None:
     who = by or getpass.getuser()
     for shot in shots:
         with store.writer(approval_key(shot.keys["storyboard"]), {"stage": "approval", "shot": shot.shot.id}) as d:
@@ -30,6 +30,6 @@ def approve(store: ArtifactStore, shots: list[ShotPlan], *, by: str | None = Non
                                                          "storyboard_key": shot.keys["storyboard"]}))
 
 
-def approved_keys(store: ArtifactStore, plan: RenderPlan) -> set[str]:
+def approved_keys(store: Store, plan: RenderPlan) -> set[str]:
     """Storyboard keys of the plan's shots that carry an approval."""
     return {s.keys["storyboard"] for s in plan.shots if store.get(approval_key(s.keys["storyboard"])) is not None}

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from stages.records import AnimError
+from stages.records import AnimError, NodeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn an episode screenplay into storyboards, keyframes, in-betweens and a finished video.")
@@ -32,82 +34,135 @@ err = Console(stderr=True)
 
 ProfileOpt = typer.Option("draft", "--profile", "-p", help="Built-in profile (draft, standard) or a .toml path.")
 AspectOpt = typer.Option(None, "--aspect", help="Override the profile's aspect: 16:9 or 9:16.")
+SetOpt = typer.Option([], "--set", metavar="FIELD=VALUE",
+                      help="Override a profile field (repeatable); a TOML value, tables dotted: "
+                           "flow.preset=fast, diffusers.steps=8.")
 
 
-def _fail(exc: BaseException, code: int = 2) -> typer.Exit:
+def _fail(exc: BaseException | str, code: int = 2, *, debug: bool = False) -> typer.Exit:
+    """One line naming the problem; with ``--debug`` (ANIM_DEBUG=1) first the full chained
+    traceback, and a failed node's traceback as its worker saw it."""
+    if debug and isinstance(exc, BaseException):
+        err.print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
+        if getattr(exc, "remote_traceback", ""):
+            err.print(f"in the worker:\n{exc.remote_traceback}", markup=False, highlight=False)
+    if isinstance(exc, NodeError):
+        exc = f"{exc}; finished nodes are kept in the artifact store and will not be recomputed"
     err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
-def _prepare(script: Path, profile: str, aspect: str | None, *, gpu: str | None = None, spot: bool = False):
-    """Resolve settings and profile, parse the script and make the plan (pure, no Ray)."""
+@app.callback()
+def options(ctx: typer.Context,
+            config: Optional[Path] = typer.Option(None, "--config", metavar="FILE", help="Read settings from this "
+                                                  "TOML file only, instead of /etc/anim-pipeline/config.toml then "
+                                                  "~/.config/anim-pipeline/config.toml (or ANIM_CONFIG)."),
+            debug: bool = typer.Option(False, "--debug", help="Print full tracebacks (or ANIM_DEBUG=1).")) -> None:
+    """Resolve the settings once for every command (defaults < config files < environment < options)."""
+    from pipeline.config import resolve_settings
+    from pipeline.tracking import mlflow_defaults
+
+    try:
+        ctx.obj = resolve_settings(config=config, debug=debug or None)
+    except AnimError as exc:
+        raise _fail(exc)
+    mlflow_defaults()
+
+
+def _prepare(settings, script: Path, profile: str, aspect: str | None, sets: list[str] | None = None, *,
+             gpu: str | None = None, spot: bool = False):
+    """Apply this command's options to the resolved settings and profile, parse the script and
+    make the plan (pure, no Ray)."""
     from pipeline.calibration import Calibration
-    from pipeline.config import resolve_profile, resolve_settings
+    from pipeline.config import override_settings, parse_overrides, resolve_profile
     from pipeline.cost import PriceCatalog
     from pipeline.plan import make_plan
     from stages.script import load_episode
 
-    settings = resolve_settings(price_tier="spot" if spot else None)
-    prof = resolve_profile(profile, {"aspect": aspect})
+    settings = override_settings(settings, price_tier="spot" if spot else None)
+    prof = resolve_profile(profile, {**parse_overrides(sets or []), "aspect": aspect})
     if gpu:
-        if prof.diffusion is None:
-            raise AnimError(f"--gpu {gpu}: profile {prof.name} renders with the {prof.backend} backend on CPUs; "
-                            "--gpu applies to a diffusers profile (see examples/profiles/)")
-        prof = prof.model_copy(update={"diffusion": prof.diffusion.model_copy(update={"gpu_type": gpu})})
+        on_gpu = [stage for stage in ("storyboard", "keyframes", "inbetween") if prof.resources(stage).gpus]
+        if not on_gpu:
+            raise AnimError(f"--gpu {gpu}: profile {prof.name} runs every stage on CPUs; --gpu prices a profile "
+                            "whose backends run on GPUs (see examples/profiles/)")
+        for stage in on_gpu:
+            prof = prof.with_settings(stage, gpu_type=gpu)
     episode = load_episode(script)
     prices = PriceCatalog.load(settings.prices, usd_cny=settings.usd_cny, tier=settings.price_tier,
                                provider=settings.price_provider)
-    calibration = Calibration.load(settings.calibration)
+    calibration = Calibration.load(*settings.calibration_paths)
     plan = make_plan(episode, prof, calibration=calibration, prices=prices,
                      script_sha256=hashlib.sha256(script.read_bytes()).hexdigest())
     return settings, episode, prices, plan
 
 
 @app.command()
-def plan(script: Path = typer.Argument(..., help="Fountain screenplay or YAML shot list."),
-         profile: str = ProfileOpt, aspect: Optional[str] = AspectOpt,
+def plan(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain screenplay or YAML shot list."),
+         profile: str = ProfileOpt, aspect: Optional[str] = AspectOpt, sets: list[str] = SetOpt,
          gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU type for a diffusers profile, e.g. H100, RTX4090."),
          spot: bool = typer.Option(False, "--spot", help="Price with spot/interruptible rows."),
          budget: Optional[str] = typer.Option(None, "--budget", help="Propose the best profile that fits, e.g. ¥10."),
          write_profile: Optional[Path] = typer.Option(None, "--write-profile", help="Save the proposal as TOML."),
          as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
-    """Print the render plan: shots, frames, keyframes and estimated yuan per stage — without starting Ray."""
+    """Print the render plan — shots, frames, keyframes and estimated yuan per stage — and what a
+    render would recompute now against the artifact store, without starting Ray."""
+    from pipeline.approvals import approved_keys
     from pipeline.plan import plan_summary
+    from pipeline.schedule import schedule, schedule_summary
+    from pipeline.store import open_store
 
     budget_yuan = _yuan(budget)
     try:
-        settings, episode, prices, rplan = _prepare(script, profile, aspect, gpu=gpu, spot=spot)
+        settings, episode, prices, rplan = _prepare(ctx.obj, script, profile, aspect, sets, gpu=gpu, spot=spot)
         if budget_yuan is not None:
             _propose(script, episode, rplan, prices, settings, budget_yuan, spot, write_profile, as_json)
             return
+        store = open_store(settings.store)
+        sched = schedule(rplan, store, approvals=approved_keys(store, rplan) if rplan.profile.approval_gate else None)
     except AnimError as exc:
-        raise _fail(exc)
+        raise _fail(exc, debug=ctx.obj.debug)
     summary = plan_summary(rplan)
     if as_json:
+        summary["schedule"] = schedule_summary(sched)
         sys.stdout.write(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         return
-    table = Table(title=f"{rplan.title} — {rplan.profile.name} {rplan.width}×{rplan.height} @ {rplan.profile.fps} fps")
-    for col in ("shot", "camera", "seconds", "frames", "drawings", "keyframes", "held", "est. ¥"):
-        table.add_column(col, justify="left" if col in ("shot", "camera") else "right")
-    for s in rplan.shots:
-        table.add_row(s.shot.id, s.shot.camera.value, f"{s.frames / rplan.profile.fps:.2f}", str(s.frames),
-                      str(len(s.drawings)), str(len(s.keyframes)), str(s.held_frames),
-                      f"{sum(s.estimate_yuan.values()):.5f}")
-    out.print(table)
+    out.print(_plan_table(rplan, sched))
     stages = ", ".join(f"{k} ¥{v:.4f}" for k, v in summary["estimated_cost_by_stage_yuan"].items())
     minutes = rplan.duration_s / 60
-    where = f"gpu:{rplan.profile.diffusion.gpu_type}" if rplan.profile.diffusion else "cpu"
+    where = ", ".join(f"{stage} on {r.resource}" for stage in ("keyframes", "inbetween")
+                      if (r := rplan.profile.resources(stage)))
     out.print(f"{len(rplan.shots)} shots, {rplan.total_frames} frames ({rplan.duration_s:.1f} s), "
               f"{rplan.total_keyframes} keyframes; estimated ¥{rplan.estimated_cost_yuan:.4f} "
-              f"(¥{rplan.estimated_cost_yuan / minutes:.4f} per finished minute, keyframes on {where}, "
+              f"(¥{rplan.estimated_cost_yuan / minutes:.4f} per finished minute, {where}, "
               f"{settings.price_tier}): {stages}")
+    todo = sched.shots_to_render
+    held = f"; held back: {', '.join(sched.held_shots())} ({sched.stopped})" if sched.held_shots() else ""
+    out.print(f"re-render now: {len(todo)} of {len(rplan.shots)} shots, ¥{sched.estimate_yuan:.5f} "
+              f"({len(sched.where('run'))} nodes to run, {len(sched.where('hit'))} in the store{held}; "
+              f"store {settings.store})")
+
+
+def _plan_table(rplan, sched) -> Table:
+    from pipeline.schedule import NodeId
+
+    table = Table(title=f"{rplan.title} — {rplan.profile.name} {rplan.width}×{rplan.height} @ {rplan.profile.fps} fps")
+    for col in ("shot", "camera", "seconds", "frames", "drawings", "keyframes", "held", "est. ¥", "now"):
+        table.add_column(col, justify="left" if col in ("shot", "camera", "now") else "right")
+    for s in rplan.shots:
+        clip = sched[NodeId("clip", s.shot.id)]
+        now = {"hit": "[dim]stored", "run": "render"}.get(clip.state, f"held ({clip.reason})")
+        table.add_row(s.shot.id, s.shot.camera.value, f"{s.frames / rplan.profile.fps:.2f}", str(s.frames),
+                      str(len(s.drawings)), str(len(s.keyframes)), str(s.held_frames),
+                      f"{sum(s.estimate_yuan.values()):.5f}", now)
+    return table
 
 
 def _propose(script, episode, rplan, prices, settings, budget_yuan, spot, write_profile, as_json) -> None:
     from pipeline.calibration import Calibration
     from pipeline.optimize import fit_budget
 
-    prop = fit_budget(episode, rplan.profile, budget_yuan, calibration=Calibration.load(settings.calibration),
+    prop = fit_budget(episode, rplan.profile, budget_yuan, calibration=Calibration.load(*settings.calibration_paths),
                       prices=prices.with_tier("on-demand"), allow_spot=spot, script_sha256=rplan.script_sha256)
     if write_profile:
         import tomli_w
@@ -163,8 +218,8 @@ def _yuan(text: str | None) -> float | None:
 
 
 @app.command()
-def render(script: Path = typer.Argument(..., help="Fountain screenplay or YAML shot list."),
-           profile: str = ProfileOpt, aspect: Optional[str] = AspectOpt,
+def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain screenplay or YAML shot list."),
+           profile: str = ProfileOpt, aspect: Optional[str] = AspectOpt, sets: list[str] = SetOpt,
            out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: out/<script>]"),
            budget: Optional[str] = typer.Option(None, "--budget", help="Cap attributed cost, e.g. ¥0.5; "
                                                 "stops before the node that would pass it."),
@@ -173,71 +228,101 @@ def render(script: Path = typer.Argument(..., help="Fountain screenplay or YAML 
            progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")) -> None:
     """Render the episode, record its cost in MLflow and print the cost table."""
     import imageio_ffmpeg
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pipeline import dag, tracking
+    from pipeline import tracking
     from pipeline.approvals import approved_keys
-    from pipeline.cache import ArtifactStore
-    from pipeline.cost import billed_yuan
+    from pipeline.dag import Cluster
+    from pipeline.publish import default_out_dir, publish
+    from pipeline.render import render as run_render
+    from pipeline.store import open_store
 
+    # 1. Everything resolved and checked before Ray starts.
     budget_yuan = _yuan(budget)
     if stop_after not in (None, "storyboard"):
         raise _fail(f"--stop-after {stop_after!r}: the only stop is 'storyboard'")
     try:
-        settings, episode, prices, rplan = _prepare(script, profile, aspect)
-        store = ArtifactStore(settings.store)
+        settings, episode, prices, rplan = _prepare(ctx.obj, script, profile, aspect, sets)
+        store = open_store(settings.store)
+        approved = approved_keys(store, rplan) if rplan.profile.approval_gate else None
     except AnimError as exc:
-        raise _fail(exc)
-    out_dir = out_dir or Path("out") / script.stem
-    approved = approved_keys(store, rplan) if rplan.profile.approval_gate else None
+        raise _fail(exc, debug=ctx.obj.debug)
+    out_dir = out_dir or default_out_dir(script, profile, rplan.profile.aspect)
+
+    # 2. Render, with a progress bar of shots and yuan.
+    with _progress(rplan, progress) as on_progress:
+        try:
+            result = run_render(rplan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(),
+                                cluster=Cluster(settings.ray_address, settings.num_cpus), approvals=approved,
+                                budget_yuan=budget_yuan, stop_after=stop_after, on_progress=on_progress)
+        except AnimError as exc:
+            raise _fail(exc, 1, debug=ctx.obj.debug)
+
+    # 3. Publish the finished artifacts (all of them, or the storyboard sheet) with the JSON records.
+    metrics, cost = _money(rplan, result, prices, budget_yuan)
+    config = {"settings": settings.model_dump(), "profile": rplan.profile.model_dump()}
+    try:
+        written = publish(result.outputs, out_dir, {"plan.json": json.loads(rplan.model_dump_json()),
+                                                    "cost.json": cost, "config.json": config})
+    except AnimError as exc:
+        raise _fail(exc, 1, debug=ctx.obj.debug)
+    run_id = tracking.log_render(tracking_uri=settings.tracking_uri, plan=rplan, ledger=result.ledger,
+                                 metrics=metrics, artifacts=written, quality=result.quality,
+                                 tags={"cluster": settings.ray_address or "local",
+                                       "status": result.stopped or "complete"},
+                                 series=episode.title_page.get("series"))
+    # 4. Tell the producer.
+    _report(rplan, result, metrics, written, budget_yuan)
+    out.print(f"MLflow run: {run_id}  ({settings.tracking_uri})")
+    if result.stopped is not None:
+        raise typer.Exit(0 if result.stopped == "storyboard" else 3)
+
+
+@contextmanager
+def _progress(rplan, enabled: bool):
+    """A progress bar of finished shots and yuan spent; yields the render's progress callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("shots · ¥{task.fields[yuan]:.4f} so far"), TimeElapsedColumn(),
-                   console=err, disable=not progress, transient=False)
+                   console=err, disable=not enabled, transient=False)
     with bar:
         task = bar.add_task(f"rendering {rplan.title}", total=len(rplan.shots), yuan=0.0)
-        try:
-            result = dag.render(rplan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(),
-                                ray_address=settings.ray_address, num_cpus=settings.num_cpus,
-                                budget_yuan=budget_yuan, stop_after=stop_after, approved=approved,
-                                on_progress=lambda done, total, yuan: bar.update(task, completed=done, yuan=yuan))
-        except AnimError as exc:
-            raise _fail(exc, 1)
+        yield lambda done, total, yuan: bar.update(task, completed=done, yuan=yuan)
 
-    # 1. Money: attributed (nodes), billed (machines × wall), utilization, quality.
+
+def _money(rplan, result, prices, budget_yuan):
+    """The run's metrics and ``cost.json``: attributed (nodes), billed (machines × wall), utilization, quality."""
+    from pipeline import tracking
+    from pipeline.cost import billed_yuan
+
     ledger = result.ledger
-    gpu_type = rplan.profile.diffusion.gpu_type if rplan.profile.diffusion else None
-    billed = billed_yuan(prices, result.wall_seconds, result.cluster, gpu_type)
+    gpu_types = [r.gpu_type for r in map(rplan.profile.resources, ("storyboard", "keyframes", "inbetween")) if r.gpus]
+    billed = billed_yuan(prices, result.wall_seconds, result.cluster, gpu_types[0] if gpu_types else None)
     metrics = tracking.render_metrics(rplan, ledger, wall_seconds=result.wall_seconds, billed_yuan=billed,
                                       quality=result.quality, consistency=result.consistency)
     cost = {"total_yuan": ledger.total_yuan,
             "records": [r.model_dump() for r in ledger.records],
             "by_stage_yuan": ledger.by_stage(),
             "estimated_yuan": rplan.estimated_cost_yuan,
+            "scheduled_yuan": result.schedule.estimate_yuan,
             "billed_yuan": billed, "utilization": metrics["utilization"],
             "budget_yuan": budget_yuan, "status": result.stopped or "complete",
             "remaining_shots": result.remaining, "remaining_estimate_yuan": result.remaining_estimate_yuan,
             "quality": result.quality, "character_consistency": result.consistency,
             "wall_seconds": result.wall_seconds, "ray_init_seconds": result.ray_init_seconds}
-    config = {"settings": settings.model_dump(), "profile": rplan.profile.model_dump()}
-    # 2. Publish: the finished artifacts (all of them, or the storyboard sheet) and the JSON records.
-    written = dag.publish(result.outputs, out_dir, {"plan.json": json.loads(rplan.model_dump_json()),
-                                                    "cost.json": cost, "config.json": config})
-    run_id = tracking.log_render(tracking_uri=settings.tracking_uri, plan=rplan, ledger=ledger, metrics=metrics,
-                                 artifacts=written, quality=result.quality,
-                                 tags={"cluster": settings.ray_address or "local",
-                                       "status": result.stopped or "complete"},
-                                 series=episode.title_page.get("series"))
-    # 3. Tell the producer.
+    return metrics, cost
+
+
+def _report(rplan, result, metrics, written, budget_yuan) -> None:
+    ledger = result.ledger
     out.print(_cost_table(rplan, ledger))
     minutes = rplan.duration_s / 60
     out.print(f"¥{ledger.total_yuan:.5f} attributed (¥{ledger.total_yuan / minutes:.5f}/min; estimated "
-              f"¥{rplan.estimated_cost_yuan:.5f}); billed ¥{billed:.5f}, utilization {metrics['utilization']:.0%}; "
-              f"wall {result.wall_seconds:.1f} s + Ray start {result.ray_init_seconds:.1f} s")
+              f"¥{rplan.estimated_cost_yuan:.5f}); billed ¥{metrics['billed_yuan']:.5f}, utilization "
+              f"{metrics['utilization']:.0%}; wall {result.wall_seconds:.1f} s + Ray start {result.ray_init_seconds:.1f} s")
     if "audit_psnr_db" in metrics:
         out.print(f"in-between audit: {metrics['audit_psnr_db']:.2f} dB PSNR, SSIM {metrics['audit_ssim']:.4f} "
                   f"(mean of {sum('audit_psnr_db' in q for q in result.quality.values())} shots)")
-    out.print(f"MLflow run: {run_id}  ({settings.tracking_uri})")
     if result.stopped is None:
         out.print(f"episode: {written['episode.mp4']}")
         return
@@ -249,7 +334,6 @@ def render(script: Path = typer.Argument(..., help="Fountain screenplay or YAML 
     if "storyboard.png" in written:
         out.print(f"storyboard: {written['storyboard.png']}")
     err.print(f"[yellow]{reason}[/]; {left}. Finished work is kept: the next render resumes from it.")
-    raise typer.Exit(0 if result.stopped == "storyboard" else 3)
 
 
 def _cost_table(rplan, ledger) -> Table:
@@ -268,17 +352,17 @@ def _cost_table(rplan, ledger) -> Table:
 
 
 @app.command()
-def approve(script: Path = typer.Argument(..., help="The script whose storyboard you reviewed."),
-            profile: str = ProfileOpt, aspect: Optional[str] = AspectOpt,
+def approve(ctx: typer.Context, script: Path = typer.Argument(..., help="The script whose storyboard you reviewed."),
+            profile: str = ProfileOpt, aspect: Optional[str] = AspectOpt, sets: list[str] = SetOpt,
             shot: list[str] = typer.Option([], "--shot", "-s", help="Shot id to approve (repeatable)."),
             all_shots: bool = typer.Option(False, "--all", help="Approve every shot.")) -> None:
     """Approve storyboard panels, so a profile with approval_gate spends keyframe money on them."""
     from pipeline.approvals import approve as approve_shots, approved_keys
-    from pipeline.cache import ArtifactStore
+    from pipeline.store import open_store
 
     try:
-        settings, _, _, rplan = _prepare(script, profile, aspect)
-        store = ArtifactStore(settings.store)
+        settings, _, _, rplan = _prepare(ctx.obj, script, profile, aspect, sets)
+        store = open_store(settings.store)
     except AnimError as exc:
         raise _fail(exc)
     ids = {s.shot.id: s for s in rplan.shots}

@@ -7,44 +7,24 @@ are frozen pydantic models; those that are stored (RenderPlan, Ledger) carry a
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializeAsAny, ValidationError, model_validator
 
-from stages.records import SCHEMA_VERSION, Record, Shot, SubtitleCue
+from pipeline import registry
+from stages.records import SCHEMA_VERSION, KeyframeRequest, ProfileError, Record, Shot, ShotScene, SubtitleCue
 
 
 # --------------------------------------------------------------------------- profile
 
 
-class DiffusionSettings(Record):
-    """How the diffusers backend draws keyframes, storyboards, plates and character sheets."""
-
-    model: str = Field(description="Local pipeline directory, or a Hub repo id found in the local HF cache only.")
-    family: str = Field("sd15", description="Architecture for throughput calibration: sd15, sdxl, qwen-image, …")
-    mode: Literal["txt2img", "img2img"] = Field("img2img", description="img2img starts from the previz layout.")
-    strength: float = Field(0.65, gt=0, le=1, description="img2img denoising strength.")
-    steps: int = Field(4, ge=1, le=150)
-    guidance_scale: float = Field(0.0, ge=0)
-    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    device: str = Field("cuda", description="'cuda', 'cuda:1', 'cpu', 'mps'.")
-    offload: Literal["none", "model", "sequential"] = "none"
-    controlnet: str | None = Field(None, description="Local ControlNet directory (e.g. lineart/canny), optional.")
-    ip_adapter: str | None = Field(None, description="Local IP-Adapter weights for character consistency, optional.")
-    style_prompt: str = "anime key visual, cel shading, clean line art, vibrant colors"
-    negative_prompt: str = "lowres, blurry, bad anatomy, extra fingers, watermark, text, jpeg artifacts"
-    characters: dict[str, str] = Field(default_factory=dict,
-                                       description="Fixed description per character name, e.g. {'HANA': 'girl, orange bob hair'}.")
-    layered: bool = Field(True, description="One background plate per location, characters composited over it.")
-    num_gpus: float = Field(1.0, ge=0, description="GPUs per model actor; fractional shares a GPU.")
-    batch_size: int = Field(4, ge=1, description="Images per model call; requests from many shots are batched.")
-    actors: int = Field(1, ge=1, description="Model actors (replicas) in the pool.")
-    gpu_type: str = Field("H200", description="Price-catalog GPU type billed for the actor's GPUs.")
-    gen_short_side: int | None = Field(None, description="Generate at this short side, then upscale to the profile size.")
-
-
 class Profile(Record):
-    """Everything that decides how an episode is rendered. Resolved once at the entry point."""
+    """Everything that decides how an episode is rendered. Resolved once at the entry point.
+
+    ``storyboard``, ``backend`` (keyframes) and ``interpolation`` select one registered backend
+    each (``pipeline.registry``); a selected backend's settings come from the profile's table
+    named after it (``[diffusers]``, ``[flow]``, ``[rife]``) and are validated by its own model.
+    """
 
     name: str
     aspect: Literal["16:9", "9:16"] = "16:9"
@@ -53,18 +33,41 @@ class Profile(Record):
     animate_on: int = Field(2, ge=1, le=3, description="Each drawing is held for this many frames.")
     keyframe_stride: int = Field(6, ge=1, description="Drawings from one generated keyframe to the next.")
     hold_static: bool = Field(True, description="Static shots render one keyframe and hold it.")
-    backend: str = Field("previz", description="Keyframe/storyboard backend.")
+    storyboard: str = Field("previz", description="Storyboard backend.")
+    backend: str = Field("previz", description="Keyframe backend: previz or diffusers.")
     interpolation: str = Field("flow", description="In-betweener: flow, crossfade or rife.")
-    flow_preset: Literal["ultrafast", "fast", "medium"] = "medium"
     crf: int = Field(23, ge=0, le=51)
     x264_preset: str = "veryfast"
     storyboard_width: int = Field(480, ge=64, description="Width of one storyboard panel in pixels.")
     audit: bool = Field(True, description="Draw one in-between per shot with the keyframe backend and "
                         "measure the in-betweener against it (PSNR, SSIM).")
-    rife_weights: str | None = Field(None, description="RIFE 4.x flownet.pkl, for interpolation = 'rife'.")
     approval_gate: bool = Field(False, description="Spend keyframe money only on shots whose storyboard "
                                 "panel was approved with `anim approve`.")
-    diffusion: DiffusionSettings | None = Field(None, description="Settings of the diffusers backend.")
+    settings: dict[str, SerializeAsAny[Record]] = Field(
+        default_factory=dict, description="Per stage, the selected backend's settings (from its table).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backend_tables(cls, data: Any) -> Any:
+        """Validate each selected backend's table with its own settings model."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        given = dict(data.pop("settings", None) or {})  # a dumped profile: stage -> settings
+        tables = {k: data.pop(k) for k in list(data) if k not in cls.model_fields}
+        known = {b.name for b in registry.all_backends()}
+        for key in tables:
+            if key not in known:
+                hint = f" (moved: {MOVED[key]})" if key in MOVED else ""
+                raise ProfileError(f"unknown profile field or table {key!r}{hint}; backend tables: "
+                                   f"{', '.join(sorted(known))}")
+        settings = {}
+        for stage, selector in registry.SELECTOR.items():
+            entry = registry.get(stage, data.get(selector, cls.model_fields[selector].default))
+            raw = given.get(stage, tables.get(entry.name, {}))
+            settings[stage] = raw if isinstance(raw, entry.settings) else _settings(entry, raw)
+        data["settings"] = settings
+        return data
 
     @property
     def size(self) -> tuple[int, int]:
@@ -74,16 +77,61 @@ class Profile(Record):
         long -= long % 2
         return (long, short) if self.aspect == "16:9" else (short, long)
 
+    def entry(self, stage: str) -> registry.Backend:
+        """The registry entry of the backend this profile selects for ``stage``."""
+        return registry.get(stage, getattr(self, registry.SELECTOR[stage]))
+
+    def settings_for(self, stage: str) -> Any:
+        return self.settings[stage]
+
+    def resources(self, stage: str) -> registry.Resources:
+        return self.entry(stage).resources(self.settings[stage])
+
+    def replace(self, **changes: Any) -> "Profile":
+        """A validated copy with ``changes``; a stage whose backend changes gets that backend's
+        defaults unless its table is among the changes."""
+        data = self.model_dump()
+        for stage, selector in registry.SELECTOR.items():
+            if selector in changes and changes[selector] != data[selector]:
+                del data["settings"][stage]
+        return Profile.model_validate({**data, **changes})
+
+    def with_settings(self, stage: str, **changes: Any) -> "Profile":
+        """A validated copy with ``changes`` to the settings of ``stage``'s backend."""
+        data = self.model_dump()
+        data["settings"][stage] = {**data["settings"][stage], **changes}
+        return Profile.model_validate(data)
+
+    def toml_data(self) -> dict[str, Any]:
+        """The profile as a TOML file writes it: fields, then one table per selected backend."""
+        data = self.model_dump(exclude={"settings"}, exclude_none=True)
+        for stage, settings in self.settings.items():
+            table = settings.model_dump(exclude_none=True)
+            if table:
+                data[getattr(self, registry.SELECTOR[stage])] = table
+        return data
+
+
+# Profile fields that became a backend's table: named in the error an old profile gets.
+MOVED = {"flow_preset": "[flow] preset", "rife_weights": "[rife] weights", "diffusion": "the [diffusers] table"}
+
+
+def _settings(entry: registry.Backend, raw: Any) -> Record:
+    if not isinstance(raw, dict):
+        raise ProfileError(f"[{entry.name}]: expected a table of {entry.stage} settings, got {raw!r}")
+    try:
+        return entry.settings(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ProfileError(f"[{entry.name}] {where}: {err['msg']} (got {err.get('input')!r})") from None
+
 
 # --------------------------------------------------------------------------- plan
 
 
 class ShotPlan(Record):
-    shot: Shot
-    scene_heading: str
-    location: str
-    setting: Literal["INT", "EXT", "INT/EXT"] | None = None
-    time_of_day: str
+    scene: ShotScene = Field(description="The shot and the scene it sits in.")
     start_frame: int = Field(description="First frame of the shot in the episode timeline.")
     frames: int
     drawings: list[int] = Field(description="Shot-local frame indices where a new drawing starts.")
@@ -91,15 +139,35 @@ class ShotPlan(Record):
     held_frames: int = Field(description="Frames that repeat the drawing before them.")
     audit_frame: int | None = Field(None, description="In-between drawing the keyframe backend also draws, "
                                     "to measure in-betweening fidelity; None when the shot has no in-betweens.")
-    keys: dict[str, str] = Field(description="Content key per stage (sha256 hex).")
+    seed: int = Field(description="The keyframe backend's seed, from the shot's content (not from any key).")
+    keys: dict[str, str] = Field(description="Content key per node (sha256 hex): storyboard, keyframes, clip, "
+                                 "and plate when the keyframe backend is layered.")
     estimate_seconds: dict[str, float] = Field(description="Estimated compute seconds per stage.")
     estimate_yuan: dict[str, float] = Field(description="Estimated cost per stage in yuan.")
 
     @property
+    def shot(self) -> Shot:
+        return self.scene.shot
+
+    def time_of(self, frame: int) -> float:
+        """A shot-local frame's position in the shot, 0.0 … 1.0."""
+        return frame / max(self.frames - 1, 1)
+
+    @property
     def keyframe_times(self) -> list[float]:
         """Keyframe positions as a fraction of the shot, 0.0 … 1.0."""
-        last = max(self.frames - 1, 1)
-        return [k / last for k in self.keyframes]
+        return [self.time_of(k) for k in self.keyframes]
+
+    def keyframe_request(self) -> KeyframeRequest:
+        """What the keyframe backend draws for this shot."""
+        return KeyframeRequest(scene=self.scene, indices=self.keyframes, times=self.keyframe_times, seed=self.seed)
+
+    def audit_request(self) -> KeyframeRequest | None:
+        """The audit drawing: one in-between drawn by the keyframe backend too."""
+        if self.audit_frame is None:
+            return None
+        return KeyframeRequest(scene=self.scene, indices=[self.audit_frame], times=[self.time_of(self.audit_frame)],
+                               seed=self.seed)
 
 
 class RenderPlan(Record):
@@ -113,8 +181,11 @@ class RenderPlan(Record):
     shots: list[ShotPlan]
     subtitles: list[SubtitleCue]
     assemble_key: str
+    contact_sheet_key: str = Field(description="The storyboard contact sheet alone (a render that stops early).")
+    plates: dict[str, list[str]] = Field(default_factory=dict, description="Background plate content key -> "
+                                         "[location, time of day, setting] (layered keyframe backends).")
     sheets: dict[str, str] = Field(default_factory=dict,
-                                   description="Character sheet content key per character (layered diffusers).")
+                                   description="Character sheet content key per character (layered backends).")
     episode_estimate_seconds: dict[str, float] = Field(
         description="Estimated seconds of episode-level nodes: assemble, and background plates when layered.")
     episode_estimate_yuan: dict[str, float]

@@ -6,10 +6,16 @@ drawing plus the last, or a single drawing for a held static shot), the content 
 stage's output and an estimate of each stage's seconds and yuan from the calibration table
 and the price catalog.
 
-Content keys hash the stage, its code version, the backend and parameters that change its
-output, and the keys of its inputs. A shot's content key covers the shot's own content
-(camera, duration, characters, action, dialogue, location, time of day), not its position,
-so editing one shot does not change the keys of the shots after it.
+Content keys hash the stage, its code version, the backend and the settings that change its
+output (``Backend.key_params``: never where or how it runs — GPU type, batch size, actors,
+GPU count, price tier), and the keys of its inputs. A shot's content key covers the shot's
+own content (camera, duration, characters, action, dialogue, location, time of day), not
+its position, so editing one shot does not change the keys of the shots after it. Storyboard
+keys do not depend on the keyframe backend, so approvals of panels survive a profile change
+that keeps the panels.
+
+Everything a render needs to know before running is here: every node's key (the contact
+sheet's too), the plates and sheets a layered backend draws, and every estimate.
 """
 from __future__ import annotations
 
@@ -20,12 +26,11 @@ from typing import Any
 
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.cost import PriceCatalog
-from stages.records import Episode, Scene, Shot, SubtitleCue
 from pipeline.models import Profile, RenderPlan, ShotPlan
-from stages.records import ProfileError
 from stages import assemble, encode, inbetween, keyframes, storyboard
 from stages import audit as audit_mod
 from stages.backgrounds import setting_of
+from stages.records import Episode, Scene, Shot, ShotScene, SubtitleCue
 
 STAGES = ("storyboard", "keyframes", "inbetween", "encode")
 # Subtitle placement inside a shot: a short lead-in, a gap between cues, a tail before the cut.
@@ -107,44 +112,15 @@ def subtitle_cues(shot: Shot, start_s: float, end_s: float, first_index: int) ->
     return cues
 
 
-# Which calibration row prices a backend's keyframes: (backend id, device). Add a backend: add a line.
-KEYFRAME_CALIBRATION = {
-    "previz": lambda p: ("previz", "cpu"),
-    "diffusers": lambda p: (f"diffusers:{p.diffusion.family}:s{p.diffusion.steps}",
-                            "cpu" if p.diffusion.device == "cpu" else f"gpu:{p.diffusion.gpu_type}"),
-}
-
-
-def _generation_mpx(profile: Profile) -> float:
-    """Megapixels of one generated keyframe: the profile size, or the diffusion generation size."""
-    w, h = profile.size
-    gen = profile.diffusion.gen_short_side if profile.diffusion else None
-    return w * h / 1e6 if not gen else (gen * gen * max(w, h) / min(w, h)) / 1e6
-
-
-# What each in-betweener's calibration row is called.
-INBETWEEN_CALIBRATION = {
-    "flow": lambda p: f"flow:{p.flow_preset}",
-    "crossfade": lambda p: "crossfade",
-    "rife": lambda p: "rife",
-}
-
-
 def calibration_keys(profile: Profile) -> dict[str, tuple[str, str, str]]:
-    """(backend id, device, unit) of the calibration row that prices each stage of this profile.
-
-    Storyboard panels are always drawn by previz on a CPU.
-    """
-    if profile.backend == "diffusers" and profile.diffusion is None:
-        raise ProfileError(f"profile {profile.name}: backend 'diffusers' needs a [diffusion] table")
-    kf_backend, kf_device = KEYFRAME_CALIBRATION[profile.backend](profile)
-    return {
-        "storyboard": ("previz", "cpu", "panel"),
-        "keyframes": (kf_backend, kf_device, "keyframe"),
-        "inbetween": (INBETWEEN_CALIBRATION[profile.interpolation](profile), "cpu", "inbetween"),
-        "encode": (f"x264:{profile.x264_preset}", "cpu", "frame"),
-        "assemble": ("concat", "cpu", "frame"),
-    }
+    """(backend id, device, unit) of the calibration row that prices each stage of this profile."""
+    keys = {}
+    for stage, unit in (("storyboard", "panel"), ("keyframes", "keyframe"), ("inbetween", "inbetween")):
+        entry, settings = profile.entry(stage), profile.settings_for(stage)
+        keys[stage] = (entry.calibration(settings), entry.device(settings), unit)
+    keys["encode"] = (f"x264:{profile.x264_preset}", "cpu", "frame")
+    keys["assemble"] = ("concat", "cpu", "frame")
+    return keys
 
 
 def stage_rows(profile: Profile, calibration: Calibration) -> dict[str, CalibrationRow]:
@@ -153,26 +129,55 @@ def stage_rows(profile: Profile, calibration: Calibration) -> dict[str, Calibrat
             for stage, (backend, device, _) in calibration_keys(profile).items()}
 
 
+def generation_mpx(profile: Profile) -> float:
+    """Megapixels of one drawing as the keyframe backend generates it."""
+    w, h = profile.entry("keyframes").generation_size(profile.settings_for("keyframes"), *profile.size)
+    return w * h / 1e6
+
+
+def panel_mpx(profile: Profile) -> float:
+    w = profile.storyboard_width
+    return w * w * (9 / 16 if profile.aspect == "16:9" else 16 / 9) / 1e6
+
+
+def shot_work(profile: Profile, frames: int, drawings: list[int], keys: list[int]) -> dict[str, tuple[int, float]]:
+    """(units, megapixels per unit) of each stage of one shot: what its calibration row is scaled by."""
+    w, h = profile.size
+    frame_mpx = w * h / 1e6
+    return {"storyboard": (1, panel_mpx(profile)), "keyframes": (len(keys), generation_mpx(profile)),
+            "inbetween": (len(drawings) - len(keys), frame_mpx), "encode": (frames, frame_mpx)}
+
+
+def _seed(content_json: str) -> int:
+    """A 63-bit seed from the shot's content: the same shot draws the same pixels on every machine."""
+    return int.from_bytes(hashlib.sha256(content_json.encode("utf-8")).digest()[:8], "big") & (2**63 - 1)
+
+
+class _Pricer:
+    """Seconds from a stage's calibration row, yuan from the price of the resource it holds."""
+
+    def __init__(self, profile: Profile, calibration: Calibration, prices: PriceCatalog):
+        self.rows, self.prices = stage_rows(profile, calibration), prices
+        self.units = {stage: profile.resources(stage).units for stage in ("storyboard", "keyframes", "inbetween")}
+
+    def __call__(self, stage: str, units: int, mpx: float, row: str | None = None,
+                 marginal: bool = False) -> tuple[float, float]:
+        """(seconds, yuan) of ``units`` × ``mpx`` of work on ``stage`` (priced by ``row``'s row);
+        ``marginal``: work done inside another node, without the row's per-node overhead."""
+        r = self.rows[row or stage]
+        seconds = round(units * mpx * r.seconds_per_unit_mpx if marginal else r.seconds(units, mpx), 4)
+        return seconds, self.prices.cost(seconds, r.device, self.units.get(row or stage, 1.0))
+
+
 def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
               prices: PriceCatalog, script_sha256: str) -> RenderPlan:
-    if profile.backend not in keyframes.BACKENDS or profile.backend not in KEYFRAME_CALIBRATION:
-        raise ProfileError(f"profile {profile.name}: unknown backend {profile.backend!r}; "
-                           f"known: {', '.join(sorted(keyframes.BACKENDS))}")
-    if profile.interpolation not in inbetween.INTERPOLATORS or profile.interpolation not in INBETWEEN_CALIBRATION:
-        raise ProfileError(f"profile {profile.name}: unknown interpolation {profile.interpolation!r}; "
-                           f"known: {', '.join(sorted(inbetween.INTERPOLATORS))}")
-    if profile.interpolation == "rife" and not profile.rife_weights:
-        raise ProfileError(f"profile {profile.name}: interpolation 'rife' needs rife_weights = the path of a "
-                           "RIFE 4.x flownet.pkl (e.g. ../shared/data/weights/rife/flownet.pkl)")
+    """Every shot's timing, every node's content key and estimate: the render as data."""
     width, height = profile.size
-    frame_mpx = width * height / 1e6
-    gen_mpx = _generation_mpx(profile)
-    panel_w = profile.storyboard_width
-    panel_mpx = panel_w * panel_w * (9 / 16 if profile.aspect == "16:9" else 16 / 9) / 1e6
-    rows = stage_rows(profile, calibration)
-    kf_units = profile.diffusion.num_gpus if profile.diffusion and profile.diffusion.device != "cpu" else 1.0
-    layered = bool(profile.diffusion and profile.diffusion.layered)
-
+    price = _Pricer(profile, calibration, prices)
+    entries = {stage: profile.entry(stage) for stage in ("storyboard", "keyframes", "inbetween")}
+    params = {stage: e.key_params(profile.settings_for(stage)) for stage, e in entries.items()}
+    kf_settings = profile.settings_for("keyframes")
+    layered = entries["keyframes"].layered(kf_settings)
     shots: list[ShotPlan] = []
     cues: list[SubtitleCue] = []
     start = 0
@@ -183,65 +188,70 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
             drawings, keys = drawing_schedule(frames, profile, shot.static)
             audit = audit_drawing(drawings, keys) if profile.audit else None
             # 2. Content keys, each chained to its inputs.
-            content = shot_content(shot, scene)
+            content = json.dumps(shot_content(shot, scene), sort_keys=True, ensure_ascii=False)
             sb_key = content_key("storyboard", storyboard.VERSION,
-                                 {"backend": profile.backend, "width": panel_w, "aspect": profile.aspect,
-                                  "heading": scene.heading}, [json.dumps(content, sort_keys=True, ensure_ascii=False)])
+                                 {**params["storyboard"], "width": profile.storyboard_width,
+                                  "aspect": profile.aspect, "heading": scene.heading}, [content])
             kf_key = content_key("keyframes", keyframes.VERSION,
-                                 {"backend": profile.backend, "size": [width, height], "frames": frames,
-                                  "keyframes": keys, "audit": audit,
-                                  "diffusion": profile.diffusion.model_dump() if profile.diffusion else None}, [json.dumps(content, sort_keys=True, ensure_ascii=False)])
+                                 {**params["keyframes"], "size": [width, height], "frames": frames,
+                                  "keyframes": keys, "audit": audit}, [content])
             clip_key = content_key("clip", f"{inbetween.VERSION}+{encode.VERSION}",
-                                   {"interpolation": profile.interpolation, "preset": profile.flow_preset,
-                                    "rife": profile.rife_weights, "audit_version": audit_mod.VERSION,
+                                   {"interpolation": params["inbetween"], "audit_version": audit_mod.VERSION,
                                     "fps": profile.fps, "drawings": drawings, "frames": frames,
                                     "crf": profile.crf, "x264": profile.x264_preset}, [kf_key])
+            node_keys = {"storyboard": sb_key, "keyframes": kf_key, "clip": clip_key}
+            if layered:
+                node_keys["plate"] = _plate_key(profile, scene)
             # 3. Estimates from calibration rows × prices.
-            units = {"storyboard": (1, panel_mpx), "keyframes": (len(keys), gen_mpx),
-                     "inbetween": (len(drawings) - len(keys), frame_mpx), "encode": (frames, frame_mpx)}
-            est_s = {stage: round(rows[stage].seconds(*units[stage]), 4) for stage in STAGES}
-            est_y = {stage: prices.cost(est_s[stage], rows[stage].device, kf_units if stage == "keyframes" else 1.0)
-                     for stage in STAGES}
+            est = {stage: price(stage, *work) for stage, work in shot_work(profile, frames, drawings, keys).items()}
             if audit is not None:  # one more drawing by the keyframe backend, compared with its in-between
-                est_s["audit"] = round(rows["keyframes"].seconds_per_unit_mpx * gen_mpx, 4)
-                est_y["audit"] = prices.cost(est_s["audit"], rows["keyframes"].device, kf_units)
+                est["audit"] = price("keyframes", 1, generation_mpx(profile), marginal=True)
             shots.append(ShotPlan(
-                shot=shot, scene_heading=scene.heading, location=scene.location, setting=scene.setting,
-                time_of_day=scene.time_of_day,
+                scene=ShotScene(shot=shot, heading=scene.heading, location=scene.location, setting=scene.setting,
+                                time_of_day=scene.time_of_day),
                 start_frame=start, frames=frames, drawings=drawings, keyframes=keys,
-                held_frames=frames - len(drawings), audit_frame=audit,
-                keys={"storyboard": sb_key, "keyframes": kf_key, "clip": clip_key,
-                      **({"plate": _plate_key(profile, scene)} if layered else {})},
-                estimate_seconds=est_s, estimate_yuan=est_y))
+                held_frames=frames - len(drawings), audit_frame=audit, seed=_seed(content), keys=node_keys,
+                estimate_seconds={k: s for k, (s, _) in est.items()}, estimate_yuan={k: y for k, (_, y) in est.items()}))
             # 4. Subtitles on the quantised timeline, so they match the encoded frames.
             cues += subtitle_cues(shot, start / profile.fps, (start + frames) / profile.fps, len(cues) + 1)
             start += frames
+    return _with_episode_nodes(episode, profile, shots, cues, price, script_sha256, layered)
 
+
+def _with_episode_nodes(episode: Episode, profile: Profile, shots: list[ShotPlan], cues: list[SubtitleCue],
+                        price: _Pricer, script_sha256: str, layered: bool) -> RenderPlan:
+    """The plan with its episode-level nodes: assemble, the contact sheet, plates and sheets."""
+    width, height = profile.size
+    frames = sum(s.frames for s in shots)
     asm_key = content_key("assemble", assemble.VERSION, {"title": episode.title},
                           [s.keys["clip"] for s in shots] + [s.keys["storyboard"] for s in shots]
                           + [c.model_dump_json() for c in cues])
-    ep_s = {"assemble": round(rows["assemble"].seconds(start, frame_mpx), 4)}
-    ep_y = {"assemble": prices.cost(ep_s["assemble"], rows["assemble"].device, 1.0)}
+    sheet_key = content_key("sheet", storyboard.VERSION, {"title": episode.title},
+                            [s.keys["storyboard"] for s in shots])
+    est = {"assemble": price("assemble", frames, width * height / 1e6)}
+    plates: dict[str, list[str]] = {}
     sheets: dict[str, str] = {}
     if layered:  # one generated plate per location and time of day; one sheet per character
+        plates = {s.keys["plate"]: [s.scene.location, s.scene.time_of_day,
+                                    setting_of(s.scene.heading, s.scene.location)] for s in shots}
         sheets = {name: _sheet_key(profile, name) for name in dict.fromkeys(
             n for s in shots for n in s.shot.characters)}
+        gen_mpx = generation_mpx(profile)
         side_mpx = min(gen_mpx, gen_mpx * 9 / 16)  # square sheets at the generation short side
-        ep_s["plates"] = round(rows["keyframes"].seconds(len({s.keys["plate"] for s in shots}), gen_mpx), 4)
-        ep_s["sheets"] = round(rows["keyframes"].seconds(len(sheets), side_mpx), 4)
-        for stage in ("plates", "sheets"):
-            ep_y[stage] = prices.cost(ep_s[stage], rows["keyframes"].device, kf_units)
+        est["plates"] = price("plates", len(plates), gen_mpx, row="keyframes")
+        est["sheets"] = price("sheets", len(sheets), side_mpx, row="keyframes")
     return RenderPlan(
         title=episode.title, source=episode.source, script_sha256=script_sha256, profile=profile,
-        width=width, height=height, shots=shots, subtitles=cues, assemble_key=asm_key, sheets=sheets,
-        episode_estimate_seconds=ep_s, episode_estimate_yuan=ep_y)
+        width=width, height=height, shots=shots, subtitles=cues, assemble_key=asm_key,
+        contact_sheet_key=sheet_key, plates=plates, sheets=sheets,
+        episode_estimate_seconds={k: s for k, (s, _) in est.items()},
+        episode_estimate_yuan={k: y for k, (_, y) in est.items()})
 
 
 def _generator_params(profile: Profile) -> dict[str, Any]:
-    """Everything about the generator that changes what it draws (not where it runs)."""
-    d = profile.diffusion
-    return d.model_dump(exclude={"device", "offload", "num_gpus", "batch_size", "actors", "gpu_type"}) | {
-        "backend": profile.backend, "gen_mpx": _generation_mpx(profile), "aspect": profile.aspect}
+    """Everything about the keyframe generator that changes what it draws (not where it runs)."""
+    return profile.entry("keyframes").key_params(profile.settings_for("keyframes")) | {
+        "gen_mpx": generation_mpx(profile), "aspect": profile.aspect}
 
 
 def _plate_key(profile: Profile, scene: Scene) -> str:
@@ -254,7 +264,8 @@ def _sheet_key(profile: Profile, name: str) -> str:
 
 
 def plan_summary(plan: RenderPlan) -> dict[str, Any]:
-    """The ``anim plan --json`` contract."""
+    """The ``anim plan --json`` contract (the full plan; ``pipeline.schedule`` adds what a render
+    would recompute now)."""
     return {
         "title": plan.title,
         "profile": plan.profile.name,

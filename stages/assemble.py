@@ -19,12 +19,24 @@ import cv2
 import numpy as np
 import srt
 
-from stages.records import StageError
-from stages.records import SubtitleCue
-from pipeline.models import ShotPlan
+from stages.records import Record, StageError, SubtitleCue
 
 VERSION = "1"
 STAGE = "assemble"
+
+
+class TimelineClip(Record):
+    """One shot as the editorial timeline shows it: where it sits in the episode and what it is."""
+
+    id: str
+    start_frame: int
+    frames: int
+    camera: str
+    scene: str
+    action: str
+    characters: list[str]
+    keyframes: int
+    content_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,7 +113,7 @@ def write_srt(cues: list[SubtitleCue], path: str | Path, *, speaker: bool = Fals
     _write_atomic(Path(path), srt.compose(subs, reindex=False).encode("utf-8"))
 
 
-def write_timeline(shots: list[ShotPlan], cues: list[SubtitleCue], path: str | Path, *, title: str, fps: int,
+def write_timeline(shots: list[TimelineClip], cues: list[SubtitleCue], path: str | Path, *, title: str, fps: int,
                    media: str = "episode.mp4") -> None:
     """The editorial hand-off: an OpenTimelineIO timeline of the cut, one clip per shot.
 
@@ -120,14 +132,14 @@ def write_timeline(shots: list[ShotPlan], cues: list[SubtitleCue], path: str | P
         cues_by_shot.setdefault(cue.shot, []).append(cue)
     for shot in shots:
         clip = otio.schema.Clip(
-            name=shot.shot.id,
+            name=shot.id,
             media_reference=otio.schema.ExternalReference(target_url=media),
             source_range=otio.opentime.TimeRange(otio.opentime.RationalTime(shot.start_frame, fps),
                                                  otio.opentime.RationalTime(shot.frames, fps)))
-        clip.metadata["anim"] = {"camera": shot.shot.camera.value, "scene": shot.scene_heading,
-                                 "action": shot.shot.action, "characters": list(shot.shot.characters),
-                                 "keyframes": len(shot.keyframes), "content_key": shot.keys.get("clip", "")}
-        for cue in cues_by_shot.get(shot.shot.id, []):
+        clip.metadata["anim"] = {"camera": shot.camera, "scene": shot.scene, "action": shot.action,
+                                 "characters": list(shot.characters), "keyframes": shot.keyframes,
+                                 "content_key": shot.content_key}
+        for cue in cues_by_shot.get(shot.id, []):
             start = round(cue.start_s * fps) - shot.start_frame
             length = max(1, round((cue.end_s - cue.start_s) * fps))
             clip.markers.append(otio.schema.Marker(

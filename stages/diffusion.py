@@ -25,9 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from stages.records import ProfileError
-from stages.records import Frame, Keyframes
-from pipeline.models import DiffusionSettings, ShotPlan
+from stages.keyframes import DiffusionSettings
+from stages.records import Frame, KeyframeRequest, Keyframes, ProfileError, ShotScene
 from stages import prompts
 from stages.backgrounds import background_plate, setting_of
 from stages.draw import draw_figure, render_cel
@@ -84,18 +83,18 @@ def check_device(settings: DiffusionSettings) -> torch.device:
     device = torch.device(settings.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ProfileError(f"diffusion.device: {settings.device!r} requested but this torch "
+            raise ProfileError(f"diffusers.device: {settings.device!r} requested but this torch "
                                f"({torch.__version__}) sees no CUDA device; use device = 'cpu'")
         if (device.index or 0) >= torch.cuda.device_count():
-            raise ProfileError(f"diffusion.device: {settings.device!r} but only {torch.cuda.device_count()} CUDA devices")
+            raise ProfileError(f"diffusers.device: {settings.device!r} but only {torch.cuda.device_count()} CUDA devices")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ProfileError(f"diffusion.device: {settings.device!r} requested but MPS is not available")
+        raise ProfileError(f"diffusers.device: {settings.device!r} requested but MPS is not available")
     elif device.type == "cpu":
         if settings.dtype == "float16":
-            raise ProfileError("diffusion.dtype: float16 on device 'cpu' is slow or unsupported in many kernels; "
+            raise ProfileError("diffusers.dtype: float16 on device 'cpu' is slow or unsupported in many kernels; "
                                "use dtype = 'float32' or 'bfloat16'")
         if settings.offload != "none":
-            raise ProfileError(f"diffusion.offload: {settings.offload!r} offloads to the CPU from an accelerator; "
+            raise ProfileError(f"diffusers.offload: {settings.offload!r} offloads to the CPU from an accelerator; "
                                "with device = 'cpu' use offload = 'none'")
     return device
 
@@ -107,7 +106,7 @@ def check_fits(model_dir: Path, settings: DiffusionSettings, device: torch.devic
     need = weight_bytes(model_dir, DTYPES[settings.dtype])
     free, _ = torch.cuda.mem_get_info(device)
     if need > free:
-        raise ProfileError(f"diffusion.model: {model_dir} does not fit: its weights need {need / 2**30:.1f} GiB in "
+        raise ProfileError(f"diffusers.model: {model_dir} does not fit: its weights need {need / 2**30:.1f} GiB in "
                            f"{settings.dtype}, {device} has {free / 2**30:.1f} GiB free; set offload = 'model' "
                            "or 'sequential', a smaller dtype, or a smaller model")
 
@@ -131,12 +130,12 @@ def seed_of(*parts: object) -> int:
     return stable_hash("seed", *parts) & (2**63 - 1)
 
 
-def plate_key(shot: ShotPlan) -> PlateKey:
+def plate_key(shot: ShotScene) -> PlateKey:
     """Which background plate a shot uses: one per (location, time of day, INT/EXT)."""
-    return (shot.location, shot.time_of_day, setting_of(shot.scene_heading, shot.location))
+    return (shot.location, shot.time_of_day, setting_of(shot.heading, shot.location))
 
 
-def _figure_boxes(shot: ShotPlan, t: float, width: int, height: int) -> list[tuple[Placement, tuple[float, ...]]]:
+def _figure_boxes(shot: ShotScene, t: float, width: int, height: int) -> list[tuple[Placement, tuple[float, ...]]]:
     """Each on-screen character's placement and screen box (x0, y0, x1, y1), as render_cel frames it."""
     placements = layout(shot.shot, t=t, width=width, height=height)
     view = frame_camera(shot.shot, placements, width=width, height=height)
@@ -149,7 +148,7 @@ def _figure_boxes(shot: ShotPlan, t: float, width: int, height: int) -> list[tup
     return out
 
 
-def character_crops(shot: ShotPlan, t: float, image: np.ndarray) -> dict[str, np.ndarray]:
+def character_crops(shot: ShotScene, t: float, image: np.ndarray) -> dict[str, np.ndarray]:
     """The part of a keyframe where each character stands (for ``consistency_score``)."""
     h, w = image.shape[:2]
     out = {}
@@ -186,15 +185,15 @@ class DiffusersKeyframes:
             raise ValueError(f"DiffusersKeyframes: size {width}x{height} is too small (at least 16x16)")
         s = settings
         if s.layered and s.mode != "img2img":
-            raise ProfileError("diffusion.layered: composited plates are img2img init images; with "
+            raise ProfileError("diffusers.layered: composited plates are img2img init images; with "
                                "mode = 'txt2img' set layered = false")
         if s.mode == "img2img" and int(s.steps * s.strength) < 1:
-            raise ProfileError(f"diffusion.steps × strength = {s.steps} × {s.strength} < 1: img2img would run no "
+            raise ProfileError(f"diffusers.steps × strength = {s.steps} × {s.strength} < 1: img2img would run no "
                                "denoising step; raise steps or strength")
-        model_dir = resolve_local(s.model, marker="model_index.json", what="diffusion.model")
-        control_dir = resolve_local(s.controlnet, marker="config.json", what="diffusion.controlnet") if s.controlnet else None
+        model_dir = resolve_local(s.model, marker="model_index.json", what="diffusers.model")
+        control_dir = resolve_local(s.controlnet, marker="config.json", what="diffusers.controlnet") if s.controlnet else None
         if s.ip_adapter and not Path(s.ip_adapter).is_file():
-            raise ProfileError(f"diffusion.ip_adapter: {s.ip_adapter!r} is not a file; expected IP-Adapter weights "
+            raise ProfileError(f"diffusers.ip_adapter: {s.ip_adapter!r} is not a file; expected IP-Adapter weights "
                                "(.safetensors/.bin) with its image encoder in an 'image_encoder' folder beside it")
         self.device = check_device(s)
         check_fits(model_dir, s, self.device)
@@ -311,7 +310,7 @@ class DiffusersKeyframes:
         self.stats["sheets"] += 1
         return self.generate([req], (side, side))[0]
 
-    def compose(self, plate: np.ndarray, shot: ShotPlan, t: float,
+    def compose(self, plate: np.ndarray, shot: ShotScene, t: float,
                 sheets: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """A layered init image at ``gen_size``: the generated plate through the shot's camera
         (as previz frames its own plate), with the previz figures drawn on it — or, given
@@ -346,9 +345,9 @@ class DiffusersKeyframes:
 
     # ---------------------------------------------------------------- keyframes
 
-    def __call__(self, shots: list[ShotPlan], *, plates: Mapping[PlateKey, np.ndarray] | None = None,
+    def __call__(self, shots: list[KeyframeRequest], *, plates: Mapping[PlateKey, np.ndarray] | None = None,
                  sheets: Mapping[str, np.ndarray] | None = None) -> list[Keyframes]:
-        """The keyframes of every shot, generated in batches across shots.
+        """The keyframes of every request (one shot each), generated in batches across shots.
 
         ``plates`` (by ``plate_key``) and ``sheets`` (by character name) may come from the
         pipeline's cache; when layered, missing plates are generated here, once per key per
@@ -359,7 +358,7 @@ class DiffusersKeyframes:
         s, (w, h) = self.settings, self.gen_size
         plates = dict(plates or {})
         if s.layered:
-            for key in dict.fromkeys(plate_key(p) for p in shots):
+            for key in dict.fromkeys(plate_key(p.scene) for p in shots):
                 if key not in plates:
                     plates[key] = self.background_plate(*key)
         sheets = dict(sheets or {})
@@ -369,17 +368,18 @@ class DiffusersKeyframes:
                     sheets[name] = self.character_sheet(name)
         # 2. one request per keyframe of every shot
         requests, owners = [], []
-        for plan in shots:
-            text = self._prompt(prompts.shot_prompt, plan)
-            focus = plan.shot.characters[0] if plan.shot.characters else None
-            for k, t in zip(plan.keyframes, plan.keyframe_times):
+        for req in shots:
+            scene = req.scene
+            text = self._prompt(prompts.shot_prompt, scene)
+            focus = req.shot.characters[0] if req.shot.characters else None
+            for k, t in zip(req.indices, req.times):
                 init = None
                 if s.mode == "img2img":
-                    init = (self.compose(plates[plate_key(plan)], plan, t, sheets if not s.ip_adapter else None)
-                            if s.layered else render_cel(plan, t, w, h, {}))
-                requests.append(Request(text, prompts.negative_prompt(s), seed_of("keyframe", plan.keys["keyframes"], k),
+                    init = (self.compose(plates[plate_key(scene)], scene, t, sheets if not s.ip_adapter else None)
+                            if s.layered else render_cel(scene, t, w, h, {}))
+                requests.append(Request(text, prompts.negative_prompt(s), seed_of("keyframe", req.seed, k),
                                         init, sheets.get(focus) if s.ip_adapter and focus else None))
-                owners.append((plan.shot.id, k))
+                owners.append((req.shot.id, k))
         # 3. generate across shots, back to the profile size, regroup by shot
         images = self.generate(requests, (w, h))
         by_shot: dict[str, list[Frame]] = {p.shot.id: [] for p in shots}

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.models import ShotPlan
+from stages.records import ShotScene
 from stages.backgrounds import LINE, RGB, SS, background_plate, setting_of
 from stages.staging import Placement, character_style, frame_camera, layout
 
@@ -204,24 +204,24 @@ def draw_figure(d: ImageDraw.ImageDraw, p: Placement, to_px) -> None:
 # --------------------------------------------------------------------------- cel render
 
 
-def plate_for(shot_plan: ShotPlan, width: int, height: int, plate_cache: MutableMapping) -> np.ndarray:
+def plate_for(scene: ShotScene, width: int, height: int, plate_cache: MutableMapping) -> np.ndarray:
     """The shot's background plate, drawn once per (location, time, setting, size) and kept in
     the caller's cache (an instance-owned dict: the plate-reuse lever)."""
-    setting = setting_of(shot_plan.scene_heading, shot_plan.location)
-    key = (shot_plan.location, shot_plan.time_of_day, setting, width, height)
+    setting = setting_of(scene.heading, scene.location)
+    key = (scene.location, scene.time_of_day, setting, width, height)
     plate = plate_cache.get(key)
     if plate is None:
-        plate = background_plate(shot_plan.location, shot_plan.time_of_day, setting, width, height)
+        plate = background_plate(scene.location, scene.time_of_day, setting, width, height)
         plate.setflags(write=False)
         plate_cache[key] = plate
     return plate
 
 
-def render_cel(shot_plan: ShotPlan, t: float, width: int, height: int, plate_cache: MutableMapping) -> np.ndarray:
+def render_cel(scene: ShotScene, t: float, width: int, height: int, plate_cache: MutableMapping) -> np.ndarray:
     """A flat cel-style keyframe of the shot at time ``t``: (height, width, 3) uint8 RGB."""
     # 1. scene and camera
-    shot = shot_plan.shot
-    plate = plate_for(shot_plan, width, height, plate_cache)
+    shot = scene.shot
+    plate = plate_for(scene, width, height, plate_cache)
     placements = layout(shot, t=t, width=width, height=height)
     view = frame_camera(shot, placements, width=width, height=height)
     # 2. plate through the damped camera, softened in close-ups (depth of field)

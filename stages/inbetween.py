@@ -8,23 +8,26 @@ Three interpolators share one call signature, ``interpolate(a, b, ts) -> list[im
   occlusion) defer to the other keyframe.
 * ``Crossfade`` ("crossfade"): the linear blend baseline every quality figure is compared to.
 * ``RifeInterpolator`` ("rife", ``stages/rife.py``): RIFE 4.x with published weights (torch,
-  CPU or GPU); needs ``weights=``. Registered through a factory so torch is imported only
-  when it is built.
+  CPU or GPU); its settings (``RifeSettings``) live here so that importing them never
+  imports torch.
 
-Add a backend by writing a class with ``name`` and ``__call__`` and registering it in
-``INTERPOLATORS``. ``shot_frames`` turns one shot's keyframes into exactly ``frames`` RGB
-frames, streaming: memory is bounded by one keyframe pair's in-betweens.
+Each in-betweener has a settings model here (the profile's table of the same name);
+``pipeline.registry`` makes each one an entry. ``shot_frames`` turns one shot's keyframes
+into exactly ``frames`` RGB frames, streaming: memory is bounded by one keyframe pair's
+in-betweens.
 """
 from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import ClassVar, Literal
 
 import cv2
 import numpy as np
+from pydantic import Field
 
-from stages.records import Keyframes
+from stages.records import Keyframes, Record
 
 VERSION = "4"  # 4: frame-edge samples defer to the other keyframe by masked copy
 
@@ -33,6 +36,27 @@ VERSION = "4"  # 4: frame-edge samples defer to the other keyframe by masked cop
 OUTSIDE_WEIGHT = 1e-3
 
 Interpolate = Callable[[np.ndarray, np.ndarray, list[float]], list[np.ndarray]]
+
+
+class FlowSettings(Record):
+    """The profile's ``[flow]`` table."""
+
+    preset: Literal["ultrafast", "fast", "medium"] = Field("medium", description="DIS preset (see FlowInterpolator).")
+
+
+class CrossfadeSettings(Record):
+    """The crossfade baseline has no settings."""
+
+
+class RifeSettings(Record):
+    """The profile's ``[rife]`` table. ``PLACEMENT`` never enters a content key."""
+
+    PLACEMENT: ClassVar[frozenset[str]] = frozenset({"num_gpus", "gpu_type"})
+
+    weights: str = Field(description="RIFE 4.x flownet.pkl, e.g. ../shared/data/weights/rife/flownet.pkl.")
+    device: str = Field("cpu", description="'cpu' or a torch GPU device ('cuda', 'cuda:1').")
+    num_gpus: float = Field(1.0, gt=0, description="GPUs each clip node holds when device is a GPU.")
+    gpu_type: str = Field("H200", description="Price-catalog GPU type billed for them.")
 
 
 def check_pair(a: np.ndarray, b: np.ndarray, ts: list[float]) -> None:
@@ -138,6 +162,7 @@ class FlowInterpolator:
         self.occlusion = occlusion
         self._dis = _dis(*self.DIS_SETTINGS[preset])
         self._buf: _Buffers | None = None  # per-size scratch: pixel grid, maps, warped images
+        self._pool: ThreadPoolExecutor | None = None  # one warping thread per OpenCV thread, built on use
 
     def __call__(self, a: np.ndarray, b: np.ndarray, ts: list[float]) -> list[np.ndarray]:
         check_pair(a, b, ts)
@@ -168,7 +193,7 @@ class FlowInterpolator:
             if len(work) == 1:
                 _warp_rows(*work[0])
             else:
-                for done in [_pool(len(work)).submit(_warp_rows, *job) for job in work]:
+                for done in [self._threads(len(work)).submit(_warp_rows, *job) for job in work]:
                     done.result()
             out.append(image)
         return out
@@ -191,6 +216,12 @@ class FlowInterpolator:
                 for f in (f01, f10)
             )
         return f01, f10
+
+    def _threads(self, n: int) -> ThreadPoolExecutor:
+        """This instance's warping threads (its threads end with it)."""
+        if self._pool is None or self._pool._max_workers < n:
+            self._pool = ThreadPoolExecutor(n, thread_name_prefix="inbetween")
+        return self._pool
 
     def _buffers(self, h: int, w: int) -> _Buffers:
         if self._buf is None or self._buf.shape != (h, w):
@@ -264,16 +295,6 @@ def _row_blocks(h: int, n: int) -> list[tuple[int, int]]:
     n = max(1, min(n, strips))
     edges = [round(i * strips / n) * STRIP_ROWS for i in range(n + 1)]
     return [(lo, min(hi, h)) for lo, hi in zip(edges, edges[1:]) if lo < h]
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None or _POOL._max_workers < n:
-        _POOL = ThreadPoolExecutor(n, thread_name_prefix="inbetween")
-    return _POOL
 
 
 def _warp_rows(a, b, f01, f10, t, image, lo, hi, scratch, band, occ) -> None:
@@ -364,29 +385,6 @@ def _dis(finest_scale: int, patch: int, stride: int, descent: int, refine: int) 
     dis.setGradientDescentIterations(descent)
     dis.setVariationalRefinementIterations(refine)
     return dis
-
-
-def _rife(**kwargs) -> Interpolate:
-    """RIFE 4.x (``stages/rife.py``); imported on use so that torch loads only when asked for."""
-    from stages.rife import RifeInterpolator
-
-    return RifeInterpolator(**kwargs)
-
-
-INTERPOLATORS: dict[str, Callable[..., Interpolate]] = {
-    FlowInterpolator.name: FlowInterpolator,
-    Crossfade.name: Crossfade,
-    "rife": _rife,
-}
-
-
-def interpolator(name: str, **kwargs) -> Interpolate:
-    """Build the interpolator registered under ``name`` with its keyword arguments."""
-    try:
-        cls = INTERPOLATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown interpolator {name!r}; known: {sorted(INTERPOLATORS)}") from None
-    return cls(**kwargs)
 
 
 def shot_frames(

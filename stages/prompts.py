@@ -14,9 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from stages.records import Camera
-
-from pipeline.models import DiffusionSettings, ShotPlan
+from stages.keyframes import DiffusionSettings
+from stages.records import Camera, ShotScene
 
 CAMERA_WORDS = {
     Camera.ESTABLISHING: "establishing shot, extreme wide shot, scenery",
@@ -67,7 +66,7 @@ def _fit(parts: list[tuple[int, str]], limit: int | None, count: Counter) -> str
     return text
 
 
-def shot_prompt(shot: ShotPlan, settings: DiffusionSettings, *, max_tokens: int | None,
+def shot_prompt(shot: ShotScene, settings: DiffusionSettings, *, max_tokens: int | None,
                 count_tokens: Counter | None = None) -> str:
     """The keyframe prompt of a shot, within ``max_tokens`` (None: no limit).
 

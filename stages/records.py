@@ -68,6 +68,19 @@ class StageError(AnimError):
         return type(self), (self.stage, self.shot, self.problem, self.stderr)
 
 
+class NodeError(AnimError):
+    """A node of the render graph failed. Names the node (stage and shot, or what it was for);
+    ``remote_traceback`` is the chained traceback as the worker saw it (printed with
+    ``--debug``), since the exception object itself crosses a process boundary."""
+
+    def __init__(self, node: str, problem: str, remote_traceback: str = ""):
+        self.node, self.problem, self.remote_traceback = node, problem, remote_traceback
+        super().__init__(f"{node}: {problem}")
+
+    def __reduce__(self):
+        return type(self), (self.node, self.problem, self.remote_traceback)
+
+
 # --------------------------------------------------------------------------- episode
 
 

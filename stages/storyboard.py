@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.models import ShotPlan
+from stages.records import ShotScene
 from stages.draw import fit_lines, load_font, render_cel, wrap_text
 from stages.staging import frame_camera, layout
 
@@ -40,7 +40,7 @@ def _arrow(d: ImageDraw.ImageDraw, a: tuple[float, float], b: tuple[float, float
     d.polygon([b, left, right], fill=ARROW)
 
 
-def _caption_lines(shot: ShotPlan, font, width: float) -> list[tuple[str, str]]:
+def _caption_lines(shot: ShotScene, font, width: float) -> list[tuple[str, str]]:
     """(bold prefix, rest) per caption body line: action first, then dialogue as NAME: text."""
     dialogue: list[tuple[str, str]] = []
     for line in shot.shot.dialogue:
@@ -74,7 +74,20 @@ def panel_shape(width: int, aspect: str) -> tuple[int, int, int]:
     return frame_h + 2 * pad + (BODY_LINES + 2) * lh, width, 3
 
 
-def render_panel(shot: ShotPlan, *, width: int, aspect: str) -> np.ndarray:
+class PrevizStoryboard:
+    """The storyboard backend: ``panel = PrevizStoryboard(width=…, aspect=…)(shot)``."""
+
+    name = "previz"
+
+    def __init__(self, *, width: int, aspect: str):
+        _metrics(width, aspect)  # check the inputs before any panel is drawn
+        self.width, self.aspect = width, aspect
+
+    def __call__(self, shot: ShotScene) -> np.ndarray:
+        return render_panel(shot, width=self.width, aspect=self.aspect)
+
+
+def render_panel(shot: ShotScene, *, width: int, aspect: str) -> np.ndarray:
     """One storyboard panel, RGB uint8 of shape ``panel_shape(width, aspect)``."""
     # 1. check inputs, measure
     frame_h, fs, lh, pad = _metrics(width, aspect)
@@ -116,7 +129,7 @@ def render_panel(shot: ShotPlan, *, width: int, aspect: str) -> np.ndarray:
     header = f"{label} · {shot.shot.duration_s:.1f}s"
     d.text((pad, y), fit_lines(wrap_text(header, bold, text_w), 1, bold, text_w)[0], font=bold, fill=INK)
     y += lh
-    heading = fit_lines(wrap_text(shot.scene_heading, regular, text_w), 1, regular, text_w)[0]
+    heading = fit_lines(wrap_text(shot.heading, regular, text_w), 1, regular, text_w)[0]
     d.text((pad, y), heading, font=regular, fill=PENCIL)
     y += lh
     for prefix, rest in _caption_lines(shot, regular, text_w):

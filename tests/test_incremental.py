@@ -8,7 +8,7 @@ import imageio_ffmpeg
 import pytest
 
 from pipeline import dag
-from pipeline.cache import ArtifactStore
+from pipeline.store import open_store
 from pipeline.calibration import Calibration
 from pipeline.config import resolve_profile
 from pipeline.cost import PriceCatalog
@@ -48,7 +48,7 @@ def executed(result) -> set[tuple[str, str | None]]:
 
 
 def test_unchanged_rerender_costs_nothing(tmp_path, prices):
-    store = ArtifactStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     plan = plan_for(load_episode(SHOTLIST), prices)
     first = run(plan, store, prices)
     assert first.stopped is None and first.ledger.total_yuan > 0
@@ -62,7 +62,7 @@ def test_unchanged_rerender_costs_nothing(tmp_path, prices):
 
 
 def test_one_shot_edit_recomputes_only_that_shot(tmp_path, prices):
-    store = ArtifactStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     episode = load_episode(SHOTLIST)
     run(plan_for(episode, prices), store, prices)
     scene = episode.scenes[0]
@@ -77,7 +77,7 @@ def test_one_shot_edit_recomputes_only_that_shot(tmp_path, prices):
 
 
 def test_profile_change_reruns_only_the_stages_it_affects(tmp_path, prices):
-    store = ArtifactStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     episode = load_episode(SHOTLIST)
     run(plan_for(episode, prices), store, prices)
     result = run(plan_for(episode, prices, crf=30), store, prices)  # an encoder setting
@@ -87,7 +87,7 @@ def test_profile_change_reruns_only_the_stages_it_affects(tmp_path, prices):
 
 
 def test_damaged_entry_is_recomputed_never_used(tmp_path, prices):
-    store = ArtifactStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     plan = plan_for(load_episode(SHOTLIST), prices)
     run(plan, store, prices)
     victim = plan.shots[2]
@@ -103,7 +103,7 @@ def test_damaged_entry_is_recomputed_never_used(tmp_path, prices):
 
 
 def test_budget_guard_stops_before_the_limit_and_resume_finishes(tmp_path, prices):
-    store = ArtifactStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     plan = plan_for(load_episode(SHOTLIST), prices)
     budget = plan.estimated_cost_yuan * 0.5
     # A node is admitted with its estimate × (1 + margin) reserved; the margin covers how far a node's
@@ -121,7 +121,7 @@ def test_budget_guard_stops_before_the_limit_and_resume_finishes(tmp_path, price
 
 
 def test_zero_budget_spends_nothing(tmp_path, prices):
-    store = ArtifactStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     result = run(plan_for(load_episode(SHOTLIST), prices), store, prices, budget_yuan=0.0)
     assert result.stopped == "budget" and result.ledger.total_yuan == 0.0 and not result.ledger.records
 
@@ -129,7 +129,7 @@ def test_zero_budget_spends_nothing(tmp_path, prices):
 def test_storyboard_stop_and_approval_gate(tmp_path, prices):
     from pipeline.approvals import approve, approved_keys
 
-    store = ArtifactStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     plan = plan_for(load_episode(SHOTLIST), prices, approval_gate=True)
     boards = run(plan, store, prices, stop_after="storyboard")
     assert boards.stopped == "storyboard" and set(boards.outputs) == {"storyboard.png"}
@@ -141,10 +141,28 @@ def test_storyboard_stop_and_approval_gate(tmp_path, prices):
     assert gated.remaining == [s.shot.id for s in plan.shots[2:]]
 
 
-def test_estimate_within_25_percent_of_measured(tmp_path, prices):
-    episode = load_episode(REPO / "examples" / "episode_en.fountain")
-    plan = plan_for(episode, prices)
-    result = run(plan, ArtifactStore(tmp_path / "store"), prices)
-    measured, estimated = result.ledger.total_yuan, plan.estimated_cost_yuan
-    print(f"estimated ¥{estimated:.6f}, measured ¥{measured:.6f} ({estimated / measured - 1:+.1%})")
-    assert abs(estimated - measured) <= 0.25 * measured
+def test_ledger_and_estimate_cover_the_same_nodes(tmp_path, prices):
+    """The estimate and the measurement of one render describe the same nodes, stage by stage.
+
+    How close the estimate comes to the measured cost depends on the machine and its load: that
+    is a benchmark, ``experiments/estimate_accuracy.py``, not a test."""
+    plan = plan_for(load_episode(SHOTLIST), prices)
+    result = run(plan, open_store(tmp_path / "store"), prices)
+    records = result.ledger.records
+    assert result.stopped is None and not any(r.cached for r in records)
+
+    # One ledger row per executed node: every shot's chain (the audit where the shot has one) and the assembly.
+    expected = {(stage, s.shot.id) for s in plan.shots for stage in s.estimate_yuan} | {("assemble", None)}
+    assert len(records) == len(expected) and {(r.stage, r.shot) for r in records} == expected
+    assert all(r.seconds > 0 and r.yuan > 0 and r.resource == "cpu" for r in records)
+    assert result.ledger.total_yuan == pytest.approx(sum(result.ledger.by_stage().values()), rel=1e-12)
+
+    # The estimate: positive for every node, summed per stage it is the plan's total, on the ledger's stages.
+    by_stage = plan.estimate_by_stage()
+    assert set(by_stage) == set(result.ledger.by_stage())
+    assert all(y > 0 for s in plan.shots for y in s.estimate_yuan.values()) and plan.assemble_estimate_yuan > 0
+    assert plan.estimated_cost_yuan > 0
+    assert plan.estimated_cost_yuan == pytest.approx(sum(by_stage.values()), rel=1e-12)
+    for stage in by_stage:
+        per_node = [s.estimate_yuan[stage] for s in plan.shots if stage in s.estimate_yuan]
+        assert by_stage[stage] == pytest.approx(sum(per_node) + plan.episode_estimate_yuan.get(stage, 0.0), rel=1e-12)

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("torch", reason="the diffusers backend needs the gen extra (make test installs it)")
 
 from pipeline import dag  # noqa: E402
-from pipeline.cache import ArtifactStore  # noqa: E402
+from pipeline.store import open_store  # noqa: E402
 from pipeline.calibration import FIELDS, Calibration  # noqa: E402
 from pipeline.config import resolve_profile  # noqa: E402
 from pipeline.cost import PriceCatalog  # noqa: E402
@@ -71,7 +71,7 @@ def render(plan, prices, store):
 
 def test_diffusers_episode_renders_with_one_plate_per_location(setup):
     plan, prices, root = setup
-    store = ArtifactStore(root / "store")
+    store = open_store(root / "store")
     result = render(plan, prices, store)
     assert result.stopped is None and result.outputs["episode.mp4"].stat().st_size > 0
     executed = [r for r in result.ledger.records if not r.cached]
@@ -85,10 +85,10 @@ def test_diffusers_episode_renders_with_one_plate_per_location(setup):
     assert all(0.0 <= v <= 1.0 + 1e-9 for v in result.consistency.values())
     assert all(r.resource == "cpu" for r in executed)  # num_gpus = 0 here; on a GPU: gpu:<type> × num_gpus
     # Identical seeds → identical pixels: a fresh store renders the same keyframes bit for bit.
-    again = render(plan, prices, ArtifactStore(root / "store2"))
+    again = render(plan, prices, open_store(root / "store2"))
     for shot in plan.shots:
         a = store.get(shot.keys["keyframes"])
-        b = ArtifactStore(root / "store2").get(shot.keys["keyframes"])
+        b = open_store(root / "store2").get(shot.keys["keyframes"])
         assert {n: p.read_bytes() for n, p in a.items()} == {n: p.read_bytes() for n, p in b.items()}
     assert again.ledger.total_yuan > 0
     # A second render into the same store: every node, plates and sheets included, is a hit.
@@ -102,7 +102,7 @@ def test_missing_weights_stop_the_render_before_any_work(setup, tmp_path):
     plan, prices, _ = setup
     broken = plan.profile.diffusion.model_copy(update={"model": str(tmp_path / "no-such-model")})
     plan = plan.model_copy(update={"profile": plan.profile.model_copy(update={"diffusion": broken})})
-    store = ArtifactStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     with pytest.raises(AnimError, match=r"could not start: diffusion.model: .*no-such-model.*model_index.json"):
         render(plan, prices, store)
     assert store.stats().entries == 0  # not even a storyboard panel was drawn
