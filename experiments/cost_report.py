@@ -355,6 +355,7 @@ def main() -> None:
 
     from pipeline import tracking
 
+    tracking.mlflow_defaults()
     mlflow.set_tracking_uri(settings.tracking_uri)
     if mlflow.get_experiment_by_name(EXPERIMENT) is None and settings.tracking_uri.startswith("sqlite:///"):
         db = Path(settings.tracking_uri.removeprefix("sqlite:///"))

@@ -3,9 +3,9 @@
     anim cache stats [--store URL] [--json]
     anim cache gc [--older-than 30d] [--max-size 10G] [--dry-run] [--store URL] [--json]
 
-The store is ``--store``, else ``ANIM_STORE``, else the per-user cache directory, resolved
-once here. A value the user can fix (a size or age that does not parse, a store that cannot
-be opened) prints one line and exits 2.
+The store is ``--store``, else the resolved settings' store (``ANIM_STORE``, a config file,
+else the per-user cache directory). A value the user can fix (a size or age that does not
+parse, a store that cannot be opened) prints one line and exits 2.
 """
 from __future__ import annotations
 
@@ -79,12 +79,13 @@ def _fail(exc: BaseException, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _open_store(store: str | None):
-    """The one place the store location is resolved: --store, then ANIM_STORE, then the default."""
+def _open_store(settings, store: str | None):
+    """The store: ``--store`` on top of the settings the CLI resolved once (``ANIM_STORE``, a config
+    file, else the per-user cache)."""
     from pipeline.store import open_store
-    from pipeline.config import resolve_settings
+    from pipeline.config import override_settings
 
-    return open_store(resolve_settings(store=store).store)
+    return open_store(override_settings(settings, store=store).store)
 
 
 StoreOpt = typer.Option(None, "--store", metavar="URL",
@@ -93,10 +94,10 @@ JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
 
 
 @cache_app.command()
-def stats(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
+def stats(ctx: typer.Context, store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
     """Entries and size per stage, last use, damaged entries and staging leftovers."""
     try:
-        s = _open_store(store).stats()
+        s = _open_store(ctx.obj, store).stats()
     except AnimError as exc:
         raise _fail(exc)
     if as_json:
@@ -116,7 +117,8 @@ def stats(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
 
 
 @cache_app.command()
-def gc(older_than: Optional[float] = typer.Option(None, "--older-than", metavar="AGE", parser=_option(parse_duration),
+def gc(ctx: typer.Context,
+       older_than: Optional[float] = typer.Option(None, "--older-than", metavar="AGE", parser=_option(parse_duration),
                                                   help="Remove entries unused for longer than AGE (90s, 12h, 30d)."),
        max_size: Optional[int] = typer.Option(None, "--max-size", metavar="SIZE", parser=_option(parse_size),
                                               help="Then remove least recently used entries until the store "
@@ -125,7 +127,7 @@ def gc(older_than: Optional[float] = typer.Option(None, "--older-than", metavar=
        store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
     """Remove damaged entries, stale staging leftovers (over an hour old), then old and least recently used entries."""
     try:
-        report = _open_store(store).gc(older_than_s=older_than, max_bytes=max_size, dry_run=dry_run)
+        report = _open_store(ctx.obj, store).gc(older_than_s=older_than, max_bytes=max_size, dry_run=dry_run)
     except AnimError as exc:
         raise _fail(exc)
     if as_json:

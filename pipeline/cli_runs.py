@@ -1,4 +1,7 @@
-"""``anim runs`` and ``anim compare``: the engineers' view of renders recorded in MLflow."""
+"""``anim runs``, ``anim compare`` and ``anim calibrate``: the engineers' view of renders recorded in MLflow.
+
+Each command takes the settings the CLI callback resolved once (``ctx.obj``).
+"""
 from __future__ import annotations
 
 import json
@@ -17,10 +20,6 @@ QUALITY = ("audit_psnr_db", "audit_ssim", "flicker")
 
 def _client(tracking_uri: str):
     import mlflow
-
-    from pipeline.tracking import mlflow_defaults
-
-    mlflow_defaults()
 
     mlflow.set_tracking_uri(tracking_uri)
     return mlflow.MlflowClient(tracking_uri)
@@ -63,12 +62,11 @@ def _delta(a: float, b: float) -> tuple[str, str]:
     return f"{b - a:+.6f}", pct
 
 
-def runs(limit: int = typer.Option(15, "--limit", "-n", help="How many recent renders."),
+def runs(ctx: typer.Context,
+         limit: int = typer.Option(15, "--limit", "-n", help="How many recent renders."),
          experiment: str | None = typer.Option(None, "--series", help="Only this series (MLflow experiment).")) -> None:
     """List recent renders with their cost, cache use and quality."""
-    from pipeline.config import resolve_settings
-
-    client = _client(resolve_settings().tracking_uri)
+    client = _client(ctx.obj.tracking_uri)
     exps = {e.experiment_id: e.name for e in client.search_experiments()}
     ids = [i for i, name in exps.items() if experiment in (None, name)]
     found = client.search_runs(ids, max_results=limit, order_by=["attributes.start_time DESC"]) if ids else []
@@ -87,13 +85,12 @@ def runs(limit: int = typer.Option(15, "--limit", "-n", help="How many recent re
     out.print(table)
 
 
-def compare(run_a: str = typer.Argument(..., help="Baseline run id (or unique prefix)."),
+def compare(ctx: typer.Context,
+            run_a: str = typer.Argument(..., help="Baseline run id (or unique prefix)."),
             run_b: str = typer.Argument(..., help="Run to compare with it."),
             as_json: bool = typer.Option(False, "--json", help="Print the deltas as JSON.")) -> None:
     """Per-stage and per-shot cost deltas of two renders, in ¥ and %, with quality beside them."""
-    from pipeline.config import resolve_settings
-
-    client = _client(resolve_settings().tracking_uri)
+    client = _client(ctx.obj.tracking_uri)
     a, b = _find(client, run_a), _find(client, run_b)
     ma, mb = a.data.metrics, b.data.metrics
     stages = sorted({k[5:-5] for k in list(ma) + list(mb) if k.startswith("cost.") and k.endswith("_yuan")})
@@ -123,16 +120,29 @@ def compare(run_a: str = typer.Argument(..., help="Baseline run id (or unique pr
                                           for q, v in result["quality"].items()))
 
 
-def calibrate(last: int = typer.Option(20, "--runs", "-n", help="Use the last N complete renders."),
+def calibrate(ctx: typer.Context,
+              last: int = typer.Option(20, "--runs", "-n", help="Use the last N complete renders."),
               experiment: str | None = typer.Option(None, "--series", help="Only renders of this series."),
               dry_run: bool = typer.Option(False, "--dry-run", help="Print the rows, do not write them.")) -> None:
-    """Refresh cluster/calibration.csv from the nodes measured in recent renders recorded in MLflow."""
+    """Fit this machine's calibration rows from the nodes measured in recent renders recorded in MLflow.
+
+    The rows go to the user/cluster table (the ``user_calibration`` setting, by default
+    ``~/.local/share/anim-pipeline/calibration.csv``), where they win over the shipped rows with
+    the same key; the shipped table is never written.
+    """
+    from pipeline.config import shipped_table
+
+    settings = ctx.obj
+    target = Path(settings.user_calibration)
+    if target.resolve() == shipped_table("calibration.csv").resolve():
+        err.print(f"[bold red]error:[/] user_calibration ({settings.sources.get('user_calibration')}) is the "
+                  f"shipped table {target}; `anim calibrate` writes only this machine's own table")
+        raise typer.Exit(2)
+
     from pipeline.calibrate import fit_rows
     from pipeline.calibration import Calibration
-    from pipeline.config import resolve_settings
     from pipeline.models import Ledger, LedgerRecord, RenderPlan
 
-    settings = resolve_settings()
     client = _client(settings.tracking_uri)
     exps = {e.experiment_id: e.name for e in client.search_experiments()}
     ids = [i for i, name in exps.items() if experiment in (None, name)]
@@ -164,5 +174,6 @@ def calibrate(last: int = typer.Option(20, "--runs", "-n", help="Use the last N 
         table.add_row(r.stage, r.backend, r.device, f"{r.overhead_s:.4f}", f"{r.seconds_per_unit_mpx:.5f}")
     out.print(table)
     if not dry_run:
-        Calibration.load(settings.calibration).write(rows)
-        out.print(f"wrote {len(rows)} rows to {settings.calibration}")
+        written = Calibration.load(target).write(rows)
+        out.print(f"wrote {len(rows)} rows to {written} (over the shipped {settings.calibration})",
+                  soft_wrap=True, highlight=False)

@@ -16,14 +16,12 @@ from typing import Any
 from pipeline.models import Ledger, RenderPlan
 
 
-
 def mlflow_defaults() -> None:
-    """No telemetry, no progress bars on the console: set before MLflow is first used."""
+    """No telemetry, no progress bars on the console. MLflow reads these from the environment,
+    so an entry point (the CLI callback, an experiment's ``main``) calls this once before MLflow
+    is first used; importing this module changes nothing. Values already set are kept."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-mlflow_defaults()
 
 
 def code_version() -> str:
