@@ -8,9 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from stages.records import Frame, Keyframes
+from pipeline import registry
+from stages.records import Frame, Keyframes, ProfileError
 from tests.conftest import FRAMES, SHARED_DATA, read_rgb, shared_triplets
-from stages.inbetween import INTERPOLATORS, Crossfade, FlowInterpolator, _fb_occlusion, interpolator, shot_frames
+from stages.inbetween import Crossfade, FlowInterpolator, FlowSettings, _fb_occlusion, shot_frames
 
 
 def _solid(value: int, shape=(36, 64, 3)) -> np.ndarray:
@@ -35,12 +36,18 @@ def _keys(*pairs) -> Keyframes:
 # --------------------------------------------------------------------------- registry
 
 
+def _build(name: str, settings=None, *, width: int = 64, height: int = 36):
+    """The in-betweener registered under ``name``, built as a render builds it."""
+    entry = registry.get("inbetween", name)
+    return entry.build(settings if settings is not None else entry.settings(), width=width, height=height)
+
+
 def test_registry_builds_by_name_and_rejects_unknown():
-    assert isinstance(interpolator("flow", preset="ultrafast"), FlowInterpolator)
-    assert isinstance(interpolator("crossfade"), Crossfade)
-    assert set(INTERPOLATORS) == {"flow", "crossfade", "rife"}
-    with pytest.raises(ValueError, match="crossfade.*flow"):
-        interpolator("rife2")
+    assert isinstance(_build("flow", FlowSettings(preset="ultrafast")), FlowInterpolator)
+    assert isinstance(_build("crossfade"), Crossfade)
+    assert set(registry.names("inbetween")) == {"flow", "crossfade", "rife"}
+    with pytest.raises(ProfileError, match="crossfade.*flow"):
+        registry.get("inbetween", "rife2")
     with pytest.raises(ValueError, match="preset"):
         FlowInterpolator(preset="slowest")
 
@@ -48,7 +55,7 @@ def test_registry_builds_by_name_and_rejects_unknown():
 @pytest.mark.parametrize("name", ["flow", "crossfade"])
 def test_identical_neighbours_are_copied_exactly(name):
     a = read_rgb(FRAMES / "sintel_raft_demo" / "frame_0016.png")
-    out = interpolator(name)(a, a.copy(), [0.25, 0.5, 0.75])
+    out = _build(name, width=a.shape[1], height=a.shape[0])(a, a.copy(), [0.25, 0.5, 0.75])
     assert len(out) == 3
     for img in out:
         assert img is not a and np.array_equal(img, a)
@@ -291,7 +298,9 @@ RIFE_WEIGHTS = SHARED_DATA / "weights" / "rife" / "flownet.pkl"
 def test_print_flow_versus_rife():
     """Not a threshold: flow (each preset) and RIFE side by side, PSNR and ms per frame."""
     methods = {f"flow:{p}": FlowInterpolator(preset=p) for p in ("ultrafast", "fast", "medium")}
-    methods["rife"] = interpolator("rife", weights=RIFE_WEIGHTS, threads=2)
+    from stages.rife import RifeInterpolator
+
+    methods["rife"] = RifeInterpolator(weights=RIFE_WEIGHTS, threads=2)
     scores = {m: [] for m in methods}
     seconds = {m: 0.0 for m in methods}
     print(f"\n{'triplet':24s}" + "".join(f"{m:>16s}" for m in methods))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import registry
 from stages.records import StageError
-from stages.inbetween import interpolator
+from stages.inbetween import RifeSettings
 from stages.rife import RifeInterpolator
 from tests.conftest import FRAMES, SHARED_DATA, read_rgb, shared_triplets
 
@@ -58,7 +59,7 @@ def test_rife_arbitrary_times_and_identical_neighbours(rife):
 
 @needs_weights
 def test_registry_builds_rife_lazily():
-    built = interpolator("rife", weights=WEIGHTS)
+    built = registry.get("inbetween", "rife").build(RifeSettings(weights=str(WEIGHTS)), width=192, height=128)
     assert isinstance(built, RifeInterpolator) and built.name == "rife"
 
 
