@@ -9,23 +9,27 @@ import time
 import numpy as np
 import pytest
 
-from stages.records import Camera, DialogueLine, Shot
+from stages.records import Camera, DialogueLine, KeyframeRequest, ProfileError, Shot, ShotScene
 
-from pipeline.models import ShotPlan
+from pipeline import registry
 from stages import backgrounds, draw, staging
-from stages.keyframes import BACKENDS, PrevizKeyframes, backend
+from stages.keyframes import PrevizKeyframes, PrevizSettings
 from stages.storyboard import contact_sheet, render_panel
 
 W, H = 128, 72
 
 
-def plan(shot_id="sc01-sh01", camera=Camera.WIDE, characters=("MAYA", "KENJI"), action="Maya walks toward Kenji.",
-         dialogue=(), location="CITY STREET", tod="DAY", heading=None, static=False, frames=48, keyframes=(0, 24, 47)):
+def scene(shot_id="sc01-sh01", camera=Camera.WIDE, characters=("MAYA", "KENJI"), action="Maya walks toward Kenji.",
+          dialogue=(), location="CITY STREET", tod="DAY", heading=None, static=False, frames=48) -> ShotScene:
     shot = Shot(id=shot_id, scene=1, camera=camera, duration_s=frames / 24, characters=list(characters), action=action,
                 dialogue=[DialogueLine(character=c, text=t, line=2) for c, t in dialogue], static=static, line=1)
-    return ShotPlan(shot=shot, scene_heading=heading or f"EXT. {location} - {tod}", location=location, time_of_day=tod,
-                    start_frame=0, frames=frames, drawings=list(keyframes), keyframes=list(keyframes), held_frames=0,
-                    keys={"keyframes": "0" * 64}, estimate_seconds={}, estimate_yuan={})
+    return ShotScene(shot=shot, heading=heading or f"EXT. {location} - {tod}", location=location, time_of_day=tod)
+
+
+def request(*args, frames=48, keyframes=(0, 24, 47), **kwargs) -> KeyframeRequest:
+    """One shot's keyframes, at the times a plan gives them (frame / (frames - 1))."""
+    return KeyframeRequest(scene=scene(*args, frames=frames, **kwargs), indices=list(keyframes),
+                           times=[k / max(frames - 1, 1) for k in keyframes], seed=0)
 
 
 def luminance(img: np.ndarray) -> float:
@@ -33,7 +37,7 @@ def luminance(img: np.ndarray) -> float:
 
 
 def test_keyframes_are_deterministic_across_instances():
-    shots = [plan(), plan("sc01-sh02", Camera.CLOSE_UP, dialogue=[("MAYA", "Hi")])]
+    shots = [request(), request("sc01-sh02", Camera.CLOSE_UP, dialogue=[("MAYA", "Hi")])]
     a = PrevizKeyframes(width=W, height=H)(shots)
     b = PrevizKeyframes(width=W, height=H)(shots)
     assert [k.shot for k in a] == ["sc01-sh01", "sc01-sh02"]
@@ -46,10 +50,10 @@ def test_keyframes_are_deterministic_across_instances():
 
 def test_render_is_identical_in_a_fresh_process():
     code = ("import hashlib, sys; sys.path.insert(0, '.');"
-            "from tests.test_previz import plan; from stages.draw import render_cel;"
-            "print(hashlib.sha256(render_cel(plan(), 0.5, 128, 72, {}).tobytes()).hexdigest())")
+            "from tests.test_previz import scene; from stages.draw import render_cel;"
+            "print(hashlib.sha256(render_cel(scene(), 0.5, 128, 72, {}).tobytes()).hexdigest())")
     import hashlib
-    here = hashlib.sha256(draw.render_cel(plan(), 0.5, W, H, {}).tobytes()).hexdigest()
+    here = hashlib.sha256(draw.render_cel(scene(), 0.5, W, H, {}).tobytes()).hexdigest()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""}, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert out.stdout.strip() == here
@@ -62,8 +66,8 @@ def test_characters_get_distinct_stable_styles():
     looks = {(s.hair, s.top, s.bottom, s.hair_shape) for s in styles}
     assert len(looks) == len(names)
     # and it shows in pixels: the same shot with a different character differs
-    a = draw.render_cel(plan(characters=("MAYA",), action="", static=True), 0, W, H, {})
-    b = draw.render_cel(plan(characters=("KENJI",), action="", static=True), 0, W, H, {})
+    a = draw.render_cel(scene(characters=("MAYA",), action="", static=True), 0, W, H, {})
+    b = draw.render_cel(scene(characters=("KENJI",), action="", static=True), 0, W, H, {})
     assert not np.array_equal(a, b)
 
 
@@ -83,36 +87,36 @@ def test_plate_cache_is_filled_once_per_location_and_size():
     cache: dict = {}
     gen = PrevizKeyframes(width=W, height=H)
     gen._plates = cache
-    gen([plan(), plan("sc01-sh02"), plan("sc02-sh01", location="PARK")])
+    gen([request(), request("sc01-sh02"), request("sc02-sh01", location="PARK")])
     assert len(cache) == 2
 
 
 def test_moving_shot_moves_and_static_shot_holds():
-    moving = plan(action="Maya runs left.")
+    moving = scene(action="Maya runs left.")
     frames = [draw.render_cel(moving, t, W, H, {}) for t in (0.0, 0.5, 1.0)]
     assert not np.array_equal(frames[0], frames[1]) and not np.array_equal(frames[1], frames[2])
     p0 = staging.layout(moving.shot, t=0.0, width=W, height=H)
     p1 = staging.layout(moving.shot, t=1.0, width=W, height=H)
     assert p1[0].x < p0[0].x - 0.3 * W  # MAYA ran left, a long way
-    static = plan(action="Maya runs left.", static=True)
+    static = scene(action="Maya runs left.", static=True)
     still = [draw.render_cel(static, t, W, H, {}) for t in (0.0, 0.5, 1.0)]
     assert all(np.array_equal(still[0], f) for f in still[1:])
 
 
 def test_cjk_verbs_and_idle_motion():
-    shot = plan(characters=("林小雨", "陈浩"), action="林小雨走向陈浩。陈浩转身。").shot
+    shot = scene(characters=("林小雨", "陈浩"), action="林小雨走向陈浩。陈浩转身。").shot
     a, b = staging.layout(shot, t=0.0, width=W, height=H), staging.layout(shot, t=1.0, width=W, height=H)
     assert b[0].x > a[0].x  # approached
     assert a[1].facing != b[1].facing  # turned
-    idle = plan(action="They talk quietly.", dialogue=[("MAYA", "So?")])
+    idle = scene(action="They talk quietly.", dialogue=[("MAYA", "So?")])
     assert not np.array_equal(draw.render_cel(idle, 0.0, W, H, {}), draw.render_cel(idle, 0.4, W, H, {}))
 
 
 def test_close_up_shows_a_bigger_figure_than_wide():
     def figure_area(camera):
-        shot = plan(camera=camera, characters=("MAYA",), action="", static=True)
+        shot = scene(camera=camera, characters=("MAYA",), action="", static=True)
         cel = draw.render_cel(shot, 0.0, W, H, {})
-        plate = draw.render_cel(plan(camera=camera, characters=(), action="", static=True), 0.0, W, H, {})
+        plate = draw.render_cel(scene(camera=camera, characters=(), action="", static=True), 0.0, W, H, {})
         return int((np.abs(cel.astype(int) - plate.astype(int)).sum(axis=2) > 30).sum())
 
     wide, close = figure_area(Camera.WIDE), figure_area(Camera.CLOSE_UP)
@@ -130,7 +134,7 @@ def test_wrap_text_latin_by_word_cjk_by_character():
 
 
 def test_panel_shapes_and_cjk_caption():
-    shot = plan(characters=("林小雨", "陈浩"), action="林小雨走向陈浩。", dialogue=[("陈浩", "这是给我的吗？")],
+    shot = scene(characters=("林小雨", "陈浩"), action="林小雨走向陈浩。", dialogue=[("陈浩", "这是给我的吗？")],
                 location="咖啡店", tod="黄昏", heading="内景 咖啡店 - 黄昏")
     portrait = render_panel(shot, width=72, aspect="9:16")
     landscape = render_panel(shot, width=128, aspect="16:9")
@@ -144,12 +148,12 @@ def test_panel_shapes_and_cjk_caption():
 
 
 def test_contact_sheet_grid():
-    panel = render_panel(plan(), width=96, aspect="16:9")
+    panel = render_panel(scene(), width=96, aspect="16:9")
     sheet = contact_sheet([panel] * 5, title="Episode 1 第一集")
     ph, pw, _ = panel.shape
     assert sheet.dtype == np.uint8 and sheet.shape[1] > 4 * pw and sheet.shape[0] > 2 * ph
     assert sheet[-2, -2].tolist() == [255, 255, 255]
-    tall = render_panel(plan(), width=72, aspect="9:16")
+    tall = render_panel(scene(), width=72, aspect="9:16")
     assert contact_sheet([tall] * 7, title="x").shape[1] > 6 * tall.shape[1]
     assert contact_sheet([tall] * 7, title="x", columns=2).shape[1] < 3 * tall.shape[1]
     with pytest.raises(ValueError):
@@ -157,16 +161,17 @@ def test_contact_sheet_grid():
 
 
 def test_backend_registry():
-    assert BACKENDS["previz"] is PrevizKeyframes
-    assert isinstance(backend("previz", width=W, height=H), PrevizKeyframes)
-    with pytest.raises(ValueError, match="previz"):
-        backend("sdxl", width=W, height=H)
+    entry = registry.get("keyframes", "previz")
+    assert entry.settings is PrevizSettings
+    assert isinstance(entry.build(PrevizSettings(), width=W, height=H), PrevizKeyframes)
+    with pytest.raises(ProfileError, match="previz"):
+        registry.get("keyframes", "sdxl")
 
 
 def test_timing_report():
     """Not an assertion: prints ms per keyframe at the real sizes (see -s)."""
-    shots = [plan("t1", Camera.WIDE, ("MAYA", "KENJI", "AIKO"), "They walk.", keyframes=(0, 12, 24, 36, 47)),
-             plan("t2", Camera.CLOSE_UP, dialogue=[("MAYA", "Hi")], keyframes=(0, 12, 24, 36, 47))]
+    shots = [request("t1", Camera.WIDE, ("MAYA", "KENJI", "AIKO"), "They walk.", keyframes=(0, 12, 24, 36, 47)),
+             request("t2", Camera.CLOSE_UP, dialogue=[("MAYA", "Hi")], keyframes=(0, 12, 24, 36, 47))]
     for w, h in ((640, 360), (1280, 720)):
         gen = PrevizKeyframes(width=w, height=h)
         gen(shots[:1])  # plate drawn once; we time the per-keyframe cost
