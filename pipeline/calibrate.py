@@ -18,22 +18,17 @@ import numpy as np
 
 from pipeline.calibration import CalibrationRow
 from pipeline.models import Ledger, RenderPlan
-from pipeline.plan import _generation_mpx, calibration_keys
+from pipeline.plan import calibration_keys, shot_work
 
 
 def work_of(plan: RenderPlan) -> dict[tuple[str, str | None], float]:
-    """(stage, shot) → units × megapixels the node did, for the stages that have a calibration row."""
+    """(stage, shot) → units × megapixels the node did, for the stages that have a calibration row
+    (the same work ``pipeline.plan`` scales each row by)."""
     p = plan.profile
-    frame_mpx = plan.width * plan.height / 1e6
-    gen_mpx = _generation_mpx(p)
-    panel_mpx = p.storyboard_width ** 2 * (9 / 16 if p.aspect == "16:9" else 16 / 9) / 1e6
-    work: dict[tuple[str, str | None], float] = {("assemble", None): plan.total_frames * frame_mpx}
+    work: dict[tuple[str, str | None], float] = {("assemble", None): plan.total_frames * plan.width * plan.height / 1e6}
     for s in plan.shots:
-        sid = s.shot.id
-        work[("storyboard", sid)] = panel_mpx
-        work[("keyframes", sid)] = len(s.keyframes) * gen_mpx
-        work[("inbetween", sid)] = (len(s.drawings) - len(s.keyframes)) * frame_mpx
-        work[("encode", sid)] = s.frames * frame_mpx
+        for stage, (units, mpx) in shot_work(p, s.frames, s.drawings, s.keyframes).items():
+            work[(stage, s.shot.id)] = units * mpx
     return work
 
 

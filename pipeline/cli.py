@@ -167,7 +167,7 @@ def _propose(script, episode, rplan, prices, settings, budget_yuan, spot, write_
     if write_profile:
         import tomli_w
 
-        data = prop.profile.model_dump(exclude_none=True)
+        data = prop.profile.toml_data()
         write_profile.write_text(tomli_w.dumps(data), encoding="utf-8")
     if as_json:
         sys.stdout.write(json.dumps({"fits": prop.fits, "estimate_yuan": prop.estimate_yuan, "tier": prop.tier,

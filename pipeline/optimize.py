@@ -36,35 +36,50 @@ class Proposal:
     steps: list[tuple[str, float]] = field(default_factory=list)  # (what changed, estimate after it)
 
 
+def _kf(p: Profile):
+    """The keyframe backend's settings: levers below apply where it has the setting they turn."""
+    return p.settings_for("keyframes")
+
+
 def _diffusion(p: Profile, **changes) -> Profile:
-    return p.model_copy(update={"diffusion": p.diffusion.model_copy(update=changes)}) if p.diffusion else p
+    return p.with_settings("keyframes", **changes)
+
+
+def _gpu_stages(p: Profile) -> list[str]:
+    return [stage for stage in ("storyboard", "keyframes", "inbetween") if p.resources(stage).gpus]
+
+
+def _on_gpu(p: Profile, gpu: str) -> Profile:
+    for stage in _gpu_stages(p):
+        p = p.with_settings(stage, gpu_type=gpu)
+    return p
 
 
 def _ladder(p: Profile) -> list[tuple[str, Callable[[Profile], Profile | None]]]:
     """(description, change) pairs; a change returns None where it does not apply."""
     steps: list[tuple[str, Callable[[Profile], Profile | None]]] = [
-        ("hold static shots on one drawing", lambda q: None if q.hold_static else q.model_copy(update={"hold_static": True})),
+        ("hold static shots on one drawing", lambda q: None if q.hold_static else q.replace(hold_static=True)),
         # layered plates composite through img2img; a txt2img profile has no layout to composite into
-        ("one background plate per location", lambda q: None if not q.diffusion or q.diffusion.layered
-         or q.diffusion.mode != "img2img" else _diffusion(q, layered=True)),
+        ("one background plate per location", lambda q: None if getattr(_kf(q), "layered", True)
+         or getattr(_kf(q), "mode", None) != "img2img" else _diffusion(q, layered=True)),
     ]
     for stride in (6, 8, 12):
         steps.append((f"a keyframe every {stride} drawings",
-                      lambda q, s=stride: q.model_copy(update={"keyframe_stride": s}) if q.keyframe_stride < s else None))
-    steps.append(("animate on threes", lambda q: q.model_copy(update={"animate_on": 3}) if q.animate_on < 3 else None))
+                      lambda q, s=stride: q.replace(keyframe_stride=s) if q.keyframe_stride < s else None))
+    steps.append(("animate on threes", lambda q: q.replace(animate_on=3) if q.animate_on < 3 else None))
     for _ in range(3):
-        steps.append(("halve the denoising steps", lambda q: _diffusion(q, steps=max(2, q.diffusion.steps // 2))
-                      if q.diffusion and q.diffusion.steps > 2 else None))
+        steps.append(("halve the denoising steps", lambda q: _diffusion(q, steps=max(2, _kf(q).steps // 2))
+                      if getattr(_kf(q), "steps", 0) > 2 else None))
     for side in (720, 540, 360):
         steps.append((f"render at {side}p", lambda q, s=side: _lower(q, s)))
     return steps
 
 
 def _lower(p: Profile, side: int) -> Profile | None:
-    if p.diffusion:
-        current = p.diffusion.gen_short_side or p.short_side
+    if "gen_short_side" in type(_kf(p)).model_fields:
+        current = _kf(p).gen_short_side or p.short_side
         return _diffusion(p, gen_short_side=side) if current > side else None
-    return p.model_copy(update={"short_side": side}) if p.short_side > side else None
+    return p.replace(short_side=side) if p.short_side > side else None
 
 
 def fit_budget(episode: Episode, profile: Profile, budget_yuan: float, *, calibration: Calibration,
@@ -77,11 +92,11 @@ def fit_budget(episode: Episode, profile: Profile, budget_yuan: float, *, calibr
 
     # 1. Price levers first: they cost no quality.
     tiers = ["on-demand"] + (["spot"] if allow_spot else [])
-    gpus = prices.gpu_types() if profile.diffusion else [None]
+    gpus = prices.gpu_types() if _gpu_stages(profile) else [None]
     options = []
     for tier in tiers:
         for gpu in gpus:
-            p = _diffusion(profile, gpu_type=gpu) if gpu else profile
+            p = _on_gpu(profile, gpu) if gpu else profile
             try:
                 options.append((estimate(p, prices.with_tier(tier)), tier, p, gpu))
             except AnimError:  # no calibration or price row for this GPU/tier: not an option
@@ -105,5 +120,5 @@ def fit_budget(episode: Episode, profile: Profile, budget_yuan: float, *, calibr
             continue
         current, cost = changed, new_cost
         steps.append((what, cost))
-    return Proposal(profile=current.model_copy(update={"name": f"{profile.name}-fit"}), tier=tier,
+    return Proposal(profile=current.replace(name=f"{profile.name}-fit"), tier=tier,
                     estimate_yuan=cost, fits=cost <= budget_yuan, steps=steps)

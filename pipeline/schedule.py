@@ -158,11 +158,12 @@ def schedule(plan: RenderPlan, store: Lookup, *, approvals: set[str] | None = No
     prereqs: dict[NodeId, Node] = {}
     for shot in sorted(wanted, key=lambda s: -sum(s.estimate_seconds.values())):
         needs = _prerequisites(plan, shot, stored, chains[shot.shot.id][0])
-        new = [p for p in needs if p.state == "run" and prereqs.get(p.id, p).state != "run"]
+        admitted = {i for i, p in prereqs.items() if p.state == "run"}
+        new = [p for p in needs if p.state == "run" and p.id not in admitted]
         cost = sum(n.estimate_yuan for n in new + chains[shot.shot.id] if n.state == "run")
         if guard.fits(cost):
             guard.reserve(shot.shot.id, cost)
-            prereqs.update({p.id: p for p in needs if prereqs.get(p.id, p).state != "run"})
+            prereqs.update({p.id: p for p in needs if p.id not in admitted})
         else:
             chains[shot.shot.id] = [_held(n, "budget") for n in chains[shot.shot.id]]
             for p in needs:

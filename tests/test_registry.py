@@ -1,0 +1,123 @@
+"""One registry entry per backend: a backend defined in this module only renders an episode,
+and the shipped entries plan and render (or refuse cleanly) through the same path."""
+from __future__ import annotations
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+
+from pipeline import registry
+from pipeline.calibration import Calibration, CalibrationRow
+from pipeline.config import resolve_profile
+from pipeline.dag import Cluster
+from pipeline.models import Profile
+from pipeline.plan import make_plan
+from pipeline.render import render
+from pipeline.store import open_store
+from stages.records import AnimError, Frame, KeyframeRequest, Keyframes, ProfileError, Record
+from stages.script import load_episode
+
+from .conftest import REPO
+
+EPISODE = REPO / "examples" / "shotlist.yaml"
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+
+
+# --------------------------------------------------------------------------- a toy backend, here only
+
+
+class ToySettings(Record):
+    shade: int = 90
+
+
+class ToyKeyframes:
+    """Flat frames whose colour comes from the request's seed and the frame index."""
+
+    def __init__(self, *, width: int, height: int, shade: int):
+        self.width, self.height, self.shade = width, height, shade
+
+    def __call__(self, requests: list[KeyframeRequest]) -> list[Keyframes]:
+        out = []
+        for req in requests:
+            frames = []
+            for k in req.indices:
+                image = np.full((self.height, self.width, 3), self.shade, np.uint8)
+                image[..., 0] = (req.seed + k) % 256
+                frames.append(Frame(index=k, image=image))
+            out.append(Keyframes(shot=req.shot.id, frames=frames))
+        return out
+
+
+def build_toy(settings: ToySettings, *, width: int, height: int) -> ToyKeyframes:
+    return ToyKeyframes(width=width, height=height, shade=settings.shade)
+
+
+def toy_rows(calibration: Calibration) -> Calibration:
+    toy = CalibrationRow(stage="keyframes", backend="toy", device="cpu", unit="keyframe", overhead_s=0.0,
+                         seconds_per_unit_mpx=0.01, source="test", measured_at="")
+    return Calibration(rows=[*calibration.rows, toy], paths=[])
+
+
+@pytest.fixture
+def toy():
+    entry = registry.register(registry.Backend("keyframes", "toy", ToySettings, build=build_toy,
+                                               calibration=lambda s: "toy"), replace=True)
+    yield entry
+    registry.unregister("keyframes", "toy")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    Cluster().start()
+
+
+def test_a_backend_defined_in_a_test_module_renders_an_episode(toy, ray_cluster, calibration, prices, tmp_path):
+    profile = Profile(name="toy", backend="toy", toy={"shade": 40}, short_side=96, audit=False)
+    assert isinstance(profile.settings_for("keyframes"), ToySettings)
+    plan = make_plan(load_episode(EPISODE), profile, calibration=toy_rows(calibration), prices=prices,
+                     script_sha256="0" * 64)
+    store = open_store(tmp_path / "store")
+    result = render(plan, store=store, prices=prices, ffmpeg=FFMPEG)
+    assert result.stopped is None and result.outputs["episode.mp4"].stat().st_size > 0
+    # the keyframes were drawn by the toy: flat, in its shade
+    kf = store.get(plan.shots[0].keys["keyframes"])
+    from pipeline.nodes import load_png
+
+    image = load_png(next(p for n, p in kf.items() if n.startswith("key_")))
+    assert (image[..., 1] == 40).all() and (image[..., 2] == 40).all()
+    # its settings enter its keys: another shade, other keyframe keys, same storyboard keys
+    other = make_plan(load_episode(EPISODE), profile.with_settings("keyframes", shade=41),
+                      calibration=toy_rows(calibration), prices=prices, script_sha256="0" * 64)
+    assert all(a.keys["keyframes"] != b.keys["keyframes"] for a, b in zip(plan.shots, other.shots))
+    assert all(a.keys["storyboard"] == b.keys["storyboard"] for a, b in zip(plan.shots, other.shots))
+
+
+def test_an_unknown_backend_or_table_is_one_profile_error():
+    with pytest.raises(ProfileError, match=r"backend = 'nope': no such keyframes backend; known: .*previz"):
+        Profile(name="x", backend="nope")
+    with pytest.raises(ProfileError, match=r"unknown profile field or table 'flow_preset' \(moved: \[flow\] preset\)"):
+        Profile(name="x", flow_preset="fast")
+    with pytest.raises(ProfileError, match=r"\[flow\] preset"):
+        Profile(name="x", flow={"preset": "slowest"})
+
+
+def test_crossfade_plans_and_renders(ray_cluster, calibration, prices, tmp_path):
+    profile = resolve_profile("draft", {"interpolation": "crossfade", "short_side": 96})
+    plan = make_plan(load_episode(EPISODE), profile, calibration=calibration, prices=prices, script_sha256="0" * 64)
+    assert plan.estimate_by_stage()["inbetween"] > 0
+    result = render(plan, store=open_store(tmp_path / "store"), prices=prices, ffmpeg=FFMPEG)
+    assert result.stopped is None
+    assert {r.stage for r in result.ledger.records if not r.cached} >= {"storyboard", "keyframes", "inbetween"}
+
+
+def test_rife_on_a_gpu_is_a_valid_profile_that_asks_ray_for_a_gpu(ray_cluster, calibration, prices, tmp_path):
+    profile = resolve_profile(str(REPO / "examples" / "profiles" / "draft_rife_gpu.toml"))
+    assert profile.resources("inbetween").gpus == 1.0 and profile.resources("inbetween").resource == "gpu:H200"
+    plan = make_plan(load_episode(EPISODE), profile, calibration=calibration, prices=prices, script_sha256="0" * 64)
+    rows = {r.stage: r for r in [calibration.row("inbetween", "rife", "gpu:H200")]}
+    assert rows["inbetween"].source.startswith("measured on NVIDIA H200")
+    store = open_store(tmp_path / "store")
+    with pytest.raises(AnimError, match="no GPU in the cluster for the rife in-betweener") as err:
+        render(plan, store=store, prices=prices, ffmpeg=FFMPEG)
+    assert "nothing was rendered" in str(err.value)
+    assert store.stats().entries == 0  # refused before any node ran
