@@ -18,12 +18,12 @@ pytest.importorskip("diffusers")
 
 from stages.records import ProfileError  # noqa: E402
 from stages.records import Camera  # noqa: E402
-from pipeline.models import DiffusionSettings  # noqa: E402
+from pipeline import registry  # noqa: E402
 from stages import prompts  # noqa: E402
 from stages.consistency import consistency_score  # noqa: E402
 from stages.diffusion import DiffusersKeyframes, character_crops, plate_key  # noqa: E402
-from stages.keyframes import backend  # noqa: E402
-from tests.test_previz import plan  # noqa: E402
+from stages.keyframes import DiffusionSettings  # noqa: E402
+from tests.test_previz import request, scene  # noqa: E402
 from tests.tiny_diffusers import save_sd15, save_sdxl, write_tokenizer  # noqa: E402
 
 W, H = 64, 48
@@ -44,10 +44,10 @@ def settings(model: Path, **kw) -> DiffusionSettings:
 
 
 def shots():
-    """Two shots in the street, one in a classroom; each with its own keyframes content key."""
-    out = [plan(), plan("sc01-sh02", Camera.CLOSE_UP, dialogue=[("MAYA", "Hi")], keyframes=(0, 47)),
-           plan("sc02-sh01", Camera.MEDIUM, location="CLASSROOM", heading="INT. CLASSROOM - DAY", keyframes=(0, 47))]
-    return [sp.model_copy(update={"keys": {"keyframes": str(i) * 64}}) for i, sp in enumerate(out)]
+    """Two shots in the street, one in a classroom; each with its own seed."""
+    return [request(seed=0), request("sc01-sh02", Camera.CLOSE_UP, dialogue=[("MAYA", "Hi")], keyframes=(0, 47), seed=1),
+            request("sc02-sh01", Camera.MEDIUM, location="CLASSROOM", heading="INT. CLASSROOM - DAY", keyframes=(0, 47),
+                    seed=2)]
 
 
 def images(out) -> list[bytes]:
@@ -84,7 +84,8 @@ def test_unusable_device_or_settings_fail_before_loading(models):
 
 
 def test_importing_the_registry_does_not_import_torch():
-    code = "import sys; import stages.keyframes as k; assert 'diffusers' in k.BACKENDS; print('torch' in sys.modules)"
+    code = ("import sys; from pipeline import registry; assert 'diffusers' in registry.names('keyframes'); "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=str(REPO))
     assert out.stdout.strip() == "False"
 
@@ -94,7 +95,7 @@ def test_importing_the_registry_does_not_import_torch():
 
 @pytest.mark.parametrize("mode", ["img2img", "txt2img"])
 def test_same_seeds_give_identical_bytes_across_instances(models, mode):
-    a = backend("diffusers", width=W, height=H, settings=settings(models["sd15"], mode=mode))(shots())
+    a = registry.get("keyframes", "diffusers").build(settings(models["sd15"], mode=mode), width=W, height=H)(shots())
     b = DiffusersKeyframes(width=W, height=H, settings=settings(models["sd15"], mode=mode))(shots())
     assert [k.shot for k in a] == ["sc01-sh01", "sc01-sh02", "sc02-sh01"]
     assert [[f.index for f in k.frames] for k in a] == [[0, 24, 47], [0, 47], [0, 47]]
@@ -104,7 +105,7 @@ def test_same_seeds_give_identical_bytes_across_instances(models, mode):
 
 
 def test_different_keyframes_get_different_seeds_even_with_the_same_init(models):
-    still = plan(static=True, keyframes=(0, 47))  # same init image at both keyframes
+    still = request(static=True, keyframes=(0, 47))  # same init image at both keyframes
     out = DiffusersKeyframes(width=W, height=H, settings=settings(models["sd15"]))([still])
     a, b = (f.image for f in out[0].frames)
     assert a.tobytes() != b.tobytes()
@@ -130,7 +131,8 @@ def test_layered_generates_one_plate_per_location(models):
     out = kf(two_street_shots_and_a_classroom)
     assert kf.stats["plates"] == 2 and kf.stats["images"] == 2 + 7
     # the pipeline caches plates as their own nodes and passes them in: then no plate is generated
-    plates = {key: kf.background_plate(*key) for key in dict.fromkeys(map(plate_key, two_street_shots_and_a_classroom))}
+    plates = {key: kf.background_plate(*key)
+              for key in dict.fromkeys(plate_key(r.scene) for r in two_street_shots_and_a_classroom)}
     again = DiffusersKeyframes(width=W, height=H, settings=settings(models["sd15"], layered=True))
     assert images(again(two_street_shots_and_a_classroom, plates=plates)) == images(out)
     assert again.stats["plates"] == 0
@@ -138,7 +140,7 @@ def test_layered_generates_one_plate_per_location(models):
 
 def test_compose_puts_the_generated_plate_under_the_figures(models):
     kf = DiffusersKeyframes(width=W, height=H, settings=settings(models["sd15"], layered=True))
-    shot = plan(camera=Camera.WIDE)
+    shot = scene(camera=Camera.WIDE)
     plate = kf.background_plate(*plate_key(shot))
     with_figures = kf.compose(plate, shot, 0.5)
     sheets = {n: kf.character_sheet(n) for n in ("MAYA", "KENJI")}
@@ -174,8 +176,8 @@ def test_consistency_of_generated_keyframes_can_be_measured(models):
     shot_list = shots()[:2]
     crops: dict[str, list[np.ndarray]] = {}
     for sp, k in zip(shot_list, kf(shot_list)):
-        for t, f in zip(sp.keyframe_times, k.frames):
-            for name, crop in character_crops(sp, t, f.image).items():
+        for t, f in zip(sp.times, k.frames):
+            for name, crop in character_crops(sp.scene, t, f.image).items():
                 crops.setdefault(name, []).append(crop)
     score = consistency_score(crops)
     assert set(score) == {"MAYA", "KENJI"} and all(0.0 <= v <= 1.0 for v in score.values())
@@ -212,7 +214,7 @@ def test_prompts_keep_style_and_characters_and_drop_action_first(tmp_path):
     tok = write_tokenizer(tmp_path / "tok")  # one token per character
     count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
     st = settings(Path("unused"))
-    sp = plan(action="Maya walks toward Kenji. She waves at him. The wind blows leaves across the street.")
+    sp = scene(action="Maya walks toward Kenji. She waves at him. The wind blows leaves across the street.")
     full = prompts.shot_prompt(sp, st, max_tokens=None, count_tokens=count)
     assert all(w in full for w in (st.style_prompt, "Maya (girl, orange bob hair)", "city street", "wind blows"))
     for limit in (180, 120, 75, 40):
@@ -229,7 +231,7 @@ def test_prompts_keep_style_and_characters_and_drop_action_first(tmp_path):
 def test_backend_prompts_fit_the_clip_limit(models):
     kf = DiffusersKeyframes(width=W, height=H, settings=settings(models["sd15"], mode="txt2img"))
     assert kf.max_tokens == 75
-    sp = plan(action="Maya walks toward Kenji. " * 20)
+    sp = scene(action="Maya walks toward Kenji. " * 20)
     text = kf._prompt(prompts.shot_prompt, sp)
     assert len(kf.pipe.tokenizer(text).input_ids) <= 77
 

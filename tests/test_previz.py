@@ -26,10 +26,10 @@ def scene(shot_id="sc01-sh01", camera=Camera.WIDE, characters=("MAYA", "KENJI"),
     return ShotScene(shot=shot, heading=heading or f"EXT. {location} - {tod}", location=location, time_of_day=tod)
 
 
-def request(*args, frames=48, keyframes=(0, 24, 47), **kwargs) -> KeyframeRequest:
+def request(*args, frames=48, keyframes=(0, 24, 47), seed=0, **kwargs) -> KeyframeRequest:
     """One shot's keyframes, at the times a plan gives them (frame / (frames - 1))."""
     return KeyframeRequest(scene=scene(*args, frames=frames, **kwargs), indices=list(keyframes),
-                           times=[k / max(frames - 1, 1) for k in keyframes], seed=0)
+                           times=[k / max(frames - 1, 1) for k in keyframes], seed=seed)
 
 
 def luminance(img: np.ndarray) -> float:
