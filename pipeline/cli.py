@@ -23,6 +23,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from stages.records import AnimError, NodeError
@@ -48,7 +49,7 @@ def _fail(exc: BaseException | str, code: int = 2, *, debug: bool = False) -> ty
             err.print(f"in the worker:\n{exc.remote_traceback}", markup=False, highlight=False)
     if isinstance(exc, NodeError):
         exc = f"{exc}; finished nodes are kept in the artifact store and will not be recomputed"
-    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

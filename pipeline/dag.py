@@ -356,20 +356,23 @@ class _Run:
             if n.id.stage not in ("assemble", "contact_sheet", "plates", "sheets"):
                 self.hit(n)
         # 3. Storyboards, then every chain the budget admits; more as actual costs come back.
-        self.storyboards()
-        queue = self.chains()
-        self.admit(queue)
-        done = lambda: sum(NodeId("clip", s.shot.id) in self.out.done for s in self.plan.shots)  # noqa: E731
-        self.progress(done())
-        while self.in_flight:
-            import ray
+        try:
+            self.storyboards()
+            queue = self.chains()
+            self.admit(queue)
+            self.progress()
+            while self.in_flight:
+                import ray
 
-            ready, _ = ray.wait(list(self.in_flight), num_returns=1)
-            node = self.in_flight.pop(ready[0])
-            self.take(get(ready[0], node), node)
-            if queue:
-                self.admit(queue)
-            self.progress(done())
+                ready, _ = ray.wait(list(self.in_flight), num_returns=1)
+                node = self.in_flight.pop(ready[0])
+                self.take(get(ready[0], node), node)
+                if queue:
+                    self.admit(queue)
+                self.progress()
+        except AnimError:
+            self.abandon()
+            raise
         # 4. The episode, or the contact sheet of a render that stops early.
         self.finish()
         if self.pool is not None and self.out.finish == NodeId("assemble") and self.sched.where("run", "keyframes"):
@@ -379,9 +382,25 @@ class _Run:
         self.out.cluster, self.out.ray_init_seconds = self.cluster.resources(), self.cluster.init_seconds
         return self.out
 
-    def progress(self, done: int) -> None:
+    def progress(self) -> None:
         if self.on_progress:
+            done = sum(NodeId("clip", s.shot.id) in self.out.done for s in self.plan.shots)
             self.on_progress(done, len(self.plan.shots), self.guard.spent)
+
+    def abandon(self) -> None:
+        """After a node failed: cancel what has not started and collect what is in flight, so no
+        other failure is left for Ray to print. Nodes that finish are in the store for next time."""
+        import ray
+
+        refs = list(self.in_flight)
+        for ref in refs:
+            ray.cancel(ref)
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError:
+                pass
+        self.in_flight.clear()
 
 
 def execute(plan: RenderPlan, sched: Schedule, *, store: Store, prices: PriceCatalog, ffmpeg: str,

@@ -2,6 +2,10 @@
 and the shipped entries plan and render (or refuse cleanly) through the same path."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import imageio_ffmpeg
 import numpy as np
 import pytest
@@ -14,7 +18,7 @@ from pipeline.models import Profile
 from pipeline.plan import make_plan
 from pipeline.render import render
 from pipeline.store import open_store
-from stages.records import AnimError, Frame, KeyframeRequest, Keyframes, ProfileError, Record
+from stages.records import AnimError, Frame, KeyframeRequest, Keyframes, NodeError, ProfileError, Record
 from stages.script import load_episode
 
 from .conftest import REPO
@@ -121,3 +125,49 @@ def test_rife_on_a_gpu_is_a_valid_profile_that_asks_ray_for_a_gpu(ray_cluster, c
         render(plan, store=store, prices=prices, ffmpeg=FFMPEG)
     assert "nothing was rendered" in str(err.value)
     assert store.stats().entries == 0  # refused before any node ran
+
+
+class BrokenKeyframes(ToyKeyframes):
+    def __call__(self, requests):
+        if any(r.shot.id == "sc01-sh02" for r in requests):
+            raise ZeroDivisionError("the toy cannot draw this shot")
+        return super().__call__(requests)
+
+
+def test_a_failing_node_names_its_stage_and_shot_and_keeps_the_worker_traceback(ray_cluster, calibration, prices,
+                                                                                  tmp_path):
+    registry.register(registry.Backend("keyframes", "toy", ToySettings, calibration=lambda s: "toy",
+                                       build=lambda s, *, width, height: BrokenKeyframes(width=width, height=height,
+                                                                                         shade=s.shade)), replace=True)
+    try:
+        plan = make_plan(load_episode(EPISODE), Profile(name="toy", backend="toy", short_side=96, audit=False),
+                         calibration=toy_rows(calibration), prices=prices, script_sha256="0" * 64)
+        with pytest.raises(NodeError) as err:
+            render(plan, store=open_store(tmp_path / "store"), prices=prices, ffmpeg=FFMPEG)
+    finally:
+        registry.unregister("keyframes", "toy")
+    assert str(err.value) == "keyframes[sc01-sh02]: ZeroDivisionError: the toy cannot draw this shot"
+    assert "in __call__" in err.value.remote_traceback and "raise ZeroDivisionError" in err.value.remote_traceback
+
+
+def test_the_cli_prints_one_line_and_debug_the_chained_traceback(tmp_path):
+    env = {**os.environ, "ANIM_STORE": str(tmp_path / "store"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    env.pop("ANIM_DEBUG", None)
+    args = ["render", str(EPISODE), "--profile", str(REPO / "examples" / "profiles" / "draft_rife.toml"),
+            "--set", f"rife.weights={tmp_path / 'missing.pkl'}", "--no-progress", "--out", str(tmp_path / "out")]
+
+    def anim(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline", *extra, *args], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+
+    plain = anim()
+    lines = [ln for ln in plain.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
+    assert plain.returncode == 1 and len(lines) == 1, plain.stderr
+    assert lines[0].startswith("error: clip[sc0") and "RIFE weights not found" in lines[0]
+    assert "finished nodes are kept in the artifact store" in lines[0]
+    assert not (tmp_path / "out").exists()  # nothing published
+    debug = anim("--debug")
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr and "in the worker:" in debug.stderr
+    worker = debug.stderr.split("in the worker:", 1)[1]  # the cause, where it was raised
+    assert "stages/rife.py" in worker and "StageError: inbetween: RIFE weights not found" in worker
