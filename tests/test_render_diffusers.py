@@ -15,8 +15,8 @@ from pipeline.store import open_store  # noqa: E402
 from pipeline.calibration import FIELDS, Calibration  # noqa: E402
 from pipeline.config import resolve_profile  # noqa: E402
 from pipeline.cost import PriceCatalog  # noqa: E402
+from pipeline.render import render as render_plan  # noqa: E402
 from stages.records import Camera, Episode, Scene, Shot  # noqa: E402
-from pipeline.models import DiffusionSettings  # noqa: E402
 from pipeline.plan import make_plan  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.tiny_diffusers import save_sd15  # noqa: E402
@@ -52,21 +52,21 @@ def setup(tmp_path_factory):
         writer = csv.DictWriter(fh, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    settings = DiffusionSettings(model=str(model), device="cpu", dtype="float32", steps=2, strength=0.6,
-                                 batch_size=4, layered=True, num_gpus=0, actors=1, gen_short_side=64,
-                                 characters={"MAYA": "girl, orange bob hair", "KENJI": "boy, glasses"})
+    settings = dict(model=str(model), device="cpu", dtype="float32", steps=2, strength=0.6, batch_size=4,
+                    layered=True, num_gpus=0, actors=1, gen_short_side=64,
+                    characters={"MAYA": "girl, orange bob hair", "KENJI": "boy, glasses"})
     profile = resolve_profile("draft", {"backend": "diffusers", "short_side": 64, "fps": 12,
-                                        "keyframe_stride": 3, "diffusion": settings})
+                                        "keyframe_stride": 3, "diffusers": settings})
     prices = PriceCatalog.load(REPO / "cluster" / "prices.csv", usd_cny=7.1)
     plan = make_plan(episode(), profile, calibration=Calibration.load(table), prices=prices,
                      script_sha256=hashlib.sha256(b"tiny").hexdigest())
-    dag.init_ray(None, None)
+    dag.Cluster().start()
     yield plan, prices, root
     ray.shutdown()
 
 
 def render(plan, prices, store):
-    return dag.render(plan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe())
+    return render_plan(plan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe())
 
 
 def test_diffusers_episode_renders_with_one_plate_per_location(setup):
@@ -99,10 +99,12 @@ def test_diffusers_episode_renders_with_one_plate_per_location(setup):
 def test_missing_weights_stop_the_render_before_any_work(setup, tmp_path):
     from stages.records import AnimError
 
-    plan, prices, _ = setup
-    broken = plan.profile.diffusion.model_copy(update={"model": str(tmp_path / "no-such-model")})
-    plan = plan.model_copy(update={"profile": plan.profile.model_copy(update={"diffusion": broken})})
+    plan, prices, root = setup
+    broken = plan.profile.with_settings("keyframes", model=str(tmp_path / "no-such-model"))
+    plan = make_plan(episode(), broken, calibration=Calibration.load(root / "calibration.csv"), prices=prices,
+                     script_sha256=plan.script_sha256)
     store = open_store(tmp_path / "store")
-    with pytest.raises(AnimError, match=r"could not start: diffusion.model: .*no-such-model.*model_index.json"):
+    with pytest.raises(AnimError, match=r"the diffusers backend could not start: diffusers.model: "
+                                        r".*no-such-model.*model_index.json.*nothing was rendered"):
         render(plan, prices, store)
     assert store.stats().entries == 0  # not even a storyboard panel was drawn
