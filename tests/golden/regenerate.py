@@ -21,14 +21,16 @@ def snapshot() -> dict:
     from pipeline.config import resolve_profile
     from pipeline.cost import PriceCatalog
     from pipeline.plan import make_plan
-    from stages import keyframes, storyboard
+    from stages import storyboard
     from stages.script import load_episode
 
     profile = resolve_profile("draft", {"short_side": 72})
     plan = make_plan(load_episode(REPO / "examples" / "shotlist.yaml"), profile,
                      calibration=Calibration.load(REPO / "cluster" / "calibration.csv"),
                      prices=PriceCatalog.load(REPO / "cluster" / "prices.csv", usd_cny=7.1), script_sha256="0" * 64)
-    drawn = keyframes.backend("previz", width=plan.width, height=plan.height)(plan.shots)
+    entry = profile.entry("keyframes")
+    drawer = entry.build(profile.settings_for("keyframes"), width=plan.width, height=plan.height)
+    drawn = drawer([s.keyframe_request() for s in plan.shots])
 
     def sha(array) -> str:
         return hashlib.sha256(array.tobytes()).hexdigest()[:16]
@@ -38,7 +40,7 @@ def snapshot() -> dict:
             "shots": [{"id": s.shot.id, "frames": s.frames, "drawings": s.drawings, "keyframes": s.keyframes,
                        "audit_frame": s.audit_frame, "keys": s.keys,
                        "keyframe_pixels": [sha(f.image) for f in kf.frames],
-                       "panel_pixels": sha(storyboard.render_panel(s, width=96, aspect=profile.aspect))}
+                       "panel_pixels": sha(storyboard.render_panel(s.scene, width=96, aspect=profile.aspect))}
                       for s, kf in zip(plan.shots, drawn)]}
 
 
