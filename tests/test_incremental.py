@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections import Counter
 
 import imageio_ffmpeg
 import pytest
@@ -151,9 +152,16 @@ def test_ledger_and_estimate_cover_the_same_nodes(tmp_path, prices):
     records = result.ledger.records
     assert result.stopped is None and not any(r.cached for r in records)
 
-    # One ledger row per executed node: every shot's chain (the audit where the shot has one) and the assembly.
-    expected = {(stage, s.shot.id) for s in plan.shots for stage in s.estimate_yuan} | {("assemble", None)}
-    assert len(records) == len(expected) and {(r.stage, r.shot) for r in records} == expected
+    # Each executed node writes one row per stage it did work for: per shot the storyboard node, the
+    # keyframes node (+ drawing the audit frame) and the clip node (in-betweens, encode, + comparing
+    # the audit); then the assembly. The same (stage, shot) pairs are the ones the plan estimates.
+    expected: Counter = Counter([("assemble", None)])
+    for s in plan.shots:
+        audit = [("audit", s.shot.id)] if s.audit_frame is not None else []
+        expected.update([("storyboard", s.shot.id), ("keyframes", s.shot.id), *audit,
+                         ("inbetween", s.shot.id), ("encode", s.shot.id), *audit])
+    assert Counter((r.stage, r.shot) for r in records) == expected
+    assert set(expected) == {(stage, s.shot.id) for s in plan.shots for stage in s.estimate_yuan} | {("assemble", None)}
     assert all(r.seconds > 0 and r.yuan > 0 and r.resource == "cpu" for r in records)
     assert result.ledger.total_yuan == pytest.approx(sum(result.ledger.by_stage().values()), rel=1e-12)
 

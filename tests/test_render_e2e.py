@@ -1,10 +1,19 @@
 """End to end through the CLI: a real local Ray cluster, real ffmpeg, a real MLflow store."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import secrets
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -137,30 +146,99 @@ def test_plan_json_contract(env):
     assert data["estimated_cost_yuan"] > 0
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free right now (each bound to port 0 by the kernel, then released).
+
+    Another process may take one before Ray binds it; the head then fails to start and says so."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@contextmanager
+def own_ray_head(env: dict[str, str], num_cpus: int = 2) -> Iterator[str]:
+    """A Ray head node this test starts and stops itself; yields its address (``127.0.0.1:PORT``).
+
+    ``ray start --head --block`` runs as our child in its own session, so its process group holds
+    the GCS, raylet, workers and agents and nothing else; teardown signals exactly that group and
+    waits for it, never ``ray stop`` (which would end every Ray cluster of the user on the machine).
+    Every port ``ray start`` would otherwise take at a fixed default (GCS 6379, dashboard 8265,
+    dashboard agent 52365, Ray client 10001 where ray[client] is installed) is a free one; the others
+    (node manager, object manager, metrics, runtime-env agent, workers) Ray picks itself. Its own
+    temp dir keeps its session and address file away from other clusters' (``/tmp/ray``); it is
+    short because Ray's socket paths must fit in 107 bytes.
+    """
+    gcs, dashboard, agent, client = free_ports(4)
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    log = temp_dir / "ray-start.log"
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           f"--num-cpus={num_cpus}", "--include-dashboard=false", f"--dashboard-port={dashboard}",
+           f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    if importlib.util.find_spec("grpc"):  # Ray's own rule: a client server (on 10001) only with ray[client]
+        cmd.append(f"--ray-client-server-port={client}")
+    head_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}  # start a head, do not join one
+    # On SIGTERM `ray start --block` first drains the node for Ray Serve, up to 30 s; nothing here to drain.
+    head_env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    with log.open("wb") as out:
+        head = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=head_env, start_new_session=True)
+    try:
+        # --block prints this once the node is up (GCS, raylet, agents) and its address is written.
+        deadline = time.monotonic() + 180
+        while "block forever" not in log.read_text(errors="replace"):
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start did not come up (exit {head.poll()}):\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield f"127.0.0.1:{gcs}"
+    finally:
+        stop_process_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_process_group(leader: subprocess.Popen, grace_s: float = 60) -> None:
+    """SIGTERM the group ``leader`` leads (``start_new_session=True``), wait for it, SIGKILL what stays."""
+    pgid = leader.pid  # a session leader's pid is its process group's id
+
+    def signal_group(sig: int) -> bool:
+        try:
+            os.killpg(pgid, sig)
+            return True
+        except ProcessLookupError:
+            return False  # nobody is left in the group
+
+    signal_group(signal.SIGTERM)
+    try:
+        leader.wait(timeout=grace_s)  # ray start's SIGTERM handler stops its processes, then exits
+    except subprocess.TimeoutExpired:
+        signal_group(signal.SIGKILL)
+        leader.wait(timeout=30)
+    deadline = time.monotonic() + grace_s
+    while signal_group(0) and time.monotonic() < deadline:  # workers and agents exiting after the leader
+        time.sleep(0.2)
+    signal_group(signal.SIGKILL)
+
+
 def test_render_on_an_existing_ray_cluster(tmp_path, env):
     """The same command against a running cluster (RAY_ADDRESS): the code travels as py_modules.
 
     Ray ≥ 2.59 authenticates with a token: the cluster and the driver share it through
     RAY_AUTH_TOKEN, as a studio's cluster would (KubeRay sets the same variables).
     """
-    import secrets
-
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    port = "6391"
     env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    started = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",
-                              "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
-                             capture_output=True, text=True, timeout=120, env=env)
-    assert started.returncode == 0, started.stderr[-2000:]
-    try:
+    with own_ray_head(env) as address:
         done = anim("render", "examples/shotlist.yaml", "--out", str(tmp_path / "out"), "--no-progress",
-                    env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "ANIM_STORE": str(tmp_path / "store")})
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert (tmp_path / "out" / "episode.mp4").stat().st_size > 0
-        cost = json.loads((tmp_path / "out" / "cost.json").read_text())
-        assert cost["status"] == "complete" and cost["total_yuan"] > 0
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
+                    env={**env, "RAY_ADDRESS": address, "ANIM_STORE": str(tmp_path / "store")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "episode.mp4").stat().st_size > 0
+    cost = json.loads((tmp_path / "out" / "cost.json").read_text())
+    assert cost["status"] == "complete" and cost["total_yuan"] > 0
+    run_id = done.stdout.split("MLflow run:")[1].split()[0]
+    assert mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(run_id).data.tags["cluster"] == address
 
 
 def test_unreachable_cluster_is_one_clear_line(tmp_path, env):
