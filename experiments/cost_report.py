@@ -44,11 +44,13 @@ from pathlib import Path
 
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.config import REPO_ROOT, resolve_profile, resolve_settings
+from pipeline import tracking
 from pipeline.cost import PriceCatalog, PriceRow
 from stages.records import ProfileError
 from stages.records import Episode
 from pipeline.models import Profile, RenderPlan
-from pipeline.plan import make_plan, stage_rows
+from pipeline.plan import calibration_keys, make_plan, stage_rows
+from pipeline.registry import STAGES
 from stages.script import load_episode
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -142,13 +144,13 @@ def trace(plan: RenderPlan, calibration: Calibration, prices: PriceCatalog) -> l
     """Per stage: seconds from the plan (each computed from one calibration row), priced again
     from the price row, and checked against the plan's own yuan."""
     rows = stage_rows(plan.profile, calibration)
-    kf_units = plan.profile.diffusion.num_gpus if plan.profile.diffusion else 1.0
     seconds = plan.estimate_by_stage("seconds")
     planned = plan.estimate_by_stage()
     out = []
     for stage, secs in seconds.items():
         row = rows[_stage_of(stage)]
-        units = kf_units if _stage_of(stage) == "keyframes" else 1.0
+        # what one worker of the stage's backend holds (GPUs, or one core); encode and assemble: one core
+        units = plan.profile.resources(_stage_of(stage)).units if _stage_of(stage) in STAGES else 1.0
         price = prices.row(row.device)
         per_hour = prices.yuan_per_hour(row.device)
         yuan = secs * units * per_hour / 3600.0
@@ -166,13 +168,12 @@ def estimate(name: str, episode: Episode, profile_name: str, profile: Profile, g
 
 
 def profile_for(path: Path, aspect: str, gpu: str) -> Profile:
-    profile = resolve_profile(str(path), {"aspect": aspect})
-    return profile.model_copy(update={"diffusion": profile.diffusion.model_copy(update={"gpu_type": gpu})})
+    return resolve_profile(str(path), {"aspect": aspect}).with_settings("keyframes", gpu_type=gpu)
 
 
 def gpu_types(calibration: Calibration, profiles: dict[str, Profile]) -> list[str]:
     """GPU types with a keyframe calibration row for every profile's (family, steps)."""
-    needed = {f"diffusers:{p.diffusion.family}:s{p.diffusion.steps}" for p in profiles.values()}
+    needed = {calibration_keys(p)["keyframes"][0] for p in profiles.values()}
     by_gpu: dict[str, set[str]] = {}
     for r in calibration.rows:
         if r.stage == "keyframes" and r.device.startswith("gpu:"):
@@ -338,8 +339,9 @@ def write_csv(estimates: list[Estimate], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.parse_args()
+    tracking.mlflow_defaults()
     settings = resolve_settings()
-    calibration = Calibration.load(settings.calibration)
+    calibration = Calibration.load(*settings.calibration_paths)
     prices = PriceCatalog.load(settings.prices, usd_cny=settings.usd_cny)
     estimates, skipped = build(calibration, prices)
     text = render_markdown(estimates, skipped, calibration, prices)
@@ -353,9 +355,6 @@ def main() -> None:
 
     import mlflow
 
-    from pipeline import tracking
-
-    tracking.mlflow_defaults()
     mlflow.set_tracking_uri(settings.tracking_uri)
     if mlflow.get_experiment_by_name(EXPERIMENT) is None and settings.tracking_uri.startswith("sqlite:///"):
         db = Path(settings.tracking_uri.removeprefix("sqlite:///"))

@@ -36,6 +36,7 @@ from typing import Any
 import imageio_ffmpeg
 
 from pipeline import dag, tracking
+from pipeline.render import render
 from pipeline.store import open_store
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.config import resolve_profile, resolve_settings
@@ -55,11 +56,11 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     *[("keyframe_stride", str(v), {"keyframe_stride": v}) for v in (2, 4, 8, 12)],
     *[("animate_on", str(v), {"animate_on": v}) for v in (1, 3)],
     ("interpolation", "crossfade", {"interpolation": "crossfade"}),
-    *[("flow_preset", v, {"flow_preset": v}) for v in ("fast", "medium")],
+    *[("flow_preset", v, {"flow": {"preset": v}}) for v in ("fast", "medium")],
     ("hold_static", "off", {"hold_static": False}),
     ("short_side", "540", {"short_side": 540}),
     ("combo", "stride12+threes", {"keyframe_stride": 12, "animate_on": 3}),
-    ("combo", "stride2+ones+medium", {"keyframe_stride": 2, "animate_on": 1, "flow_preset": "medium"}),
+    ("combo", "stride2+ones+medium", {"keyframe_stride": 2, "animate_on": 1, "flow": {"preset": "medium"}}),
     ("combo", "stride8+threes+crossfade", {"keyframe_stride": 8, "animate_on": 3, "interpolation": "crossfade"}),
 ]
 
@@ -148,10 +149,10 @@ def _mean(values: list[float]) -> float | None:
 
 def run_config(lever: str, value: str, overrides: dict[str, Any], episode: Episode, sha: str,
                settings: Any, calibration: Calibration, prices: PriceCatalog, ffmpeg: str,
-               repeats: int) -> dict[str, Any]:
+               repeats: int, cluster: dag.Cluster) -> dict[str, Any]:
     # 1. Profile and plan (estimates unused: cost is measured).
     name = f"{lever}={value}" if lever != "baseline" else BASE
-    profile = resolve_profile(BASE, overrides).model_copy(update={"name": f"sweep:{name}"})
+    profile = resolve_profile(BASE, overrides).replace(name=f"sweep:{name}")
     plan = make_plan(episode, profile, calibration=with_placeholders(calibration, profile), prices=prices,
                      script_sha256=sha)
     # 2. Render into a fresh store each time: every node runs. Renders of a few seconds are
@@ -159,7 +160,7 @@ def run_config(lever: str, value: str, overrides: dict[str, Any], episode: Episo
     results = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
-            results.append(dag.render(plan, store=open_store(tmp), prices=prices, ffmpeg=ffmpeg))
+            results.append(render(plan, store=open_store(tmp), prices=prices, ffmpeg=ffmpeg, cluster=cluster))
     result = results[-1]
     # 3. Measure and log: the last render's ledger, with cost and wall averaged over the repeats.
     billed = billed_yuan(prices, result.wall_seconds, result.cluster, None)
@@ -205,10 +206,10 @@ def main() -> None:
     ap.add_argument("--only", action="append", default=None, help="run only these config names (repeatable)")
     args = ap.parse_args()
 
-    settings = resolve_settings()
     tracking.mlflow_defaults()
+    settings = resolve_settings()
     prices = PriceCatalog.load(settings.prices, usd_cny=settings.usd_cny, tier=settings.price_tier)
-    calibration = Calibration.load(settings.calibration)
+    calibration = Calibration.load(*settings.calibration_paths)
     episode = sub_episode(load_episode(args.script), args.seconds)
     sha = hashlib.sha256(args.script.read_bytes()).hexdigest()
     ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
@@ -217,9 +218,10 @@ def main() -> None:
           f"¥{prices.yuan_per_hour('cpu'):.4f}/core-hour ({prices.row('cpu').provider}, {prices.tier})")
 
     # A cold cluster's first render pays worker start-up and imports: render once, unlogged, first.
+    cluster = dag.Cluster()  # a local cluster of its own (the runs are tagged cluster=local)
     with tempfile.TemporaryDirectory(prefix="sweep-warmup-") as tmp:
         warm = make_plan(episode, resolve_profile(BASE), calibration=calibration, prices=prices, script_sha256=sha)
-        dag.render(warm, store=open_store(tmp), prices=prices, ffmpeg=ffmpeg)
+        render(warm, store=open_store(tmp), prices=prices, ffmpeg=ffmpeg, cluster=cluster)
 
     rows = []
     t0 = time.perf_counter()
@@ -228,7 +230,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         row = run_config(lever, value, overrides, episode, sha, settings, calibration, prices, ffmpeg,
-                         args.repeats)
+                         args.repeats, cluster)
         rows.append(row)
         print(f"  {name:<32} ¥{row['cost_yuan']:.6f}  ¥{row['cost_yuan_per_min']:.5f}/min  wall {row['wall_s']:.1f} s  "
               f"kf {row['keyframes']:>3}  PSNR {_fmt(row['audit_psnr_db'])}  SSIM {_fmt(row['audit_ssim'])}  "

@@ -48,7 +48,7 @@ def test_each_figure_is_seconds_from_its_row_times_the_price(calibration, prices
     rows = stage_rows(profile, calibration)
     shot = next(s for s in plan.shots if len(s.keyframes) > 1)
     w, h = plan.width, plan.height
-    gen = profile.diffusion.gen_short_side
+    gen = profile.settings_for("keyframes").gen_short_side
     gen_mpx = gen * gen * max(w, h) / min(w, h) / 1e6
     # Keyframes: the published GPU row's seconds × the A100 price row.
     kf = rows["keyframes"]
