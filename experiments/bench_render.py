@@ -19,12 +19,12 @@ from pathlib import Path
 
 import imageio_ffmpeg
 
-from pipeline import dag
 from pipeline.store import open_store
 from pipeline.calibration import Calibration
 from pipeline.config import resolve_profile, resolve_settings
 from pipeline.cost import PriceCatalog
 from pipeline.plan import make_plan
+from pipeline.render import render
 from stages.script import load_episode
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     settings = resolve_settings()
     prices = PriceCatalog.load(settings.prices, usd_cny=settings.usd_cny)
     plan = make_plan(load_episode(args.script), resolve_profile(args.profile, {"aspect": args.aspect}),
-                     calibration=Calibration.load(settings.calibration), prices=prices,
+                     calibration=Calibration.load(*settings.calibration_paths), prices=prices,
                      script_sha256=hashlib.sha256(args.script.read_bytes()).hexdigest())
     plan_s = time.perf_counter() - t0
     cores = os.cpu_count() or 1
@@ -51,8 +51,7 @@ def main() -> None:
     # studio's long-running cluster or the next render of a batch sees.
     for label in ("cold", "warm"):
         with tempfile.TemporaryDirectory() as tmp:
-            result = dag.render(plan, store=open_store(tmp), prices=prices,
-                                ffmpeg=imageio_ffmpeg.get_ffmpeg_exe())
+            result = render(plan, store=open_store(tmp), prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe())
         report(label, plan, result, cores)
 
 

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import imageio_ffmpeg
 
-from pipeline import dag, tracking
+from pipeline import tracking
 from pipeline.store import open_store
 from pipeline.calibrate import fit_rows
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.config import resolve_profile, resolve_settings
 from pipeline.cost import PriceCatalog, billed_yuan
 from pipeline.plan import calibration_keys, make_plan
+from pipeline.render import render
 from stages.script import load_episode
 
 DEFAULT = [("draft", Path("examples/episode_en.fountain")), ("standard", Path("examples/shotlist.yaml"))]
@@ -45,7 +46,7 @@ def measure(script: Path, profile_name: str, settings):
                      script_sha256=hashlib.sha256(script.read_bytes()).hexdigest())
     # 2. Render for real into a fresh store, so every node executes; record the run.
     with tempfile.TemporaryDirectory() as tmp:
-        result = dag.render(plan, store=open_store(tmp), prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe())
+        result = render(plan, store=open_store(tmp), prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe())
     metrics = tracking.render_metrics(plan, result.ledger, wall_seconds=result.wall_seconds, quality=result.quality,
                                       billed_yuan=billed_yuan(prices, result.wall_seconds, result.cluster, None))
     run_id = tracking.log_render(tracking_uri=settings.tracking_uri, plan=plan, ledger=result.ledger,
@@ -62,9 +63,11 @@ def main() -> None:
     ap.add_argument("--script", type=Path, help="script to render [episode_en for draft, shotlist for standard]")
     ap.add_argument("--only", action="append", help="write only these stages' rows (repeatable)")
     args = ap.parse_args()
-    settings = resolve_settings()
     tracking.mlflow_defaults()
+    settings = resolve_settings()
     jobs = [(p, args.script or dict(DEFAULT).get(p, DEFAULT[0][1])) for p in args.profile] if args.profile else DEFAULT
+    # The rows go into the shipped table (the checkout's cluster/calibration.csv, or ANIM_CALIBRATION):
+    # the starting point every estimate is computed from, not this user's layer above it.
     table = Calibration.load(settings.calibration)
     # Fit over every render at once: rows shared by profiles (previz at two sizes) pool their nodes.
     rows = fit_rows([measure(script, name, settings) for name, script in jobs],

@@ -35,7 +35,7 @@ from typing import Any
 
 import imageio_ffmpeg
 
-from pipeline import dag, tracking
+from pipeline import tracking
 from pipeline.render import render
 from pipeline.store import open_store
 from pipeline.calibration import Calibration, CalibrationRow
@@ -149,7 +149,7 @@ def _mean(values: list[float]) -> float | None:
 
 def run_config(lever: str, value: str, overrides: dict[str, Any], episode: Episode, sha: str,
                settings: Any, calibration: Calibration, prices: PriceCatalog, ffmpeg: str,
-               repeats: int, cluster: dag.Cluster) -> dict[str, Any]:
+               repeats: int) -> dict[str, Any]:
     # 1. Profile and plan (estimates unused: cost is measured).
     name = f"{lever}={value}" if lever != "baseline" else BASE
     profile = resolve_profile(BASE, overrides).replace(name=f"sweep:{name}")
@@ -160,7 +160,7 @@ def run_config(lever: str, value: str, overrides: dict[str, Any], episode: Episo
     results = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
-            results.append(render(plan, store=open_store(tmp), prices=prices, ffmpeg=ffmpeg, cluster=cluster))
+            results.append(render(plan, store=open_store(tmp), prices=prices, ffmpeg=ffmpeg))
     result = results[-1]
     # 3. Measure and log: the last render's ledger, with cost and wall averaged over the repeats.
     billed = billed_yuan(prices, result.wall_seconds, result.cluster, None)
@@ -218,10 +218,11 @@ def main() -> None:
           f"¥{prices.yuan_per_hour('cpu'):.4f}/core-hour ({prices.row('cpu').provider}, {prices.tier})")
 
     # A cold cluster's first render pays worker start-up and imports: render once, unlogged, first.
-    cluster = dag.Cluster()  # a local cluster of its own (the runs are tagged cluster=local)
+    # Each render gets a Cluster of its own (a local one, started by the first): a Cluster reused
+    # across renders reports its first start-up in every later render's ray_init_seconds.
     with tempfile.TemporaryDirectory(prefix="sweep-warmup-") as tmp:
         warm = make_plan(episode, resolve_profile(BASE), calibration=calibration, prices=prices, script_sha256=sha)
-        render(warm, store=open_store(tmp), prices=prices, ffmpeg=ffmpeg, cluster=cluster)
+        render(warm, store=open_store(tmp), prices=prices, ffmpeg=ffmpeg)
 
     rows = []
     t0 = time.perf_counter()
@@ -230,7 +231,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         row = run_config(lever, value, overrides, episode, sha, settings, calibration, prices, ffmpeg,
-                         args.repeats, cluster)
+                         args.repeats)
         rows.append(row)
         print(f"  {name:<32} ¥{row['cost_yuan']:.6f}  ¥{row['cost_yuan_per_min']:.5f}/min  wall {row['wall_s']:.1f} s  "
               f"kf {row['keyframes']:>3}  PSNR {_fmt(row['audit_psnr_db'])}  SSIM {_fmt(row['audit_ssim'])}  "
