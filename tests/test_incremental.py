@@ -8,13 +8,14 @@ from collections import Counter
 import imageio_ffmpeg
 import pytest
 
-from pipeline import dag
-from pipeline.store import open_store
 from pipeline.calibration import Calibration
 from pipeline.config import resolve_profile
 from pipeline.cost import PriceCatalog
-from stages.records import Episode
+from pipeline.dag import Cluster
 from pipeline.plan import make_plan
+from pipeline.render import render
+from pipeline.store import open_store
+from stages.records import Episode
 from stages.script import load_episode
 
 from .conftest import REPO
@@ -28,10 +29,9 @@ SHOTLIST = REPO / "examples" / "shotlist.yaml"
 def local_ray():
     import ray
 
-    dag.init_ray(None, None)
+    Cluster().start()
     yield
     ray.shutdown()
-
 
 
 def plan_for(episode: Episode, prices: PriceCatalog, **overrides):
@@ -41,7 +41,7 @@ def plan_for(episode: Episode, prices: PriceCatalog, **overrides):
 
 
 def run(plan, store, prices, **kw):
-    return dag.render(plan, store=store, prices=prices, ffmpeg=FFMPEG, **kw)
+    return render(plan, store=store, prices=prices, ffmpeg=FFMPEG, **kw)
 
 
 def executed(result) -> set[tuple[str, str | None]]:
@@ -103,22 +103,26 @@ def test_damaged_entry_is_recomputed_never_used(tmp_path, prices):
     assert store.get(victim.keys["clip"]) is not None
 
 
-def test_budget_guard_stops_before_the_limit_and_resume_finishes(tmp_path, prices):
+def test_a_budget_below_every_chain_renders_the_storyboard_and_resume_finishes(tmp_path, prices):
+    """A budget that fits the storyboards but no shot's chain, whatever this machine's speed (the
+    margin only grows, spend only adds): the render stops after the storyboard, and a resume
+    with no budget recomputes exactly what remained. The admission arithmetic itself is tested
+    on the pure scheduler (tests/test_schedule.py); how far actual spend can pass a budget is
+    measured, not asserted."""
     store = open_store(tmp_path / "store")
     plan = plan_for(load_episode(SHOTLIST), prices)
-    budget = plan.estimated_cost_yuan * 0.5
-    # A node is admitted with its estimate × (1 + margin) reserved; the margin covers how far a node's
-    # measured cost can run over its estimate on a loaded machine.
-    first = run(plan, store, prices, budget_yuan=budget, budget_margin=1.0)
-    assert first.stopped == "budget"
-    assert first.ledger.total_yuan <= budget
-    assert first.remaining and first.remaining_estimate_yuan > 0
-    finished = {shot for stage, shot in executed(first) if stage == "encode"}
-    assert finished and not finished & set(first.remaining)
+    boards = sum(s.estimate_yuan["storyboard"] for s in plan.shots)
+    cheapest = min(sum(s.estimate_yuan.values()) - s.estimate_yuan["storyboard"] for s in plan.shots)
+    budget = 1.25 * cheapest * 0.99
+    assert 1.25 * boards <= budget  # the storyboards fit, together
+    first = run(plan, store, prices, budget_yuan=budget)
+    assert first.stopped == "budget" and set(first.outputs) == {"storyboard.png"}
+    assert {stage for stage, _ in executed(first)} == {"storyboard"}
+    assert first.remaining == [s.shot.id for s in plan.shots] and first.remaining_estimate_yuan > 0
     resumed = run(plan, store, prices)
     assert resumed.stopped is None
-    redone = {shot for stage, shot in executed(resumed) if stage in ("keyframes", "encode")}
-    assert redone == set(first.remaining)  # nothing finished before is recomputed
+    assert {shot for stage, shot in executed(resumed) if stage in ("keyframes", "encode")} == set(first.remaining)
+    assert "storyboard" not in {stage for stage, _ in executed(resumed)}  # nothing finished is recomputed
 
 
 def test_zero_budget_spends_nothing(tmp_path, prices):
@@ -136,7 +140,7 @@ def test_storyboard_stop_and_approval_gate(tmp_path, prices):
     assert boards.stopped == "storyboard" and set(boards.outputs) == {"storyboard.png"}
     assert {r.stage for r in boards.ledger.records if not r.cached} == {"storyboard"}
     approve(store, plan.shots[:2])
-    gated = run(plan, store, prices, approved=approved_keys(store, plan))
+    gated = run(plan, store, prices, approvals=approved_keys(store, plan))
     assert gated.stopped == "approval"
     assert {shot for stage, shot in executed(gated) if stage == "keyframes"} == {s.shot.id for s in plan.shots[:2]}
     assert gated.remaining == [s.shot.id for s in plan.shots[2:]]
