@@ -221,7 +221,7 @@ def _yuan(text: str | None) -> float | None:
 @app.command()
 def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain screenplay or YAML shot list."),
            profile: str = ProfileOpt, aspect: Optional[str] = AspectOpt, sets: list[str] = SetOpt,
-           out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: out/<script>]"),
+           out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: out/<script>-<profile>-<aspect>]"),
            budget: Optional[str] = typer.Option(None, "--budget", help="Cap attributed cost, e.g. ¥0.5; "
                                                 "stops before the node that would pass it."),
            stop_after: Optional[str] = typer.Option(None, "--stop-after", help="'storyboard': panels and "

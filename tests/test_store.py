@@ -173,7 +173,7 @@ def test_concurrent_writers_of_one_key(store):
             with store.writer(KEY, {"stage": "keyframes"}) as d:
                 for name in ("a.bin", "b.bin", "c.bin"):
                     (d / name).write_bytes(f"writer{i}".encode() * 5000)
-                barrier.wait(timeout=5)
+                barrier.wait(timeout=120)  # only a hung writer reaches this; speed decides nothing
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread below
             errors.append(exc)
 
@@ -216,9 +216,10 @@ def test_a_remote_hit_records_its_use_at_most_hourly(tmp_path):
     store = open_store(f"memory://anim-test-{uuid.uuid4().hex[:12]}", local_cache=tmp_path / "rt")
     _write(store, KEY, "clip", {"clip.mp4": b"x"})
     store.touch(KEY, time.time() - 2 * DAY)
+    before = time.time()
     assert store.get(KEY) is not None  # the marker is old: this hit is written
     first = store.stats().newest_use
-    assert time.time() - first < 60
+    assert first >= before - 1  # (1 s: mtime granularity)
     store.fs.pipe_file(f"{url_to_fs(store.url)[1]}/ab/{KEY}/used", repr(first - 1000).encode())
     assert store.get(KEY) is not None  # within the hour: no write
     assert store.stats().newest_use == pytest.approx(first - 1000)
@@ -230,8 +231,9 @@ def test_local_hit_touches_the_manifest(tmp_path):
     old = time.time() - 5 * DAY
     os.utime(store.path(KEY) / MANIFEST, (old, old))
     assert store.stats().oldest_use == pytest.approx(old)
+    before = time.time()
     store.get(KEY)
-    assert time.time() - store.stats().oldest_use < 60
+    assert store.stats().oldest_use >= before - 1  # (1 s: mtime granularity)
 
 
 def _populate(store) -> float:
