@@ -35,7 +35,8 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageSequence
 
-from stages.inbetween import Crossfade, FlowInterpolator, interpolator
+from pipeline import tracking
+from stages.inbetween import Crossfade, FlowInterpolator
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES = REPO.parent / "shared" / "data" / "frames"
@@ -195,7 +196,9 @@ def main() -> None:
     flow, dis_timer = timed_flow(args.preset)
     methods = {"crossfade": Crossfade(), "flow": flow, "flow_occ": FlowInterpolator(preset=args.preset, occlusion=True)}
     if not args.no_rife:
-        methods["rife"] = interpolator("rife", weights=args.weights, threads=args.threads)
+        from stages.rife import RifeInterpolator  # torch only when RIFE is measured
+
+        methods["rife"] = RifeInterpolator(weights=args.weights, threads=args.threads)
     lines = [f"{'triplet':26s} {'size':>10s}" + "".join(f" {m + ' dB/SSIM':>20s}" for m in methods)]
 
     # 2. Quality and native-size speed, all methods on the same triplets.
@@ -253,7 +256,7 @@ def main() -> None:
     print(table)
 
     # 6. One MLflow run, from this driver only.
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    tracking.mlflow_defaults()
     import mlflow
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
