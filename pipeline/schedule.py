@@ -130,55 +130,68 @@ def schedule(plan: RenderPlan, store: Lookup, *, approvals: set[str] | None = No
         raise ValueError(f"stop_after={stop_after!r}: the only stop is 'storyboard'")
     stored = _Stored(store)
     guard = BudgetGuard(budget_yuan, margin)
-    nodes: list[Node] = []
-
     # 1. Storyboards: every panel, or none when they do not fit together.
+    boards = _storyboards(plan, stored, guard)
+    broke = any(n.reason == "budget" for n in boards)
+    # 2. Each shot's chain, held back for a reason or wanted; the wanted ones admitted by budget.
+    chains = {s.shot.id: _chain(plan, s, stored, "budget" if broke else _hold_reason(s, stop_after, approvals))
+              for s in plan.shots}
+    prereqs = _admit(plan, chains, stored, guard)
+    # 3. The episode node: the whole episode when every clip exists or runs, else the contact sheet.
+    clips = [chains[s.shot.id][1] for s in plan.shots]
+    if all(c.state != "held" for c in clips):
+        last = _episode_node(plan, "assemble", plan.assemble_key, [c.id for c in clips], stored, guard)
+    else:
+        last = _episode_node(plan, "contact_sheet", plan.contact_sheet_key, [b.id for b in boards], stored,
+                             guard, blocked=broke)
+    return Schedule([*boards, *prereqs, *(n for s in plan.shots for n in chains[s.shot.id]), last])
+
+
+def _storyboards(plan: RenderPlan, stored: _Stored, guard: BudgetGuard) -> list[Node]:
     boards = [_node(plan, s, "storyboard", stored) for s in plan.shots]
     cost = sum(n.estimate_yuan for n in boards if n.state == "run")
-    broke = not guard.fits(cost)
-    if broke:
-        boards = [_held(n, "budget") if n.state == "run" else n for n in boards]
-    else:
-        guard.reserve("storyboards", cost)
-    nodes += boards
+    if not guard.fits(cost):
+        return [_held(n, "budget") for n in boards]
+    guard.reserve("storyboards", cost)
+    return boards
 
-    # 2. Each shot's chain: keyframes → clip, with the plates and sheets it needs first.
-    chains: dict[str, list[Node]] = {}
-    wanted: list[ShotPlan] = []
-    for shot in plan.shots:
-        kf, clip = _node(plan, shot, "keyframes", stored), _node(plan, shot, "clip", stored)
-        if clip.state == "hit":
-            chains[shot.shot.id] = [_as_hit(kf), clip]
-            continue
-        reason = ("budget" if broke else "storyboard" if stop_after == "storyboard"
-                  else "approval" if approvals is not None and shot.keys["storyboard"] not in approvals else None)
-        chains[shot.shot.id] = [_held(kf, reason), _held(clip, reason)] if reason else [kf, clip]
-        if not reason:
-            wanted.append(shot)
+
+def _hold_reason(shot: ShotPlan, stop_after: str | None, approvals: set[str] | None) -> str | None:
+    if stop_after == "storyboard":
+        return "storyboard"
+    if approvals is not None and shot.keys["storyboard"] not in approvals:
+        return "approval"
+    return None
+
+
+def _chain(plan: RenderPlan, shot: ShotPlan, stored: _Stored, reason: str | None) -> list[Node]:
+    """[keyframes, clip] of a shot: both free when the clip is stored, else both held for ``reason``."""
+    kf, clip = _node(plan, shot, "keyframes", stored), _node(plan, shot, "clip", stored)
+    if clip.state == "hit":
+        return [_as_hit(kf), clip]
+    return [_held(kf, reason), _held(clip, reason)]
+
+
+def _admit(plan: RenderPlan, chains: dict[str, list[Node]], stored: _Stored, guard: BudgetGuard) -> list[Node]:
+    """Admit the wanted chains longest first while they fit, each with the plates and sheets it
+    needs first (a plate shared by two chains is paid by the first); hold the rest for budget.
+    Returns the plate and sheet nodes, in the order they are needed."""
     prereqs: dict[NodeId, Node] = {}
+    wanted = [s for s in plan.shots if chains[s.shot.id][1].state == "run"]
     for shot in sorted(wanted, key=lambda s: -sum(s.estimate_seconds.values())):
-        needs = _prerequisites(plan, shot, stored, chains[shot.shot.id][0])
+        chain = chains[shot.shot.id]
+        needs = _prerequisites(plan, shot, stored, chain[0])
         admitted = {i for i, p in prereqs.items() if p.state == "run"}
         new = [p for p in needs if p.state == "run" and p.id not in admitted]
-        cost = sum(n.estimate_yuan for n in new + chains[shot.shot.id] if n.state == "run")
+        cost = sum(n.estimate_yuan for n in new + chain if n.state == "run")
         if guard.fits(cost):
             guard.reserve(shot.shot.id, cost)
             prereqs.update({p.id: p for p in needs if p.id not in admitted})
         else:
-            chains[shot.shot.id] = [_held(n, "budget") for n in chains[shot.shot.id]]
+            chains[shot.shot.id] = [_held(n, "budget") for n in chain]
             for p in needs:
                 prereqs.setdefault(p.id, _held(p, "budget"))
-    nodes += list(prereqs.values())
-    nodes += [n for shot in plan.shots for n in chains[shot.shot.id]]
-
-    # 3. The episode node: the whole episode when every clip exists or runs, else the contact sheet.
-    clips = [chains[s.shot.id][1] for s in plan.shots]
-    if all(c.state != "held" for c in clips):
-        nodes.append(_episode_node(plan, "assemble", plan.assemble_key, [c.id for c in clips], stored, guard))
-    else:
-        nodes.append(_episode_node(plan, "contact_sheet", plan.contact_sheet_key, [b.id for b in boards], stored,
-                                   guard, blocked=any(b.state == "held" for b in boards)))
-    return Schedule(nodes)
+    return list(prereqs.values())
 
 
 class _Stored:
