@@ -213,6 +213,7 @@ class _Run:
                  on_progress: Callable[[int, int, float], None] | None):
         self.plan, self.sched, self.store, self.prices, self.ffmpeg = plan, sched, store, prices, ffmpeg
         self.cluster, self.on_progress = cluster, on_progress
+        self.ray_was_up = cluster.started
         self.guard = BudgetGuard(budget_yuan, margin)
         self.out = Execution()
         self.in_flight: dict[Any, NodeId] = {}
@@ -379,7 +380,8 @@ class _Run:
             shots = [s for s in self.plan.shots if s.shot.characters]
             if shots:
                 self.out.consistency = get(self.pool.consistency(shots), NodeId("consistency"))
-        self.out.cluster, self.out.ray_init_seconds = self.cluster.resources(), self.cluster.init_seconds
+        self.out.cluster = self.cluster.resources()
+        self.out.ray_init_seconds = 0.0 if self.ray_was_up else self.cluster.init_seconds  # this render's start only
         return self.out
 
     def progress(self) -> None:

@@ -6,8 +6,8 @@ work on batches in ``__call__``. Composition follows the shot: in ``img2img`` mo
 image of a keyframe is the previz cel at the keyframe time (camera framing, where characters
 stand) — or, when ``layered``, the generated plate of the location through the shot's camera
 with the characters composited on it, so a scene pays for one background. Every image has
-its own seed from a stable hash (keyframe content key + frame index, location, character
-name) and its own ``torch.Generator``, so a re-render is bit-identical on the same hardware
+its own seed from a stable hash (the request's seed — from the shot's content — and the frame
+index; the location; the character name) and its own ``torch.Generator``, so a re-render is bit-identical on the same hardware
 however the requests are batched. Not Ray-aware; no global state; the global torch RNG is
 never used.
 """

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never reach a model hub, whatever a test does
@@ -59,7 +58,6 @@ def images(out) -> list[bytes]:
 
 def test_missing_weights_is_one_profile_error_naming_the_path(tmp_path):
     missing = tmp_path / "no-such-model"
-    start = time.perf_counter()
     with pytest.raises(ProfileError, match="no-such-model.*model_index.json"):
         DiffusersKeyframes(width=W, height=H, settings=settings(missing))
     (tmp_path / "empty").mkdir()
@@ -67,7 +65,7 @@ def test_missing_weights_is_one_profile_error_naming_the_path(tmp_path):
         DiffusersKeyframes(width=W, height=H, settings=settings(tmp_path / "empty"))
     with pytest.raises(ProfileError, match="'someone/not-cached'.*local Hugging Face cache"):
         DiffusersKeyframes(width=W, height=H, settings=settings(Path("someone/not-cached")))
-    assert time.perf_counter() - start < 5  # failed before any loading
+    # failed at the path check, before any loading (the messages above are resolve_local's)
 
 
 def test_unusable_device_or_settings_fail_before_loading(models):

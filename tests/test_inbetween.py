@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import inspect
-import time
 
 import cv2
 import numpy as np
@@ -275,43 +274,38 @@ def test_flow_beats_crossfade_on_real_frames():
     assert np.mean(flow) > np.mean(fade)
 
 
-def test_print_flow_timings():
-    """Not a check: ms per interpolated frame, three in-betweens per pair (a keyframe stride of 4)."""
+def test_every_flow_preset_makes_in_betweens_that_move_from_one_keyframe_to_the_other():
+    """Three in-betweens per pair (a keyframe stride of 4) at draft and 1080p sizes: the right
+    shape, and each nearer to the keyframe it is nearer to in time. (Their speed is measured by
+    experiments/interp_bench.py, not asserted.)"""
     a = read_rgb(FRAMES / "sintel_raft_demo" / "frame_0016.png")
     b = read_rgb(FRAMES / "sintel_raft_demo" / "frame_0018.png")
-    print()
     for w, h in ((640, 360), (1920, 1080)):
         A, B = cv2.resize(a, (w, h)), cv2.resize(b, (w, h))
         for preset in ("ultrafast", "fast", "medium"):
-            fi = FlowInterpolator(preset=preset)
-            fi(A, B, [0.5])  # warm up
-            t0 = time.perf_counter()
-            out = fi(A, B, [0.25, 0.5, 0.75])
-            ms = (time.perf_counter() - t0) * 1000 / len(out)
-            print(f"flow {preset:9s} {w}x{h}: {ms:6.1f} ms per interpolated frame")
+            out = FlowInterpolator(preset=preset)(A, B, [0.25, 0.5, 0.75])
+            assert [o.shape for o in out] == [A.shape] * 3 and all(o.dtype == np.uint8 for o in out)
+            near_a = [cv2.PSNR(o, A) - cv2.PSNR(o, B) for o in out]
+            assert near_a[0] > 0 > near_a[2], (preset, w, near_a)
 
 
 RIFE_WEIGHTS = SHARED_DATA / "weights" / "rife" / "flownet.pkl"
 
 
 @pytest.mark.skipif(not RIFE_WEIGHTS.is_file(), reason=f"RIFE weights absent: {RIFE_WEIGHTS}")
-def test_print_flow_versus_rife():
-    """Not a threshold: flow (each preset) and RIFE side by side, PSNR and ms per frame."""
+def test_flow_and_rife_beat_the_crossfade_on_the_shared_triplets():
+    """Every flow preset and RIFE well above the crossfade baseline (about 25.0 dB) on the real
+    triplets; the side-by-side table with timings is experiments/interp_bench.py."""
     methods = {f"flow:{p}": FlowInterpolator(preset=p) for p in ("ultrafast", "fast", "medium")}
     from stages.rife import RifeInterpolator
 
     methods["rife"] = RifeInterpolator(weights=RIFE_WEIGHTS, threads=2)
+    methods["crossfade"] = Crossfade()
     scores = {m: [] for m in methods}
-    seconds = {m: 0.0 for m in methods}
-    print(f"\n{'triplet':24s}" + "".join(f"{m:>16s}" for m in methods))
-    for name, paths in shared_triplets().items():
+    for paths in shared_triplets().values():
         a, mid, b = (read_rgb(p) for p in paths)
         for m, fn in methods.items():
-            t0 = time.perf_counter()
             scores[m].append(cv2.PSNR(fn(a, b, [0.5])[0], mid))
-            seconds[m] += time.perf_counter() - t0
-        print(f"{name:24s}" + "".join(f"{scores[m][-1]:13.2f} dB" for m in methods))
-    print(f"{'mean':24s}" + "".join(f"{np.mean(scores[m]):13.2f} dB" for m in methods))
-    n = len(scores["rife"])
-    print(f"{'ms/frame':24s}" + "".join(f"{1000 * seconds[m] / n:13.0f} ms" for m in methods))
-    assert all(np.isfinite(np.mean(s)) for s in scores.values())
+    mean = {m: float(np.mean(s)) for m, s in scores.items()}
+    assert 24.5 < mean["crossfade"] < 25.5, mean
+    assert all(mean[m] > mean["crossfade"] + 4.0 for m in methods if m != "crossfade"), mean
