@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
-from pipeline.store.manifest import STALE_S, GcItem, GcReport, StageUsage, StoreError, StoreStats, check_key, write_id
+from pipeline.store.manifest import (STALE_S, GcItem, GcReport, StageUsage, StoreError, StoreStats, check_key,
+                                     parse_manifest, write_id)
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,20 @@ class Store(ABC):
         Raises StoreError, and removes nothing, if the store cannot be read right now.
         """
 
-    @abstractmethod
     def meta(self, key: str) -> dict:
-        """The ``meta`` the artifact was written with; StoreError if there is no such artifact."""
+        """The ``meta`` the artifact was written with."""
+        raw = self._read_manifest(key)
+        if raw is None:
+            raise StoreError(f"no artifact {key[:12]} in {self.url}")
+        try:
+            return parse_manifest(raw, key).get("meta", {})
+        except ValueError as exc:
+            raise StoreError(f"artifact {key[:12]} in {self.url}: its manifest is damaged ({exc}); "
+                             "nothing was removed (get removes it)") from None
+
+    @abstractmethod
+    def _read_manifest(self, key: str) -> bytes | None:
+        """The manifest's bytes, None if there is none; StoreError if it cannot be read now."""
 
     @abstractmethod
     def touch(self, key: str, when: float | None = None) -> None:

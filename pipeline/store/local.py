@@ -89,18 +89,13 @@ class LocalStore(Store):
             pass  # a read-only store still serves hits; it just cannot record them
         return files
 
-    def meta(self, key: str) -> dict:
+    def _read_manifest(self, key: str) -> bytes | None:
         try:
-            raw = (self.path(key) / MANIFEST).read_bytes()
+            return (self.path(key) / MANIFEST).read_bytes()
         except MISSING:
-            raise StoreError(f"no artifact {key[:12]} in {self.url}") from None
+            return None
         except OSError as exc:
             raise unreadable(self.url, key, MANIFEST, exc) from exc
-        try:
-            return parse_manifest(raw, key).get("meta", {})
-        except ValueError as exc:
-            raise StoreError(f"artifact {key[:12]} in {self.url}: its manifest is damaged ({exc}); "
-                             "nothing was removed (get removes it)") from None
 
     def touch(self, key: str, when: float | None = None) -> None:
         when = time.time() if when is None else when

@@ -161,16 +161,6 @@ class RemoteStore(Store):
             pass
         self.touch(key)
 
-    def meta(self, key: str) -> dict:
-        raw = self._read_manifest(key)
-        if raw is None:
-            raise StoreError(f"no artifact {key[:12]} in {self.url}")
-        try:
-            return parse_manifest(raw, key).get("meta", {})
-        except ValueError as exc:
-            raise StoreError(f"artifact {key[:12]} in {self.url}: its manifest is damaged ({exc}); "
-                             "nothing was removed (get removes it)") from None
-
     def touch(self, key: str, when: float | None = None) -> None:
         when = time.time() if when is None else when
         if self._read_manifest(key) is None:
