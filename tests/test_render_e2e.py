@@ -95,7 +95,7 @@ def test_render_sample_at_draft(tmp_path, env, script, aspect, size):
     assert run.data.metrics["billed_yuan"] >= run.data.metrics["cost_yuan"]
     # The in-betweening audit of every shot that has in-betweens lands in the run.
     audited = [s for s in plan["shots"] if s["audit_frame"] is not None]
-    assert audited and set(cost["quality"]) >= {s["shot"]["id"] for s in audited}
+    assert audited and set(cost["quality"]) >= {s["scene"]["shot"]["id"] for s in audited}
     assert 15 < run.data.metrics["audit_psnr_db"] < 100 and 0 < run.data.metrics["audit_ssim"] <= 1
     artifacts = {a.path for a in mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).list_artifacts(run_id)}
     assert {"episode.mp4", "storyboard.png", "subtitles.srt", "ledger.json", "plan.json", "cost_chart.png",
@@ -106,7 +106,7 @@ def test_render_sample_at_draft(tmp_path, env, script, aspect, size):
     import opentimelineio as otio
     timeline = otio.adapters.read_from_file(str(out / "timeline.otio"))
     clips = list(timeline.find_clips())
-    assert [c.name for c in clips] == [s["shot"]["id"] for s in plan["shots"]]
+    assert [c.name for c in clips] == [s["scene"]["shot"]["id"] for s in plan["shots"]]
     assert [c.source_range.duration.value for c in clips] == [s["frames"] for s in plan["shots"]]
     assert timeline.duration().value == total
 
