@@ -210,9 +210,10 @@ class _Run:
 
     def __init__(self, plan: RenderPlan, sched: Schedule, *, store: Store, prices: PriceCatalog, ffmpeg: str,
                  cluster: Cluster, budget_yuan: float | None, margin: float,
-                 on_progress: Callable[[int, int, float], None] | None):
+                 on_progress: Callable[[int, int, float], None] | None,
+                 on_node: Callable[[NodeId, list[LedgerRecord]], None] | None = None):
         self.plan, self.sched, self.store, self.prices, self.ffmpeg = plan, sched, store, prices, ffmpeg
-        self.cluster, self.on_progress = cluster, on_progress
+        self.cluster, self.on_progress, self.on_node = cluster, on_progress, on_node
         self.ray_was_up = cluster.started
         self.guard = BudgetGuard(budget_yuan, margin)
         self.out = Execution()
@@ -246,17 +247,19 @@ class _Run:
 
     def take(self, measured: Measured, node: NodeId) -> None:
         """Price a finished node into the ledger and charge it; release its reservation."""
-        yuan = 0.0
-        for t in measured.timings:
-            self.out.records.append(self.prices.record(t.stage, measured.node.shot, t.seconds, t.resource, t.units))
-            self.out.stage_seconds += t.seconds * t.units
-            yuan += self.out.records[-1].yuan
+        rows = [self.prices.record(t.stage, measured.node.shot, t.seconds, t.resource, t.units)
+                for t in measured.timings]
+        self.out.records += rows
+        self.out.stage_seconds += sum(t.seconds * t.units for t in measured.timings)
+        yuan = sum(r.yuan for r in rows)
         self.guard.charge(yuan)
         self.guard.finish(node, yuan)  # the margin learns how far off estimates run
         self.out.spans.append(("+".join(t.stage for t in measured.timings), *measured.span))
         if measured.quality and measured.node.shot:
             self.out.quality[measured.node.shot] = measured.quality
         self.out.done.add(node)
+        if self.on_node:
+            self.on_node(node, rows)
 
     # ---- 3. submission
     def submit(self, node: NodeId, ref: Any, estimate: float, *, learn: bool = True) -> None:
@@ -407,8 +410,11 @@ class _Run:
 
 def execute(plan: RenderPlan, sched: Schedule, *, store: Store, prices: PriceCatalog, ffmpeg: str,
             cluster: Cluster | None = None, budget_yuan: float | None = None, margin: float = 0.25,
-            on_progress: Callable[[int, int, float], None] | None = None) -> Execution:
+            on_progress: Callable[[int, int, float], None] | None = None,
+            on_node: Callable[[NodeId, list[LedgerRecord]], None] | None = None) -> Execution:
     """Run the nodes ``sched`` says must run (and those held for budget, if actual costs leave
-    room); return the priced ledger rows and what is now in the store."""
+    room); return the priced ledger rows and what is now in the store. ``on_progress(shots done,
+    shots, yuan spent)`` and ``on_node(node, its priced rows)`` are called on the driver as nodes
+    finish (the tracker logs from them)."""
     return _Run(plan, sched, store=store, prices=prices, ffmpeg=ffmpeg, cluster=cluster or Cluster(),
-                budget_yuan=budget_yuan, margin=margin, on_progress=on_progress).execute()
+                budget_yuan=budget_yuan, margin=margin, on_progress=on_progress, on_node=on_node).execute()

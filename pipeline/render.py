@@ -11,7 +11,7 @@ from typing import Callable
 
 from pipeline import dag
 from pipeline.cost import PriceCatalog
-from pipeline.models import Ledger, RenderPlan
+from pipeline.models import Ledger, LedgerRecord, RenderPlan
 from pipeline.schedule import NodeId, Schedule, schedule
 from pipeline.store import Store
 
@@ -37,7 +37,8 @@ class RenderResult:
 def render(plan: RenderPlan, *, store: Store, prices: PriceCatalog, ffmpeg: str,
            cluster: dag.Cluster | None = None, approvals: set[str] | None = None, stop_after: str | None = None,
            budget_yuan: float | None = None, budget_margin: float = 0.25,
-           on_progress: Callable[[int, int, float], None] | None = None) -> RenderResult:
+           on_progress: Callable[[int, int, float], None] | None = None,
+           on_node: Callable[[NodeId, list[LedgerRecord]], None] | None = None) -> RenderResult:
     """Render what the store does not hold yet; return the priced ledger and the artifacts' paths.
 
     ``approvals`` (approved storyboard keys) turns on the approval gate; ``stop_after="storyboard"``
@@ -49,7 +50,7 @@ def render(plan: RenderPlan, *, store: Store, prices: PriceCatalog, ffmpeg: str,
                      margin=budget_margin)
     cluster = cluster or dag.Cluster()
     ran = dag.execute(plan, sched, store=store, prices=prices, ffmpeg=ffmpeg, cluster=cluster,
-                      budget_yuan=budget_yuan, margin=budget_margin, on_progress=on_progress)
+                      budget_yuan=budget_yuan, margin=budget_margin, on_progress=on_progress, on_node=on_node)
     return _result(plan, sched, ran, store, wall=time.perf_counter() - t_start, started=started)
 
 
