@@ -3,7 +3,8 @@
     anim plan SCRIPT [--profile P] [--aspect A] [--json]      the plan, without starting Ray
     anim render SCRIPT [--profile P] [--aspect A] [--out DIR] render, track, print the cost
         [--budget ¥N] [--stop-after storyboard]
-    anim approve SCRIPT --shot ID | --all                     approve storyboard panels
+    anim approve SCRIPT --shot ID | --all [--reject] [-m TEXT]  approve (or reject) storyboard panels
+    anim approve SCRIPT --list                                each shot's decision: who, when, why
     anim runs / anim compare RUN_A RUN_B                      renders in MLflow, cost deltas
     anim calibrate                                            refresh throughput rows from MLflow runs
     anim cache stats / anim cache gc                          the artifact store
@@ -35,6 +36,9 @@ err = Console(stderr=True)
 
 ProfileOpt = typer.Option("draft", "--profile", "-p", help="Built-in profile (draft, standard) or a .toml path.")
 AspectOpt = typer.Option(None, "--aspect", help="Override the profile's aspect: 16:9 or 9:16.")
+GateOpt = typer.Option(None, "--approval-gate/--no-approval-gate",
+                       help="Hold back shots whose storyboard panel is not approved (`anim approve`) "
+                            "[default: the profile's approval_gate, else on when keyframes run on GPUs].")
 SetOpt = typer.Option([], "--set", metavar="FIELD=VALUE",
                       help="Override a profile field (repeatable); a TOML value, tables dotted: "
                            "flow.preset=fast, diffusers.steps=8.")
@@ -105,10 +109,11 @@ def plan(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain s
          spot: bool = typer.Option(False, "--spot", help="Price with spot/interruptible rows."),
          budget: Optional[str] = typer.Option(None, "--budget", help="Propose the best profile that fits, e.g. ¥10."),
          write_profile: Optional[Path] = typer.Option(None, "--write-profile", help="Save the proposal as TOML."),
+         approval_gate: Optional[bool] = GateOpt,
          as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
     """Print the render plan — shots, frames, keyframes and estimated yuan per stage — and what a
     render would recompute now against the artifact store, without starting Ray."""
-    from pipeline.approvals import approved_keys
+    from pipeline.approvals import gate_on, gate_state, open_approvals
     from pipeline.plan import plan_summary
     from pipeline.schedule import schedule, schedule_summary
     from pipeline.store import open_store
@@ -120,15 +125,17 @@ def plan(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain s
             _propose(script, episode, rplan, prices, settings, budget_yuan, spot, write_profile, as_json)
             return
         store = open_store(settings.store)
-        sched = schedule(rplan, store, approvals=approved_keys(store, rplan) if rplan.profile.approval_gate else None)
+        gate = gate_state(open_approvals(settings.approvals), rplan, gate_on(rplan.profile, approval_gate))
+        sched = schedule(rplan, store, approvals=gate.approvals)
     except AnimError as exc:
         raise _fail(exc, debug=ctx.obj.debug)
     summary = plan_summary(rplan)
     if as_json:
         summary["schedule"] = schedule_summary(sched)
+        summary["approvals"] = gate.summary()
         sys.stdout.write(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         return
-    out.print(_plan_table(rplan, sched))
+    out.print(_plan_table(rplan, sched, gate))
     stages = ", ".join(f"{k} ¥{v:.4f}" for k, v in summary["estimated_cost_by_stage_yuan"].items())
     minutes = rplan.duration_s / 60
     where = ", ".join(f"{stage} on {r.resource}" for stage in ("keyframes", "inbetween")
@@ -139,12 +146,14 @@ def plan(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain s
               f"{settings.price_tier}): {stages}")
     todo = sched.shots_to_render
     held = f"; held back: {', '.join(sched.held_shots())} ({sched.stopped})" if sched.held_shots() else ""
+    if gate.gate:
+        held += "; approvals: " + ", ".join(f"{n} {state}" for state, n in gate.counts().items())
     out.print(f"re-render now: {len(todo)} of {len(rplan.shots)} shots, ¥{sched.estimate_yuan:.5f} "
               f"({len(sched.where('run'))} nodes to run, {len(sched.where('hit'))} in the store{held}; "
               f"store {settings.store})")
 
 
-def _plan_table(rplan, sched) -> Table:
+def _plan_table(rplan, sched, gate) -> Table:
     from pipeline.schedule import NodeId
 
     table = Table(title=f"{rplan.title} — {rplan.profile.name} {rplan.width}×{rplan.height} @ {rplan.profile.fps} fps")
@@ -152,7 +161,8 @@ def _plan_table(rplan, sched) -> Table:
         table.add_column(col, justify="left" if col in ("shot", "camera", "now") else "right")
     for s in rplan.shots:
         clip = sched[NodeId("clip", s.shot.id)]
-        now = {"hit": "[dim]stored", "run": "render"}.get(clip.state, f"held ({clip.reason})")
+        reason = gate[s.shot.id].state if clip.reason == "approval" else clip.reason  # pending or rejected
+        now = {"hit": "[dim]stored", "run": "render"}.get(clip.state, f"held ({reason})")
         table.add_row(s.shot.id, s.shot.camera.value, f"{s.frames / rplan.profile.fps:.2f}", str(s.frames),
                       str(len(s.drawings)), str(len(s.keyframes)), str(s.held_frames),
                       f"{sum(s.estimate_yuan.values()):.5f}", now)
@@ -226,12 +236,13 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
                                                 "stops before the node that would pass it."),
            stop_after: Optional[str] = typer.Option(None, "--stop-after", help="'storyboard': panels and "
                                                     "contact sheet only, for approval before keyframes."),
+           approval_gate: Optional[bool] = GateOpt,
            progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")) -> None:
     """Render the episode, record its cost in MLflow and print the cost table."""
     import imageio_ffmpeg
 
     from pipeline import tracking
-    from pipeline.approvals import approved_keys
+    from pipeline.approvals import gate_on, gate_state, open_approvals, preview_clips
     from pipeline.dag import Cluster
     from pipeline.publish import default_out_dir, publish
     from pipeline.render import render as run_render
@@ -244,7 +255,7 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
     try:
         settings, episode, prices, rplan = _prepare(ctx.obj, script, profile, aspect, sets)
         store = open_store(settings.store)
-        approved = approved_keys(store, rplan) if rplan.profile.approval_gate else None
+        gate = gate_state(open_approvals(settings.approvals), rplan, gate_on(rplan.profile, approval_gate))
     except AnimError as exc:
         raise _fail(exc, debug=ctx.obj.debug)
     out_dir = out_dir or default_out_dir(script, profile, rplan.profile.aspect)
@@ -253,23 +264,26 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
     with _progress(rplan, progress) as on_progress:
         try:
             result = run_render(rplan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(),
-                                cluster=Cluster(settings.ray_address, settings.num_cpus), approvals=approved,
+                                cluster=Cluster(settings.ray_address, settings.num_cpus), approvals=gate.approvals,
                                 budget_yuan=budget_yuan, stop_after=stop_after, on_progress=on_progress)
         except AnimError as exc:
             raise _fail(exc, 1, debug=ctx.obj.debug)
 
-    # 3. Publish the finished artifacts (all of them, or the storyboard sheet) with the JSON records.
+    # 3. Publish the finished artifacts (all of them, or the storyboard sheet and the clips already
+    #    rendered, shot-<id>.mp4, for the producer to watch) with the JSON records.
     metrics, cost = _money(rplan, result, prices, budget_yuan)
     config = {"settings": settings.model_dump(), "profile": rplan.profile.model_dump()}
+    outputs = result.outputs if result.stopped is None else {**result.outputs, **preview_clips(rplan, store)}
     try:
-        written = publish(result.outputs, out_dir, {"plan.json": json.loads(rplan.model_dump_json()),
-                                                    "cost.json": cost, "config.json": config})
+        written = publish(outputs, out_dir, {"plan.json": json.loads(rplan.model_dump_json()),
+                                             "cost.json": cost, "config.json": config,
+                                             "approvals.json": gate.summary()})
     except AnimError as exc:
         raise _fail(exc, 1, debug=ctx.obj.debug)
     run_id = tracking.log_render(tracking_uri=settings.tracking_uri, plan=rplan, ledger=result.ledger,
                                  metrics=metrics, artifacts=written, quality=result.quality,
                                  tags={"cluster": settings.ray_address or "local",
-                                       "status": result.stopped or "complete"},
+                                       "status": result.stopped or "complete", **gate.tags()},
                                  series=episode.title_page.get("series"))
     # 4. Tell the producer.
     _report(rplan, result, metrics, written, budget_yuan)
@@ -334,6 +348,9 @@ def _report(rplan, result, metrics, written, budget_yuan) -> None:
               "budget": f"budget ¥{budget_yuan} reached before the next node"}[result.stopped]
     if "storyboard.png" in written:
         out.print(f"storyboard: {written['storyboard.png']}")
+    if previews := [name for name in written if name.startswith("shot-") and name.endswith(".mp4")]:
+        out.print(f"{len(previews)} finished shots to preview in {written[previews[0]].parent}: "
+                  f"{', '.join(previews[:8])}{' …' if len(previews) > 8 else ''}")
     err.print(f"[yellow]{reason}[/]; {left}. Finished work is kept: the next render resumes from it.")
 
 
@@ -355,34 +372,66 @@ def _cost_table(rplan, ledger) -> Table:
 @app.command()
 def approve(ctx: typer.Context, script: Path = typer.Argument(..., help="The script whose storyboard you reviewed."),
             profile: str = ProfileOpt, aspect: Optional[str] = AspectOpt, sets: list[str] = SetOpt,
-            shot: list[str] = typer.Option([], "--shot", "-s", help="Shot id to approve (repeatable)."),
-            all_shots: bool = typer.Option(False, "--all", help="Approve every shot.")) -> None:
-    """Approve storyboard panels, so a profile with approval_gate spends keyframe money on them."""
-    from pipeline.approvals import approve as approve_shots, approved_keys
+            shot: list[str] = typer.Option([], "--shot", "-s", help="Shot id to decide on (repeatable)."),
+            all_shots: bool = typer.Option(False, "--all", help="Decide on every shot."),
+            reject: bool = typer.Option(False, "--reject", help="Reject instead of approve (needs --comment)."),
+            comment: str = typer.Option("", "--comment", "-m", help="Why: what to keep, or what to change."),
+            by: Optional[str] = typer.Option(None, "--by", help="Who decides [default: your user name]."),
+            list_only: bool = typer.Option(False, "--list", help="Show each shot's latest decision; record nothing.")
+            ) -> None:
+    """Approve or reject storyboard panels, or list the decisions. A decision follows the shot's
+    content and aspect: it holds at every profile until the shot is edited."""
+    from pipeline.approvals import decide, gate_on, gate_state, open_approvals
     from pipeline.store import open_store
 
+    # 1. What to decide on, checked before anything is recorded.
+    if list_only and (shot or all_shots or reject or comment):
+        raise _fail("--list shows the decisions; give --shot/--all (and --reject, --comment) without --list to decide")
+    if not list_only and not shot and not all_shots:
+        raise _fail("give --shot ID (repeatable) or --all to decide, or --list to see the decisions")
     try:
         settings, _, _, rplan = _prepare(ctx.obj, script, profile, aspect, sets)
-        store = open_store(settings.store)
+        book = open_approvals(settings.approvals)
+        if not list_only:
+            ids = {s.shot.id: s for s in rplan.shots}
+            unknown = [s for s in shot if s not in ids]
+            if unknown:
+                raise AnimError(f"{script}: no shot {', '.join(unknown)}; shots are {', '.join(ids)}")
+            chosen = list(ids.values()) if all_shots else [ids[s] for s in dict.fromkeys(shot)]
+            store = open_store(settings.store)
+            missing = [s.shot.id for s in chosen if store.get(s.keys["storyboard"]) is None]
+            if missing:
+                raise AnimError(f"{script}: no storyboard panel yet for {', '.join(missing)} at profile "
+                                f"{rplan.profile.name}; render it first with `anim render --stop-after storyboard`")
+            # 2. Record the decision, all shots or none.
+            book.record(decide(rplan, chosen, "rejected" if reject else "approved", by=by or _user(),
+                               comment=comment))
+        state = gate_state(book, rplan, gate_on(rplan.profile))
     except AnimError as exc:
-        raise _fail(exc)
-    ids = {s.shot.id: s for s in rplan.shots}
-    unknown = [s for s in shot if s not in ids]
-    if unknown:
-        raise _fail(f"{script}: no shot {', '.join(unknown)}; shots are {', '.join(ids)}")
-    chosen = list(ids.values()) if all_shots else [ids[s] for s in shot]
-    missing = [s.shot.id for s in chosen if store.get(s.keys["storyboard"]) is None]
-    if missing:
-        raise _fail(f"{script}: no storyboard panel yet for {', '.join(missing)}; "
-                    "render it first with `anim render --stop-after storyboard`")
-    approve_shots(store, chosen)
-    done = approved_keys(store, rplan)
-    table = Table(title=f"storyboard approvals — {rplan.title}")
-    table.add_column("shot")
-    table.add_column("approved")
-    for s in rplan.shots:
-        table.add_row(s.shot.id, "yes" if s.keys["storyboard"] in done else "[dim]no")
+        raise _fail(exc, debug=ctx.obj.debug)
+    # 3. Every shot's latest decision.
+    table = Table(title=f"storyboard decisions — {rplan.title} ({book.location})")
+    for col in ("shot", "decision", "by", "at (UTC)", "at profile", "comment"):
+        table.add_column(col)
+    for s in state.shots:
+        d = s.latest
+        style = {"approved": "green", "rejected": "red", "pending": "dim"}[s.state]
+        table.add_row(s.shot, f"[{style}]{s.state}", *(escape(v) for v in (
+            (d.by, d.at.strftime("%Y-%m-%d %H:%M"), d.profile, d.comment) if d else ("", "", "", ""))))
     out.print(table)
+    if not state.gate:
+        why = "approval_gate = false" if rplan.profile.approval_gate is False else "its keyframes run on CPUs"
+        out.print(f"[dim]the approval gate is off for profile {rplan.profile.name} ({why}): "
+                  "render with --approval-gate to hold back shots that are not approved")
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        raise _fail("cannot tell who you are from the environment; say who decides with --by NAME") from None
 
 
 from pipeline.cli_cache import cache_app  # noqa: E402  (sub-commands live in their own modules)

@@ -10,7 +10,8 @@ Two things are resolved here and nowhere else:
      then the user file ``$XDG_CONFIG_HOME/anim-pipeline/config.toml`` — or exactly the one
      file given by ``--config FILE`` / ``ANIM_CONFIG``;
   3. the environment (``RAY_ADDRESS``, ``MLFLOW_TRACKING_URI``, ``ANIM_STORE``, ``ANIM_PRICES``,
-     ``ANIM_CALIBRATION``, ``ANIM_USD_CNY``, ``ANIM_PRICE_TIER``, ``ANIM_PRICE_PROVIDER``);
+     ``ANIM_CALIBRATION``, ``ANIM_USD_CNY``, ``ANIM_PRICE_TIER``, ``ANIM_PRICE_PROVIDER``,
+     ``ANIM_APPROVALS``);
   4. command-line options (``override_settings``, also used for per-command options such as
      ``plan --spot`` on top of what the CLI callback resolved).
 
@@ -23,6 +24,7 @@ Stages never see either object: the pipeline passes them plain keyword arguments
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -32,6 +34,7 @@ from typing import Any, Mapping
 
 from pydantic import Field, ValidationError
 
+from stages.inbetween import RifeSettings
 from stages.records import AnimError, ProfileError, Record
 from pipeline.models import Profile
 
@@ -141,6 +144,10 @@ def resolve_profile(name_or_path: str, overrides: Mapping[str, Any] | None = Non
     overrides = overrides or {}
     data = merge(data, overrides)
     given = _flat_keys(overrides)
+    if bad := _non_finite(data):
+        field, value = bad
+        origin = " (from the overrides)" if field in given else ""
+        raise ProfileError(f"{path}: {field}: {value!r} is not a finite number{origin}")
     try:
         return Profile(**data)
     except ValidationError as exc:
@@ -151,6 +158,50 @@ def resolve_profile(name_or_path: str, overrides: Mapping[str, Any] | None = Non
     except ProfileError as exc:  # the profile model's own checks (tables of unknown backends …)
         origin = f" (overrides: {', '.join(sorted(given))})" if given else ""
         raise ProfileError(f"{path}: {exc}{origin}") from None
+
+
+def _non_finite(data: Any, prefix: str = "") -> tuple[str, float] | None:
+    """The first ``(dotted.field, value)`` in ``data`` that is a NaN or an infinity (TOML has
+    ``nan`` and ``inf`` literals; no setting means either), else None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return prefix.rstrip("."), data
+    items = data.items() if isinstance(data, Mapping) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        if found := _non_finite(value, f"{prefix}{key}."):
+            return found
+    return None
+
+
+# Settings of a backend that name a local file its factory loads when a render builds it. They are
+# checked where the command runs (relative paths are relative to the current directory), so that
+# ``anim plan`` and the start of ``anim render`` refuse a missing file before any work. Backends
+# whose factory checks its own files before any work (diffusers: a folder or the Hugging Face
+# cache, which needs torch to resolve) are not listed.
+LOCAL_FILES: dict[type[Record], tuple[str, ...]] = {RifeSettings: ("weights",)}
+
+
+def check_backend_files(profile: Profile, given_as: str) -> None:
+    """Refuse a profile whose selected backends name a local file that is missing or unreadable.
+
+    ``given_as`` is how the profile was named on the command line (a built-in name or a path).
+    Raises ProfileError naming the table, the setting, the path and the problem.
+    """
+    for stage, settings in profile.settings.items():
+        for name in LOCAL_FILES.get(type(settings), ()):
+            value = str(getattr(settings, name))
+            path = Path(value).expanduser()
+            if not path.exists():
+                problem = "no such file"
+            elif not path.is_file():
+                problem = "not a file"
+            elif not os.access(path, os.R_OK):
+                problem = "not readable"
+            else:
+                continue
+            where = "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"
+            hint = type(settings).model_fields[name].description or ""
+            raise ProfileError(f"profile {given_as}: [{profile.entry(stage).name}] {name} = {value!r}: {problem}"
+                               f"{where}; expected {hint.rstrip('.')}; nothing was rendered")
 
 
 # --------------------------------------------------------------------------- settings
@@ -166,7 +217,9 @@ class Settings(Record):
     calibration: str = Field(description="Shipped throughput calibration table: the starting point.")
     user_calibration: str = Field(description="Rows measured on this machine or cluster (written by "
                                   "`anim calibrate`); they win over shipped rows with the same key.")
-    usd_cny: float = Field(7.10, gt=0)
+    approvals: str = Field(description="Producer decisions on storyboard panels: a SQLite file or a database "
+                           "URL (postgresql://…); apart from the artifact store, never garbage-collected.")
+    usd_cny: float = Field(7.10, gt=0, allow_inf_nan=False, description="Yuan per US dollar, finite and above 0.")
     price_tier: str = "on-demand"
     price_provider: str | None = Field(None, description="Price rows of this provider only; None = cheapest.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray cluster; None = all.")
@@ -181,12 +234,12 @@ class Settings(Record):
 
 
 # Keys a config file may set (the settings themselves; ``debug`` and the bookkeeping are not).
-KEYS = ("ray_address", "tracking_uri", "store", "prices", "calibration", "user_calibration", "usd_cny",
+KEYS = ("ray_address", "tracking_uri", "store", "prices", "calibration", "user_calibration", "approvals", "usd_cny",
         "price_tier", "price_provider", "num_cpus")
 ENV = {"ray_address": "RAY_ADDRESS", "tracking_uri": "MLFLOW_TRACKING_URI", "store": "ANIM_STORE",
        "prices": "ANIM_PRICES", "calibration": "ANIM_CALIBRATION", "usd_cny": "ANIM_USD_CNY",
-       "price_tier": "ANIM_PRICE_TIER", "price_provider": "ANIM_PRICE_PROVIDER"}
-_PATH_KEYS = ("store", "prices", "calibration", "user_calibration")
+       "price_tier": "ANIM_PRICE_TIER", "price_provider": "ANIM_PRICE_PROVIDER", "approvals": "ANIM_APPROVALS"}
+_PATH_KEYS = ("store", "prices", "calibration", "user_calibration", "approvals")
 
 
 def _home(env: Mapping[str, str]) -> Path:
@@ -269,6 +322,7 @@ def resolve_settings(env: Mapping[str, str] | None = None, *, config: str | Path
         "prices": str(shipped_table("prices.csv")),
         "calibration": str(shipped_table("calibration.csv")),
         "user_calibration": str(_xdg(env, "XDG_DATA_HOME", ".local/share") / "anim-pipeline" / "calibration.csv"),
+        "approvals": str(_xdg(env, "XDG_DATA_HOME", ".local/share") / "anim-pipeline" / "approvals.db"),
     }
     sources = {key: "default" for key in KEYS}
     # 2. Config files, studio then user (or the one given).

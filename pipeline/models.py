@@ -41,8 +41,9 @@ class Profile(Record):
     storyboard_width: int = Field(480, ge=64, description="Width of one storyboard panel in pixels.")
     audit: bool = Field(True, description="Draw one in-between per shot with the keyframe backend and "
                         "measure the in-betweener against it (PSNR, SSIM).")
-    approval_gate: bool = Field(False, description="Spend keyframe money only on shots whose storyboard "
-                                "panel was approved with `anim approve`.")
+    approval_gate: bool | None = Field(None, description="Spend keyframe money only on shots whose storyboard "
+                                       "panel was approved with `anim approve`; None: on when the keyframe "
+                                       "backend runs on GPUs. `--approval-gate/--no-approval-gate` overrides it.")
     settings: dict[str, SerializeAsAny[Record]] = Field(
         default_factory=dict, description="Per stage, the selected backend's settings (from its table).")
 
