@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from stages.records import ProfileError
 from stages.records import Record
@@ -30,8 +30,8 @@ class CalibrationRow(Record):
     backend: str = Field(description="Backend/method and its setting, e.g. 'previz', 'flow:fast', 'x264:veryfast'.")
     device: str = Field(description="Price-catalog resource the stage holds, e.g. 'cpu'.")
     unit: str = Field(description="What is counted: panel, keyframe, inbetween, frame.")
-    overhead_s: float = Field(ge=0, description="Fixed seconds per node (start-up, I/O).")
-    seconds_per_unit_mpx: float = Field(ge=0, description="Seconds per unit per megapixel.")
+    overhead_s: float = Field(ge=0, allow_inf_nan=False, description="Fixed seconds per node (start-up, I/O).")
+    seconds_per_unit_mpx: float = Field(ge=0, allow_inf_nan=False, description="Seconds per unit per megapixel.")
     source: str
     measured_at: str
 
@@ -52,9 +52,25 @@ def _read(path: Path) -> list[CalibrationRow]:
         return []
     try:
         with path.open(newline="", encoding="utf-8") as fh:
-            return [CalibrationRow(**row) for row in csv.DictReader(fh)]
-    except (OSError, ValueError, TypeError) as exc:
-        raise ProfileError(f"{path}: cannot read the calibration table: {exc}") from None
+            reader = csv.DictReader(fh)
+            return [_row(path, reader.line_num, row) for row in reader]
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read the calibration table: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ProfileError(f"{path}: not a CSV calibration table: {exc}") from None
+
+
+def _row(path: Path, line: int, row: dict) -> CalibrationRow:
+    """One table row, or a ProfileError naming the file, the line, the column and the problem
+    (seconds are finite and not negative)."""
+    if None in row:
+        raise ProfileError(f"{path}:{line}: more fields than the header names ({row[None]!r} left over)")
+    try:
+        return CalibrationRow(**row)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        column = ".".join(str(p) for p in err["loc"]) or "?"
+        raise ProfileError(f"{path}:{line}: {column}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 class Calibration(Record):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import traceback
 from contextlib import contextmanager
@@ -57,6 +58,23 @@ def _fail(exc: BaseException | str, code: int = 2, *, debug: bool = False) -> ty
     return typer.Exit(code)
 
 
+def _print_json(data) -> None:
+    """Strict JSON on stdout: a NaN or an infinity (JSON has no words for them) is an error."""
+    try:
+        text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:
+        raise _fail(AnimError(f"--json: {exc}: a setting or an estimate is not a finite number"), 1) from None
+    sys.stdout.write(text + "\n")
+
+
+def _open_store(settings):
+    """The configured artifact store. The default one is created on first use, parents and all; one
+    the user named (environment, config file) must lie in an existing folder, so a typo is an error."""
+    from pipeline.store import open_store
+
+    return open_store(settings.store, create_parents=settings.sources.get("store", "default") == "default")
+
+
 @app.callback()
 def options(ctx: typer.Context,
             config: Optional[Path] = typer.Option(None, "--config", metavar="FILE", help="Read settings from this "
@@ -79,13 +97,14 @@ def _prepare(settings, script: Path, profile: str, aspect: str | None, sets: lis
     """Apply this command's options to the resolved settings and profile, parse the script and
     make the plan (pure, no Ray)."""
     from pipeline.calibration import Calibration
-    from pipeline.config import override_settings, parse_overrides, resolve_profile
+    from pipeline.config import check_backend_files, override_settings, parse_overrides, resolve_profile
     from pipeline.cost import PriceCatalog
     from pipeline.plan import make_plan
     from stages.script import load_episode
 
     settings = override_settings(settings, price_tier="spot" if spot else None)
     prof = resolve_profile(profile, {**parse_overrides(sets or []), "aspect": aspect})
+    check_backend_files(prof, profile)  # weights a backend loads: refused here, before any work
     if gpu:
         on_gpu = [stage for stage in ("storyboard", "keyframes", "inbetween") if prof.resources(stage).gpus]
         if not on_gpu:
@@ -116,7 +135,6 @@ def plan(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain s
     from pipeline.approvals import gate_on, gate_state, open_approvals
     from pipeline.plan import plan_summary
     from pipeline.schedule import schedule, schedule_summary
-    from pipeline.store import open_store
 
     budget_yuan = _yuan(budget)
     try:
@@ -124,7 +142,7 @@ def plan(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain s
         if budget_yuan is not None:
             _propose(script, episode, rplan, prices, settings, budget_yuan, spot, write_profile, as_json)
             return
-        store = open_store(settings.store)
+        store = _open_store(settings)
         gate = gate_state(open_approvals(settings.approvals), rplan, gate_on(rplan.profile, approval_gate))
         sched = schedule(rplan, store, approvals=gate.approvals)
     except AnimError as exc:
@@ -133,7 +151,7 @@ def plan(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain s
     if as_json:
         summary["schedule"] = schedule_summary(sched)
         summary["approvals"] = gate.summary()
-        sys.stdout.write(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        _print_json(summary)
         return
     out.print(_plan_table(rplan, sched, gate))
     stages = ", ".join(f"{k} ¥{v:.4f}" for k, v in summary["estimated_cost_by_stage_yuan"].items())
@@ -143,27 +161,28 @@ def plan(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain s
     out.print(f"{len(rplan.shots)} shots, {rplan.total_frames} frames ({rplan.duration_s:.1f} s), "
               f"{rplan.total_keyframes} keyframes; estimated ¥{rplan.estimated_cost_yuan:.4f} "
               f"(¥{rplan.estimated_cost_yuan / minutes:.4f} per finished minute, {where}, "
-              f"{settings.price_tier}): {stages}")
+              f"{settings.price_tier}): {stages}", markup=False)
     todo = sched.shots_to_render
     held = f"; held back: {', '.join(sched.held_shots())} ({sched.stopped})" if sched.held_shots() else ""
     if gate.gate:
         held += "; approvals: " + ", ".join(f"{n} {state}" for state, n in gate.counts().items())
     out.print(f"re-render now: {len(todo)} of {len(rplan.shots)} shots, ¥{sched.estimate_yuan:.5f} "
               f"({len(sched.where('run'))} nodes to run, {len(sched.where('hit'))} in the store{held}; "
-              f"store {settings.store})")
+              f"store {settings.store})", markup=False)
 
 
 def _plan_table(rplan, sched, gate) -> Table:
     from pipeline.schedule import NodeId
 
-    table = Table(title=f"{rplan.title} — {rplan.profile.name} {rplan.width}×{rplan.height} @ {rplan.profile.fps} fps")
+    table = Table(title=escape(f"{rplan.title} — {rplan.profile.name} {rplan.width}×{rplan.height} "
+                               f"@ {rplan.profile.fps} fps"))
     for col in ("shot", "camera", "seconds", "frames", "drawings", "keyframes", "held", "est. ¥", "now"):
         table.add_column(col, justify="left" if col in ("shot", "camera", "now") else "right")
     for s in rplan.shots:
         clip = sched[NodeId("clip", s.shot.id)]
         reason = gate[s.shot.id].state if clip.reason == "approval" else clip.reason  # pending or rejected
         now = {"hit": "[dim]stored", "run": "render"}.get(clip.state, f"held ({reason})")
-        table.add_row(s.shot.id, s.shot.camera.value, f"{s.frames / rplan.profile.fps:.2f}", str(s.frames),
+        table.add_row(escape(s.shot.id), s.shot.camera.value, f"{s.frames / rplan.profile.fps:.2f}", str(s.frames),
                       str(len(s.drawings)), str(len(s.keyframes)), str(s.held_frames),
                       f"{sum(s.estimate_yuan.values()):.5f}", now)
     return table
@@ -179,24 +198,26 @@ def _propose(script, episode, rplan, prices, settings, budget_yuan, spot, write_
         import tomli_w
 
         data = prop.profile.toml_data()
-        write_profile.write_text(tomli_w.dumps(data), encoding="utf-8")
+        try:
+            write_profile.write_text(tomli_w.dumps(data), encoding="utf-8")
+        except OSError as exc:
+            raise AnimError(f"--write-profile {write_profile}: cannot write it ({exc.strerror or exc})") from None
     if as_json:
-        sys.stdout.write(json.dumps({"fits": prop.fits, "estimate_yuan": prop.estimate_yuan, "tier": prop.tier,
-                                     "budget_yuan": budget_yuan, "steps": prop.steps,
-                                     "profile": prop.profile.model_dump()}, indent=2, ensure_ascii=False) + "\n")
+        _print_json({"fits": prop.fits, "estimate_yuan": prop.estimate_yuan, "tier": prop.tier,
+                     "budget_yuan": budget_yuan, "steps": prop.steps, "profile": prop.profile.model_dump()})
         return
-    table = Table(title=f"fitting {rplan.title} into ¥{budget_yuan}")
+    table = Table(title=escape(f"fitting {rplan.title} into ¥{budget_yuan}"))
     table.add_column("step")
     table.add_column("estimate ¥", justify="right")
     for what, yuan in prop.steps:
-        table.add_row(what, f"{yuan:.5f}")
+        table.add_row(escape(what), f"{yuan:.5f}")
     out.print(table)
     changed = _changes(rplan.profile.model_dump(), prop.profile.model_dump())
     verdict = "fits" if prop.fits else "does NOT fit even at the cheapest settings"
     out.print(f"proposal {verdict}: ¥{prop.estimate_yuan:.5f} ({prop.tier}) for ¥{budget_yuan}; "
-              f"changes: {changed or 'none'}")
+              f"changes: {changed or 'none'}", markup=False)
     if write_profile:
-        out.print(f"written to {write_profile}: anim render {script} --profile {write_profile}")
+        out.print(f"written to {write_profile}: anim render {script} --profile {write_profile}", markup=False)
     if not prop.fits:
         raise typer.Exit(3)
 
@@ -223,6 +244,8 @@ def _yuan(text: str | None) -> float | None:
         value = float(cleaned)
     except ValueError:
         raise _fail(f"--budget {text!r}: expected an amount in yuan such as ¥10 or 2.5") from None
+    if not math.isfinite(value):
+        raise _fail(f"--budget {text!r}: expected a finite amount in yuan such as ¥10 or 2.5")
     if value < 0:
         raise _fail(f"--budget {text!r}: a budget cannot be negative")
     return value
@@ -244,9 +267,8 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
     from pipeline import tracking
     from pipeline.approvals import gate_on, gate_state, open_approvals, preview_clips
     from pipeline.dag import Cluster
-    from pipeline.publish import default_out_dir, publish
+    from pipeline.publish import check_out_dir, default_out_dir, publish
     from pipeline.render import render as run_render
-    from pipeline.store import open_store
 
     # 1. Everything resolved and checked before Ray starts.
     budget_yuan = _yuan(budget)
@@ -254,7 +276,9 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
         raise _fail(f"--stop-after {stop_after!r}: the only stop is 'storyboard'")
     try:
         settings, episode, prices, rplan = _prepare(ctx.obj, script, profile, aspect, sets)
-        store = open_store(settings.store)
+        # an --out the user typed must lie in an existing folder; the default out/ is created
+        check_out_dir(out_dir or default_out_dir(script, profile, rplan.profile.aspect), create_parents=out_dir is None)
+        store = _open_store(settings)
         gate = gate_state(open_approvals(settings.approvals), rplan, gate_on(rplan.profile, approval_gate))
     except AnimError as exc:
         raise _fail(exc, debug=ctx.obj.debug)
@@ -287,7 +311,7 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
                                  series=episode.title_page.get("series"))
     # 4. Tell the producer.
     _report(rplan, result, metrics, written, budget_yuan)
-    out.print(f"MLflow run: {run_id}  ({settings.tracking_uri})")
+    out.print(f"MLflow run: {run_id}  ({settings.tracking_uri})", markup=False)
     if result.stopped is not None:
         raise typer.Exit(0 if result.stopped == "storyboard" else 3)
 
@@ -301,7 +325,7 @@ def _progress(rplan, enabled: bool):
                    TextColumn("shots · ¥{task.fields[yuan]:.4f} so far"), TimeElapsedColumn(),
                    console=err, disable=not enabled, transient=False)
     with bar:
-        task = bar.add_task(f"rendering {rplan.title}", total=len(rplan.shots), yuan=0.0)
+        task = bar.add_task(escape(f"rendering {rplan.title}"), total=len(rplan.shots), yuan=0.0)
         yield lambda done, total, yuan: bar.update(task, completed=done, yuan=yuan)
 
 
@@ -339,7 +363,7 @@ def _report(rplan, result, metrics, written, budget_yuan) -> None:
         out.print(f"in-between audit: {metrics['audit_psnr_db']:.2f} dB PSNR, SSIM {metrics['audit_ssim']:.4f} "
                   f"(mean of {sum('audit_psnr_db' in q for q in result.quality.values())} shots)")
     if result.stopped is None:
-        out.print(f"episode: {written['episode.mp4']}")
+        out.print(f"episode: {written['episode.mp4']}", markup=False)
         return
     left = f"{len(result.remaining)} shots remain (estimated ¥{result.remaining_estimate_yuan:.5f}): " \
            f"{', '.join(result.remaining[:12])}{' …' if len(result.remaining) > 12 else ''}"
@@ -347,15 +371,15 @@ def _report(rplan, result, metrics, written, budget_yuan) -> None:
               "approval": "waiting for storyboard approval (`anim approve`)",
               "budget": f"budget ¥{budget_yuan} reached before the next node"}[result.stopped]
     if "storyboard.png" in written:
-        out.print(f"storyboard: {written['storyboard.png']}")
+        out.print(f"storyboard: {written['storyboard.png']}", markup=False)
     if previews := [name for name in written if name.startswith("shot-") and name.endswith(".mp4")]:
         out.print(f"{len(previews)} finished shots to preview in {written[previews[0]].parent}: "
                   f"{', '.join(previews[:8])}{' …' if len(previews) > 8 else ''}")
-    err.print(f"[yellow]{reason}[/]; {left}. Finished work is kept: the next render resumes from it.")
+    err.print(f"[yellow]{reason}[/]; {escape(left)}. Finished work is kept: the next render resumes from it.")
 
 
 def _cost_table(rplan, ledger) -> Table:
-    table = Table(title=f"cost of {rplan.title} ({rplan.profile.name}, {rplan.duration_s:.1f} s)")
+    table = Table(title=escape(f"cost of {rplan.title} ({rplan.profile.name}, {rplan.duration_s:.1f} s)"))
     for col in ("stage", "shots", "cached", "seconds", "¥"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for stage, yuan in ledger.by_stage().items():

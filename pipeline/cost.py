@@ -2,14 +2,18 @@
 resource-seconds into yuan.
 
 Each catalog row is one resource at one pricing tier with its ``source``, ``checked_at``
-and ``confidence``; USD rows are converted with one FX rate, a config value.
+and ``confidence``; USD rows are converted with one FX rate, a config value. Prices and the
+FX rate are finite (a NaN or an infinity would make every yuan after it meaningless, and
+``cost.json`` not JSON): a catalog row or a rate that is not is refused with one line naming
+the file and row, or the rate.
 """
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from stages.records import ProfileError
 from stages.records import Record
@@ -20,7 +24,7 @@ class PriceRow(Record):
     resource: str
     provider: str
     tier: str
-    price: float = Field(ge=0)
+    price: float = Field(ge=0, allow_inf_nan=False)
     currency: str
     unit: str
     source: str
@@ -30,7 +34,7 @@ class PriceRow(Record):
 
 class PriceCatalog(Record):
     rows: list[PriceRow]
-    usd_cny: float = Field(gt=0)
+    usd_cny: float = Field(gt=0, allow_inf_nan=False)
     tier: str = "on-demand"
     provider: str | None = Field(None, description="Only this provider's rows; None = the cheapest row.")
 
@@ -38,11 +42,17 @@ class PriceCatalog(Record):
     def load(cls, path: str | Path, *, usd_cny: float, tier: str = "on-demand",
              provider: str | None = None) -> "PriceCatalog":
         path = Path(path)
+        if not isinstance(usd_cny, (int, float)) or not math.isfinite(usd_cny) or usd_cny <= 0:
+            raise ProfileError(f"usd_cny = {usd_cny!r}: the FX rate (yuan per US dollar) must be a finite number "
+                               "above 0")
         try:
             with path.open(newline="", encoding="utf-8") as fh:
-                rows = [PriceRow(**row) for row in csv.DictReader(fh)]
-        except (OSError, ValueError) as exc:
-            raise ProfileError(f"{path}: cannot read the price catalog: {exc}") from None
+                reader = csv.DictReader(fh)
+                rows = [_row(path, reader.line_num, row) for row in reader]
+        except OSError as exc:
+            raise ProfileError(f"{path}: cannot read the price catalog: {exc.strerror or exc}") from None
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise ProfileError(f"{path}: not a CSV price catalog: {exc}") from None
         return cls(rows=rows, usd_cny=usd_cny, tier=tier, provider=provider)
 
     def with_tier(self, tier: str) -> "PriceCatalog":
@@ -76,6 +86,18 @@ class PriceCatalog(Record):
         yuan = 0.0 if cached else self.cost(seconds, resource, units)
         return LedgerRecord(stage=stage, shot=shot, seconds=0.0 if cached else seconds,
                             resource=resource, units=units, yuan=yuan, cached=cached)
+
+
+def _row(path: Path, line: int, row: dict) -> PriceRow:
+    """One catalog row, or a ProfileError naming the file, the line, the column and the problem."""
+    if None in row:
+        raise ProfileError(f"{path}:{line}: more fields than the header names ({row[None]!r} left over)")
+    try:
+        return PriceRow(**row)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        column = ".".join(str(p) for p in err["loc"]) or "?"
+        raise ProfileError(f"{path}:{line}: {column}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 def billed_yuan(catalog: PriceCatalog, wall_seconds: float, cluster: dict[str, float], gpu_type: str | None) -> float:

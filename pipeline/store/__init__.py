@@ -43,16 +43,22 @@ __all__ = ["open_store", "Store", "LocalStore", "RemoteStore", "StoreError", "St
            "GcReport"]
 
 
-def open_store(location: str | Path, *, local_cache: str | Path | None = None) -> Store:
+def open_store(location: str | Path, *, local_cache: str | Path | None = None, create_parents: bool = True) -> Store:
     """The artifact store at ``location``: a :class:`LocalStore` for a path or ``file://`` URL,
     a :class:`RemoteStore` for any other fsspec URL.
 
     ``local_cache`` is where a remote store keeps its checked copies (default: the per-user
     cache directory); a local store uses its artifacts in place and ignores it.
     ``open_store(store.url)`` opens the same store in another process.
+
+    A local store is created when it does not exist. ``create_parents=False`` is for a location
+    the user gave (``ANIM_STORE``, a config file): the folder that holds it must exist, so a
+    typo is an error, not a new tree of folders; the default per-user store is opened with
+    ``True`` and created on first use. A location that is a file, a device, lies under a file or
+    cannot be written raises :class:`StoreError` naming it.
     """
     if location is None or not str(location).strip():
         raise StoreError(f"an artifact store needs a location: a path or an fsspec URL, got {location!r}")
     if local_path(location) is not None:
-        return LocalStore(location, local_cache=local_cache)
+        return LocalStore(location, local_cache=local_cache, create_parents=create_parents)
     return RemoteStore(location, local_cache=local_cache)

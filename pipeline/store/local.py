@@ -36,17 +36,57 @@ def _tree(path: Path) -> tuple[int, float]:
     return size, latest
 
 
+def _check_location(root: Path, create_parents: bool) -> None:
+    """What opening a store at ``root`` may do: use a folder, or create one in a folder."""
+    fix = "choose another location (ANIM_STORE or `store` in the config file)"
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"artifact store {root}: not a folder ({_kind(root)}); {fix}")
+    if root.exists():
+        return
+    above = root.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise StoreError(f"artifact store {root}: {above} is {_kind(above)}, not a folder; {fix}")
+    if not create_parents and above != root.parent:
+        raise StoreError(f"artifact store {root}: the folder that would hold it, {root.parent}, does not exist; "
+                         "create it first or fix the location (a new store is created only in an existing folder); "
+                         "nothing was created")
+
+
+def _kind(path: Path) -> str:
+    if path.is_file():
+        return "a file"
+    if path.is_char_device() or path.is_block_device():
+        return "a device"
+    return "not a regular file or folder"
+
+
 class LocalStore(Store):
     """A local directory; artifacts are used in place."""
 
-    def __init__(self, location: str | Path, *, local_cache: str | Path | None = None):
-        # local_cache is accepted so callers need not know the layout; a local store needs none.
+    def __init__(self, location: str | Path, *, local_cache: str | Path | None = None, create_parents: bool = True):
+        """Open (creating it if needed) the store in the folder ``location``.
+
+        ``create_parents=False``: a new store is created only inside a folder that exists (a
+        mistyped explicit location is refused instead of growing a tree of folders). Raises
+        StoreError, naming the location, when it is not a folder (a file, ``/dev/null``), lies
+        under a file, or cannot be created (a read-only filesystem); nothing is created then.
+        An existing store on a read-only filesystem still opens: it serves hits, and a write
+        into it fails as that node's error. ``local_cache`` is accepted so callers need not know
+        the layout; a local store needs none.
+        """
         root = local_path(location)
         if root is None:
             raise StoreError(f"artifact store {location!r} is not a local directory; open it with open_store")
         self.root = root.expanduser().resolve()
-        (self.root / STAGING).mkdir(parents=True, exist_ok=True)
         self.url = str(self.root)
+        try:
+            _check_location(self.root, create_parents)
+            (self.root / STAGING).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"artifact store {self.root}: cannot create it ({exc.strerror or exc}); "
+                             "choose a writable folder (ANIM_STORE or `store` in the config file)") from None
 
     def path(self, key: str) -> Path:
         """The entry's directory (it may not exist)."""
