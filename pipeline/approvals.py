@@ -114,11 +114,14 @@ class SqlApprovals:
 
     _CHUNK = 500  # keys per IN (…) query, under every database's bound-parameter limit
 
-    def __init__(self, url: str, location: str | None = None):
+    def __init__(self, url: str, location: str | None = None, path: Path | None = None):
+        """``path``: the SQLite file of a path location. It (and its folder) is created by the
+        first decision recorded: until then reads find no decisions, so ``anim plan`` writes nothing.
+        A database URL is connected to here, so a wrong one fails before any work."""
         import sqlalchemy as sa
 
-        self._sa = sa
-        meta = sa.MetaData()
+        self._sa, self._path, self._ready = sa, path, False
+        self._meta = meta = sa.MetaData()
         self._table = sa.Table(
             "approval_decisions", meta,
             sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -142,14 +145,31 @@ class SqlApprovals:
         try:
             connect = {"timeout": 30} if url.startswith("sqlite") else {}
             self._engine = sa.create_engine(url, connect_args=connect)
-            meta.create_all(self._engine)
         except (sa.exc.SQLAlchemyError, ImportError) as exc:
             raise ApprovalError(f"approvals database {self.location}: cannot open it: {_reason(exc)}") from None
+        if path is None:
+            self._ensure()
+
+    def _ensure(self) -> None:
+        """The table exists (created, with the SQLite file's folder, if need be)."""
+        if self._ready:
+            return
+        try:
+            if self._path is not None:
+                self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._meta.create_all(self._engine)
+        except OSError as exc:
+            raise ApprovalError(f"approvals database {self.location}: cannot create its folder: "
+                                f"{exc.strerror or exc}") from None
+        except self._sa.exc.SQLAlchemyError as exc:
+            raise ApprovalError(f"approvals database {self.location}: cannot open it: {_reason(exc)}") from None
+        self._ready = True
 
     def record(self, decisions: Sequence[Decision]) -> None:
         rows = [d.model_dump() | {"at": d.at.astimezone(timezone.utc)} for d in decisions]
         if not rows:
             return
+        self._ensure()
         try:
             with self._engine.begin() as conn:
                 conn.execute(self._table.insert(), rows)
@@ -174,6 +194,9 @@ class SqlApprovals:
     def _select(self, where) -> list[tuple[int, Decision]]:
         """(row id, decision) of the rows ``where`` selects (all: None), by id."""
         t, sa = self._table, self._sa
+        if self._path is not None and not self._ready and not self._path.exists():
+            return []  # no decision recorded yet
+        self._ensure()
         query = sa.select(t).order_by(t.c.id)
         if where is not None:
             query = query.where(where)
@@ -195,19 +218,15 @@ class SqlApprovals:
 
 
 def open_approvals(location: str | Path) -> SqlApprovals:
-    """The approvals database at ``location``: a file path (SQLite, its folder created) or a
-    SQLAlchemy URL (``sqlite:///…``, ``postgresql://…``)."""
+    """The approvals database at ``location``: a file path (SQLite, created with its folder by the
+    first decision) or a SQLAlchemy URL (``sqlite:///…``, ``postgresql://…``)."""
     text = str(location).strip()
     if not text:
         raise ApprovalError(f"an approvals database needs a location: a path or a database URL, got {location!r}")
     if "://" in text:
         return SqlApprovals(text)
     path = Path(text).expanduser().absolute()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ApprovalError(f"approvals database {path}: cannot create its folder: {exc.strerror or exc}") from None
-    return SqlApprovals(f"sqlite:///{path}", location=str(path))
+    return SqlApprovals(f"sqlite:///{path}", location=str(path), path=path)
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
