@@ -23,24 +23,30 @@ artifacts.
   overwrite each other's files; the manifest names the one upload that counts. ``get``
   downloads into a local read-through cache and checks every copy against the manifest.
 
+Beside the artifacts, **notes** (``create_note`` … ``remove_note``): small records keyed by a
+content key that are not artifacts — a key's lease while a render computes it (``lease``: two
+renders that need one key at once compute it once) and the spend records of the nodes that
+made it (``pipeline.ledger``). ``stats`` and ``gc`` do not count or remove them.
+
 ``stats()`` and ``gc()`` read the manifests only (no database): stage, size, creation and
 last use are all recorded there or beside it.
 
 Modules: ``manifest`` (format, checks, records, the error), ``base`` (:class:`Store`, what
-both layouts share), ``local`` and ``remote`` (one layout each). fsspec is imported only when
-a URL is opened.
+both layouts share), ``local`` and ``remote`` (one layout each), ``lease`` (leases, on notes).
+fsspec is imported only when a URL is opened.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from pipeline.store.base import Store, local_path
+from pipeline.store.lease import Lease, LeaseInfo
 from pipeline.store.local import LocalStore
 from pipeline.store.manifest import GcItem, GcReport, StageUsage, StoreError, StoreStats
 from pipeline.store.remote import RemoteStore
 
 __all__ = ["open_store", "Store", "LocalStore", "RemoteStore", "StoreError", "StoreStats", "StageUsage", "GcItem",
-           "GcReport"]
+           "GcReport", "Lease", "LeaseInfo"]
 
 
 def open_store(location: str | Path, *, local_cache: str | Path | None = None, create_parents: bool = True) -> Store:

@@ -1,9 +1,11 @@
 """What every artifact store does, whatever its layout: ``Store``, the base of both layouts.
 
 A layout (``local.py``, ``remote.py``) implements reading (``get``, ``meta``, ``touch``), the
-last step of a write (``_commit``: staged files become the artifact, manifest last) and the
-three hooks collection needs (``_scan``, ``_remove_entry``, ``_remove_leftover``). Staging a
-write, ``stats`` and ``gc`` are written once, here, from what ``_scan`` reports.
+last step of a write (``_commit``: staged files become the artifact, manifest last), the
+three hooks collection needs (``_scan``, ``_remove_entry``, ``_remove_leftover``) and notes
+(small records beside the artifacts, keyed by a content key: leases and spend, see
+``lease.py``). Staging a write, ``stats`` and ``gc`` are written once, here, from what
+``_scan`` reports.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
-from pipeline.store.manifest import (STALE_S, GcItem, GcReport, StageUsage, StoreError, StoreStats, check_key,
-                                     parse_manifest, write_id)
+from pipeline.store.manifest import (NAME_RE, STALE_S, GcItem, GcReport, StageUsage, StoreError, StoreStats,
+                                     check_key, parse_manifest, write_id)
+
+NOTES = ".notes"  # ROOT/.notes/<kind>/<key[:2]>/<key>/<name>: beside the artifacts, never one of them
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,14 @@ def open_fs(location: str):
         return url_to_fs(location)
     except (ImportError, ValueError) as exc:
         raise StoreError(f"artifact store {location!r} cannot be opened: {exc}") from None
+
+
+def check_note(kind: str, key: str, name: str) -> None:
+    """Refuse a note address that is not a key and two plain names (they become a path)."""
+    check_key(key)
+    for part in (kind, name):
+        if not isinstance(part, str) or not NAME_RE.fullmatch(part) or part.startswith("."):
+            raise StoreError(f"note {kind!r}/{name!r} of {key[:12]}: a note's kind and name are plain file names")
 
 
 def local_path(location: str | Path) -> Path | None:
@@ -122,6 +134,31 @@ class Store(ABC):
     @abstractmethod
     def _commit(self, key: str, staging: Path, meta: dict | None) -> None:
         """Make the staged files the artifact ``key``, manifest last; lose quietly to a finished one."""
+
+    # ---- notes (each layout): small records keyed by a content key, e.g. ``leases`` and ``spend``.
+    # A note is not an artifact: no manifest, no checksum, not counted by ``stats`` nor removed by
+    # ``gc``. Notes of a key may exist while its artifact does not (and the reverse).
+    @abstractmethod
+    def create_note(self, kind: str, key: str, name: str, data: bytes) -> bool:
+        """Write the note only if it does not exist yet; True if this call created it. Atomic on a
+        local store (one of two racing creators wins); on a remote store as atomic as the
+        filesystem's conditional put."""
+
+    @abstractmethod
+    def write_note(self, kind: str, key: str, name: str, data: bytes) -> None:
+        """Create or replace the note (a reader sees the old content or the new, never half)."""
+
+    @abstractmethod
+    def read_note(self, kind: str, key: str, name: str) -> bytes | None:
+        """The note's bytes, None if there is none; StoreError if the store cannot answer."""
+
+    @abstractmethod
+    def notes(self, kind: str, key: str) -> list[str]:
+        """The names of ``key``'s notes of ``kind`` (sorted; none if there are none)."""
+
+    @abstractmethod
+    def remove_note(self, kind: str, key: str, name: str) -> None:
+        """Remove the note (gone already is fine)."""
 
     # ---- collection (each layout)
     @abstractmethod

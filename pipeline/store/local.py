@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.store.base import Entry, Leftover, Store, local_path
+from pipeline.store.base import NOTES, Entry, Leftover, Store, check_note, local_path
 from pipeline.store.manifest import (KEY_RE, MANIFEST, MISSING, STAGING, StoreError, build_manifest, check_key,
                                      dump_manifest, intact, parse_manifest, stage_and_bytes, unreadable, write_id)
 
@@ -79,7 +79,11 @@ class LocalStore(Store):
         root = local_path(location)
         if root is None:
             raise StoreError(f"artifact store {location!r} is not a local directory; open it with open_store")
-        self.root = root.expanduser().resolve()
+        try:
+            self.root = root.expanduser().resolve()
+        except RuntimeError:  # ~someone who is not a user here
+            raise StoreError(f"artifact store {str(location)!r}: cannot expand {root.parts[0]!r} (no such user or "
+                             "no home folder)") from None
         self.url = str(self.root)
         try:
             _check_location(self.root, create_parents)
@@ -167,6 +171,64 @@ class LocalStore(Store):
                                  f"the new one was discarded: {exc}") from exc
             # get() removed a damaged entry in the way; try again
         raise StoreError(f"artifact {key[:12]}: could not move the new entry into {final}; it was discarded")
+
+    # ---- notes: ROOT/.notes/<kind>/<key[:2]>/<key>/<name>
+    def _note(self, kind: str, key: str, name: str | None = None) -> Path:
+        check_note(kind, key, name or "x")
+        folder = self.root / NOTES / kind / key[:2] / key
+        return folder / name if name else folder
+
+    def _staged_note(self, path: Path, data: bytes) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{write_id()}.tmp")
+        tmp.write_bytes(data)
+        return tmp
+
+    def create_note(self, kind: str, key: str, name: str, data: bytes) -> bool:
+        path = self._note(kind, key, name)
+        try:
+            tmp = self._staged_note(path, data)
+            try:
+                os.link(tmp, path)  # one step, content and all; refused if the note exists
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"note {kind}/{name} of {key[:12]} in {self.url} cannot be written "
+                             f"({type(exc).__name__}: {exc})") from exc
+
+    def write_note(self, kind: str, key: str, name: str, data: bytes) -> None:
+        path = self._note(kind, key, name)
+        try:
+            os.replace(self._staged_note(path, data), path)
+        except OSError as exc:
+            raise StoreError(f"note {kind}/{name} of {key[:12]} in {self.url} cannot be written "
+                             f"({type(exc).__name__}: {exc})") from exc
+
+    def read_note(self, kind: str, key: str, name: str) -> bytes | None:
+        try:
+            return self._note(kind, key, name).read_bytes()
+        except MISSING:
+            return None
+        except OSError as exc:
+            raise unreadable(self.url, key, f"note {kind}/{name}", exc) from exc
+
+    def notes(self, kind: str, key: str) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self._note(kind, key)) if not n.startswith("."))
+        except MISSING:
+            return []
+        except OSError as exc:
+            raise unreadable(self.url, key, f"notes {kind}", exc) from exc
+
+    def remove_note(self, kind: str, key: str, name: str) -> None:
+        try:
+            self._note(kind, key, name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"note {kind}/{name} of {key[:12]} in {self.url} cannot be removed "
+                             f"({type(exc).__name__}: {exc})") from exc
 
     # ---- removal
     def _discard(self, folder: Path) -> None:

@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from pipeline.store.base import Entry, Leftover, Store, open_fs
+from pipeline.store.base import NOTES, Entry, Leftover, Store, check_note, open_fs
 from pipeline.store.manifest import (KEY_RE, MANIFEST, NAME_RE, STAGING, USED, USED_EVERY_S, StoreError,
                                      build_manifest, check_key, dump_manifest, intact, parse_manifest,
                                      stage_and_bytes, unreadable, write_id, write_time)
@@ -230,6 +230,61 @@ class RemoteStore(Store):
             return json.loads(raw).get("write") if raw is not None else None
         except (ValueError, AttributeError):
             return None
+
+    # ---- notes: PREFIX/.notes/<kind>/<key[:2]>/<key>/<name>
+    def _note(self, kind: str, key: str, name: str | None = None) -> str:
+        check_note(kind, key, name or "x")
+        folder = f"{self._root}/{NOTES}/{kind}/{key[:2]}/{key}"
+        return f"{folder}/{name}" if name else folder
+
+    def _note_failed(self, kind: str, key: str, name: str, exc: BaseException) -> StoreError:
+        return StoreError(f"note {kind}/{name} of {key[:12]} in {self.url}: {type(exc).__name__}: {exc}")
+
+    def create_note(self, kind: str, key: str, name: str, data: bytes) -> bool:
+        try:
+            self.fs.pipe_file(self._note(kind, key, name), data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise self._note_failed(kind, key, name, exc) from exc
+
+    def write_note(self, kind: str, key: str, name: str, data: bytes) -> None:
+        try:
+            self.fs.pipe_file(self._note(kind, key, name), data)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise self._note_failed(kind, key, name, exc) from exc
+
+    def read_note(self, kind: str, key: str, name: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self._note(kind, key, name))
+        except FileNotFoundError:
+            return None
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise unreadable(self.url, key, f"note {kind}/{name}", exc) from exc
+
+    def notes(self, kind: str, key: str) -> list[str]:
+        folder = self._note(kind, key)
+        try:
+            found = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise unreadable(self.url, key, f"notes {kind}", exc) from exc
+        names = (str(p).rstrip("/").rsplit("/", 1)[-1] for p in found)
+        return sorted(n for n in names if n and not n.startswith(".") and n != key)
+
+    def remove_note(self, kind: str, key: str, name: str) -> None:
+        try:
+            self._rm(self._note(kind, key, name))
+        except Exception as exc:
+            raise self._note_failed(kind, key, name, exc) from exc
 
     # ---- removal
     def _discard(self, key: str, raw: bytes) -> None:
