@@ -6,21 +6,39 @@ seconds per unit per megapixel. Each row says where it came from: measured here
 (a source). Estimates in the plan are computed from these rows only, so every estimated yuan
 traces to one calibration row and one price row.
 
-Tables are layered: the one shipped in ``cluster/calibration.csv`` is the starting point, and
-the rows measured on this machine or cluster (the ``user_calibration`` setting, written by
-``anim calibrate``) take precedence over shipped rows with the same (stage, backend, device).
+Rows are layered, lowest precedence first:
+
+1. the table shipped in ``cluster/calibration.csv``: only the starting point;
+2. the ``user_calibration`` table (written by ``anim calibrate``, never the checkout's);
+3. **this cluster's rows**, learned from its own renders (``ClusterHistory``, fitted by
+   ``pipeline.calibrate``): where they exist they price the plan, since a studio's cluster is
+   never the machine that wrote the shipped table.
+
+This cluster's measurements live in the artifact store, where the whole team shares them, as
+one immutable small JSON file per render and calibration key, outside the content-addressed
+area (``anim cache gc`` and ``stats`` never see them)::
+
+    STORE/calibration/<fingerprint id>/<stage>-<backend>-<device>-<hash>/<epoch ms>-<random>.json
+
+No file is ever appended to or rewritten, so two renders never collide, and the same code
+serves a local folder and any fsspec URL.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
+import re
 import tempfile
+import uuid
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError
 
-from stages.records import ProfileError
-from stages.records import Record
+from pipeline.fingerprint import Fingerprint
+from stages.records import AnimError, ProfileError, Record
 
 FIELDS = ["stage", "backend", "device", "unit", "overhead_s", "seconds_per_unit_mpx", "source", "measured_at"]
 
@@ -34,6 +52,10 @@ class CalibrationRow(Record):
     seconds_per_unit_mpx: float = Field(ge=0, allow_inf_nan=False, description="Seconds per unit per megapixel.")
     source: str
     measured_at: str
+    band: float | None = Field(None, ge=0, allow_inf_nan=False, description="± fraction of this row's estimates "
+                               "on this cluster (0.08 = ±8%), from its spread over the renders it was learned from "
+                               "and their fit residuals; None for a row from a table.")
+    renders: int = Field(0, ge=0, description="Renders of this cluster the row was learned from; 0 for a table row.")
 
     def seconds(self, units: int, megapixels: float) -> float:
         return self.overhead_s + units * megapixels * self.seconds_per_unit_mpx
@@ -79,6 +101,11 @@ class Calibration(Record):
     rows: list[CalibrationRow]
     paths: list[str] = Field(default_factory=list, description="The tables searched, lowest precedence "
                              "first; none for a table built in memory.")
+    cluster: str | None = Field(None, description="The cluster whose learned rows were looked for (its label); "
+                                "None when none were.")
+    cluster_location: str | None = Field(None, description="Where that cluster's measurements are kept.")
+    ignored: list[str] = Field(default_factory=list, description="This cluster's measurement files that could "
+                               "not be read (one line each); their renders were left out.")
 
     @property
     def path(self) -> str:
@@ -97,11 +124,22 @@ class Calibration(Record):
             index.update({_key(r): r for r in _read(Path(path))})
         return cls(rows=list(index.values()), paths=[str(p) for p in paths])
 
+    def overlay(self, rows: list[CalibrationRow], *, cluster: str, location: str,
+                ignored: list[str] | None = None) -> "Calibration":
+        """These rows, learned on ``cluster`` and kept at ``location``, over the tables' rows with the
+        same key (highest precedence)."""
+        index = {_key(r): r for r in self.rows}
+        index.update({_key(r): r for r in rows})
+        return self.model_copy(update={"rows": list(index.values()), "cluster": cluster, "cluster_location": location,
+                                       "ignored": [*self.ignored, *(ignored or [])]})
+
     def row(self, stage: str, backend: str, device: str = "cpu") -> CalibrationRow:
         for row in self.rows:
             if _key(row) == (stage, backend, device):
                 return row
         searched = ", ".join(p if Path(p).exists() else f"{p} (absent)" for p in self.paths) or "an in-memory table"
+        if self.cluster:
+            searched += f" and this cluster's rows ({self.cluster}) in {self.cluster_location}"
         raise ProfileError(
             f"no calibration row for stage={stage} backend={backend} device={device} in {searched}; "
             "measure it with `python experiments/calibrate_cpu.py --profile PROFILE` (a name or .toml), or after "
@@ -121,7 +159,7 @@ class Calibration(Record):
                 writer = csv.DictWriter(fh, fieldnames=FIELDS)
                 writer.writeheader()
                 for key in sorted(index):
-                    writer.writerow(index[key].model_dump())
+                    writer.writerow(index[key].model_dump(include=set(FIELDS)))
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -129,3 +167,174 @@ class Calibration(Record):
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+
+# --------------------------------------------------------------------------- this cluster's measurements
+
+
+class CalibrationError(AnimError):
+    """This cluster's measurements cannot be read or written where the store keeps them."""
+
+
+SCHEMA = "anim.calibration-measurements/1"
+FOLDER = "calibration"
+Amount = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+_NAME = re.compile(r"[0-9]{13}-[0-9a-f]{12}\.json")
+
+
+class Measurements(Record):
+    """One render's executed nodes of one calibration key on one cluster: one immutable file.
+
+    ``kind="refit"`` is a deliberate refit (``anim calibrate``) pooling the nodes of several
+    recorded renders; learning starts again from the newest refit of a key.
+    """
+
+    format: Literal["anim.calibration-measurements/1"] = SCHEMA
+    kind: Literal["render", "refit"] = "render"
+    stage: str
+    backend: str
+    device: str
+    unit: str
+    work: list[Amount] = Field(min_length=1, description="Per executed node: units × megapixels it did.")
+    seconds: list[Amount] = Field(min_length=1, description="Per executed node: wall seconds measured.")
+    at: float = Field(description="Epoch when the render finished (or the refit was made).")
+    fingerprint: Fingerprint
+    resources: dict[str, float] = Field(default_factory=dict, description="What the render held, as Ray counted "
+                                        "it ({'CPU': 2.0, 'GPU': 0.0}); for information.")
+    runs: list[str] = Field(default_factory=list, description="MLflow run ids behind these nodes.")
+    renders: int = Field(1, ge=1, description="Renders pooled (a refit pools several).")
+    script_sha256: str | None = None
+    profile: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return self.stage, self.backend, self.device, self.unit
+
+
+def _folder_name(key: tuple[str, str, str, str]) -> str:
+    """A file name per calibration key: readable, and exact by its hash (backends contain ':')."""
+    readable = re.sub(r"[^A-Za-z0-9.+_-]", "_", "-".join(key[:3]))[:80]
+    return f"{readable}-{hashlib.sha256('|'.join(key).encode('utf-8')).hexdigest()[:8]}"
+
+
+class ClusterHistory:
+    """This cluster's measurement files in the artifact store at ``store`` (a path or fsspec URL).
+
+    Opening one reads and creates nothing: a cluster that never rendered has an empty history.
+    """
+
+    def __init__(self, store: str | Path, fingerprint: Fingerprint):
+        from pipeline.store.base import local_path, open_fs
+        from pipeline.store.manifest import StoreError
+
+        self.fingerprint = fingerprint
+        local = local_path(store)
+        try:
+            if local is not None:
+                from fsspec.implementations.local import LocalFileSystem
+
+                self.fs, root, self.local = LocalFileSystem(), str(local.expanduser().resolve()), True
+            else:
+                self.fs, root = open_fs(str(store))
+                self.local = False
+        except StoreError as exc:
+            raise CalibrationError(str(exc)) from None
+        self.root = f"{root.rstrip('/')}/{FOLDER}/{fingerprint.id}"
+        self.location = self.root if self.local else self.fs.unstrip_protocol(self.root)
+
+    def add(self, items: list[Measurements]) -> list[str]:
+        """Write each as a new file (never over another); returns their locations."""
+        written = []
+        for m in items:
+            name = f"{int(m.at * 1000):013d}-{uuid.uuid4().hex[:12]}.json"
+            path = f"{self.root}/{_folder_name(m.key)}/{name}"
+            data = m.model_dump_json().encode("utf-8")
+            try:
+                self._write(path, data)
+            except Exception as exc:  # any filesystem's own error kind
+                raise CalibrationError(f"cannot write this cluster's measurements to {path}: "
+                                       f"{type(exc).__name__}: {exc}") from None
+            written.append(path)
+        return written
+
+    def _write(self, path: str, data: bytes) -> None:
+        if not self.local:
+            self.fs.pipe_file(path, data)  # one object, put whole: readers never see half of it
+            return
+        folder = Path(path).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def recent(self, window: int) -> tuple[dict[tuple[str, str, str, str], list[Measurements]], list[str]]:
+        """Per calibration key, its newest ``window`` files, newest first, back to (and with) its
+        newest refit; and one line per file that could not be read (left out, never removed)."""
+        try:
+            paths = self.fs.find(self.root)
+        except FileNotFoundError:
+            paths = []
+        except Exception as exc:
+            raise CalibrationError(f"cannot list this cluster's measurements in {self.location}: "
+                                   f"{type(exc).__name__}: {exc}") from None
+        by_folder: dict[str, list[str]] = {}
+        for path in paths:
+            folder, _, name = path.rpartition("/")
+            if _NAME.fullmatch(name):  # temporary files of a write in progress are not
+                by_folder.setdefault(folder, []).append(path)
+        out: dict[tuple[str, str, str, str], list[Measurements]] = {}
+        ignored: list[str] = []
+        for folder, names in sorted(by_folder.items()):
+            chosen: list[Measurements] = []
+            full = lambda: len(chosen) >= window or (chosen and chosen[-1].kind == "refit")  # noqa: E731
+            # Newest first (names start with the epoch), a window's worth of reads at a time.
+            pending = sorted(names, reverse=True)
+            while pending and not full():
+                batch, pending = pending[:window], pending[window:]
+                for path, raw in self._cat(batch).items():
+                    if full():
+                        break
+                    if (m := self._parse(path, raw, ignored)) is not None:
+                        chosen.append(m)
+            if chosen:
+                out[chosen[0].key] = chosen
+        return out, ignored
+
+    def _cat(self, paths: list[str]) -> dict[str, bytes | BaseException]:
+        try:
+            found = self.fs.cat(paths, on_error="return")
+        except Exception as exc:
+            raise CalibrationError(f"cannot read this cluster's measurements in {self.location}: "
+                                   f"{type(exc).__name__}: {exc}") from None
+        if not isinstance(found, dict):
+            found = {paths[0]: found}
+        strip = self.fs._strip_protocol
+        by_path = {strip(p): v for p, v in found.items()}
+        return {p: by_path.get(strip(p), FileNotFoundError(p)) for p in paths}  # in the order asked
+
+    def _parse(self, path: str, raw: bytes | BaseException, ignored: list[str]) -> Measurements | None:
+        if isinstance(raw, FileNotFoundError):
+            return None  # removed by hand since the listing
+        if isinstance(raw, BaseException):
+            raise CalibrationError(f"cannot read this cluster's measurements file {path}: "
+                                   f"{type(raw).__name__}: {raw}") from None
+        try:
+            m = Measurements.model_validate_json(raw)
+        except ValueError as exc:
+            first = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+            ignored.append(f"{path}: not a measurements file ({first}); left out")
+            return None
+        problem = ("work and seconds differ in length" if len(m.work) != len(m.seconds) else
+                   f"measured on another cluster ({m.fingerprint.label})" if m.fingerprint.id != self.fingerprint.id
+                   else None)
+        if problem:
+            ignored.append(f"{path}: {problem}; left out")
+            return None
+        return m

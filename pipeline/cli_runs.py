@@ -123,12 +123,17 @@ def compare(ctx: typer.Context,
 def calibrate(ctx: typer.Context,
               last: int = typer.Option(20, "--runs", "-n", help="Use the last N complete renders."),
               experiment: str | None = typer.Option(None, "--series", help="Only renders of this series."),
-              dry_run: bool = typer.Option(False, "--dry-run", help="Print the rows, do not write them.")) -> None:
-    """Fit this machine's calibration rows from the nodes measured in recent renders recorded in MLflow.
+              dry_run: bool = typer.Option(False, "--dry-run", help="Print the rows, do not write them."),
+              table_only: bool = typer.Option(False, "--table-only", help="Write the user table only, not this "
+                                              "cluster's learned rows.")) -> None:
+    """Refit this cluster's calibration deliberately from the nodes measured in recent renders recorded in MLflow.
 
-    The rows go to the user/cluster table (the ``user_calibration`` setting, by default
+    The rows go to the user table (the ``user_calibration`` setting, by default
     ``~/.local/share/anim-pipeline/calibration.csv``), where they win over the shipped rows with
-    the same key; the shipped table is never written.
+    the same key; the shipped table is never written. The pooled nodes are also filed as a refit
+    in this cluster's history in the artifact store (the renders chosen are taken as this
+    cluster's): its learned rows, which every render keeps current and which win over both
+    tables, start again from this refit.
     """
     from pipeline.config import shipped_table
 
@@ -173,7 +178,32 @@ def calibrate(ctx: typer.Context,
     for r in rows:
         table.add_row(r.stage, r.backend, r.device, f"{r.overhead_s:.4f}", f"{r.seconds_per_unit_mpx:.5f}")
     out.print(table)
-    if not dry_run:
-        written = Calibration.load(target).write(rows)
-        out.print(f"wrote {len(rows)} rows to {written} (over the shipped {settings.calibration})",
-                  soft_wrap=True, highlight=False)
+    if dry_run:
+        return
+    written = Calibration.load(target).write(rows)
+    out.print(f"wrote {len(rows)} rows to {written} (over the shipped {settings.calibration})",
+              soft_wrap=True, highlight=False, markup=False)
+    if not table_only:
+        _file_refit(settings, renders)
+
+
+def _file_refit(settings, renders) -> None:
+    """The refit's pooled nodes into this cluster's history: learning restarts from them."""
+    from stages.records import AnimError
+
+    from pipeline.calibrate import refit_measurements
+    from pipeline.calibration import ClusterHistory
+    from pipeline.fingerprint import fingerprint
+    from pipeline.store import open_store
+
+    fp = fingerprint(settings.ray_address, settings.num_cpus)
+    try:  # a store the user named must exist, as for a render
+        store = open_store(settings.store, create_parents=settings.sources.get("store", "default") == "default")
+        history = ClusterHistory(store.url, fp)
+        history.add(refit_measurements(renders, fingerprint=fp))
+    except AnimError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    out.print(f"filed the refit as this cluster's learned rows ({fp.label}) in {history.location}: "
+              "the next plan prices from it, and every render keeps it current", soft_wrap=True, highlight=False,
+              markup=False)
