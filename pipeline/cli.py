@@ -96,7 +96,6 @@ def _prepare(settings, script: Path, profile: str, aspect: str | None, sets: lis
              gpu: str | None = None, spot: bool = False):
     """Apply this command's options to the resolved settings and profile, parse the script and
     make the plan (pure, no Ray)."""
-    from pipeline.calibration import Calibration
     from pipeline.config import check_backend_files, override_settings, parse_overrides, resolve_profile
     from pipeline.cost import PriceCatalog
     from pipeline.plan import make_plan
@@ -115,10 +114,25 @@ def _prepare(settings, script: Path, profile: str, aspect: str | None, sets: lis
     episode = load_episode(script)
     prices = PriceCatalog.load(settings.prices, usd_cny=settings.usd_cny, tier=settings.price_tier,
                                provider=settings.price_provider)
-    calibration = Calibration.load(*settings.calibration_paths)
+    calibration = _calibration(settings)
     plan = make_plan(episode, prof, calibration=calibration, prices=prices,
                      script_sha256=hashlib.sha256(script.read_bytes()).hexdigest())
     return settings, episode, prices, plan
+
+
+def _calibration(settings, *, quiet: bool = False):
+    """The shipped and user tables with this cluster's rows, learned from its renders, on top
+    (``pipeline.calibrate.cluster_calibration``); a measurements file that cannot be read is
+    left out with a warning."""
+    from pipeline.calibrate import cluster_calibration
+    from pipeline.calibration import Calibration
+    from pipeline.fingerprint import fingerprint
+
+    calibration = cluster_calibration(Calibration.load(*settings.calibration_paths), settings.store,
+                                      fingerprint(settings.ray_address, settings.num_cpus))
+    for line in [] if quiet else calibration.ignored:
+        err.print(f"warning: calibration: {line}", markup=False, highlight=False, soft_wrap=True)
+    return calibration
 
 
 @app.command()
@@ -133,6 +147,7 @@ def plan(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain s
     """Print the render plan — shots, frames, keyframes and estimated yuan per stage — and what a
     render would recompute now against the artifact store, without starting Ray."""
     from pipeline.approvals import gate_on, gate_state, open_approvals
+    from pipeline.calibrate import estimate_band
     from pipeline.plan import plan_summary
     from pipeline.schedule import schedule, schedule_summary
 
@@ -145,10 +160,12 @@ def plan(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain s
         store = _open_store(settings)
         gate = gate_state(open_approvals(settings.approvals), rplan, gate_on(rplan.profile, approval_gate))
         sched = schedule(rplan, store, approvals=gate.approvals)
+        band = estimate_band(rplan, _calibration(settings, quiet=True))  # which rows priced it, and their band
     except AnimError as exc:
         raise _fail(exc, debug=ctx.obj.debug)
     summary = plan_summary(rplan)
     if as_json:
+        summary["calibration"] = band.summary()
         summary["schedule"] = schedule_summary(sched)
         summary["approvals"] = gate.summary()
         _print_json(summary)
@@ -159,9 +176,11 @@ def plan(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain s
     where = ", ".join(f"{stage} on {r.resource}" for stage in ("keyframes", "inbetween")
                       if (r := rplan.profile.resources(stage)))
     out.print(f"{len(rplan.shots)} shots, {rplan.total_frames} frames ({rplan.duration_s:.1f} s), "
-              f"{rplan.total_keyframes} keyframes; estimated ¥{rplan.estimated_cost_yuan:.4f} "
+              f"{rplan.total_keyframes} keyframes; estimated ¥{rplan.estimated_cost_yuan:.4f}"
+              f"{f' ±{band.band:.0%}' if band.band is not None and not band.table_yuan else ''} "
               f"(¥{rplan.estimated_cost_yuan / minutes:.4f} per finished minute, {where}, "
               f"{settings.price_tier}): {stages}", markup=False)
+    out.print(band.line(), markup=False, highlight=False)
     todo = sched.shots_to_render
     held = f"; held back: {', '.join(sched.held_shots())} ({sched.stopped})" if sched.held_shots() else ""
     if gate.gate:
@@ -189,10 +208,9 @@ def _plan_table(rplan, sched, gate) -> Table:
 
 
 def _propose(script, episode, rplan, prices, settings, budget_yuan, spot, write_profile, as_json) -> None:
-    from pipeline.calibration import Calibration
     from pipeline.optimize import fit_budget
 
-    prop = fit_budget(episode, rplan.profile, budget_yuan, calibration=Calibration.load(*settings.calibration_paths),
+    prop = fit_budget(episode, rplan.profile, budget_yuan, calibration=_calibration(settings, quiet=True),
                       prices=prices.with_tier("on-demand"), allow_spot=spot, script_sha256=rplan.script_sha256)
     if write_profile:
         import tomli_w
@@ -312,6 +330,7 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
     # 4. Tell the producer.
     _report(rplan, result, metrics, written, budget_yuan)
     out.print(f"MLflow run: {run_id}  ({settings.tracking_uri})", markup=False)
+    _learn(settings, rplan, result, run_id)  # 5. this cluster's rows learn from the nodes just measured
     if result.stopped is not None:
         raise typer.Exit(0 if result.stopped == "storyboard" else 3)
 
@@ -327,6 +346,24 @@ def _progress(rplan, enabled: bool):
     with bar:
         task = bar.add_task(escape(f"rendering {rplan.title}"), total=len(rplan.shots), yuan=0.0)
         yield lambda done, total, yuan: bar.update(task, completed=done, yuan=yuan)
+
+
+def _learn(settings, rplan, result, run_id: str) -> None:
+    """File the render's measured nodes in this cluster's calibration history. The render is
+    paid for and published by now: whatever goes wrong here is one warning, never a failure."""
+    from pipeline.calibrate import record_render
+    from pipeline.fingerprint import fingerprint
+
+    try:
+        filed = record_render(settings.store, fingerprint(settings.ray_address, settings.num_cpus), rplan,
+                              result.ledger, run=run_id, resources=result.cluster)
+    except Exception as exc:  # noqa: BLE001 - any filesystem's own error kind; the render already succeeded
+        err.print(f"warning: this cluster's calibration was not updated from this render: {type(exc).__name__}: "
+                  f"{exc}", markup=False, highlight=False, soft_wrap=True)
+        return
+    if filed:
+        out.print(f"calibration: {sum(len(m.work) for m in filed)} measured nodes of {len(filed)} rows filed for "
+                  f"{filed[0].fingerprint.label}; the next plan prices from them", markup=False, highlight=False)
 
 
 def _money(rplan, result, prices, budget_yuan):
