@@ -13,6 +13,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, model_validator
 
 from pipeline import registry
 from stages.records import SCHEMA_VERSION, KeyframeRequest, ProfileError, Record, Shot, ShotScene, SubtitleCue
+from stages.script import MAX_SHORT_SIDE, MAX_STORYBOARD_WIDTH
 
 
 # --------------------------------------------------------------------------- profile
@@ -28,7 +29,7 @@ class Profile(Record):
 
     name: str
     aspect: Literal["16:9", "9:16"] = "16:9"
-    short_side: int = Field(360, ge=64, le=2160, description="Pixels on the short side; must be even.")
+    short_side: int = Field(360, ge=64, le=MAX_SHORT_SIDE, description="Pixels on the short side; must be even.")
     fps: int = Field(24, ge=1, le=60)
     animate_on: int = Field(2, ge=1, le=3, description="Each drawing is held for this many frames.")
     keyframe_stride: int = Field(6, ge=1, description="Drawings from one generated keyframe to the next.")
@@ -38,7 +39,8 @@ class Profile(Record):
     interpolation: str = Field("flow", description="In-betweener: flow, crossfade or rife.")
     crf: int = Field(23, ge=0, le=51)
     x264_preset: str = "veryfast"
-    storyboard_width: int = Field(480, ge=64, description="Width of one storyboard panel in pixels.")
+    storyboard_width: int = Field(480, ge=64, le=MAX_STORYBOARD_WIDTH,
+                                  description="Width of one storyboard panel in pixels.")
     audit: bool = Field(True, description="Draw one in-between per shot with the keyframe backend and "
                         "measure the in-betweener against it (PSNR, SSIM).")
     approval_gate: bool | None = Field(None, description="Spend keyframe money only on shots whose storyboard "

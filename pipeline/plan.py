@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+from bisect import bisect_left
 from typing import Any
 
 from pipeline.calibration import Calibration, CalibrationRow
@@ -31,6 +33,7 @@ from stages import assemble, encode, inbetween, keyframes, storyboard
 from stages import audit as audit_mod
 from stages.backgrounds import setting_of
 from stages.records import Episode, Scene, Shot, ShotScene, SubtitleCue
+from stages.script import check_limits
 
 STAGES = ("storyboard", "keyframes", "inbetween", "encode")
 # Subtitle placement inside a shot: a short lead-in, a gap between cues, a tail before the cut.
@@ -66,12 +69,21 @@ def drawing_schedule(frames: int, profile: Profile, static: bool) -> tuple[list[
 
 
 def audit_drawing(drawings: list[int], keys: list[int]) -> int | None:
-    """The in-between drawing farthest from any keyframe (ties: the earliest), or None."""
+    """The in-between drawing farthest from any keyframe (ties: the earliest), or None when
+    there is no in-between (or no keyframe to measure it against).
+
+    Each drawing's nearest keyframe is found by bisection: O(d log k), where trying every
+    keyframe for every drawing made a 10-minute shot cost 10⁷ steps.
+    """
+    ordered = sorted(set(keys))
+    if not ordered:
+        return None
     best, best_gap = None, 0
     for d in drawings:
-        if d in keys:
+        i = bisect_left(ordered, d)
+        if i < len(ordered) and ordered[i] == d:
             continue
-        gap = min(abs(d - k) for k in keys)
+        gap = min(ordered[i] - d if i < len(ordered) else math.inf, d - ordered[i - 1] if i else math.inf)
         if gap > best_gap:
             best, best_gap = d, gap
     return best
@@ -97,12 +109,13 @@ def subtitle_cues(shot: Shot, start_s: float, end_s: float, first_index: int) ->
     if not slots:
         return []
     weights = [max(_speech_weight(shot.dialogue[i].text) for i in slot) for slot in slots]
+    total = sum(weights)
     usable = (end_s - start_s) - SUB_LEAD_S - SUB_TAIL_S - SUB_GAP_S * (len(slots) - 1)
     usable = max(usable, 0.05 * len(slots))
     t = start_s + SUB_LEAD_S
     cues: list[SubtitleCue] = []
     for slot, weight in zip(slots, weights):
-        length = usable * weight / sum(weights)
+        length = usable * weight / total
         for i in slot:
             line = shot.dialogue[i]
             cues.append(SubtitleCue(index=first_index + len(cues), start_s=round(t, 3),
@@ -171,7 +184,12 @@ class _Pricer:
 
 def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
               prices: PriceCatalog, script_sha256: str) -> RenderPlan:
-    """Every shot's timing, every node's content key and estimate: the render as data."""
+    """Every shot's timing, every node's content key and estimate: the render as data.
+
+    An episode past the declared limits (``stages.script.check_limits``) is refused with a
+    ScriptError naming its file and line, so frame counts stay finite and small enough to list.
+    """
+    check_limits(episode)
     width, height = profile.size
     price = _Pricer(profile, calibration, prices)
     entries = {stage: profile.entry(stage) for stage in ("storyboard", "keyframes", "inbetween")}

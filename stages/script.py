@@ -38,6 +38,11 @@ Breakdown rules for Fountain:
 7. Transitions, sections, synopses, page breaks and other notes are not on screen. Centred
    text (``>THE END<``) is a static wide title card of 2.5 s with no characters.
 8. Shot ids are ``sc01-sh01``; ``Shot.line`` is where its first paragraph (or cue) starts.
+
+Limits (the ``MAX_*`` constants below, listed in the README under "Limits"): far past any
+real episode, so a script beyond one is a mistake, refused with the file, the line and the
+limit before anything is planned. Reading is linear in the script: cast names are looked up
+through an index of their spellings, not by trying every name on every paragraph.
 """
 from __future__ import annotations
 
@@ -51,6 +56,19 @@ from stages.fountain import Element, FountainDocument, parse_fountain, parse_hea
 from stages.shotlist import load_shotlist
 
 VERSION = "1"
+
+# Declared limits: the one place they are set (README "For producers" → "Limits").
+MAX_SCRIPT_BYTES = 10_000_000  # a 2-hour feature screenplay is about 250 KB
+MAX_LINE_CHARS = 10_000  # one line of the file
+MAX_HEADING_CHARS = 500  # one scene heading
+MAX_SHOT_S = 600.0  # 10 minutes: the longest shot
+MAX_EPISODE_S = 7_200.0  # 2 hours: the longest episode
+MAX_SHOTS = 5_000  # shots in one episode (every scene has at least one)
+MAX_CHARACTERS = 1_000  # distinct characters in one episode
+MAX_YAML_DEPTH = 64  # nesting of a shot list (a valid one nests 7 deep)
+MAX_YAML_NODES = 1_000_000  # values of a shot list, each alias counted as what it repeats
+MAX_SHORT_SIDE = 2_160  # delivery resolution: the short side of the frame (2160 = 4K UHD)
+MAX_STORYBOARD_WIDTH = 4_096  # pixels of one storyboard panel
 
 FOUNTAIN_SUFFIXES = (".fountain", ".spmd", ".txt")
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -72,6 +90,8 @@ _CAMERA_CUES = [
     (r"ESTABLISHING(?: SHOT)?", Camera.ESTABLISHING, True), (r"ANGLE ON", Camera.MEDIUM, False),
     (r"中景", Camera.MEDIUM, False), (r"MEDIUM(?: SHOT)?", Camera.MEDIUM, True),
 ]
+_CAMERA_PATTERNS = [(re.compile(rf"(?<![\w-]){p}(?![\w-])" if p.isascii() else p, re.I), camera, caps)
+                    for p, camera, caps in _CAMERA_CUES]
 _NOTE_CAMERAS = {"establishing": Camera.ESTABLISHING, "wide": Camera.WIDE, "全景": Camera.WIDE,
                  "远景": Camera.WIDE, "medium": Camera.MEDIUM, "中景": Camera.MEDIUM,
                  "close-up": Camera.CLOSE_UP, "closeup": Camera.CLOSE_UP, "cu": Camera.CLOSE_UP,
@@ -126,13 +146,71 @@ def load_episode(path: str | Path, *, text: str | None = None, words_per_second:
         raise ScriptError(where, f"unsupported file type '{suffix}': expected one of "
                                  f"{', '.join(FOUNTAIN_SUFFIXES + YAML_SUFFIXES)}")
     text = _read_text(path) if text is None else text
+    if len(text) > MAX_SCRIPT_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_SCRIPT_BYTES:
+        raise ScriptError(where, _too_big(len(text.encode("utf-8", "surrogatepass"))))
     if "\x00" in text:
         raise ScriptError(where, "binary file, not a screenplay")
     if not text.strip():
         raise ScriptError(where, "empty file (only whitespace)" if text else "empty file")
+    _check_lines(text, where)
     if suffix in YAML_SUFFIXES:
-        return load_shotlist(text, where)
-    return _from_fountain(parse_fountain(text, where), where, path.stem, rates)
+        episode = load_shotlist(text, where, max_depth=MAX_YAML_DEPTH, max_nodes=MAX_YAML_NODES,
+                                max_characters=MAX_CHARACTERS)
+    else:
+        episode = _from_fountain(parse_fountain(text, where), where, path.stem, rates)
+    check_limits(episode)
+    return episode
+
+
+def check_limits(episode: Episode) -> None:
+    """Refuse an episode past the declared limits, naming its file and the line of the first
+    scene or shot past one. ``load_episode`` calls it; so does planning, for episodes made
+    some other way."""
+    where = episode.source
+    total_s, shots, names = 0.0, 0, set()
+    for scene in episode.scenes:
+        if len(scene.heading) > MAX_HEADING_CHARS:
+            raise ScriptError(where, f"scene heading of {len(scene.heading):,} characters; the longest heading "
+                                     f"is {MAX_HEADING_CHARS:,}", scene.line)
+        for shot in scene.shots:
+            shots += 1
+            if shots > MAX_SHOTS:
+                raise ScriptError(where, f"shot {shot.id} is shot {shots:,}; an episode has at most "
+                                         f"{MAX_SHOTS:,} shots: split the script into episodes", shot.line)
+            if not shot.duration_s <= MAX_SHOT_S:
+                raise ScriptError(where, f"shot {shot.id} lasts {shot.duration_s:g} s; the longest shot is "
+                                         f"{_span(MAX_SHOT_S)}: split it", shot.line)
+            total_s += shot.duration_s
+            if total_s > MAX_EPISODE_S:
+                raise ScriptError(where, f"the episode reaches {total_s:,.0f} s at shot {shot.id}; the longest "
+                                         f"episode is {_span(MAX_EPISODE_S)}: split the script", shot.line)
+            names.update(shot.characters, (d.character for d in shot.dialogue))
+            if len(names) > MAX_CHARACTERS:
+                raise ScriptError(where, f"shot {shot.id} brings the cast to {len(names):,} characters; an "
+                                         f"episode has at most {MAX_CHARACTERS:,}", shot.line)
+    if len(episode.characters) > MAX_CHARACTERS:
+        raise ScriptError(where, f"{len(episode.characters):,} characters; an episode has at most "
+                                 f"{MAX_CHARACTERS:,}")
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds:g} s ({seconds / 3600:g} h)" if seconds >= 3600 else f"{seconds:g} s ({seconds / 60:g} min)"
+
+
+def _too_big(size: int) -> str:
+    return f"file of {size:,} bytes; a script is at most {MAX_SCRIPT_BYTES:,} bytes"
+
+
+def _check_lines(text: str, where: str) -> None:
+    """No line longer than MAX_LINE_CHARS (lines counted as the readers count them: CRLF, CR, LF)."""
+    if len(text) <= MAX_LINE_CHARS:
+        return
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    longest = max(lines, key=len)
+    if len(longest) > MAX_LINE_CHARS:
+        number = next(k for k, line in enumerate(lines, 1) if len(line) > MAX_LINE_CHARS)
+        raise ScriptError(where, f"line of {len(lines[number - 1]):,} characters; a line is at most "
+                                 f"{MAX_LINE_CHARS:,}", number)
 
 
 def _read_text(path: Path) -> str:
@@ -141,6 +219,8 @@ def _read_text(path: Path) -> str:
         raise ScriptError(str(path), "no such file")
     if not path.is_file():
         raise ScriptError(str(path), "not a file")
+    if path.stat().st_size > MAX_SCRIPT_BYTES:
+        raise ScriptError(str(path), _too_big(path.stat().st_size))
     data = path.read_bytes()
     if b"\x00" in data:
         raise ScriptError(str(path), "binary file, not a screenplay")
@@ -164,13 +244,23 @@ def _from_fountain(doc: FountainDocument, where: str, stem: str, rates: _Rates) 
             raise ScriptError(where, "title page but no scenes, action or dialogue", doc.title_page_line)
         raise ScriptError(where, "no on-screen content: only sections, synopses, notes or transitions")
     # 2. the cast, in order of first cue
-    cast = list(dict.fromkeys(e.meta["name"].strip() for e in doc.elements if e.kind == "character"))
+    cues = [e for e in doc.elements if e.kind == "character"]
+    cast = list(dict.fromkeys(e.meta["name"].strip() for e in cues))
+    if len(cast) > MAX_CHARACTERS:
+        seen: set[str] = set()
+        extra = next(e for e in cues if seen.add(e.meta["name"].strip()) or len(seen) > MAX_CHARACTERS)
+        raise ScriptError(where, f"cue {extra.meta['name'].strip()!r} is character {MAX_CHARACTERS + 1:,}; an "
+                                 f"episode has at most {MAX_CHARACTERS:,}", extra.line)
+    mentions = _Mentions(cast)
     # 3. elements → scenes of units, 4. units → shots
     scenes = []
     for heading, units in _scene_units(doc.elements, where):
         index = len(scenes) + 1
+        if len(heading.text) > MAX_HEADING_CHARS:  # before parse_heading and the drawings see it
+            raise ScriptError(where, f"scene heading of {len(heading.text):,} characters; the longest heading "
+                                     f"is {MAX_HEADING_CHARS:,}", heading.line)
         setting, location, time_of_day = parse_heading(heading.text, heading.meta.get("forced", False))
-        shots = _shots(units, index, cast, rates)
+        shots = _shots(units, index, mentions, rates)
         if not shots:
             shots = [Shot(id=f"sc{index:02d}-sh01", scene=index, camera=Camera.ESTABLISHING,
                           duration_s=CARD_S, characters=[], action=heading.text, static=True,
@@ -270,6 +360,9 @@ def _shot_note(note: Element, where: str) -> _Override | None:
         seconds = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(?:s|sec|secs|seconds?|秒)", low)
         if low in _NOTE_CAMERAS:
             override.camera = _NOTE_CAMERAS[low]
+        elif seconds and float(seconds.group(1)) > MAX_SHOT_S:
+            raise ScriptError(where, f"shot note: {word} is longer than the longest shot, {_span(MAX_SHOT_S)}; "
+                                     "split it into shots", note.line)
         elif seconds and float(seconds.group(1)) > 0:
             override.duration = float(seconds.group(1))
         elif low in _NOTE_HOLDS:
@@ -281,7 +374,7 @@ def _shot_note(note: Element, where: str) -> _Override | None:
     return override
 
 
-def _shots(units: list[_Unit], scene: int, cast: list[str], rates: _Rates) -> list[Shot]:
+def _shots(units: list[_Unit], scene: int, mentions: "_Mentions", rates: _Rates) -> list[Shot]:
     """Turn one scene's units into shots (rules 2–7 of the module docstring)."""
     drafts: list[dict] = []
     for unit in units:
@@ -290,7 +383,7 @@ def _shots(units: list[_Unit], scene: int, cast: list[str], rates: _Rates) -> li
             drafts.append(dict(camera=ov.camera or Camera.WIDE, duration_s=ov.duration or CARD_S,
                                characters=[], action=unit.text, dialogue=[], static=True, line=unit.line))
         elif unit.kind == "action":
-            chars = _mentioned(unit.text, cast)
+            chars = mentions(unit.text)
             seconds = _reading_s(unit.text, rates.action_words_per_second, rates.cjk_chars_per_second)
             camera = ov.camera or _camera_cue(unit.text) or (Camera.WIDE if not drafts else Camera.MEDIUM)
             drafts.append(dict(camera=camera, duration_s=ov.duration or _clamp(seconds, rates),
@@ -317,22 +410,24 @@ def _pack_exchange(blocks: list[list[DialogueLine]], rates: _Rates, split: bool)
     """Pack dialogue into (lines, seconds) shots at block boundaries, then at line boundaries."""
     line_s = [[_reading_s(d.text, rates.words_per_second, rates.cjk_chars_per_second) + LINE_PAUSE_S
                for d in block] for block in blocks if block]
-    beats: list[tuple[list[DialogueLine], float]] = []
+    # lists grow in place: an exchange of n lines is packed in O(n), not O(n²)
+    beats: list[list] = []  # [lines, seconds]
     for block, times in zip([b for b in blocks if b], line_s):
         if block[0].dual and beats:  # simultaneous: the pair lasts as long as the longer block
-            prev_lines, prev_s = beats.pop()
-            beats.append((prev_lines + block, max(prev_s, sum(times))))
+            beats[-1][0].extend(block)
+            beats[-1][1] = max(beats[-1][1], sum(times))
         elif split and sum(times) > rates.max_shot_s:
-            beats += [([d], t) for d, t in zip(block, times)]
+            beats += [[[d], t] for d, t in zip(block, times)]
         else:
-            beats.append((list(block), sum(times)))
-    shots: list[tuple[list[DialogueLine], float]] = []
+            beats.append([list(block), sum(times)])
+    shots: list[list] = []
     for lines, seconds in beats:
         if shots and (not split or shots[-1][1] + seconds <= rates.max_shot_s):
-            shots[-1] = (shots[-1][0] + lines, shots[-1][1] + seconds)
+            shots[-1][0].extend(lines)
+            shots[-1][1] += seconds
         else:
-            shots.append((lines, seconds))
-    return shots
+            shots.append([list(lines), seconds])
+    return [(lines, seconds) for lines, seconds in shots]
 
 
 def _reading_s(text: str, latin_rate: float, cjk_rate: float) -> float:
@@ -348,9 +443,8 @@ def _clamp(seconds: float, rates: _Rates) -> float:
 def _camera_cue(text: str) -> Camera | None:
     """The earliest camera cue in an action paragraph (rule 4)."""
     best: tuple[int, int, Camera] | None = None
-    for rank, (pattern, camera, caps_only) in enumerate(_CAMERA_CUES):
-        bounded = rf"(?<![\w-]){pattern}(?![\w-])" if pattern.isascii() else pattern
-        for m in re.finditer(bounded, text, re.I):
+    for rank, (pattern, camera, caps_only) in enumerate(_CAMERA_PATTERNS):
+        for m in pattern.finditer(text):
             if caps_only and m.start() > 0 and m.group(0) != m.group(0).upper():
                 continue
             if best is None or (m.start(), rank) < best[:2]:
@@ -359,16 +453,68 @@ def _camera_cue(text: str) -> Camera | None:
     return best[2] if best else None
 
 
-def _mentioned(text: str, cast: list[str]) -> list[str]:
-    """Cast members named in the text, in order of first mention. Longer names claim their
-    text first, so "CYBER BOB" does not also count as a mention of "BOB"."""
-    claimed: list[tuple[int, int]] = []
-    found = []
-    for name in sorted(cast, key=len, reverse=True):
-        pattern = re.escape(name) if _CJK.search(name) else rf"(?<!\w){re.escape(name)}(?!\w)"
-        for m in re.finditer(pattern, text, re.I):
-            if not any(a < m.end() and m.start() < b for a, b in claimed):
-                claimed.append(m.span())
-                found.append((m.start(), name))
-                break
-    return [name for _, name in sorted(found)]
+def _fold(text: str) -> str:
+    """A spelling key: characters that ``re.IGNORECASE`` matches with each other fold alike
+    (lower then upper case; İ, whose lower case is two characters, as I). Checked against the
+    regex engine's own case table for every code point in tests/test_fuzz.py."""
+    return text.translate(_FOLD_FIRST).lower().upper()
+
+
+_FOLD_FIRST = {0x130: "I"}
+_WORD_RUN = re.compile(r"\w+")
+# ι, Ι, ͅ (a combining mark, not a word character) and ι fold alike: a name holding one is
+# always tried, since a word boundary may fall inside what it matches
+_MIXED_FOLD = "Ι"
+
+
+class _Mentions:
+    """Cast members named in a paragraph, in order of first mention (rule 5). Longer names
+    claim their text first, so "CYBER BOB" does not also count as a mention of "BOB".
+
+    Built once per episode. A name's pattern is tried only when the paragraph holds its
+    spelling: the first word of a Latin name as a whole word, a CJK name as a substring (both
+    case-folded), so each paragraph costs its length plus its candidates, not the cast size.
+    """
+
+    def __init__(self, cast: list[str]):
+        self.order = sorted(cast, key=len, reverse=True)  # stable: ties keep the order of first cue
+        self.rank = {name: k for k, name in enumerate(self.order)}
+        self.patterns = {name: re.compile(re.escape(name) if _CJK.search(name) else rf"(?<!\w){re.escape(name)}(?!\w)",
+                                          re.I) for name in self.order}
+        self.by_word: dict[str, list[str]] = {}
+        self.by_spelling: dict[int, dict[str, list[str]]] = {}  # CJK names: folded length -> spelling -> names
+        self.always: list[str] = []
+        for name in self.order:
+            word = _WORD_RUN.search(name)
+            if _CJK.search(name):
+                spelling = _fold(name)
+                self.by_spelling.setdefault(len(spelling), {}).setdefault(spelling, []).append(name)
+            elif word and _MIXED_FOLD not in _fold(name):
+                self.by_word.setdefault(_fold(word.group()), []).append(name)
+            else:
+                self.always.append(name)
+
+    def candidates(self, text: str) -> set[str]:
+        """Every name that may occur in ``text`` (a superset of those that do)."""
+        found = set(self.always)
+        if self.by_word:
+            for word in set(_fold("\x00".join(_WORD_RUN.findall(text))).split("\x00")):
+                found.update(self.by_word.get(word, ()))
+        if self.by_spelling and _CJK.search(text):
+            folded = _fold(text)
+            for n, spellings in self.by_spelling.items():
+                present = {folded[i:i + n] for i in range(len(folded) - n + 1)} & spellings.keys()
+                for spelling in present:
+                    found.update(spellings[spelling])
+        return found
+
+    def __call__(self, text: str) -> list[str]:
+        claimed: list[tuple[int, int]] = []
+        found = []
+        for name in sorted(self.candidates(text), key=self.rank.__getitem__):
+            for m in self.patterns[name].finditer(text):
+                if not any(a < m.end() and m.start() < b for a, b in claimed):
+                    claimed.append(m.span())
+                    found.append((m.start(), name))
+                    break
+        return [name for _, name in sorted(found)]

@@ -20,6 +20,11 @@ Format::
 
 Every error names the line of the offending YAML node, found by walking the composed node
 tree along the pydantic error location.
+
+Before the node tree is built, one pass over the parser's events refuses nesting deeper than
+``max_depth`` (the composer recurses per level) and more than ``max_nodes`` values once
+aliases are expanded (validation walks each alias as a copy, so a few lines of anchors can
+stand for billions of values). The limits are the script stage's (``stages.script``).
 """
 from __future__ import annotations
 
@@ -88,12 +93,42 @@ def line_of(root: yaml.Node, loc: tuple) -> int:
     return node.start_mark.line + 1
 
 
-def read_shotlist(text: str, path: str) -> tuple[ShotList, yaml.Node]:
+def _check_size(text: str, path: str, max_depth: int, max_nodes: int) -> None:
+    """Refuse nesting past ``max_depth`` and more than ``max_nodes`` values (aliases expanded),
+    naming the line where the limit is passed; YAML errors are left to the composer."""
+    sizes: dict[str, int] = {}  # values under each anchor, aliases expanded
+    open_: list[tuple[str | None, int]] = []  # per open collection: its anchor, the count before it
+    total = 0  # values so far, aliases expanded
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            if len(open_) >= max_depth:
+                raise ScriptError(path, f"YAML nested more than {max_depth} deep; a shot list nests 7 deep",
+                                  event.start_mark.line + 1)
+            open_.append((event.anchor, total))
+            total += 1
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            anchor, before = open_.pop()
+            if anchor is not None:
+                sizes[anchor] = total - before
+        elif isinstance(event, yaml.ScalarEvent):
+            total += 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            total += sizes.get(event.anchor, 1)  # an unknown anchor is the composer's error
+        if total > max_nodes:
+            raise ScriptError(path, f"YAML of more than {max_nodes:,} values (each alias counted as what it "
+                                    "repeats)", event.start_mark.line + 1)
+
+
+def read_shotlist(text: str, path: str, *, max_depth: int, max_nodes: int,
+                  max_characters: int) -> tuple[ShotList, yaml.Node]:
     """Parse and validate shot-list YAML; returns the model and the node tree for line lookups.
 
     Raises ScriptError naming the line of the first problem.
     """
     try:
+        _check_size(text, path, max_depth, max_nodes)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
@@ -114,6 +149,9 @@ def read_shotlist(text: str, path: str) -> tuple[ShotList, yaml.Node]:
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise ScriptError(path, f"{format_loc(err['loc'])}: {err['msg']}{more}",
                           line_of(root, err["loc"])) from None
+    if len(spec.characters) > max_characters:
+        raise ScriptError(path, f"characters: {len(spec.characters):,} names; an episode has at most "
+                                f"{max_characters:,}", line_of(root, ("characters", max_characters)))
     if spec.characters:
         # a declared cast catches typos in names, which would otherwise draw a new figure
         for i, scene in enumerate(spec.scenes):
@@ -128,9 +166,13 @@ def read_shotlist(text: str, path: str) -> tuple[ShotList, yaml.Node]:
     return spec, root
 
 
-def load_shotlist(text: str, where: str) -> Episode:
-    """Validated shot list → Episode; shots are taken as written, lines point at their nodes."""
-    spec, root = read_shotlist(text, where)
+def load_shotlist(text: str, where: str, *, max_depth: int, max_nodes: int, max_characters: int) -> Episode:
+    """Validated shot list → Episode; shots are taken as written, lines point at their nodes.
+
+    The limits are passed by ``stages.script``, which checks the Episode against the rest.
+    """
+    spec, root = read_shotlist(text, where, max_depth=max_depth, max_nodes=max_nodes,
+                               max_characters=max_characters)
     scenes = []
     for i, sc in enumerate(spec.scenes):
         setting, location, time_of_day = parse_heading(sc.heading, forced=False)
