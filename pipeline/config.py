@@ -189,19 +189,27 @@ def check_backend_files(profile: Profile, given_as: str) -> None:
     for stage, settings in profile.settings.items():
         for name in LOCAL_FILES.get(type(settings), ()):
             value = str(getattr(settings, name))
-            path = Path(value).expanduser()
-            if not path.exists():
-                problem = "no such file"
-            elif not path.is_file():
-                problem = "not a file"
-            elif not os.access(path, os.R_OK):
-                problem = "not readable"
-            else:
+            if (problem := _file_problem(value)) is None:
                 continue
-            where = "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"
+            where = "" if value.startswith(("/", "~")) else f" (relative to the current folder {Path.cwd()})"
             hint = type(settings).model_fields[name].description or ""
             raise ProfileError(f"profile {given_as}: [{profile.entry(stage).name}] {name} = {value!r}: {problem}"
                                f"{where}; expected {hint.rstrip('.')}; nothing was rendered")
+
+
+def _file_problem(value: str) -> str | None:
+    """Why ``value`` does not name a readable file here, or None when it does."""
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # ~someone who is not a user here
+        return f"cannot expand {value.split('/', 1)[0]!r} (no such user or no home folder)"
+    if not path.exists():
+        return "no such file"
+    if not path.is_file():
+        return "not a file"
+    if not os.access(path, os.R_OK):
+        return "not readable"
+    return None
 
 
 # --------------------------------------------------------------------------- settings
@@ -268,9 +276,9 @@ def find_config_files(env: Mapping[str, str] | None = None, config: str | Path |
     env = os.environ if env is None else env
     given = config or env.get("ANIM_CONFIG")
     if given:
-        path = Path(given).expanduser()
+        what = "--config" if config else "ANIM_CONFIG"
+        path = _expand(str(given), f"config file given by {what}")
         if not path.is_file():
-            what = "--config" if config else "ANIM_CONFIG"
             raise SettingsError(f"{path}: config file not found (given by {what})")
         return [path]
     user = _xdg(env, "XDG_CONFIG_HOME", ".config") / "anim-pipeline" / "config.toml"
@@ -291,9 +299,19 @@ def read_config(path: Path) -> dict[str, Any]:
     for key in _PATH_KEYS:
         value = data.get(key)
         if isinstance(value, str) and "://" not in value:
-            local = Path(value).expanduser()
+            local = _expand(value, f"{path}: setting {key}")
             data[key] = str(local if local.is_absolute() else path.parent / local)
     return data
+
+
+def _expand(text: str, what: str) -> Path:
+    """``text`` as a path with ``~`` expanded; a ``~user`` that is not a user here (or a home that
+    cannot be found) is a SettingsError naming ``what``."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise SettingsError(f"{what}: {text!r}: cannot expand {text.split('/', 1)[0]!r} (no such user or no "
+                            "home folder)") from None
 
 
 def _flag(env: Mapping[str, str], var: str) -> bool:
@@ -360,11 +378,21 @@ def override_settings(settings: Settings, **cli: Any) -> Settings:
 
 def _validated(values: dict[str, Any]) -> Settings:
     try:
-        return Settings(**values)
+        settings = Settings(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = str(err["loc"][0]) if err["loc"] else "?"
-        source = values.get("sources", {}).get(key, "default")
-        where = {"default": "built-in default", "command line": "command line"}.get(source)
-        where = where or (f"environment variable {source[1:]}" if source.startswith("$") else source)
-        raise SettingsError(f"{where}: setting {key}: {err['msg']} (got {err.get('input')!r})") from None
+        raise SettingsError(f"{_where(values, key)}: setting {key}: {err['msg']} (got {err.get('input')!r})") from None
+    # A local path whose ~user cannot be expanded would fail in whichever module opens it first.
+    for key in _PATH_KEYS:
+        value = getattr(settings, key, None)
+        if isinstance(value, str) and value.startswith("~"):
+            _expand(value, f"{_where(values, key)}: setting {key}")
+    return settings
+
+
+def _where(values: dict[str, Any], key: str) -> str:
+    """The source of setting ``key``, as a user reads it."""
+    source = values.get("sources", {}).get(key, "default")
+    where = {"default": "built-in default", "command line": "command line"}.get(source)
+    return where or (f"environment variable {source[1:]}" if source.startswith("$") else source)

@@ -53,6 +53,9 @@ class PriceCatalog(Record):
             raise ProfileError(f"{path}: cannot read the price catalog: {exc.strerror or exc}") from None
         except (UnicodeDecodeError, csv.Error) as exc:
             raise ProfileError(f"{path}: not a CSV price catalog: {exc}") from None
+        if not rows:
+            raise ProfileError(f"{path}: the price catalog has no rows (expected a header and one row per "
+                               "resource, provider and tier, like cluster/prices.csv)")
         return cls(rows=rows, usd_cny=usd_cny, tier=tier, provider=provider)
 
     def with_tier(self, tier: str) -> "PriceCatalog":

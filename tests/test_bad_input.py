@@ -124,6 +124,8 @@ def test_a_price_catalog_with_a_non_finite_or_malformed_row_names_file_and_line(
                                                                          ANIM_PRICES=str(bad)))
     line = error_line(anim(home, "plan", str(SHOTLIST), ANIM_PRICES=str(tmp_path)))
     assert f"{tmp_path}: cannot read the price catalog" in line
+    line = error_line(anim(home, "plan", str(SHOTLIST), ANIM_PRICES="/dev/null"))
+    assert "/dev/null: the price catalog has no rows" in line
 
 
 def test_a_calibration_row_with_an_infinite_time_names_file_and_line(home, tmp_path):
@@ -141,6 +143,22 @@ def test_a_calibration_row_with_an_infinite_time_names_file_and_line(home, tmp_p
 ])
 def test_non_finite_profile_values_and_budgets_are_refused(home, args, names):
     assert names in error_line(anim(home, "plan", str(SHOTLIST), *args))
+
+
+def test_a_home_folder_of_nobody_is_one_line_naming_where_it_was_set(home, tmp_path):
+    """``~nosuchuser/…`` cannot be expanded (Python raises RuntimeError): each place says so."""
+    says = "cannot expand '~nosuchuser' (no such user or no home folder)"
+    line = error_line(anim(home, "plan", str(SHOTLIST), ANIM_STORE="~nosuchuser/store"))
+    assert line == f"error: environment variable ANIM_STORE: setting store: '~nosuchuser/store': {says}"
+    home["config"].write_text('prices = "~nosuchuser/prices.csv"\n', encoding="utf-8")
+    assert f"{home['config']}: setting prices: '~nosuchuser/prices.csv': {says}" in error_line(
+        anim(home, "plan", str(SHOTLIST)))
+    assert f"config file given by ANIM_CONFIG: '~nosuchuser/c.toml': {says}" in error_line(
+        anim(home, "plan", str(SHOTLIST), ANIM_CONFIG="~nosuchuser/c.toml"))
+    home["config"].write_text("", encoding="utf-8")
+    line = error_line(anim(home, "plan", str(SHOTLIST), "--profile", str(RIFE),
+                           "--set", "rife.weights=~nosuchuser/w.pkl"))
+    assert f"[rife] weights = '~nosuchuser/w.pkl': {says}" in line
 
 
 # --------------------------------------------------------------------------- the artifact store
@@ -277,7 +295,8 @@ def test_missing_rife_weights_are_refused_before_any_work_naming_the_path(home, 
 
 
 def test_rife_weights_that_are_a_folder_or_relative_and_absent_are_refused(home):
-    line = error_line(anim(home, "plan", str(SHOTLIST), "--profile", str(RIFE), "--set", f"rife.weights={home['work']}"))
+    line = error_line(anim(home, "plan", str(SHOTLIST), "--profile", str(RIFE),
+                           "--set", f"rife.weights={home['work']}"))
     assert f"weights = '{home['work']}': not a file" in line
     # The shipped profile's weights are relative to where anim runs: from elsewhere they are absent.
     line = error_line(anim(home, "plan", str(SHOTLIST), "--profile", str(RIFE)))
