@@ -411,7 +411,7 @@ def _report(rplan, result, metrics, written, budget_yuan) -> None:
         out.print(f"storyboard: {written['storyboard.png']}", markup=False)
     if previews := [name for name in written if name.startswith("shot-") and name.endswith(".mp4")]:
         out.print(f"{len(previews)} finished shots to preview in {written[previews[0]].parent}: "
-                  f"{', '.join(previews[:8])}{' …' if len(previews) > 8 else ''}")
+                  f"{', '.join(previews[:8])}{' …' if len(previews) > 8 else ''}", markup=False)
     err.print(f"[yellow]{reason}[/]; {escape(left)}. Finished work is kept: the next render resumes from it.")
 
 
@@ -443,11 +443,11 @@ def approve(ctx: typer.Context, script: Path = typer.Argument(..., help="The scr
     """Approve or reject storyboard panels, or list the decisions. A decision follows the shot's
     content and aspect: it holds at every profile until the shot is edited."""
     from pipeline.approvals import decide, gate_on, gate_state, open_approvals
-    from pipeline.store import open_store
 
     # 1. What to decide on, checked before anything is recorded.
-    if list_only and (shot or all_shots or reject or comment):
-        raise _fail("--list shows the decisions; give --shot/--all (and --reject, --comment) without --list to decide")
+    if list_only and (shot or all_shots or reject or comment or by):
+        raise _fail("--list shows the decisions; give --shot/--all (and --reject, --comment, --by) without --list "
+                    "to decide")
     if not list_only and not shot and not all_shots:
         raise _fail("give --shot ID (repeatable) or --all to decide, or --list to see the decisions")
     try:
@@ -459,7 +459,7 @@ def approve(ctx: typer.Context, script: Path = typer.Argument(..., help="The scr
             if unknown:
                 raise AnimError(f"{script}: no shot {', '.join(unknown)}; shots are {', '.join(ids)}")
             chosen = list(ids.values()) if all_shots else [ids[s] for s in dict.fromkeys(shot)]
-            store = open_store(settings.store)
+            store = _open_store(settings)
             missing = [s.shot.id for s in chosen if store.get(s.keys["storyboard"]) is None]
             if missing:
                 raise AnimError(f"{script}: no storyboard panel yet for {', '.join(missing)} at profile "
@@ -471,18 +471,18 @@ def approve(ctx: typer.Context, script: Path = typer.Argument(..., help="The scr
     except AnimError as exc:
         raise _fail(exc, debug=ctx.obj.debug)
     # 3. Every shot's latest decision.
-    table = Table(title=f"storyboard decisions — {rplan.title} ({book.location})")
+    table = Table(title=escape(f"storyboard decisions — {rplan.title} ({book.location})"))
     for col in ("shot", "decision", "by", "at (UTC)", "at profile", "comment"):
         table.add_column(col)
     for s in state.shots:
         d = s.latest
         style = {"approved": "green", "rejected": "red", "pending": "dim"}[s.state]
-        table.add_row(s.shot, f"[{style}]{s.state}", *(escape(v) for v in (
+        table.add_row(escape(s.shot), f"[{style}]{s.state}", *(escape(v) for v in (
             (d.by, d.at.strftime("%Y-%m-%d %H:%M"), d.profile, d.comment) if d else ("", "", "", ""))))
     out.print(table)
     if not state.gate:
         why = "approval_gate = false" if rplan.profile.approval_gate is False else "its keyframes run on CPUs"
-        out.print(f"[dim]the approval gate is off for profile {rplan.profile.name} ({why}): "
+        out.print(f"[dim]the approval gate is off for profile {escape(rplan.profile.name)} ({why}): "
                   "render with --approval-gate to hold back shots that are not approved")
 
 
