@@ -67,12 +67,16 @@ def _print_json(data) -> None:
     sys.stdout.write(text + "\n")
 
 
-def _open_store(settings):
+def _open_store(settings, *, check_only: bool = False):
     """The configured artifact store. The default one is created on first use, parents and all; one
-    the user named (environment, config file) must lie in an existing folder, so a typo is an error."""
-    from pipeline.store import open_store
+    the user named (environment, config file) must lie in an existing folder, so a typo is an error.
+    ``check_only``: the checks alone, nothing created (before anything reads the location)."""
+    from pipeline.store import check_store_location, open_store
 
-    return open_store(settings.store, create_parents=settings.sources.get("store", "default") == "default")
+    named = settings.sources.get("store", "default") != "default"
+    if check_only:
+        return check_store_location(settings.store, create_parents=not named)
+    return open_store(settings.store, create_parents=not named)
 
 
 @app.callback()
@@ -114,6 +118,7 @@ def _prepare(settings, script: Path, profile: str, aspect: str | None, sets: lis
     episode = load_episode(script)
     prices = PriceCatalog.load(settings.prices, usd_cny=settings.usd_cny, tier=settings.price_tier,
                                provider=settings.price_provider)
+    _open_store(settings, check_only=True)  # a bad location is its own line, before its rows are read
     calibration = _calibration(settings)
     plan = make_plan(episode, prof, calibration=calibration, prices=prices,
                      script_sha256=hashlib.sha256(script.read_bytes()).hexdigest())
@@ -272,7 +277,8 @@ def _yuan(text: str | None) -> float | None:
 @app.command()
 def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain screenplay or YAML shot list."),
            profile: str = ProfileOpt, aspect: Optional[str] = AspectOpt, sets: list[str] = SetOpt,
-           out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: out/<script>-<profile>-<aspect>]"),
+           out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder, in a folder that "
+                                                  "exists [default: out/<script>-<profile>-<aspect>]"),
            budget: Optional[str] = typer.Option(None, "--budget", help="Cap attributed cost, e.g. ¥0.5; "
                                                 "stops before the node that would pass it."),
            stop_after: Optional[str] = typer.Option(None, "--stop-after", help="'storyboard': panels and "

@@ -83,10 +83,14 @@ def check_out_dir(out_dir: Path, *, create_parents: bool = True) -> None:
     out_dir = Path(out_dir)
     if out_dir.name in ("", ".", ".."):
         raise PublishError(f"{out_dir}: does not name a folder to publish into; nothing was written")
-    _check_replaceable(out_dir)
-    above = out_dir.parent  # where the new folder is built, beside the old one
-    while not above.exists() and above != above.parent:
-        above = above.parent
+    try:
+        _check_replaceable(out_dir)
+        above = out_dir.parent  # where the new folder is built, beside the old one
+        while not above.exists() and above != above.parent:
+            above = above.parent
+    except OSError as exc:  # a folder on the way that cannot even be looked into
+        raise PublishError(f"{out_dir}: cannot look at it ({exc.strerror or exc}); choose another --out; "
+                           "nothing was written") from None
     if not above.is_dir():
         raise PublishError(f"{out_dir}: {above} is a file, not a folder; nothing was written")
     if not create_parents and above != out_dir.parent:
@@ -156,7 +160,7 @@ def publish(outputs: dict[str, Path], out_dir: Path, extra: dict[str, Any], *,
                 _step(out_dir, f"copying {name} from {src}", shutil.copyfile, src, new / name)
             for name, text in texts.items():
                 _step(out_dir, f"writing {name}", (new / name).write_text, text, encoding="utf-8")
-            marker = json.dumps({"files": sorted(names)}, indent=2, ensure_ascii=False)
+            marker = json.dumps({"files": sorted(names)}, indent=2, ensure_ascii=False, allow_nan=False)
             _step(out_dir, f"writing {MARKER}", (new / MARKER).write_text, marker, encoding="utf-8")
 
             # 4. Swap: the old folder aside, the new one in (put the old one back if that fails).

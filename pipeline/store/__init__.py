@@ -41,12 +41,24 @@ from pathlib import Path
 
 from pipeline.store.base import Store, local_path
 from pipeline.store.lease import Lease, LeaseInfo
-from pipeline.store.local import LocalStore
+from pipeline.store.local import LocalStore, check_location
 from pipeline.store.manifest import GcItem, GcReport, StageUsage, StoreError, StoreStats
 from pipeline.store.remote import RemoteStore
 
-__all__ = ["open_store", "Store", "LocalStore", "RemoteStore", "StoreError", "StoreStats", "StageUsage", "GcItem",
+__all__ = ["open_store", "check_store_location", "Store", "LocalStore", "RemoteStore", "StoreError", "StoreStats",
+           "StageUsage", "GcItem",
            "GcReport", "Lease", "LeaseInfo"]
+
+
+def check_store_location(location: str | Path, *, create_parents: bool = True) -> None:
+    """What :func:`open_store` checks before it creates anything, for a caller that reads the
+    location before opening it: StoreError naming a local location that is not a folder, lies
+    under a file, names an unknown ``~user`` or (``create_parents=False``) lies in a folder that
+    does not exist. Creates nothing; a remote URL is not contacted."""
+    if location is None or not str(location).strip():
+        raise StoreError(f"an artifact store needs a location: a path or an fsspec URL, got {location!r}")
+    if local_path(location) is not None:
+        check_location(location, create_parents=create_parents)
 
 
 def open_store(location: str | Path, *, local_cache: str | Path | None = None, create_parents: bool = True) -> Store:

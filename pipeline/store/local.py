@@ -36,18 +36,41 @@ def _tree(path: Path) -> tuple[int, float]:
     return size, latest
 
 
+FIX = "choose another location (ANIM_STORE or `store` in the config file)"
+
+
+def check_location(location: str | Path, *, create_parents: bool = True) -> Path:
+    """The checks opening a local store at ``location`` makes before it creates anything; returns
+    its folder, resolved. Raises StoreError naming the location: a ``~user`` that is not a user
+    here, a file or a device, a path under a file, and (``create_parents=False``) a folder that
+    would hold it but does not exist. Creates nothing, so it finds no read-only filesystem:
+    creating the store does."""
+    root = local_path(location)
+    if root is None:
+        raise StoreError(f"artifact store {location!r} is not a local directory; open it with open_store")
+    try:
+        root = root.expanduser().resolve()
+    except RuntimeError:  # ~someone who is not a user here
+        raise StoreError(f"artifact store {str(location)!r}: cannot expand {root.parts[0]!r} (no such user or "
+                         "no home folder)") from None
+    try:
+        _check_location(root, create_parents)
+    except OSError as exc:  # a folder on the way that cannot even be looked into
+        raise StoreError(f"artifact store {root}: cannot look at it ({exc.strerror or exc}); {FIX}") from None
+    return root
+
+
 def _check_location(root: Path, create_parents: bool) -> None:
     """What opening a store at ``root`` may do: use a folder, or create one in a folder."""
-    fix = "choose another location (ANIM_STORE or `store` in the config file)"
     if root.exists() and not root.is_dir():
-        raise StoreError(f"artifact store {root}: not a folder ({_kind(root)}); {fix}")
+        raise StoreError(f"artifact store {root}: not a folder ({_kind(root)}); {FIX}")
     if root.exists():
         return
     above = root.parent
     while not above.exists():
         above = above.parent
     if not above.is_dir():
-        raise StoreError(f"artifact store {root}: {above} is {_kind(above)}, not a folder; {fix}")
+        raise StoreError(f"artifact store {root}: {above} is {_kind(above)}, not a folder; {FIX}")
     if not create_parents and above != root.parent:
         raise StoreError(f"artifact store {root}: the folder that would hold it, {root.parent}, does not exist; "
                          "create it first or fix the location (a new store is created only in an existing folder); "
@@ -76,17 +99,9 @@ class LocalStore(Store):
         into it fails as that node's error. ``local_cache`` is accepted so callers need not know
         the layout; a local store needs none.
         """
-        root = local_path(location)
-        if root is None:
-            raise StoreError(f"artifact store {location!r} is not a local directory; open it with open_store")
-        try:
-            self.root = root.expanduser().resolve()
-        except RuntimeError:  # ~someone who is not a user here
-            raise StoreError(f"artifact store {str(location)!r}: cannot expand {root.parts[0]!r} (no such user or "
-                             "no home folder)") from None
+        self.root = check_location(location, create_parents=create_parents)
         self.url = str(self.root)
         try:
-            _check_location(self.root, create_parents)
             (self.root / STAGING).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"artifact store {self.root}: cannot create it ({exc.strerror or exc}); "
