@@ -8,27 +8,51 @@ chain of remote tasks linked by ObjectRefs, so Ray's own dependency resolution s
 
 Hits are not submitted; they are cached ledger rows at ¥0. A model-holding keyframe backend
 runs as a pool of actors (loaded once, batches across shots; plates and sheets first).
-Every executed node returns its measured seconds and the resources it held; the executor
-prices them. With a budget, a shot's chain is submitted only while spent + running + its
-estimate (× a margin that learns from this render's overruns) fits: chains the schedule held
-for budget stand by and are admitted if actual costs leave room.
+Every executed node returns its measured seconds, the resources it held and those priced
+(its spend note is in the store already, ``pipeline.ledger``); a node another render made
+meanwhile comes back ``taken`` and is a hit.
+
+With a budget (``pipeline.budget.BudgetGuard``) the budget is a cap:
+
+1. the storyboards are admitted together with the contact sheet's reservation, and no chain
+   starts before they are done, so a render that stops for budget still delivers its sheet
+   (and the storyboards' actual/estimate ratio is the first thing learned);
+2. chains are admitted one at a time until their stages' ratios are known (from this
+   cluster's earlier renders of the episode, or from the first chain), then as many as fit at
+   the learned margins — chains the schedule held for budget stand by;
+3. every ``POLL_S`` the executor reads, from each running node's lease, when it started, and
+   charges what it has cost so far; nodes not started yet are cancelled (latest first) while
+   what is committed passes the budget, and when spend so far — plus what running nodes will
+   cost in the ``STOP_AHEAD_S`` it takes to stop them, plus the contact sheet's reservation —
+   reaches the budget every running node is cancelled (tasks force-killed, model actors
+   killed). A cancelled node is billed from its lease's start to the confirmed cancel, in this
+   render's ledger and as a spend note; finished nodes stay in the store. The contact sheet
+   alone is never cancelled.
 """
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline import ledger
 from pipeline.budget import BudgetGuard
 from pipeline.cost import PriceCatalog
+from pipeline.ledger import Work
 from pipeline.models import LedgerRecord, RenderPlan, ShotPlan
 from pipeline.nodes import (KeyframeWorker, Measured, assemble_node, clip_node, contact_sheet_node, keyframes_node,
                             storyboard_node)
 from pipeline.registry import Resources
-from pipeline.schedule import Node, NodeId, Schedule, prerequisites
+from pipeline.schedule import Node, NodeId, Schedule, contact_sheet_estimate, prerequisites
 from pipeline.store import Store
+from pipeline.store.lease import LeaseInfo, clear as clear_lease, current as current_lease
 from stages.records import AnimError, NodeError
+
+POLL_S = 0.05  # with a budget: how often running nodes' cost so far is looked at
+STOP_AHEAD_S = 0.1  # the cap stops running nodes this long before they would reach it: two polls and
+# the ~20 ms a force-cancel takes to confirm (measured on a local 2-core cluster)
 
 
 @dataclass
@@ -44,6 +68,10 @@ class Execution:
     cluster: dict[str, float] = field(default_factory=dict)  # resources the render held: {"CPU": 2, "GPU": 0}
     ray_init_seconds: float = 0.0
     stage_seconds: float = 0.0  # resource-seconds inside nodes, as the ledger bills them
+    cancelled: list[NodeId] = field(default_factory=list)  # nodes the budget cap stopped in flight
+    cancelled_yuan: float = 0.0  # their partial time, billed (in ``records`` too)
+    cap_reached: bool = False  # the cap stopped running nodes
+    budget_note: str | None = None  # why the budget left the storyboard or the episode undone
 
 
 class Cluster:
@@ -146,15 +174,16 @@ class _ActorPool:
     """Model actors for a model-holding keyframe backend: ``actors`` replicas (the backend's
     ``actors`` setting, 1 if it has none), each holding the backend's resources."""
 
-    def __init__(self, cluster: Cluster, plan: RenderPlan, url: str):
+    def __init__(self, cluster: Cluster, plan: RenderPlan, work: Work):
         p = plan.profile
         self.entry, self.settings = p.entry("keyframes"), p.settings_for("keyframes")
         self.held = self.entry.resources(self.settings)
-        self.plan, self.url, self.cluster = plan, url, cluster
+        self.plan, self.work, self.cluster = plan, work, cluster
         self.n = getattr(self.settings, "actors", 1)
         self.batch_size = getattr(self.settings, "batch_size", 4)
         self.actors: list[Any] = []
         self.turn = 0
+        self.batches = 0  # batch calls made: each batch's number
 
     def start(self) -> None:
         """Create the actors and wait until each has loaded its model: a missing model, no GPU or a
@@ -165,7 +194,7 @@ class _ActorPool:
         actor = ray.remote(num_cpus=1, num_gpus=self.held.gpus or None)(KeyframeWorker)
         p = self.plan
         self.actors = [actor.remote(entry=self.entry, settings=self.settings, width=p.width, height=p.height,
-                                    store=self.url) for _ in range(self.n)]
+                                    work=self.work) for _ in range(self.n)]
         try:
             for a in self.actors:
                 get(a.ready.remote(), NodeId("keyframes", f"{self.entry.name} backend"))
@@ -179,16 +208,17 @@ class _ActorPool:
         self.turn += 1
         return self.actors[self.turn % len(self.actors)]
 
-    def prerequisite(self, node: Node) -> Any:
-        """A background plate or a character sheet, drawn once into the store."""
+    def prerequisite(self, node: Node) -> tuple[Any, Any]:
+        """A background plate or a character sheet, drawn once into the store: (ref, actor)."""
         actor = self._next()
         if node.id.stage == "plates":
-            return actor.plate.remote(node.key, self.plan.plates[node.key])
+            return actor.plate.remote(node.key, self.plan.plates[node.key]), actor
         name = next(n for n, k in self.plan.sheets.items() if k == node.key)
-        return actor.sheet.remote(node.key, name)
+        return actor.sheet.remote(node.key, name), actor
 
-    def keyframes(self, shots: list[ShotPlan], deps: list[Any]) -> list[tuple[ShotPlan, Any]]:
-        """Batches of shots, about ``2 × batch_size`` keyframes each, round-robin over the actors."""
+    def keyframes(self, shots: list[ShotPlan], deps: list[Any]) -> list[tuple[ShotPlan, Any, float, Any, int]]:
+        """Batches of shots, about ``2 × batch_size`` keyframes each, round-robin over the actors:
+        (shot, ref, its share of the batch, the actor, which batch)."""
         out, group, count = [], [], 0
         for i, shot in enumerate(shots):
             group.append(shot)
@@ -196,34 +226,66 @@ class _ActorPool:
             if count >= 2 * self.batch_size or i == len(shots) - 1:
                 plates = {s.keys["plate"]: self.plan.plates[s.keys["plate"]] for s in group if "plate" in s.keys}
                 sheets = {n: self.plan.sheets[n] for s in group for n in s.shot.characters if n in self.plan.sheets}
-                refs = self._next().keyframes.options(num_returns=len(group)).remote(group, plates, sheets, *deps)
-                out += zip(group, refs if len(group) > 1 else [refs])
+                actor = self._next()
+                refs = actor.keyframes.options(num_returns=len(group)).remote(group, plates, sheets, *deps)
+                self.batches += 1
+                batch = self.batches
+                out += [(s, r, 1 / len(group), actor, batch) for s, r in zip(group, refs if len(group) > 1 else [refs])]
                 group, count = [], 0
         return out
 
     def consistency(self, shots: list[ShotPlan]) -> Any:
         return self._next().consistency.remote(shots)
 
+    def kill(self, actor: Any) -> None:
+        """Stop an actor now (the cap): its running and queued calls fail; the pool starts afresh."""
+        import ray
+
+        ray.kill(actor)
+        self.actors = [a for a in self.actors if a != actor]
+
+
+@dataclass
+class _Flight:
+    """A submitted node: what it holds (for its cost so far) and when its worker took its lease."""
+
+    node: NodeId
+    key: str
+    resource: str
+    units: float
+    rate: float  # ¥ per second of what it holds
+    share: float = 1.0  # its part of a batch call
+    after: tuple[NodeId, ...] = ()  # submitted nodes it waits for
+    actor: Any = None  # the model actor it runs on, None for a task
+    group: int | None = None  # the batch call it is part of (cancelled together)
+    cancellable: bool = True
+    lease: LeaseInfo | None = None  # its own lease, once its worker took it
+
+    def cost_so_far(self, now: float) -> float:
+        return max(now - self.lease.started, 0.0) * self.rate * self.share if self.lease else 0.0
+
 
 class _Run:
     """One execution of a schedule: what is in flight, what the budget allows, the ledger."""
 
     def __init__(self, plan: RenderPlan, sched: Schedule, *, store: Store, prices: PriceCatalog, ffmpeg: str,
-                 cluster: Cluster, budget_yuan: float | None, margin: float,
+                 cluster: Cluster, guard: BudgetGuard, work: Work,
                  on_progress: Callable[[int, int, float], None] | None,
                  on_node: Callable[[NodeId, list[LedgerRecord]], None] | None = None):
         self.plan, self.sched, self.store, self.prices, self.ffmpeg = plan, sched, store, prices, ffmpeg
-        self.cluster, self.on_progress, self.on_node = cluster, on_progress, on_node
+        self.cluster, self.guard, self.work, self.on_progress, self.on_node = cluster, guard, work, on_progress, on_node
         self.ray_was_up = cluster.started
-        self.guard = BudgetGuard(budget_yuan, margin)
+        self.spent_before = guard.spent  # the episode's earlier spend, when the budget is the episode's
         self.out = Execution()
-        self.in_flight: dict[Any, NodeId] = {}
+        self.in_flight: dict[Any, _Flight] = {}
         self.refs: dict[NodeId, Any] = {}  # submitted node -> its ref (inputs of later nodes)
+        self.learning: set[str] = set()  # shots admitted while their stages' ratios were unknown
+        self.stopping = False  # the cap was reached or the storyboard did not fit: nothing more starts
         p = plan.profile
         self.entries = {stage: (p.entry(stage), p.settings_for(stage)) for stage in ("storyboard", "keyframes",
                                                                                       "inbetween")}
         kf_entry, kf_settings = self.entries["keyframes"]
-        self.pool = _ActorPool(cluster, plan, store.url) if kf_entry.actor else None
+        self.pool = _ActorPool(cluster, plan, work) if kf_entry.actor else None
 
     # ---- 1. before any work: model backends load, GPUs exist
     def prepare(self) -> None:
@@ -245,15 +307,24 @@ class _Run:
         shot = next((s for s in self.plan.shots if s.shot.id == node.id.item), None)
         return shot is not None and shot.audit_frame is not None
 
-    def take(self, measured: Measured, node: NodeId) -> None:
-        """Price a finished node into the ledger and charge it; release its reservation."""
-        rows = [self.prices.record(t.stage, measured.node.shot, t.seconds, t.resource, t.units)
-                for t in measured.timings]
+    def take(self, measured: Measured, flight: _Flight) -> None:
+        """A finished node into the ledger: its priced rows charged, its reservation released (a
+        node another render made meanwhile is a hit)."""
+        node = flight.node
+        self._landed(flight)
+        if measured.taken:
+            self.guard.release(node)
+            self.hit(self.sched.get(node) or Node(node, flight.key, "hit"))
+            return
+        rows = measured.rows
         self.out.records += rows
         self.out.stage_seconds += sum(t.seconds * t.units for t in measured.timings)
         yuan = sum(r.yuan for r in rows)
         self.guard.charge(yuan)
-        self.guard.finish(node, yuan)  # the margin learns how far off estimates run
+        if node.stage in ("plates", "sheets"):
+            self.guard.release(node)  # priced per episode: no lesson for one node
+        else:
+            self.guard.finish(node, yuan)  # the margin learns how far off estimates run
         self.out.spans.append(("+".join(t.stage for t in measured.timings), *measured.span))
         if measured.quality and measured.node.shot:
             self.out.quality[measured.node.shot] = measured.quality
@@ -261,13 +332,41 @@ class _Run:
         if self.on_node:
             self.on_node(node, rows)
 
+    def _landed(self, flight: _Flight) -> None:
+        if flight.node.stage == "clip":
+            self.learning.discard(flight.node.item)
+
     # ---- 3. submission
-    def submit(self, node: NodeId, ref: Any, estimate: float, *, learn: bool = True) -> None:
-        self.in_flight[ref], self.refs[node] = node, ref
-        self.guard.reserve(node, estimate, learn=learn)
+    def rate(self, held: Resources, *, with_cpu: bool = False) -> float:
+        """¥ per second of holding ``held`` (or the CPU core a node also bills, if dearer)."""
+        rate = self.prices.cost(1.0, held.resource, held.units)
+        return max(rate, self.prices.cost(1.0, "cpu", 1.0)) if with_cpu else rate
+
+    def submit(self, node: Node, ref: Any, held: Resources = Resources(), *, share: float = 1.0,
+               after: tuple[NodeId, ...] = (), actor: Any = None, group: int | None = None, learn: bool = True,
+               reserve: bool = True, with_cpu: bool = False) -> None:
+        self.in_flight[ref] = _Flight(node.id, node.key, held.resource, held.units, self.rate(held, with_cpu=with_cpu),
+                                      share, tuple(a for a in after if a in self.refs), actor, group,
+                                      cancellable=node.id.stage != "contact_sheet")
+        self.refs[node.id] = ref
+        if reserve:
+            self.guard.reserve(node.id, node.estimate_yuan, stage=node.id.stage, learn=learn)
 
     def storyboards(self) -> None:
+        """Every scheduled panel together with the contact sheet's reservation, or none."""
         boards = self.sched.where("run", "storyboard")
+        sheet = self.sched.get(NodeId("contact_sheet"))
+        sheet_yuan = contact_sheet_estimate(self.plan) if sheet is not None and sheet.state != "hit" else 0.0
+        if not self.guard.fits_all([(n.estimate_yuan, "storyboard") for n in boards]
+                                   + [(sheet_yuan, "contact_sheet")]):
+            self.stopping = True
+            cost = sum(n.estimate_yuan for n in boards) * self.guard.margin_for("storyboard")
+            self.out.budget_note = (f"the budget does not cover the storyboard: ¥{cost:.5f} at this cluster's margin "
+                                    f"{self.guard.margin_for('storyboard'):.2f} with ¥{self.guard.spent:.5f} spent; "
+                                    "nothing more was started and there is no contact sheet")
+            return
+        if sheet_yuan:
+            self.guard.reserve("contact_sheet", sheet_yuan, stage="contact_sheet", learn=False)
         if not boards:
             return
         entry, settings = self.entries["storyboard"]
@@ -275,8 +374,8 @@ class _Run:
         shots = {s.shot.id: s for s in self.plan.shots}
         p = self.plan.profile
         for n in boards:
-            self.submit(n.id, task.remote(shots[n.id.item], entry=entry, settings=settings, width=p.storyboard_width,
-                                          aspect=p.aspect, store=self.store.url), n.estimate_yuan)
+            self.submit(n, task.remote(shots[n.id.item], entry=entry, settings=settings, width=p.storyboard_width,
+                                       aspect=p.aspect, work=self.work))
 
     def chains(self) -> list[ShotPlan]:
         """Shots whose clip must be made: scheduled first, then those standing by for budget."""
@@ -287,33 +386,52 @@ class _Run:
         return sorted(run, key=lambda s: order[s.shot.id]) + standby
 
     def admit(self, queue: list[ShotPlan]) -> None:
-        """Submit every queued chain that fits the budget now (its plates and sheets first)."""
+        """Submit every queued chain that fits the budget now (its plates and sheets first); with a
+        budget, one chain at a time while its stages' ratios are unknown."""
+        if self.stopping:
+            return
+        if self.guard.capped:
+            if any(f.node.stage == "storyboard" for f in self.in_flight.values()):
+                return  # the storyboard and its contact sheet come first, and teach the first margin
+            if self.guard.reservation("contact_sheet"):  # at what this cluster has shown so far
+                self.guard.reserve("contact_sheet", contact_sheet_estimate(self.plan), stage="contact_sheet",
+                                   learn=False)
         batch: list[ShotPlan] = []
         for shot in list(queue):
             kf, clip = self.sched[NodeId("keyframes", shot.shot.id)], self.sched[NodeId("clip", shot.shot.id)]
             needs = [self.sched[n] for n in prerequisites(self.plan, shot) if self.sched.get(n) is not None]
-            new = [n for n in needs if n.state != "hit" and n.id not in self.refs]
-            cost = clip.estimate_yuan + sum(n.estimate_yuan for n in new + [kf] if n.state != "hit")
-            if not self.guard.fits(cost):
+            new = [n for n in needs if n.state != "hit" and n.id not in self.refs and n.id not in self.out.done]
+            runs = ([kf] if kf.state != "hit" else []) + [clip]
+            learning = self.guard.capped and not all(self.guard.known(n.id.stage) for n in runs)
+            if learning and self.learning:
+                break  # learn before widening: the chain in flight measures these stages first
+            if not self.guard.fits_all([(n.estimate_yuan, n.id.stage) for n in new + runs]):
                 continue
             queue.remove(shot)
+            if learning:
+                self.learning.add(shot.shot.id)
             for n in needs:
                 if n.state == "hit" and n.id not in self.out.done:
                     self.hit(n)  # a plate or sheet this chain reads from the store
             for n in new:
-                self.submit(n.id, self.pool.prerequisite(n), n.estimate_yuan, learn=False)
+                ref, actor = self.pool.prerequisite(n)
+                self.submit(n, ref, self.pool.held, actor=actor, learn=False)
             if kf.state == "hit":
                 self.clip(shot, None, clip)
             else:
-                self.guard.reserve(kf.id, kf.estimate_yuan)
+                self.guard.reserve(kf.id, kf.estimate_yuan, stage="keyframes")
                 batch.append(shot)
-        for shot, ref in self.keyframes(batch) if batch else []:
-            node = NodeId("keyframes", shot.shot.id)
-            self.in_flight[ref], self.refs[node] = node, ref
+            if learning:
+                break
+        held = self.entries["keyframes"][0].resources(self.entries["keyframes"][1])
+        for shot, ref, share, actor, group in self.keyframes(batch) if batch else []:
+            kf = self.sched[NodeId("keyframes", shot.shot.id)]
+            after = (NodeId("storyboard", shot.shot.id), *prerequisites(self.plan, shot))
+            self.submit(kf, ref, held, share=share, after=after, actor=actor, group=group, reserve=False)
             self.clip(shot, ref, self.sched[NodeId("clip", shot.shot.id)])
 
-    def keyframes(self, batch: list[ShotPlan]) -> list[tuple[ShotPlan, Any]]:
-        """One task per shot, or batches across shots on the model actors."""
+    def keyframes(self, batch: list[ShotPlan]) -> list[tuple[ShotPlan, Any, float, Any, int | None]]:
+        """One task per shot, or batches across shots on the model actors: (shot, ref, share, actor, batch)."""
         after = [self.refs[NodeId("storyboard", s.shot.id)] for s in batch if NodeId("storyboard", s.shot.id) in self.refs]
         if self.pool is not None:
             deps = [self.refs[n] for s in batch for n in prerequisites(self.plan, s) if n in self.refs]
@@ -321,68 +439,186 @@ class _Run:
         entry, settings = self.entries["keyframes"]
         task = self.cluster.task(keyframes_node, entry.resources(settings))
         return [(s, task.remote(s, self.refs.get(NodeId("storyboard", s.shot.id)), entry=entry, settings=settings,
-                                width=self.plan.width, height=self.plan.height, store=self.store.url)) for s in batch]
+                                width=self.plan.width, height=self.plan.height, work=self.work), 1.0, None, None)
+                for s in batch]
 
     def clip(self, shot: ShotPlan, kf_ref: Any, node: Node) -> None:
         entry, settings = self.entries["inbetween"]
-        task = self.cluster.task(clip_node, entry.resources(settings))
+        held = entry.resources(settings)
+        task = self.cluster.task(clip_node, held)
         ref = task.remote(shot, kf_ref, entry=entry, settings=settings, profile=self.plan.profile,
-                          width=self.plan.width, height=self.plan.height, ffmpeg=self.ffmpeg, store=self.store.url)
-        self.submit(node.id, ref, node.estimate_yuan)
+                          width=self.plan.width, height=self.plan.height, ffmpeg=self.ffmpeg, work=self.work)
+        self.submit(node, ref, held, after=(NodeId("keyframes", shot.shot.id),), with_cpu=True)
 
-    # ---- 4. the episode node
-    def finish(self) -> None:
-        """Assemble when every clip is in the store, else the contact sheet when every panel is."""
-        if all(NodeId("clip", s.shot.id) in self.out.done for s in self.plan.shots):
-            node, key, estimate = NodeId("assemble"), self.plan.assemble_key, self.plan.assemble_estimate_yuan
-            fn, kwargs = assemble_node, {"ffmpeg": self.ffmpeg, "store": self.store.url}
-        elif all(NodeId("storyboard", s.shot.id) in self.out.done for s in self.plan.shots):
-            node, key = NodeId("contact_sheet"), self.plan.contact_sheet_key
-            estimate = self.plan.shots[0].estimate_yuan["storyboard"] if self.plan.shots else 0.0
-            fn, kwargs = contact_sheet_node, {"store": self.store.url}
-        else:
+    # ---- 4. the cap, while nodes run
+    def watch(self) -> None:
+        """Charge running nodes' cost so far; cancel what the budget can no longer carry."""
+        now = time.time()
+        ahead = self.guard.reservation("contact_sheet")  # never cancelled: kept out of reach
+        running = []
+        for ref, f in self.in_flight.items():
+            if f.lease is None and not any(a in self.refs and a not in self.out.done for a in f.after):
+                got = current_lease(self.store, f.key)  # its inputs are done: it may have started
+                if got is not None and got.holder == self.work.holder:
+                    f.lease = got
+            if f.lease is not None:
+                self.guard.accrue(f.node, f.cost_so_far(now))
+                ahead += f.rate * f.share * STOP_AHEAD_S
+                running += [ref] if f.cancellable else []
+        if running and self.guard.over(ahead):
+            self.out.cap_reached = True
+            self.cancel([ref for ref, f in self.in_flight.items() if f.cancellable])
             return
+        for ref in reversed(list(self.in_flight)):  # not started yet: free to drop, latest first
+            if not self.guard.overcommitted():
+                break
+            f = self.in_flight.get(ref)
+            if f is not None and f.lease is None and f.cancellable:
+                self.cancel([ref])
+
+    def cancel(self, refs: list[Any]) -> None:
+        """Cancel nodes in flight (and what waits for them): tasks are killed, model actors with a
+        running node killed; each is billed from its lease's start to the confirmed cancel."""
+        import ray
+
+        doomed = dict.fromkeys(r for r in refs if r in self.in_flight)
+        grew = True
+        while grew:  # what waits for a doomed node, and what shares a doomed actor, goes too
+            gone = {self.in_flight[r].node for r in doomed}
+            groups = {self.in_flight[r].group for r in doomed} - {None}
+            killed = {id(self.in_flight[r].actor) for r in doomed
+                      if self.in_flight[r].actor is not None and self.in_flight[r].lease is not None}
+            more = [r for r, f in self.in_flight.items() if r not in doomed
+                    and (set(f.after) & gone or f.group in groups - {None}
+                         or (f.actor is not None and id(f.actor) in killed))]
+            doomed.update(dict.fromkeys(more))
+            grew = bool(more)
+        actors = {id(self.in_flight[r].actor): self.in_flight[r].actor for r in doomed
+                  if self.in_flight[r].actor is not None and self.in_flight[r].lease is not None}
+        for actor in actors.values():
+            self.pool.kill(actor)
+        for ref in doomed:
+            if self.in_flight[ref].actor is None:
+                ray.cancel(ref, force=True)
+            elif id(self.in_flight[ref].actor) not in actors:
+                ray.cancel(ref)  # queued on an actor that lives on
+        for ref in doomed:
+            flight = self.in_flight.pop(ref)
+            try:
+                measured = ray.get(ref)
+            except (ray.exceptions.RayError, AnimError):
+                self.bill_cancelled(flight, time.time())
+            else:  # it finished before the cancel reached it
+                self.take(measured, flight)
+
+    def bill_cancelled(self, flight: _Flight, ended: float) -> None:
+        """A cancelled node: its finished spend note if it got that far, else its partial time from
+        its lease's start (a node that never took its lease cost nothing)."""
+        self._landed(flight)
+        self.guard.release(flight.node)
+        got = flight.lease or current_lease(self.store, flight.key)
+        mine = got is not None and got.holder == self.work.holder
+        done = ledger.finished_by(self.store, flight.key, self.work.holder)
+        if done is not None:  # killed after its spend note: its rows are what it cost
+            rows = done.rows
+        elif mine:
+            seconds = max(ended - got.started, 0.0) * flight.share
+            rows = ledger.partial_rows(self.prices, flight.node, seconds, flight.resource, flight.units)
+            ledger.record(self.store, ledger.Spent(str(flight.node), flight.key, self.work.holder, rows, got.started,
+                                                   ended, ledger.CANCELLED), got.generation)
+        else:
+            return  # it never started (or waited on another render's lease): it cost nothing
+        if mine:
+            clear_lease(self.store, got)  # its worker is gone: nobody need wait out its expiry
+        yuan = sum(r.yuan for r in rows)
+        self.out.records += rows
+        self.guard.charge(yuan)
+        if done is None:
+            self.out.cancelled.append(flight.node)
+            self.out.cancelled_yuan += yuan
+        if self.on_node:
+            self.on_node(flight.node, rows)
+
+    # ---- 5. the episode node
+    def episode_node(self) -> bool:
+        """Submit the episode node once nothing else runs: assemble when every clip is in the store
+        and it fits, else the contact sheet when every panel is. False when there is nothing (more)
+        to do."""
+        if self.out.finish is not None:
+            return False
+        for node in (NodeId("assemble"), NodeId("contact_sheet")):
+            if node in self.out.done:  # it ran, or another render made it meanwhile
+                self.out.finish = node
+                return False
+        clips_done = all(NodeId("clip", s.shot.id) in self.out.done for s in self.plan.shots)
+        boards_done = all(NodeId("storyboard", s.shot.id) in self.out.done for s in self.plan.shots)
+        tried = NodeId("assemble") in self.refs
+        if clips_done and not tried and not self.stopping and self.guard.fits(self.plan.assemble_estimate_yuan, "assemble"):
+            node, key, fn = NodeId("assemble"), self.plan.assemble_key, assemble_node
+            kwargs: dict[str, Any] = {"ffmpeg": self.ffmpeg, "work": self.work}
+            estimate = self.plan.assemble_estimate_yuan
+        elif boards_done and NodeId("contact_sheet") not in self.refs:
+            node, key, fn = NodeId("contact_sheet"), self.plan.contact_sheet_key, contact_sheet_node
+            kwargs, estimate = {"work": self.work}, contact_sheet_estimate(self.plan)
+            self.guard.release("contact_sheet")
+        else:
+            if clips_done and not tried and not self.stopping:
+                self.out.budget_note = self.out.budget_note or "the budget does not cover the assembly"
+            return False
         if self.store.get(key) is not None:
             self.hit(Node(node, key, "hit"))
-        elif self.guard.fits(estimate):
-            self.guard.reserve(node, estimate)
-            self.take(get(self.cluster.task(fn).remote(self.plan, **kwargs), node), node)
-        else:
-            return
-        self.out.finish = node
+            self.out.finish = node
+            return False
+        self.submit(Node(node, key, "run", estimate_yuan=estimate), self.cluster.task(fn).remote(self.plan, **kwargs))
+        return True
 
     # ---- the whole run
     def execute(self) -> Execution:
+        import ray
+
         # 1. Model backends load and GPUs are checked first: their errors come before any work.
         self.prepare()
         # 2. Hits are ledger rows at ¥0 (plates and sheets only once a chain reads them).
         for n in self.sched.where("hit"):
             if n.id.stage not in ("assemble", "contact_sheet", "plates", "sheets"):
                 self.hit(n)
-        # 3. Storyboards, then every chain the budget admits; more as actual costs come back.
+        # 3. Storyboards, then every chain the budget admits; more as actual costs come back; then
+        #    the episode node (the contact sheet if the episode cannot be assembled).
         try:
             self.storyboards()
             queue = self.chains()
             self.admit(queue)
             self.progress()
-            while self.in_flight:
-                import ray
-
-                ready, _ = ray.wait(list(self.in_flight), num_returns=1)
-                node = self.in_flight.pop(ready[0])
-                self.take(get(ready[0], node), node)
-                if queue:
-                    self.admit(queue)
-                self.progress()
+            while True:
+                while self.in_flight:
+                    ready, _ = ray.wait(list(self.in_flight), num_returns=1,
+                                        timeout=POLL_S if self.guard.capped else None)
+                    for ref in ready:
+                        flight = self.in_flight.pop(ref)
+                        self.take(get(ref, flight.node), flight)
+                    if self.guard.capped:
+                        self.watch()
+                        self.stopping = self.stopping or self.out.cap_reached
+                    if queue:
+                        self.admit(queue)
+                    self.progress()
+                if not self.episode_node():
+                    break
         except AnimError:
             self.abandon()
             raise
-        # 4. The episode, or the contact sheet of a render that stops early.
-        self.finish()
+        self.out.finish = self.out.finish or next((n for n in (NodeId("assemble"), NodeId("contact_sheet"))
+                                                   if n in self.out.done), None)
+        # 4. Character consistency of a freshly drawn episode (model backends).
         if self.pool is not None and self.out.finish == NodeId("assemble") and self.sched.where("run", "keyframes"):
             shots = [s for s in self.plan.shots if s.shot.characters]
-            if shots:
+            if shots and self.pool.actors:
                 self.out.consistency = get(self.pool.consistency(shots), NodeId("consistency"))
+        if self.out.cap_reached and self.out.finish != NodeId("assemble"):
+            sheet = "" if self.out.finish == NodeId("contact_sheet") else (
+                "; the storyboard was not finished, so there is no contact sheet")
+            self.out.budget_note = self.out.budget_note or (
+                f"the budget cap stopped {len(self.out.cancelled)} running node(s), their partial time billed{sheet}")
         self.out.cluster = self.cluster.resources()
         self.out.ray_init_seconds = 0.0 if self.ray_was_up else self.cluster.init_seconds  # this render's start only
         return self.out
@@ -390,31 +626,34 @@ class _Run:
     def progress(self) -> None:
         if self.on_progress:
             done = sum(NodeId("clip", s.shot.id) in self.out.done for s in self.plan.shots)
-            self.on_progress(done, len(self.plan.shots), self.guard.spent)
+            self.on_progress(done, len(self.plan.shots), self.guard.spent - self.spent_before)
 
     def abandon(self) -> None:
-        """After a node failed: cancel what has not started and collect what is in flight, so no
-        other failure is left for Ray to print. Nodes that finish are in the store for next time."""
-        import ray
-
-        refs = list(self.in_flight)
-        for ref in refs:
-            ray.cancel(ref)
-        for ref in refs:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayError:
-                pass
-        self.in_flight.clear()
+        """After a node failed: cancel what is in flight (billing the time it ran) and collect it,
+        so no other failure is left for Ray to print. Nodes that finished are in the store."""
+        try:
+            self.cancel(list(self.in_flight))
+        except Exception:  # the first failure is the one to report
+            self.in_flight.clear()
 
 
 def execute(plan: RenderPlan, sched: Schedule, *, store: Store, prices: PriceCatalog, ffmpeg: str,
             cluster: Cluster | None = None, budget_yuan: float | None = None, margin: float = 0.25,
+            spent_yuan: float = 0.0, history: dict[str, tuple[float, float]] | None = None,
+            work: Work | None = None,
             on_progress: Callable[[int, int, float], None] | None = None,
             on_node: Callable[[NodeId, list[LedgerRecord]], None] | None = None) -> Execution:
     """Run the nodes ``sched`` says must run (and those held for budget, if actual costs leave
-    room); return the priced ledger rows and what is now in the store. ``on_progress(shots done,
-    shots, yuan spent)`` and ``on_node(node, its priced rows)`` are called on the driver as nodes
-    finish (the tracker logs from them)."""
-    return _Run(plan, sched, store=store, prices=prices, ffmpeg=ffmpeg, cluster=cluster or Cluster(),
-                budget_yuan=budget_yuan, margin=margin, on_progress=on_progress, on_node=on_node).execute()
+    room); return the priced ledger rows and what is now in the store.
+
+    ``budget_yuan`` caps ``spent_yuan`` (already spent) plus what this execution spends;
+    ``history`` (stage -> Σ actual, Σ estimated yuan on this cluster's earlier renders of the
+    episode) starts the margins.
+    ``work`` names the render (its leases and spend notes; a fresh id by default).
+    ``on_progress(shots done, shots, yuan spent by this execution)`` and ``on_node(node, its
+    priced rows)`` are called on the driver as nodes finish or are cancelled (the tracker logs
+    from them)."""
+    work = work or Work(store=store.url, holder=uuid.uuid4().hex[:12], prices=prices)
+    guard = BudgetGuard(budget_yuan, margin, spent=spent_yuan, history=history)
+    return _Run(plan, sched, store=store, prices=prices, ffmpeg=ffmpeg, cluster=cluster or Cluster(), guard=guard,
+                work=work, on_progress=on_progress, on_node=on_node).execute()

@@ -2,11 +2,21 @@
 stage and write the artifact store.
 
 Each returns a ``Measured``: the node, its wall seconds per ledger stage with the resource
-each held, and, for clips, the quality audit. They know nothing of Ray; ``pipeline.dag`` wraps
-them in remote tasks and actors. They take the store's URL, not the store, so a worker on
+each held (and those timings priced: its ledger rows), and, for clips, the quality audit.
+They know nothing of Ray; ``pipeline.dag`` wraps them in remote tasks and actors. They take a
+``Work`` (the store's URL, this render's id, the price catalog), not the store, so a worker on
 another machine can open the same store, and the backend's registry entry and settings, so
 a backend defined anywhere (a test module too) runs without being named here. Any failure
 inside a node becomes one ``NodeError`` naming the node, with the worker's traceback as text.
+
+Every node claims its content key first (``Claim``): if the artifact is in the store it is
+a hit; if another render holds the key's lease it waits for that artifact and takes it as a
+hit (``Measured.taken``: ¥0 to this render, the other render paid); else it holds the lease
+(renewed by a heartbeat) while it computes. Its priced rows are written to the store as its
+spend note (``pipeline.ledger``) just before its artifact commits, so a render killed before
+it publishes has its finished nodes' spend on record. A node's time starts when it holds the
+lease (waiting for another render is not billed) and ends at that note: the commit itself —
+checksumming the files, a rename or an upload — is not billed.
 """
 from __future__ import annotations
 
@@ -16,40 +26,41 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
-from pipeline.models import Profile, RenderPlan, ShotPlan
+from pipeline.ledger import WAIT_POLL_S, Claim, Timing, Work, claimed
+from pipeline.models import LedgerRecord, Profile, RenderPlan, ShotPlan
 from pipeline.registry import Backend, Resources
 from pipeline.schedule import NodeId
-from pipeline.store import Store, open_store
+from pipeline.store import LeaseInfo, Store, open_store
 from stages import assemble, audit, encode, inbetween, storyboard
 from stages.records import AnimError, Frame, Keyframes, NodeError
 
-CPU = "cpu"
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Seconds one ledger stage of a node held ``units`` of ``resource``."""
-
-    stage: str
-    seconds: float
-    resource: str = CPU
-    units: float = 1.0
 
 
 @dataclass(frozen=True)
 class Measured:
-    """What a node did: its timings, its output (for the next node) and its quality."""
+    """What a node did: its timings and their priced rows, its output (for the next node) and its
+    quality. ``taken``: another render made the artifact meanwhile (a hit, no rows)."""
 
     node: NodeId
     timings: list[Timing]
+    rows: list[LedgerRecord] = field(default_factory=list)
     value: Any = None
     span: tuple[float, float] = (0.0, 0.0)  # wall-clock (epoch) start and end, for utilization
     quality: dict[str, float] = field(default_factory=dict)
+    taken: bool = False
+
+
+def measured(claim: Claim, value: Any = None, quality: dict[str, float] | None = None) -> Measured:
+    """What a claimed node did; a node another render made is ``taken``, with no rows."""
+    if claim.taken:
+        return Measured(claim.node, [], span=(claim.started, claim.started), taken=True)
+    return Measured(claim.node, claim.timings, claim.rows, value, span=(claim.started, time.time()),
+                    quality=quality or {})
 
 
 @contextmanager
@@ -82,25 +93,29 @@ def must(store: Store, key: str) -> dict[str, Path]:
 
 
 def storyboard_node(shot: ShotPlan, *, entry: Backend, settings: Any, width: int, aspect: str,
-                    store: str) -> Measured:
-    node = NodeId("storyboard", shot.shot.id)
-    t0, started = time.perf_counter(), time.time()
-    with failing_as(node):
+                    work: Work) -> Measured:
+    node, key = NodeId("storyboard", shot.shot.id), shot.keys["storyboard"]
+    with failing_as(node), claimed(work, node, key) as claim:
+        if claim.taken:
+            return measured(claim)
         panel = entry.build(settings, width=width, aspect=aspect)(shot.scene)
-        with open_store(store).writer(shot.keys["storyboard"], {"stage": "storyboard", "shot": shot.shot.id}) as d:
+        with claim.store.writer(key, {"stage": "storyboard", "shot": shot.shot.id}) as d:
             save_png(panel, d / "panel.png")
-    return Measured(node, [Timing("storyboard", time.perf_counter() - t0)], span=(started, time.time()))
+            claim.spend([Timing("storyboard", claim.elapsed())])
+    return measured(claim)
 
 
-def draw_keyframes(drawer: Any, shots: list[ShotPlan], store: str, held: Resources = Resources(),
+def draw_keyframes(drawer: Any, claims: list[tuple[ShotPlan, Claim]], held: Resources = Resources(),
                    setup_s: float = 0.0) -> list[Measured]:
-    """Draw the keyframes (and audit frame) of ``shots`` with one backend call, store each shot's set.
+    """Draw the keyframes (and audit frame) of the claimed shots with one backend call, store each
+    shot's set with its spend.
 
     Used by the CPU task (one shot) and by model actors (a batch of shots). A shot's
     ``keyframes`` seconds are its share of the drawing plus storing its PNGs (the node's wall
     time, as the ledger bills it); ``audit`` is its share of drawing the audit frames.
     """
-    t0, started = time.perf_counter(), time.time()
+    shots = [s for s, _ in claims]
+    t0 = time.perf_counter()
     drawn = drawer([s.keyframe_request() for s in shots])
     draw_s = (time.perf_counter() - t0 + setup_s) / len(shots)
     audited = [s for s in shots if s.audit_frame is not None]
@@ -109,27 +124,66 @@ def draw_keyframes(drawer: Any, shots: list[ShotPlan], store: str, held: Resourc
               for s, kf in zip(audited, drawer([s.audit_request() for s in audited]) if audited else [])}
     audit_s = (time.perf_counter() - t1) / max(len(audited), 1)
     out = []
-    for shot, kf in zip(shots, drawn):
+    for (shot, claim), kf in zip(claims, drawn):
         t2 = time.perf_counter()
-        with open_store(store).writer(shot.keys["keyframes"], {"stage": "keyframes", "shot": shot.shot.id}) as d:
+        with claim.store.writer(shot.keys["keyframes"], {"stage": "keyframes", "shot": shot.shot.id}) as d:
             for frame in kf.frames:
                 save_png(frame.image, d / f"key_{frame.index:05d}.png")
             if shot.shot.id in truths:
                 save_png(truths[shot.shot.id], d / f"audit_{shot.audit_frame:05d}.png")
-        timings = [Timing("keyframes", draw_s + time.perf_counter() - t2, held.resource, held.units)]
-        timings += [Timing("audit", audit_s, held.resource, held.units)] if shot.shot.id in truths else []
-        out.append(Measured(NodeId("keyframes", shot.shot.id), timings, value=(kf, truths.get(shot.shot.id)),
-                            span=(started, time.time())))
+            timings = [Timing("keyframes", draw_s + time.perf_counter() - t2, held.resource, held.units)]
+            timings += [Timing("audit", audit_s, held.resource, held.units)] if shot.shot.id in truths else []
+            claim.spend(timings)
+        claim.release()
+        out.append(measured(claim, value=(kf, truths.get(shot.shot.id))))
     return out
 
 
+def keyframes_batch(work: Work, shots: list[ShotPlan], held: Resources,
+                    draw: Callable[[list[Any]], list[Keyframes]], build_s: float = 0.0) -> list[Measured]:
+    """Claim each shot's keyframes; draw the claimed ones in one call; then wait for those another
+    render holds (taken when it is done, or drawn here if its holder gave the key up)."""
+    st = open_store(work.store)
+    done: dict[str, Measured] = {}
+    pending, deadline = list(shots), time.monotonic() + work.wait_s
+    while pending:
+        mine, waiting = [], []
+        for shot in pending:
+            claim = Claim(work, st, NodeId("keyframes", shot.shot.id), shot.keys["keyframes"], held,
+                          share=1 / len(pending))
+            got = claim.take()
+            if got is None:
+                done[shot.shot.id] = measured(claim)
+            elif isinstance(got, LeaseInfo):
+                waiting.append(shot)
+            else:
+                mine.append((shot, claim))
+        try:
+            if mine:
+                for m in draw_keyframes(draw, mine, held, setup_s=build_s):
+                    done[m.node.item] = m
+                build_s = 0.0
+        finally:
+            for _, claim in mine:
+                claim.release()
+        pending = waiting
+        if pending:
+            if time.monotonic() > deadline:
+                raise AnimError(f"waited {work.wait_s:.0f} s for another render's keyframes of "
+                                f"{', '.join(s.shot.id for s in pending)}; nothing more was computed")
+            time.sleep(WAIT_POLL_S)
+    return [done[s.shot.id] for s in shots]
+
+
 def keyframes_node(shot: ShotPlan, _after_storyboard: Any, *, entry: Backend, settings: Any, width: int,
-                   height: int, store: str) -> Measured:
+                   height: int, work: Work) -> Measured:
     """One shot's keyframes on a worker that builds the backend for this node only (CPU backends)."""
-    with failing_as(NodeId("keyframes", shot.shot.id)):
-        t0 = time.perf_counter()
+    node, held = NodeId("keyframes", shot.shot.id), entry.resources(settings)
+    with failing_as(node), claimed(work, node, shot.keys["keyframes"], held) as claim:
+        if claim.taken:
+            return measured(claim)
         drawer = entry.build(settings, width=width, height=height)
-        return draw_keyframes(drawer, [shot], store, entry.resources(settings), setup_s=time.perf_counter() - t0)[0]
+        return draw_keyframes(drawer, [(shot, claim)], held, setup_s=claim.elapsed())[0]
 
 
 class KeyframeWorker:
@@ -140,8 +194,8 @@ class KeyframeWorker:
     A backend that cannot load (missing weights, no such device, a model that does not fit) is
     reported by ``ready()`` as a NodeError, not by an actor that dies in its constructor."""
 
-    def __init__(self, *, entry: Backend, settings: Any, width: int, height: int, store: str):
-        self.store, self.held, self.error = store, entry.resources(settings), None
+    def __init__(self, *, entry: Backend, settings: Any, width: int, height: int, work: Work):
+        self.work, self.held, self.error = work, entry.resources(settings), None
         try:
             with failing_as(NodeId("keyframes", f"{entry.name} backend")):
                 self.drawer = entry.build(settings, width=width, height=height)
@@ -153,38 +207,34 @@ class KeyframeWorker:
             raise self.error
         return self.drawer.ready() if hasattr(self.drawer, "ready") else type(self.drawer).__name__
 
-    def _measured(self, node: NodeId, t0: float, started: float) -> Measured:
-        return Measured(node, [Timing(node.stage, time.perf_counter() - t0, self.held.resource, self.held.units)],
-                        span=(started, time.time()))
+    def _drawn(self, node: NodeId, key: str, meta: dict, name: str, draw: Callable[[], np.ndarray]) -> Measured:
+        with failing_as(node), claimed(self.work, node, key, self.held) as claim:
+            if claim.taken:
+                return measured(claim)
+            image = draw()
+            with claim.store.writer(key, meta) as d:
+                save_png(image, d / name)
+                claim.spend([Timing(node.stage, claim.elapsed(), self.held.resource, self.held.units)])
+        return measured(claim)
 
     def plate(self, key: str, where: list[str]) -> Measured:
-        node = NodeId("plates", key)
-        t0, started = time.perf_counter(), time.time()
-        with failing_as(node):
-            image = self.drawer.background_plate(*where)
-            with open_store(self.store).writer(key, {"stage": "plate", "where": list(where)}) as d:
-                save_png(image, d / "plate.png")
-        return self._measured(node, t0, started)
+        return self._drawn(NodeId("plates", key), key, {"stage": "plate", "where": list(where)}, "plate.png",
+                           lambda: self.drawer.background_plate(*where))
 
     def sheet(self, key: str, name: str) -> Measured:
-        node = NodeId("sheets", key)
-        t0, started = time.perf_counter(), time.time()
-        with failing_as(node):
-            image = self.drawer.character_sheet(name)
-            with open_store(self.store).writer(key, {"stage": "sheet", "character": name}) as d:
-                save_png(image, d / "sheet.png")
-        return self._measured(node, t0, started)
+        return self._drawn(NodeId("sheets", key), key, {"stage": "sheet", "character": name}, "sheet.png",
+                           lambda: self.drawer.character_sheet(name))
 
     def keyframes(self, shots: list[ShotPlan], plates: dict[str, list[str]], sheets: dict[str, str],
                   *_after: Any) -> Any:
         """Keyframes of ``shots`` in one backend call; one ``Measured`` per shot (a bare one for one shot,
         as Ray's ``num_returns`` expects). ``plates``: plate key -> where; ``sheets``: name -> key."""
         with failing_as(NodeId("keyframes", ", ".join(s.shot.id for s in shots))):
-            st = open_store(self.store)
+            st = open_store(self.work.store)
             plate_images = {tuple(where): load_png(must(st, key)["plate.png"]) for key, where in plates.items()}
             sheet_images = {name: load_png(must(st, key)["sheet.png"]) for name, key in sheets.items()}
-            out = draw_keyframes(lambda batch: self.drawer(batch, plates=plate_images, sheets=sheet_images or None),
-                                 shots, self.store, self.held)
+            out = keyframes_batch(self.work, shots, self.held,
+                                  lambda batch: self.drawer(batch, plates=plate_images, sheets=sheet_images or None))
         return out if len(out) > 1 else out[0]
 
     def consistency(self, shots: list[ShotPlan]) -> dict[str, float]:
@@ -192,7 +242,7 @@ class KeyframeWorker:
         from stages.consistency import consistency_score
         from stages.diffusion import character_crops
 
-        st, crops = open_store(self.store), {}
+        st, crops = open_store(self.work.store), {}
         for shot in shots:
             drawn, _ = load_keyframes(st, shot)
             for frame, t in zip(drawn.frames, shot.keyframe_times):
@@ -234,19 +284,21 @@ class _Watch:
 
 
 def clip_node(shot: ShotPlan, kf: Measured | None, *, entry: Backend, settings: Any, profile: Profile,
-              width: int, height: int, ffmpeg: str, store: str) -> Measured:
+              width: int, height: int, ffmpeg: str, work: Work) -> Measured:
     """In-betweens streamed into the encoder; the audit frame compared on the way."""
-    node = NodeId("clip", shot.shot.id)
-    t0, started = time.perf_counter(), time.time()
-    with failing_as(node):
-        st = open_store(store)
-        drawn, truth = kf.value if kf is not None else load_keyframes(st, shot)
+    node, key, held = NodeId("clip", shot.shot.id), shot.keys["clip"], entry.resources(settings)
+    with failing_as(node), claimed(work, node, key, held) as claim:
+        if claim.taken:
+            return measured(claim)
+        st = claim.store
+        # The keyframes as their node returned them, or from the store (cached, or another render's).
+        drawn, truth = kf.value if kf is not None and kf.value is not None else load_keyframes(st, shot)
         method = entry.build(settings, width=width, height=height)
         watch = _Watch(inbetween.shot_frames(drawn, frames=shot.frames, drawings=shot.drawings, interpolate=method),
                        shot.audit_frame if truth is not None else None)
         quality: dict[str, float] = {}
         audit_s = 0.0
-        with st.writer(shot.keys["clip"], {"stage": "clip", "shot": shot.shot.id}) as d:
+        with st.writer(key, {"stage": "clip", "shot": shot.shot.id}) as d:
             encode.encode_clip(watch, d / "clip.mp4", width=width, height=height, fps=profile.fps, crf=profile.crf,
                                preset=profile.x264_preset, threads=1, ffmpeg=ffmpeg, shot=shot.shot.id)
             t1 = time.perf_counter()
@@ -256,14 +308,14 @@ def clip_node(shot: ShotPlan, kf: Measured | None, *, entry: Backend, settings: 
                 audit_s = time.perf_counter() - t1
             quality["flicker"] = watch.flicker.value
             (d / "quality.json").write_text(json.dumps(quality))
-    # The node's wall time: in-betweening as streamed (on the in-betweener's resources), the
-    # audit comparison, and the rest — encoding and storing the clip — billed to encode.
-    held = entry.resources(settings)
-    total = time.perf_counter() - t0
-    timings = [Timing("inbetween", watch.seconds, held.resource, held.units),
-               Timing("encode", total - watch.seconds - audit_s)]
-    timings += [Timing("audit", audit_s)] if "audit_psnr_db" in quality else []
-    return Measured(node, timings, span=(started, time.time()), quality=quality)
+            # The node's wall time: in-betweening as streamed (on the in-betweener's resources), the
+            # audit comparison, and the rest — encoding and writing the clip — billed to encode.
+            total = claim.elapsed()
+            timings = [Timing("inbetween", watch.seconds, held.resource, held.units),
+                       Timing("encode", total - watch.seconds - audit_s)]
+            timings += [Timing("audit", audit_s)] if "audit_psnr_db" in quality else []
+            claim.spend(timings)
+    return measured(claim, quality=quality)
 
 
 def _contact_sheet(plan: RenderPlan, st: Store) -> np.ndarray:
@@ -271,15 +323,16 @@ def _contact_sheet(plan: RenderPlan, st: Store) -> np.ndarray:
     return storyboard.contact_sheet(panels, title=plan.title, labels=[s.shot.id for s in plan.shots])
 
 
-def contact_sheet_node(plan: RenderPlan, *, store: str) -> Measured:
+def contact_sheet_node(plan: RenderPlan, *, work: Work) -> Measured:
     """The storyboard contact sheet alone (for ``--stop-after storyboard`` and partial renders)."""
-    node = NodeId("contact_sheet")
-    t0, started = time.perf_counter(), time.time()
-    with failing_as(node):
-        st = open_store(store)
-        with st.writer(plan.contact_sheet_key, {"stage": "sheet", "title": plan.title}) as d:
-            save_png(_contact_sheet(plan, st), d / "storyboard.png")
-    return Measured(node, [Timing("storyboard", time.perf_counter() - t0)], span=(started, time.time()))
+    node, key = NodeId("contact_sheet"), plan.contact_sheet_key
+    with failing_as(node), claimed(work, node, key) as claim:
+        if claim.taken:
+            return measured(claim)
+        with claim.store.writer(key, {"stage": "sheet", "title": plan.title}) as d:
+            save_png(_contact_sheet(plan, claim.store), d / "storyboard.png")
+            claim.spend([Timing("storyboard", claim.elapsed())])
+    return measured(claim)
 
 
 def timeline_clips(plan: RenderPlan) -> list[assemble.TimelineClip]:
@@ -290,16 +343,18 @@ def timeline_clips(plan: RenderPlan) -> list[assemble.TimelineClip]:
                                   content_key=s.keys["clip"]) for s in plan.shots]
 
 
-def assemble_node(plan: RenderPlan, *, ffmpeg: str, store: str) -> Measured:
-    node = NodeId("assemble")
-    t0, started = time.perf_counter(), time.time()
-    with failing_as(node):
-        st = open_store(store)
+def assemble_node(plan: RenderPlan, *, ffmpeg: str, work: Work) -> Measured:
+    node, key = NodeId("assemble"), plan.assemble_key
+    with failing_as(node), claimed(work, node, key) as claim:
+        if claim.taken:
+            return measured(claim)
+        st = claim.store
         clips = [must(st, s.keys["clip"])["clip.mp4"] for s in plan.shots]
-        with st.writer(plan.assemble_key, {"stage": "assemble", "title": plan.title}) as d:
+        with st.writer(key, {"stage": "assemble", "title": plan.title}) as d:
             assemble.concat_clips(clips, d / "episode.mp4", ffmpeg=ffmpeg)
             assemble.write_srt(plan.subtitles, d / "subtitles.srt")
             assemble.write_timeline(timeline_clips(plan), plan.subtitles, d / "timeline.otio", title=plan.title,
                                     fps=plan.profile.fps, media="episode.mp4")
             save_png(_contact_sheet(plan, st), d / "storyboard.png")
-    return Measured(node, [Timing("assemble", time.perf_counter() - t0)], span=(started, time.time()))
+            claim.spend([Timing("assemble", claim.elapsed())])
+    return measured(claim)

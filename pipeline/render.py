@@ -1,24 +1,35 @@
 """One render: plan → schedule (pure) → execution (Ray) → result (what was delivered, what it
 cost, what remains). The CLI, the experiments and the tests render through ``render``.
+
+Spend is counted twice, and both are on the result: what *this* render paid (``ledger``,
+including the partial time of nodes the budget cap cancelled) and what the *episode* has cost
+so far across every render of it (``episode_spent_yuan``: every spend note of every node of
+the plan in the store, ``pipeline.ledger``) — so a render that was killed before it published
+anything still counts, and a rerun that finds everything in the store shows ¥0 for itself and
+the episode's full cost beside it.
 """
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from pipeline import dag
 from pipeline.cost import PriceCatalog
+from pipeline.ledger import LEASE_S, Work, episode_ledger
 from pipeline.models import Ledger, LedgerRecord, RenderPlan
 from pipeline.schedule import NodeId, Schedule, schedule
 from pipeline.store import Store
 
+Scope = Literal["episode", "render"]
+
 
 @dataclass
 class RenderResult:
-    ledger: Ledger
+    ledger: Ledger  # what this render paid
     outputs: dict[str, Path]  # artifact name -> file in the store
     schedule: Schedule
     wall_seconds: float
@@ -32,26 +43,61 @@ class RenderResult:
     stopped: str | None = None  # None (complete), "storyboard", "budget" or "approval"
     remaining: list[str] = field(default_factory=list)  # shots whose clip was not rendered
     remaining_estimate_yuan: float = 0.0
+    render_id: str = ""  # the holder of this render's leases and spend notes
+    spent_before_yuan: float = 0.0  # the episode's spend on record when this render started
+    episode_spent_yuan: float = 0.0  # the episode's spend on record now, across every render of it
+    budget_yuan: float | None = None
+    budget_scope: Scope = "episode"
+    cancelled: list[str] = field(default_factory=list)  # nodes the cap stopped in flight (billed in ledger)
+    cancelled_yuan: float = 0.0
+    cap_reached: bool = False  # the cap stopped running nodes
+    budget_note: str | None = None  # what the budget left undone and why
+
+    @property
+    def spent_yuan(self) -> float:
+        """What this render paid (its ledger's total)."""
+        return self.ledger.total_yuan
+
+    @property
+    def budget_spent_yuan(self) -> float:
+        """What counts against the budget: the episode so far, or this render alone."""
+        return self.spent_before_yuan + self.spent_yuan if self.budget_scope == "episode" else self.spent_yuan
 
 
 def render(plan: RenderPlan, *, store: Store, prices: PriceCatalog, ffmpeg: str,
            cluster: dag.Cluster | None = None, approvals: set[str] | None = None, stop_after: str | None = None,
-           budget_yuan: float | None = None, budget_margin: float = 0.25,
+           budget_yuan: float | None = None, budget_margin: float = 0.25, budget_scope: Scope = "episode",
            on_progress: Callable[[int, int, float], None] | None = None,
-           on_node: Callable[[NodeId, list[LedgerRecord]], None] | None = None) -> RenderResult:
+           on_node: Callable[[NodeId, list[LedgerRecord]], None] | None = None,
+           lease_s: float = LEASE_S) -> RenderResult:
     """Render what the store does not hold yet; return the priced ledger and the artifacts' paths.
 
     ``approvals`` (approved storyboard keys) turns on the approval gate; ``stop_after="storyboard"``
-    renders panels and the contact sheet only; ``budget_yuan`` caps attributed cost
-    (``pipeline.budget.BudgetGuard``, margin 1 + ``budget_margin``).
+    renders panels and the contact sheet only; ``budget_yuan`` caps spend (``pipeline.dag``:
+    at most the budget plus what nodes already running cost while they are stopped) — of the
+    episode across renders (``budget_scope="episode"``, the default: what earlier renders spent
+    counts) or of this render alone (``"render"``); ``budget_margin``: the starting margin on
+    estimates. ``lease_s``: how long this render's leases outlive its last heartbeat.
     """
+    if budget_scope not in ("episode", "render"):
+        raise ValueError(f"budget_scope={budget_scope!r}: 'episode' or 'render'")
     t_start, started = time.perf_counter(), time.time()
+    # 1. What the episode has spent so far, and how far from the rows its nodes ran on this cluster.
+    before = episode_ledger(plan, store)
+    spent = before.total_yuan if budget_scope == "episode" else 0.0
     sched = schedule(plan, store, approvals=approvals, stop_after=stop_after, budget_yuan=budget_yuan,
-                     margin=budget_margin)
-    cluster = cluster or dag.Cluster()
-    ran = dag.execute(plan, sched, store=store, prices=prices, ffmpeg=ffmpeg, cluster=cluster,
-                      budget_yuan=budget_yuan, margin=budget_margin, on_progress=on_progress, on_node=on_node)
-    return _result(plan, sched, ran, store, wall=time.perf_counter() - t_start, started=started)
+                     margin=budget_margin, spent_yuan=spent)
+    # 2. Execute under this render's id (its leases and spend notes).
+    work = Work(store=store.url, holder=uuid.uuid4().hex[:12], prices=prices, lease_s=lease_s)
+    ran = dag.execute(plan, sched, store=store, prices=prices, ffmpeg=ffmpeg, cluster=cluster or dag.Cluster(),
+                      budget_yuan=budget_yuan, margin=budget_margin, spent_yuan=spent,
+                      history=before.history(sched, prices), work=work, on_progress=on_progress, on_node=on_node)
+    result = _result(plan, sched, ran, store, wall=time.perf_counter() - t_start, started=started)
+    # 3. The episode's spend now, as the store records it.
+    result.render_id, result.spent_before_yuan = work.holder, before.total_yuan
+    result.episode_spent_yuan = episode_ledger(plan, store).total_yuan
+    result.budget_yuan, result.budget_scope = budget_yuan, budget_scope
+    return result
 
 
 def _result(plan: RenderPlan, sched: Schedule, ran: dag.Execution, store: Store, *, wall: float,
@@ -79,4 +125,5 @@ def _result(plan: RenderPlan, sched: Schedule, ran: dag.Execution, store: Store,
         wall_seconds=wall - ran.ray_init_seconds, ray_init_seconds=ran.ray_init_seconds,
         stage_seconds=ran.stage_seconds, started=started + ran.ray_init_seconds, spans=ran.spans,
         cluster=ran.cluster, quality=quality, consistency=ran.consistency, stopped=stopped,
-        remaining=remaining, remaining_estimate_yuan=remaining_est)
+        remaining=remaining, remaining_estimate_yuan=remaining_est, cancelled=[str(n) for n in ran.cancelled],
+        cancelled_yuan=ran.cancelled_yuan, cap_reached=ran.cap_reached, budget_note=ran.budget_note)

@@ -17,9 +17,12 @@ layered keyframe backend: one ``plates`` node per location and one ``sheets`` no
 character, before the keyframes that need them; per episode: ``assemble`` when every clip
 exists or runs, else the ``contact_sheet`` alone.
 
-Budget admission on estimates (``pipeline.budget.BudgetGuard``, estimates × margin): all
-storyboards or none, then each shot's chain (its keyframes, clip and the plates and sheets it
-needs first), longest first so no shot is left as an idle tail; then the episode node.
+Budget admission on estimates (``pipeline.budget.BudgetGuard``, estimates × margin), after
+``spent_yuan`` (what the episode has spent already, when the budget is the episode's): all
+storyboards and the contact sheet or none — the contact sheet is reserved first, so a render
+that stops for budget still delivers it — then each shot's chain (its keyframes, clip and the
+plates and sheets it needs first), longest first so no shot is left as an idle tail; then the
+episode node (assemble in place of the contact sheet when every clip exists or runs).
 """
 from __future__ import annotations
 
@@ -120,16 +123,17 @@ class Lookup(Protocol):
 
 def schedule(plan: RenderPlan, store: Lookup, *, approvals: set[str] | None = None,
              stop_after: str | None = None, budget_yuan: float | None = None,
-             margin: float = 0.25) -> Schedule:
+             margin: float = 0.25, spent_yuan: float = 0.0) -> Schedule:
     """Which nodes are hits, which run and which are held back, each with its estimate.
 
     ``approvals``: the approved storyboard keys, or None when the approval gate is off.
     ``stop_after="storyboard"``: storyboards and the contact sheet only.
+    ``spent_yuan``: already spent against ``budget_yuan`` (the episode's earlier renders).
     """
     if stop_after not in (None, "storyboard"):
         raise ValueError(f"stop_after={stop_after!r}: the only stop is 'storyboard'")
     stored = _Stored(store)
-    guard = BudgetGuard(budget_yuan, margin)
+    guard = BudgetGuard(budget_yuan, margin, spent=spent_yuan)
     # 1. Storyboards: every panel, or none when they do not fit together.
     boards = _storyboards(plan, stored, guard)
     broke = any(n.reason == "budget" for n in boards)
@@ -140,6 +144,7 @@ def schedule(plan: RenderPlan, store: Lookup, *, approvals: set[str] | None = No
     # 3. The episode node: the whole episode when every clip exists or runs, else the contact sheet.
     clips = [chains[s.shot.id][1] for s in plan.shots]
     if all(c.state != "held" for c in clips):
+        guard.release("contact_sheet")  # the episode carries its own contact sheet
         last = _episode_node(plan, "assemble", plan.assemble_key, [c.id for c in clips], stored, guard)
     else:
         last = _episode_node(plan, "contact_sheet", plan.contact_sheet_key, [b.id for b in boards], stored,
@@ -148,12 +153,20 @@ def schedule(plan: RenderPlan, store: Lookup, *, approvals: set[str] | None = No
 
 
 def _storyboards(plan: RenderPlan, stored: _Stored, guard: BudgetGuard) -> list[Node]:
+    """Every panel and the contact sheet, reserved together, or every panel held for budget."""
     boards = [_node(plan, s, "storyboard", stored) for s in plan.shots]
     cost = sum(n.estimate_yuan for n in boards if n.state == "run")
-    if not guard.fits(cost):
+    sheet = 0.0 if stored(plan.contact_sheet_key) else contact_sheet_estimate(plan)
+    if not guard.fits(cost + sheet):
         return [_held(n, "budget") for n in boards]
     guard.reserve("storyboards", cost)
+    guard.reserve("contact_sheet", sheet)
     return boards
+
+
+def contact_sheet_estimate(plan: RenderPlan) -> float:
+    """The contact sheet is estimated as one more storyboard panel."""
+    return plan.shots[0].estimate_yuan["storyboard"] if plan.shots else 0.0
 
 
 def _hold_reason(shot: ShotPlan, stop_after: str | None, approvals: set[str] | None) -> str | None:
@@ -245,14 +258,13 @@ def _prerequisites(plan: RenderPlan, shot: ShotPlan, stored: _Stored, keyframes:
 
 def _episode_node(plan: RenderPlan, stage: str, key: str, inputs: list[NodeId], stored: _Stored,
                   guard: BudgetGuard, blocked: bool = False) -> Node:
-    yuan = plan.assemble_estimate_yuan if stage == "assemble" else (
-        plan.shots[0].estimate_yuan["storyboard"] if plan.shots else 0.0)
+    yuan = plan.assemble_estimate_yuan if stage == "assemble" else contact_sheet_estimate(plan)
     node = Node(NodeId(stage), key, "hit" if stored(key) else "run", estimate_yuan=yuan, inputs=tuple(inputs))
     if node.state == "run" and blocked:
         return _held(node, "inputs")
-    if node.state == "run" and not guard.fits(yuan):
+    if node.state == "run" and stage == "assemble" and not guard.fits(yuan):
         return _held(node, "budget")
-    return node
+    return node  # the contact sheet was reserved with the storyboards
 
 
 def _held(node: Node, reason: str | None) -> Node:

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import resolve_profile
 from pipeline.plan import make_plan
-from pipeline.schedule import NodeId, schedule
+from pipeline.schedule import NodeId, contact_sheet_estimate, schedule
 from pipeline.store import open_store
 from stages.script import load_episode
 
@@ -86,22 +86,40 @@ def test_the_approval_gate_runs_only_approved_shots(plan, store):
     assert schedule(plan, store, approvals=set()).shots_to_render == []
 
 
-def test_the_budget_admits_storyboards_together_then_chains_longest_first(plan, store):
+def test_the_budget_admits_storyboards_and_their_contact_sheet_together_then_chains_longest_first(plan, store):
     boards = sum(s.estimate_yuan["storyboard"] for s in plan.shots)
-    # not even the storyboards fit: nothing is spent
-    nothing = schedule(plan, store, budget_yuan=boards)
+    sheet = contact_sheet_estimate(plan)
+    assert sheet > 0
+    # not even the storyboards and the sheet fit: nothing is spent
+    nothing = schedule(plan, store, budget_yuan=1.25 * (boards + sheet) * 0.999)
     assert not nothing.where("run") and nothing.stopped == "budget"
-    # storyboards and the single most expensive chain fit, with the 1.25 margin
+    assert nothing[NodeId("contact_sheet")].state == "held"
+    # they fit: the storyboard pass and its sheet run, every chain is held
+    board_pass = schedule(plan, store, budget_yuan=1.25 * (boards + sheet) * 1.0001)
+    assert {n.id.stage for n in board_pass.where("run")} == {"storyboard", "contact_sheet"}
+    # storyboards, the sheet and the single most expensive chain fit, with the 1.25 margin
     chains = {s.shot.id: sum(s.estimate_yuan.values()) - s.estimate_yuan["storyboard"] for s in plan.shots}
     longest = max(plan.shots, key=lambda s: sum(s.estimate_seconds.values())).shot.id
-    some = schedule(plan, store, budget_yuan=1.25 * (boards + chains[longest]) * 1.0001)
-    assert longest in some.shots_to_render
+    budget = 1.25 * (boards + sheet + chains[longest]) * 1.0001
+    some = schedule(plan, store, budget_yuan=budget)
+    assert some.shots_to_render == [longest]
     assert some.stopped == "budget" and some.finish == NodeId("contact_sheet")
-    assert sum(n.estimate_yuan for n in some.where("run")) * 1.25 <= 1.25 * (boards + chains[longest]) * 1.0001
+    assert some[NodeId("contact_sheet")].state == "run"
+    assert sum(n.estimate_yuan for n in some.where("run")) * 1.25 <= budget
     # held chains keep their estimates: what remains is priced
     assert all(n.estimate_yuan > 0 for n in some.where("held", "clip"))
-    # everything fits: no stop
-    assert schedule(plan, store, budget_yuan=10 * plan.estimated_cost_yuan).stopped is None
+    # everything fits: no stop, and the episode (with its own sheet) replaces the contact sheet
+    full = schedule(plan, store, budget_yuan=10 * plan.estimated_cost_yuan)
+    assert full.stopped is None and full.finish == NodeId("assemble") and full.get(NodeId("contact_sheet")) is None
+
+
+def test_what_the_episode_spent_before_counts_against_its_budget(plan, store):
+    budget = 10 * plan.estimated_cost_yuan
+    assert schedule(plan, store, budget_yuan=budget, spent_yuan=0.5 * budget).stopped is None
+    spent_most = schedule(plan, store, budget_yuan=budget, spent_yuan=budget - 0.5 * plan.estimated_cost_yuan)
+    assert spent_most.stopped == "budget" and 0 < len(spent_most.shots_to_render) < len(plan.shots)
+    spent_all = schedule(plan, store, budget_yuan=budget, spent_yuan=budget)
+    assert not spent_all.where("run") and spent_all.stopped == "budget"
 
 
 def test_layered_plates_run_once_per_location_and_are_no_hits_on_a_cold_store(prices, store):

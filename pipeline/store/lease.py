@@ -91,6 +91,14 @@ def current(store: Store, key: str) -> LeaseInfo | None:
     return None
 
 
+def clear(store: Store, info: LeaseInfo) -> None:
+    """Remove a lease whose holder is known to be gone — e.g. a worker its own driver killed —
+    if it is still that lease, so waiters need not sit out its expiry."""
+    now = current(store, info.key)
+    if now is not None and (now.generation, now.holder, now.started) == (info.generation, info.holder, info.started):
+        store.remove_note(LEASES, info.key, _name(info.generation))
+
+
 class Lease:
     """A lease this process holds: ``keep_alive()`` renews it from a daemon thread until
     ``release()``. ``took_over`` is the expired lease it replaced, if any."""
