@@ -18,7 +18,7 @@ This cluster's measurements live in the artifact store, where the whole team sha
 one immutable small JSON file per render and calibration key, outside the content-addressed
 area (``anim cache gc`` and ``stats`` never see them)::
 
-    STORE/calibration/<fingerprint id>/<stage>-<backend>-<device>-<hash>/<epoch ms>-<random>.json
+    STORE/calibration/<fingerprint id>/<stage>-<backend>-<device>-<hash>/<YYYY-MM>/<epoch ms>-<random>.json
 
 No file is ever appended to or rewritten, so two renders never collide, and the same code
 serves a local folder and any fsspec URL.
@@ -32,6 +32,7 @@ import os
 import re
 import tempfile
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -247,7 +248,8 @@ class ClusterHistory:
         written = []
         for m in items:
             name = f"{int(m.at * 1000):013d}-{uuid.uuid4().hex[:12]}.json"
-            path = f"{self.root}/{_folder_name(m.key)}/{name}"
+            month = datetime.fromtimestamp(m.at, timezone.utc).strftime("%Y-%m")
+            path = f"{self.root}/{_folder_name(m.key)}/{month}/{name}"
             data = m.model_dump_json().encode("utf-8")
             try:
                 self._write(path, data)
@@ -276,36 +278,44 @@ class ClusterHistory:
 
     def recent(self, window: int) -> tuple[dict[tuple[str, str, str, str], list[Measurements]], list[str]]:
         """Per calibration key, its newest ``window`` files, newest first, back to (and with) its
-        newest refit; and one line per file that could not be read (left out, never removed)."""
-        try:
-            paths = self.fs.find(self.root)
-        except FileNotFoundError:
-            paths = []
-        except Exception as exc:
-            raise CalibrationError(f"cannot list this cluster's measurements in {self.location}: "
-                                   f"{type(exc).__name__}: {exc}") from None
-        by_folder: dict[str, list[str]] = {}
-        for path in paths:
-            folder, _, name = path.rpartition("/")
-            if _NAME.fullmatch(name):  # temporary files of a write in progress are not
-                by_folder.setdefault(folder, []).append(path)
+        newest refit; and one line per file that could not be read (left out, never removed).
+
+        Only the newest months of a key are listed, so the cost of a look does not grow with the
+        cluster's history."""
         out: dict[tuple[str, str, str, str], list[Measurements]] = {}
         ignored: list[str] = []
-        for folder, names in sorted(by_folder.items()):
+        for key_dir in self._ls(self.root, "directory"):
             chosen: list[Measurements] = []
             full = lambda: len(chosen) >= window or (chosen and chosen[-1].kind == "refit")  # noqa: E731
-            # Newest first (names start with the epoch), a window's worth of reads at a time.
-            pending = sorted(names, reverse=True)
-            while pending and not full():
-                batch, pending = pending[:window], pending[window:]
-                for path, raw in self._cat(batch).items():
-                    if full():
-                        break
-                    if (m := self._parse(path, raw, ignored)) is not None:
-                        chosen.append(m)
+            for month in sorted(self._ls(key_dir, "directory"), reverse=True):
+                # Newest first (names start with the epoch), a window's worth of reads at a time.
+                pending = sorted((p for p in self._ls(month, "file") if _NAME.fullmatch(p.rpartition("/")[2])),
+                                 reverse=True)  # temporary files of a write in progress do not match
+                while pending and not full():
+                    batch, pending = pending[:window], pending[window:]
+                    for path, raw in self._cat(batch).items():
+                        if full():
+                            break
+                        if (m := self._parse(path, raw, ignored)) is not None:
+                            chosen.append(m)
+                if full():
+                    break
             if chosen:
                 out[chosen[0].key] = chosen
         return out, ignored
+
+    def _ls(self, folder: str, kind: str) -> list[str]:
+        """Sorted paths of the folders (``kind="directory"``) or files in ``folder``; none if it is absent."""
+        try:
+            entries = self.fs.ls(folder, detail=True)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise CalibrationError(f"cannot list this cluster's measurements in {self.location}: "
+                                   f"{type(exc).__name__}: {exc}") from None
+        strip = self.fs._strip_protocol
+        return sorted(strip(e["name"]).rstrip("/") for e in entries if e.get("type") == kind
+                      and strip(e["name"]).rstrip("/") != folder.rstrip("/"))
 
     def _cat(self, paths: list[str]) -> dict[str, bytes | BaseException]:
         try:

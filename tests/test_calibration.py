@@ -1,0 +1,353 @@
+"""Calibration per cluster, kept current by every render (#10.1, #10.2).
+
+What is asserted here does not depend on how fast this machine is: after a render, this
+cluster's rows are exactly the fit of that render's measured nodes; a plan of another script
+prices every stage from them (each figure recomputed from its row and its price); the band is
+computed from the fits' residuals and the spread across renders; the measurements live in the
+artifact store where gc and stats never touch them. How close the estimates come to measured
+cost is printed side by side by ``experiments/estimate_error.py``, never asserted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import uuid
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.calibrate import (WINDOW, band_parts, cluster_calibration, estimate_band, fit, learned_row,
+                                record_render, refit_measurements, render_measurements, samples)
+from pipeline.calibration import Calibration, CalibrationError, ClusterHistory, Measurements
+from pipeline.config import resolve_profile
+from pipeline.fingerprint import Fingerprint, fingerprint, gpu_models
+from pipeline.models import Ledger, LedgerRecord, RenderPlan
+from pipeline.plan import make_plan, shot_work, stage_rows
+from pipeline.store import open_store
+from stages.script import load_episode
+
+from .conftest import REPO
+
+SHIPPED = REPO / "cluster" / "calibration.csv"
+SHOTLIST = REPO / "examples" / "shotlist.yaml"
+ZH = REPO / "examples" / "episode_zh.fountain"
+HERE = Fingerprint(kind="local", cpu="Test CPU 9000", cores=4, gpu=None)
+
+
+def measurements(work: list[float], seconds: list[float], *, at: float, kind: str = "render",
+                 fp: Fingerprint = HERE, key=("keyframes", "previz", "cpu", "keyframe")) -> Measurements:
+    stage, backend, device, unit = key
+    return Measurements(kind=kind, stage=stage, backend=backend, device=device, unit=unit, work=work,
+                        seconds=seconds, at=at, fingerprint=fp, runs=[f"run{int(at)}"])
+
+
+# --------------------------------------------------------------------------- the fingerprint
+
+
+def test_fingerprint_names_the_machine_shape_and_an_existing_cluster_by_its_address(tmp_path):
+    a, b = fingerprint(None, 3), fingerprint(None, 3)
+    assert a == b and a.id == b.id and len(a.id) == 12 and a.kind == "local" and a.cores == 3
+    assert fingerprint(None, 4).id != a.id  # another core count measures differently
+    assert a.cpu and a.cpu in a.label and "3 cores" in a.label
+    remote = fingerprint(" ray://head:10001 ", None)
+    assert (remote.kind, remote.address, remote.cpu, remote.gpu) == ("address", "ray://head:10001", None, None)
+    assert remote.label == "Ray cluster at ray://head:10001" and remote.id != a.id
+    assert fingerprint("10.0.0.2:6379", None).id != remote.id
+
+
+def test_gpus_come_from_nvidia_smi_and_none_without_it(tmp_path):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nprintf 'NVIDIA H200\\nNVIDIA H200\\nNVIDIA L4\\n'\n")
+    smi.chmod(0o755)
+    assert gpu_models(str(smi)) == "2x NVIDIA H200 + 1x NVIDIA L4"
+    broken = tmp_path / "broken-smi"
+    broken.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    broken.chmod(0o755)
+    assert gpu_models(str(broken)) is None
+    assert gpu_models(str(tmp_path / "absent")) is None
+    with_gpu = fingerprint(None, 2, nvidia_smi=str(smi))
+    assert with_gpu.gpu == "2x NVIDIA H200 + 1x NVIDIA L4" and with_gpu.id != fingerprint(None, 2, nvidia_smi=str(broken)).id
+    assert "2x NVIDIA H200" in with_gpu.label
+
+
+# --------------------------------------------------------------------------- learning: median, window, refit, band
+
+
+def test_fit_recovers_a_line_and_goes_through_the_origin_below_eight_nodes():
+    xs = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+    overhead, slope = fit(xs, [0.2 + 0.3 * x for x in xs])
+    assert overhead == pytest.approx(0.2) and slope == pytest.approx(0.3)
+    overhead, slope = fit(xs[:3], [0.2 + 0.3 * x for x in xs[:3]])
+    assert overhead == 0.0 and slope == pytest.approx(sum(x * (0.2 + 0.3 * x) for x in xs[:3]) / sum(x * x for x in xs[:3]))
+
+
+def test_a_row_is_the_median_of_per_render_fits_with_its_band():
+    history = [measurements([1.0, 2.0, 3.0], [0.11, 0.19, 0.33], at=300.0),
+               measurements([1.0, 4.0], [0.4, 1.4], at=200.0),  # a render on a loaded machine
+               measurements([2.0, 2.5, 1.0], [0.2, 0.26, 0.09], at=100.0)]
+    row = learned_row(history)
+    fits = [fit(m.work, m.seconds) for m in history]
+    assert row.overhead_s == statistics.median(o for o, _ in fits)
+    assert row.seconds_per_unit_mpx == statistics.median(k for _, k in fits)  # the loaded render does not drag it
+    assert row.seconds_per_unit_mpx == fits[0][1] or row.seconds_per_unit_mpx == fits[2][1]
+    # The band, recomputed from its definition.
+    residual = statistics.median(
+        math.sqrt(sum((o + k * w - s) ** 2 for w, s in zip(m.work, m.seconds))) / sum(m.seconds)
+        for m, (o, k) in zip(history, fits))
+    across = statistics.median(abs(sum(row.overhead_s + row.seconds_per_unit_mpx * w for w in m.work)
+                                   / sum(m.seconds) - 1) for m in history)
+    assert band_parts(row.overhead_s, row.seconds_per_unit_mpx, history) == (residual, across)
+    assert row.band == max(residual, across) and row.band > 0
+    assert row.renders == 3 and "median of 3 render fit(s)" in row.source and f"±{row.band:.1%}" in row.source
+    assert row.source.startswith(f"this cluster ({HERE.label})") and "run300" in row.source
+    # One render: the band is its fit residual, and the row says it has no spread across renders yet.
+    one = learned_row(history[:1])
+    assert one.band == band_parts(one.overhead_s, one.seconds_per_unit_mpx, history[:1])[0]
+    assert band_parts(one.overhead_s, one.seconds_per_unit_mpx, history[:1])[1] is None
+    assert "fewer than 2 renders" in one.source and one.renders == 1
+
+
+def test_history_keeps_the_newest_window_per_key_back_to_a_refit(tmp_path):
+    history = ClusterHistory(tmp_path / "store", HERE)
+    other_key = ("encode", "x264:veryfast", "cpu", "frame")
+    history.add([measurements([1.0], [0.1 * i], at=1000.0 + i) for i in range(1, WINDOW + 3)])
+    history.add([measurements([1.0], [9.0], at=500.0, key=other_key)])
+    recent, ignored = history.recent(WINDOW)
+    assert not ignored and set(recent) == {("keyframes", "previz", "cpu", "keyframe"), other_key}
+    kept = recent[("keyframes", "previz", "cpu", "keyframe")]
+    assert [m.at for m in kept] == [1000.0 + i for i in range(WINDOW + 2, 2, -1)]  # newest WINDOW, newest first
+    # A deliberate refit: learning starts again from it.
+    history.add([measurements([1.0, 2.0], [0.5, 1.0], at=2000.0, kind="refit"),
+                 measurements([1.0], [0.7], at=2001.0)])
+    kept = history.recent(WINDOW)[0][("keyframes", "previz", "cpu", "keyframe")]
+    assert [(m.at, m.kind) for m in kept] == [(2001.0, "render"), (2000.0, "refit")]
+    # Files of another month of the same key are found too, newest month first.
+    history.add([measurements([1.0], [0.3], at=1.9e9)])  # 2030
+    assert history.recent(WINDOW)[0][("keyframes", "previz", "cpu", "keyframe")][0].at == 1.9e9
+
+
+def test_a_damaged_measurements_file_is_left_out_and_named(tmp_path):
+    history = ClusterHistory(tmp_path / "store", HERE)
+    [good] = history.add([measurements([1.0, 2.0], [0.1, 0.2], at=100.0)])
+    folder = Path(good).parent
+    (folder / "0000000000200-aaaaaaaaaaaa.json").write_text("{not json")
+    (folder / ".0000000000300-bbbbbbbbbbbb.json.tmp").write_text("half a write")  # a write in progress
+    recent, ignored = history.recent(WINDOW)
+    assert [m.at for m in recent[("keyframes", "previz", "cpu", "keyframe")]] == [100.0]
+    assert len(ignored) == 1 and "0000000000200-aaaaaaaaaaaa.json: not a measurements file" in ignored[0]
+    assert (folder / "0000000000200-aaaaaaaaaaaa.json").exists()  # left for a person to look at, not removed
+
+
+@pytest.mark.parametrize("layout", ["local", "remote"])
+def test_measurements_live_beside_the_artifacts_and_cache_gc_never_touches_them(tmp_path, layout):
+    location = str(tmp_path / "store") if layout == "local" else f"memory://anim-cal-{uuid.uuid4().hex[:12]}"
+    store = open_store(location, local_cache=tmp_path / "rt")
+    key = "ab" + "0" * 62
+    with store.writer(key, {"stage": "keyframes"}) as d:
+        (d / "kf.png").write_bytes(b"x" * 100)
+    history = ClusterHistory(store.url, HERE)
+    history.add([measurements([1.0, 2.0], [0.1, 0.2], at=100.0)])
+    before = store.stats()
+    assert (before.entries, before.damaged, before.staging) == (1, 0, 0)  # not an entry, not a leftover
+    report = store.gc(older_than_s=0, max_bytes=0)
+    assert [item.what for item in report.removed] == [key]  # the artifact goes, the measurements stay
+    recent, ignored = ClusterHistory(location, HERE).recent(WINDOW)
+    assert not ignored and recent[("keyframes", "previz", "cpu", "keyframe")][0].seconds == [0.1, 0.2]
+    assert store.stats().entries == 0
+    assert history.location.endswith(f"calibration/{HERE.id}")
+
+
+def test_this_clusters_rows_win_over_the_user_table_which_wins_over_the_shipped_one(tmp_path):
+    user = tmp_path / "user.csv"
+    shipped = Calibration.load(SHIPPED)
+    kf = shipped.row("keyframes", "previz", "cpu")
+    enc = shipped.row("encode", "x264:veryfast", "cpu")
+    Calibration.load(user).write([kf.model_copy(update={"seconds_per_unit_mpx": 7.0, "source": "user"}),
+                                  enc.model_copy(update={"seconds_per_unit_mpx": 8.0, "source": "user"})])
+    ClusterHistory(tmp_path / "store", HERE).add([measurements([1.0, 2.0], [0.5, 1.0], at=100.0)])
+    layered = cluster_calibration(Calibration.load(SHIPPED, user), str(tmp_path / "store"), HERE)
+    assert layered.row("keyframes", "previz", "cpu").seconds_per_unit_mpx == 0.5  # this cluster's
+    assert layered.row("keyframes", "previz", "cpu").renders == 1
+    assert layered.row("encode", "x264:veryfast", "cpu").seconds_per_unit_mpx == 8.0  # the user table's
+    assert layered.row("storyboard", "previz", "cpu") == shipped.row("storyboard", "previz", "cpu")
+    assert layered.cluster == HERE.label and layered.path == str(user)  # `anim calibrate` still writes the table
+    # Another cluster's rows are its own: a cluster that never rendered prices from the tables.
+    elsewhere = Fingerprint(kind="address", address="ray://elsewhere:10001")
+    assert cluster_calibration(Calibration.load(SHIPPED, user), str(tmp_path / "store"), elsewhere).row(
+        "keyframes", "previz", "cpu").seconds_per_unit_mpx == 7.0
+    # Written tables keep their columns: learned rows' band and renders are not table columns.
+    assert user.read_text().splitlines()[0] == "stage,backend,device,unit,overhead_s,seconds_per_unit_mpx,source,measured_at"
+
+
+def test_a_store_that_cannot_hold_measurements_is_one_error_naming_the_place(tmp_path, prices):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "calibration").write_text("a file where the folder should be")
+    plan = make_plan(load_episode(SHOTLIST), resolve_profile("draft"), calibration=Calibration.load(SHIPPED),
+                     prices=prices, script_sha256="0" * 64)
+    ledger = Ledger(records=[LedgerRecord(stage="keyframes", shot=s.shot.id, seconds=0.1, resource="cpu", units=1,
+                                          yuan=0.0) for s in plan.shots])
+    with pytest.raises(CalibrationError) as exc:
+        record_render(str(store), HERE, plan, ledger, run="r1")
+    assert str(store / "calibration") in str(exc.value) and "\n" not in str(exc.value)
+
+
+# --------------------------------------------------------------------------- through the CLI, rendering for real
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    from pipeline.dag import Cluster
+
+    Cluster().start()  # the CLI's renders reuse it
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """``anim`` in this process, in an environment of its own under tmp_path."""
+    from pipeline.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    env = {"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
+           "XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "COLUMNS": "250",
+           "ANIM_STORE": str(tmp_path / "store"),
+           **{k: None for k in ("RAY_ADDRESS", "ANIM_APPROVALS", "ANIM_CONFIG", "ANIM_PRICES", "ANIM_CALIBRATION",
+                                "ANIM_PRICE_TIER", "ANIM_PRICE_PROVIDER", "ANIM_DEBUG")}}
+    runner = CliRunner()
+
+    def anim(*args: str, code: int = 0, **extra: str):
+        res = runner.invoke(app, [str(a) for a in args], env=env | extra)
+        assert res.exit_code == code, res.output
+        assert "Traceback" not in res.output
+        return res
+
+    return anim
+
+
+def rendered(out: Path) -> tuple[RenderPlan, Ledger]:
+    """The plan and the measured ledger a render published."""
+    plan = RenderPlan.model_validate_json((out / "plan.json").read_text())
+    records = json.loads((out / "cost.json").read_text())["records"]
+    return plan, Ledger(records=[LedgerRecord(**r) for r in records])
+
+
+def per_key_fits(plan: RenderPlan, ledger: Ledger) -> dict[tuple[str, str, str], tuple[list, tuple[float, float]]]:
+    """(stage, backend, device) → (nodes, fit) of one render's executed nodes."""
+    out = {}
+    for (stage, backend, device, _), pts in samples(plan, ledger).items():
+        # every executed node of the stage (the contact sheet, a storyboard node of no shot, has no row of its own)
+        assert len(pts) == sum(1 for r in ledger.records if r.stage == stage and not r.cached
+                               and (r.shot is not None or stage == "assemble"))
+        out[(stage, backend, device)] = (pts, fit([w for w, _ in pts], [s for _, s in pts]))
+    return out
+
+
+def test_a_render_teaches_this_cluster_and_the_next_plan_of_another_script_prices_from_it(
+        tmp_path, cli, local_ray, prices):
+    store = str(tmp_path / "store")
+    here = fingerprint(None, None)  # what the CLI's settings give on this machine
+
+    # 1. Before any render: the plan says it prices from the tables, with no band.
+    before = cli("plan", ZH, "--aspect", "9:16").stdout
+    assert "calibration: table rows" in before and "no ± band until it renders" in before
+
+    # 2. Render script A. This cluster's rows now exist and are exactly the fit of A's measured nodes.
+    res = cli("render", SHOTLIST, "--no-progress", "--out", tmp_path / "a")
+    assert f"filed for {here.label}" in res.stdout
+    plan_a, ledger_a = rendered(tmp_path / "a")
+    fits_a = per_key_fits(plan_a, ledger_a)
+    learned = cluster_calibration(Calibration.load(SHIPPED), store, here)
+    assert not learned.ignored and len(fits_a) == 5
+    for (stage, backend, device), (pts, (overhead, slope)) in fits_a.items():
+        row = learned.row(stage, backend, device)
+        assert (row.overhead_s, row.seconds_per_unit_mpx, row.renders) == (overhead, slope, 1)
+        residual = math.sqrt(sum((overhead + slope * w - s) ** 2 for w, s in pts)) / sum(s for _, s in pts)
+        assert row.band == residual and "fewer than 2 renders" in row.source
+
+    # 3. Plan script B (another script, vertical): every stage is priced from those rows, exactly.
+    summary = json.loads(cli("plan", ZH, "--aspect", "9:16", "--json").stdout)
+    plan_b = make_plan(load_episode(ZH), resolve_profile("draft", {"aspect": "9:16"}), calibration=learned,
+                       prices=prices, script_sha256="0" * 64)
+    rows = stage_rows(plan_b.profile, learned)
+    assert all(r.renders == 1 for r in rows.values())
+    for shot in plan_b.shots:
+        work = shot_work(plan_b.profile, shot.frames, shot.drawings, shot.keyframes)
+        for stage, (units, mpx) in work.items():
+            seconds = round(rows[stage].seconds(units, mpx), 4)
+            assert shot.estimate_seconds[stage] == seconds
+            assert shot.estimate_yuan[stage] == pytest.approx(prices.cost(seconds, "cpu", 1.0), rel=1e-12)
+    assert summary["estimated_cost_yuan"] == pytest.approx(plan_b.estimated_cost_yuan, rel=1e-12)
+    cal = summary["calibration"]
+    assert cal["rows"] == "cluster" and set(cal["stages"].values()) == {"cluster"} and cal["renders"] == 1
+    by_stage = plan_b.estimate_by_stage()
+    band_row = {s: rows.get(s, rows["keyframes"]) for s in by_stage}  # audit is drawn by the keyframe backend
+    assert cal["plus_minus_yuan"] == pytest.approx(sum(by_stage[s] * band_row[s].band for s in by_stage), rel=1e-12)
+    assert cal["band"] == pytest.approx(cal["plus_minus_yuan"] / plan_b.estimated_cost_yuan, rel=1e-9)
+    text = cli("plan", ZH, "--aspect", "9:16").stdout
+    assert f"calibration: this cluster's rows ({here.label}) for every stage: ±{cal['band']:.1%}" in text
+    assert "from 1 render fit: no spread across renders yet" in text
+
+    # 4. Render B too: each row is now the median of the two renders' fits, with a spread.
+    cli("render", ZH, "--aspect", "9:16", "--no-progress", "--out", tmp_path / "b")
+    fits_b = per_key_fits(*rendered(tmp_path / "b"))
+    again = cluster_calibration(Calibration.load(SHIPPED), store, here)
+    for key, (_, fit_a) in fits_a.items():
+        row, fit_b = again.row(*key), fits_b[key][1]
+        assert row.overhead_s == statistics.median([fit_a[0], fit_b[0]])
+        assert row.seconds_per_unit_mpx == statistics.median([fit_a[1], fit_b[1]])
+        assert row.renders == 2 and "median of 2 render fit(s)" in row.source and "spread across renders" in row.source
+    assert estimate_band(plan_b, again).renders == 2
+
+    # 5. A deliberate refit from the two MLflow runs: learning starts again from their pooled nodes.
+    res = cli("calibrate", "--runs", "2")
+    assert "filed the refit as this cluster's learned rows" in res.stdout
+    refit = cluster_calibration(Calibration.load(SHIPPED), store, here)
+    for key in fits_a:
+        pooled = fits_a[key][0] + fits_b[key][0]
+        row = refit.row(*key)
+        # MLflow's ledger table keeps seconds to ~15 significant digits: equal to that precision.
+        assert (row.overhead_s, row.seconds_per_unit_mpx) == pytest.approx(
+            fit([w for w, _ in pooled], [s for _, s in pooled]), rel=1e-9, abs=1e-12)
+        assert row.renders == 1 and "2 renders, a refit among them" in row.source
+
+
+def test_a_render_whose_measurements_cannot_be_filed_still_succeeds(tmp_path, cli, local_ray):
+    # A file where the keyframe row's folder would go: reading the history finds no rows there, and
+    # filing this render's keyframe nodes fails after the render is paid for and published.
+    here = fingerprint(None, None)
+    [elsewhere] = ClusterHistory(tmp_path / "elsewhere", here).add([measurements([1.0], [0.1], at=1.0, fp=here)])
+    in_the_way = tmp_path / "store" / "calibration" / here.id / Path(elsewhere).parent.parent.name
+    in_the_way.parent.mkdir(parents=True)
+    in_the_way.write_text("in the way")
+    res = cli("render", SHOTLIST, "--no-progress", "--out", tmp_path / "out")
+    assert (tmp_path / "out" / "episode.mp4").is_file() and "MLflow run:" in res.stdout
+    assert "warning: this cluster's calibration was not updated from this render" in res.output
+    assert str(in_the_way) in res.output and "filed for" not in res.output
+    # A history that cannot even be listed is one error line before any work, never a traceback.
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "calibration").write_text("a file where the folder should be")
+    res = cli("plan", SHOTLIST, code=2, ANIM_STORE=str(tmp_path / "broken"))
+    assert "cannot list this cluster's measurements" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_refit_measurements_pool_runs_per_key(prices):
+    plan = make_plan(load_episode(SHOTLIST), resolve_profile("draft"), calibration=Calibration.load(SHIPPED),
+                     prices=prices, script_sha256="0" * 64)
+    ledger = Ledger(records=[LedgerRecord(stage="keyframes", shot=s.shot.id, seconds=0.1 * (i + 1), resource="cpu",
+                                          units=1, yuan=0.0) for i, s in enumerate(plan.shots)])
+    [one] = render_measurements(plan, ledger, fingerprint=HERE, run="r1", at=5.0)
+    assert one.key == ("keyframes", "previz", "cpu", "keyframe") and one.runs == ["r1"]
+    assert one.seconds == [0.1 * (i + 1) for i in range(len(plan.shots))] and one.profile == "draft"
+    [pooled] = refit_measurements([(plan, ledger, "r1"), (plan, ledger, "r2")], fingerprint=HERE, at=6.0)
+    assert (pooled.kind, pooled.renders, pooled.runs) == ("refit", 2, ["r1", "r2"])
+    assert pooled.work == one.work * 2 and pooled.seconds == one.seconds * 2
+    row = learned_row([pooled])
+    assert (row.overhead_s, row.seconds_per_unit_mpx) == fit(pooled.work, pooled.seconds)
+    assert row.renders == 1 and "2 renders, a refit among them" in row.source
