@@ -66,7 +66,11 @@ class Profile(Record):
                                    f"{', '.join(sorted(known))}")
         settings = {}
         for stage, selector in registry.SELECTOR.items():
-            entry = registry.get(stage, data.get(selector, cls.model_fields[selector].default))
+            name = data.get(selector, cls.model_fields[selector].default)
+            if not isinstance(name, str):  # `--set storyboard=[]` (found by tests/test_fuzz.py)
+                raise ProfileError(f"{selector} = {name!r}: expected a backend name; known: "
+                                   f"{', '.join(registry.names(stage))}")
+            entry = registry.get(stage, name)
             raw = given.get(stage, tables.get(entry.name, {}))
             settings[stage] = raw if isinstance(raw, entry.settings) else _settings(entry, raw)
         data["settings"] = settings

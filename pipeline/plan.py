@@ -98,7 +98,10 @@ def _speech_weight(text: str) -> float:
 def subtitle_cues(shot: Shot, start_s: float, end_s: float, first_index: int) -> list[SubtitleCue]:
     """Place a shot's dialogue inside its span, each line's share by its speaking time.
 
-    Dual dialogue shares the slot of the line before it. Cues never cross the shot's cut.
+    Dual dialogue shares the slot of the line before it. Cues never cross the shot's cut: a
+    shot with more lines than its time holds at the usual gaps and shortest cue (a long
+    exchange under one ``[[shot: …]]`` note, a short shot-list shot) shares the time between
+    lead-in and tail with no gaps.
     """
     slots: list[list[int]] = []
     for i, line in enumerate(shot.dialogue):
@@ -110,9 +113,12 @@ def subtitle_cues(shot: Shot, start_s: float, end_s: float, first_index: int) ->
         return []
     weights = [max(_speech_weight(shot.dialogue[i].text) for i in slot) for slot in slots]
     total = sum(weights)
-    usable = (end_s - start_s) - SUB_LEAD_S - SUB_TAIL_S - SUB_GAP_S * (len(slots) - 1)
+    gap = SUB_GAP_S
+    usable = (end_s - start_s) - SUB_LEAD_S - SUB_TAIL_S - gap * (len(slots) - 1)
     usable = max(usable, 0.05 * len(slots))
-    t = start_s + SUB_LEAD_S
+    if start_s + SUB_LEAD_S + usable + gap * (len(slots) - 1) > end_s:  # would run past the cut
+        gap, usable = 0.0, max((end_s - start_s) - SUB_LEAD_S - SUB_TAIL_S, 0.0)
+    t = min(start_s + SUB_LEAD_S, end_s)
     cues: list[SubtitleCue] = []
     for slot, weight in zip(slots, weights):
         length = usable * weight / total
@@ -121,7 +127,7 @@ def subtitle_cues(shot: Shot, start_s: float, end_s: float, first_index: int) ->
             cues.append(SubtitleCue(index=first_index + len(cues), start_s=round(t, 3),
                                     end_s=round(min(t + length, end_s), 3),
                                     character=line.character, text=line.text, shot=shot.id))
-        t += length + SUB_GAP_S
+        t += length + gap
     return cues
 
 

@@ -194,7 +194,7 @@ def check_limits(episode: Episode) -> None:
 
 
 def _span(seconds: float) -> str:
-    return f"{seconds:g} s ({seconds / 3600:g} h)" if seconds >= 3600 else f"{seconds:g} s ({seconds / 60:g} min)"
+    return f"{seconds:,g} s ({seconds / 3600:g} h)" if seconds >= 3600 else f"{seconds:,g} s ({seconds / 60:g} min)"
 
 
 def _too_big(size: int) -> str:
@@ -361,7 +361,8 @@ def _shot_note(note: Element, where: str) -> _Override | None:
         if low in _NOTE_CAMERAS:
             override.camera = _NOTE_CAMERAS[low]
         elif seconds and float(seconds.group(1)) > MAX_SHOT_S:
-            raise ScriptError(where, f"shot note: {word} is longer than the longest shot, {_span(MAX_SHOT_S)}; "
+            shown = word if len(word) <= 24 else f"{word[:20]}…{word[-3:]}"
+            raise ScriptError(where, f"shot note: {shown} is longer than the longest shot, {_span(MAX_SHOT_S)}; "
                                      "split it into shots", note.line)
         elif seconds and float(seconds.group(1)) > 0:
             override.duration = float(seconds.group(1))
