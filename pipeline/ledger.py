@@ -10,9 +10,9 @@ its artifact, so
 * a node cancelled in flight by the budget cap is billed by its driver, from when its worker
   took the key's lease to when the cancel was confirmed (``why="cancelled"``);
 * a node whose holder died (its lease expired) is billed by the render that takes the key
-  over, from the dead lease's start to its last renewal (``why="holder died"``: a lower
-  bound — the time after the last heartbeat, at most the lease's ``ttl_s``, is not known and
-  not billed).
+  over, from the dead lease's start to the heartbeat it missed (its last renewal plus a third
+  of the lease's ``ttl_s``: it died before that; ``why="holder died"``). A holder that dies
+  with no render ever needing the key again leaves its lease, and that time, unbilled.
 
 The episode's spend so far is the sum of every spend note of every node of its plan (each
 note counted once, whoever wrote it); a render's own ledger is the rows it paid. Prices are
@@ -238,10 +238,12 @@ class Claim:
     def _bill_dead(self, dead: LeaseInfo) -> None:
         """A holder that died with the key: its time from lease to last heartbeat was spent."""
         info = dead.info
-        seconds = (dead.renewed - dead.started) * float(info.get("share", 1.0))
+        # It was alive at its last renewal and missed the next beat a third of ``ttl_s`` later.
+        ended = min(dead.renewed + dead.ttl_s / 3, time.time())
+        seconds = (ended - dead.started) * float(info.get("share", 1.0))
         rows = partial_rows(self.work.prices, self.node, seconds, str(info.get("resource", self.held.resource)),
                             float(info.get("units", self.held.units)))
-        record(self.store, Spent(str(self.node), self.key, dead.holder, rows, dead.started, dead.renewed, DIED),
+        record(self.store, Spent(str(self.node), self.key, dead.holder, rows, dead.started, ended, DIED),
                dead.generation)
 
     @property
