@@ -191,7 +191,9 @@ def _load_state(path: Path, net: nn.Module, device: torch.device) -> dict[str, t
     try:
         raw = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a state dict"
-        raise StageError("inbetween", None, f"{path} is not a loadable torch state dict: {e}") from e
+        # torch's own text runs to a dozen lines; the chained cause keeps it (--debug prints it)
+        raise StageError("inbetween", None, f"{path} is not a loadable torch state dict "
+                         f"({type(e).__name__}: {str(e).strip().split('. ')[0].splitlines()[0] if str(e).strip() else ''})") from e
     if not isinstance(raw, dict):
         raise StageError("inbetween", None, f"{path} holds a {type(raw).__name__}, expected a RIFE 4.x state dict")
     state = {

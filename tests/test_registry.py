@@ -3,6 +3,7 @@ and the shipped entries plan and render (or refuse cleanly) through the same pat
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -153,21 +154,24 @@ def test_a_failing_node_names_its_stage_and_shot_and_keeps_the_worker_traceback(
 def test_the_cli_prints_one_line_and_debug_the_chained_traceback(tmp_path):
     env = {**os.environ, "ANIM_STORE": str(tmp_path / "store"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
     env.pop("ANIM_DEBUG", None)
+    junk = tmp_path / "junk.pkl"  # exists, so plan accepts it; fails only when a clip node loads it
+    junk.write_bytes(b"not a torch state dict")
     args = ["render", str(EPISODE), "--profile", str(REPO / "examples" / "profiles" / "draft_rife.toml"),
-            "--set", f"rife.weights={tmp_path / 'missing.pkl'}", "--no-progress", "--out", str(tmp_path / "out")]
+            "--set", f"rife.weights={junk}", "--no-progress", "--out", str(tmp_path / "out")]
 
     def anim(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "pipeline", *extra, *args], env=env, cwd=REPO,
                               capture_output=True, text=True, timeout=300)
 
     plain = anim()
-    lines = [ln for ln in plain.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
+    # Ray's and MLflow's own log lines carry a timestamp; what the CLI says does not
+    lines = [ln for ln in plain.stderr.splitlines() if ln.strip() and not re.match(r"\d{4}[-/]\d\d[-/]\d\d ", ln)]
     assert plain.returncode == 1 and len(lines) == 1, plain.stderr
-    assert lines[0].startswith("error: clip[sc0") and "RIFE weights not found" in lines[0]
+    assert lines[0].startswith("error: clip[sc0") and "junk.pkl" in lines[0]
     assert "finished nodes are kept in the artifact store" in lines[0]
     assert not (tmp_path / "out").exists()  # nothing published
     debug = anim("--debug")
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr and "in the worker:" in debug.stderr
     worker = debug.stderr.split("in the worker:", 1)[1]  # the cause, where it was raised
-    assert "stages/rife.py" in worker and "StageError: inbetween: RIFE weights not found" in worker
+    assert "stages/rife.py" in worker and "StageError: inbetween:" in worker
