@@ -304,6 +304,12 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
         check_out_dir(out_dir or default_out_dir(script, profile, rplan.profile.aspect), create_parents=out_dir is None)
         store = _open_store(settings)
         gate = gate_state(open_approvals(settings.approvals), rplan, gate_on(rplan.profile, approval_gate))
+        # The MLflow run opens now (RUNNING; plan and estimate first). Only a tracking URI the
+        # user must fix raises; an unreachable server is reported once, after the outputs are safe.
+        live = tracking.RenderRun(settings.tracking_uri, rplan, series=episode.title_page.get("series"),
+                                  script=script, tags={"cluster": settings.ray_address or "local", **gate.tags()},
+                                  budget_yuan=budget_yuan, spool=tracking.Spool(store.url), store=store)
+        live.start()
     except AnimError as exc:
         raise _fail(exc, debug=ctx.obj.debug)
     out_dir = out_dir or default_out_dir(script, profile, rplan.profile.aspect)
@@ -313,32 +319,60 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
         try:
             result = run_render(rplan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(),
                                 cluster=Cluster(settings.ray_address, settings.num_cpus), approvals=gate.approvals,
-                                budget_yuan=budget_yuan, stop_after=stop_after, on_progress=on_progress)
+                                budget_yuan=budget_yuan, stop_after=stop_after,
+                                on_progress=lambda *p: (on_progress(*p), live.on_progress(*p)), on_node=live.on_node)
         except AnimError as exc:
+            live.abort("error", str(exc))
             raise _fail(exc, 1, debug=ctx.obj.debug)
+        except KeyboardInterrupt:
+            live.abort("interrupted")
+            raise
 
     # 3. Publish the finished artifacts (all of them, or the storyboard sheet and the clips already
     #    rendered, shot-<id>.mp4, for the producer to watch) with the JSON records.
     metrics, cost = _money(rplan, result, prices, budget_yuan)
     config = {"settings": settings.model_dump(), "profile": rplan.profile.model_dump()}
     outputs = result.outputs if result.stopped is None else {**result.outputs, **preview_clips(rplan, store)}
+    documents = {"cost.json": cost, "config.json": config, "approvals.json": gate.summary()}
     try:
-        written = publish(outputs, out_dir, {"plan.json": json.loads(rplan.model_dump_json()),
-                                             "cost.json": cost, "config.json": config,
-                                             "approvals.json": gate.summary()})
+        written = publish(outputs, out_dir, {"plan.json": json.loads(rplan.model_dump_json()), **documents})
     except AnimError as exc:
+        live.abort("error", str(exc))
         raise _fail(exc, 1, debug=ctx.obj.debug)
-    run_id = tracking.log_render(tracking_uri=settings.tracking_uri, plan=rplan, ledger=result.ledger,
-                                 metrics=metrics, artifacts=written, quality=result.quality,
-                                 tags={"cluster": settings.ray_address or "local",
-                                       "status": result.stopped or "complete", **gate.tags()},
-                                 series=episode.title_page.get("series"))
+    # The record goes to the spool first, then to MLflow: a tracking failure now loses nothing.
+    tracked = live.finish(live.record(ledger=result.ledger, metrics=metrics, stopped=result.stopped,
+                                      quality=result.quality, artifacts=written, documents=documents,
+                                      store_keys=[rplan.assemble_key, rplan.contact_sheet_key]))
+    run_id = tracked.run_id
     # 4. Tell the producer.
     _report(rplan, result, metrics, written, budget_yuan)
-    out.print(f"MLflow run: {run_id}  ({settings.tracking_uri})", markup=False)
+    lost = _tracking_note(tracked, settings.tracking_uri, out_dir)
     _learn(settings, rplan, result, run_id)  # 5. this cluster's rows learn from the nodes just measured
+    if lost:
+        raise typer.Exit(1)
     if result.stopped is not None:
         raise typer.Exit(0 if result.stopped == "storyboard" else 3)
+
+
+def _tracking_note(tracked, tracking_uri: str, out_dir: Path) -> bool:
+    """The MLflow run, or one line saying why there is none yet and where the render's record
+    waits; True when the record is lost (it could be neither logged nor kept)."""
+    if tracked.run_id:
+        out.print(f"MLflow run: {tracked.run_id}  ({tracking_uri})", markup=False)
+    elif tracked.pending:
+        err.print(f"warning: MLflow at {tracking_uri} did not take this render ({tracked.error}); the episode "
+                  f"is published in {out_dir} and its record waits in {tracked.pending}: `anim runs` or the next "
+                  "render logs it", markup=False, highlight=False, soft_wrap=True)
+    else:
+        err.print(f"error: MLflow at {tracking_uri} did not take this render ({tracked.error}) and {tracked.lost}; "
+                  f"the episode and cost.json are published in {out_dir}", markup=False, highlight=False,
+                  soft_wrap=True)
+        return True
+    for what, ids in (("logged {} earlier render(s) that were waiting", tracked.relogged),
+                      ("closed {} run(s) whose driver is gone as KILLED", tracked.closed)):
+        if ids:
+            err.print(f"{what.format(len(ids))}: {', '.join(i[:8] for i in ids)}", markup=False, highlight=False)
+    return False
 
 
 @contextmanager
