@@ -129,8 +129,12 @@ def read_shotlist(text: str, path: str, *, max_depth: int, max_nodes: int,
     """
     try:
         _check_size(text, path, max_depth, max_nodes)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)  # compose once, build the data from that node tree
+        try:
+            root = loader.get_single_node()
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         # "but found another document" only makes sense after its context
