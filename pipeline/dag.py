@@ -51,8 +51,10 @@ from pipeline.store.lease import LeaseInfo, clear as clear_lease, current as cur
 from stages.records import AnimError, NodeError
 
 POLL_S = 0.05  # with a budget: how often running nodes' cost so far is looked at
-STOP_AHEAD_S = 0.1  # the cap stops running nodes this long before they would reach it: two polls and
-# the ~20 ms a force-cancel takes to confirm (measured on a local 2-core cluster)
+STOP_AHEAD_S = 0.1  # the cap stops running nodes at least this long before they would reach it: two
+# polls and the ~20 ms a force-cancel takes to confirm (measured on a local 2-core cluster) — or twice
+# the longest recent gap between two looks (a busy driver looks less often than it means to), or a
+# poll more than the longest cancel has taken to confirm in this render
 
 
 @dataclass
@@ -281,6 +283,9 @@ class _Run:
         self.refs: dict[NodeId, Any] = {}  # submitted node -> its ref (inputs of later nodes)
         self.learning: set[str] = set()  # shots admitted while their stages' ratios were unknown
         self.stopping = False  # the cap was reached or the storyboard did not fit: nothing more starts
+        self.looked: list[float] = []  # when watch() last ran, and the recent gaps between its runs
+        self.cancel_s = 0.0  # the longest a cancel took to confirm
+        self.slots = 0.0  # how many nodes can run at once (the cluster's CPUs and GPUs)
         p = plan.profile
         self.entries = {stage: (p.entry(stage), p.settings_for(stage)) for stage in ("storyboard", "keyframes",
                                                                                       "inbetween")}
@@ -454,17 +459,26 @@ class _Run:
     def watch(self) -> None:
         """Charge running nodes' cost so far; cancel what the budget can no longer carry."""
         now = time.time()
-        ahead = self.guard.reservation("contact_sheet")  # never cancelled: kept out of reach
-        running = []
+        self.looked = (self.looked + [now])[-20:]
+        gaps = [b - a for a, b in zip(self.looked, self.looked[1:])]
+        ahead_s = max([STOP_AHEAD_S, self.cancel_s + POLL_S] + [2 * g for g in gaps])
+        running, ready = [], []
         for ref, f in self.in_flight.items():
             if f.lease is None and not any(a in self.refs and a not in self.out.done for a in f.after):
                 got = current_lease(self.store, f.key)  # its inputs are done: it may have started
                 if got is not None and got.holder == self.work.holder:
                     f.lease = got
+                else:
+                    ready.append(f)  # may start before the next look
             if f.lease is not None:
                 self.guard.accrue(f.node, f.cost_so_far(now))
-                ahead += f.rate * f.share * STOP_AHEAD_S
                 running += [ref] if f.cancellable else []
+        # What stopping costs: the running nodes, and as many ready ones as free slots, for ahead_s.
+        if not self.slots:
+            self.slots = max(sum(self.cluster.resources().values()), 1.0)
+        starting = sorted((f.rate * f.share for f in ready), reverse=True)[:max(int(self.slots) - len(running), 0)]
+        ahead = self.guard.reservation("contact_sheet")  # never cancelled: kept out of reach
+        ahead += ahead_s * (sum(self.in_flight[r].rate * self.in_flight[r].share for r in running) + sum(starting))
         if running and self.guard.over(ahead):
             self.out.cap_reached = True
             self.cancel([ref for ref, f in self.in_flight.items() if f.cancellable])
@@ -502,6 +516,7 @@ class _Run:
                 ray.cancel(ref, force=True)
             elif id(self.in_flight[ref].actor) not in actors:
                 ray.cancel(ref)  # queued on an actor that lives on
+        t0 = time.time()
         for ref in doomed:
             flight = self.in_flight.pop(ref)
             try:
@@ -510,6 +525,7 @@ class _Run:
                 self.bill_cancelled(flight, time.time())
             else:  # it finished before the cancel reached it
                 self.take(measured, flight)
+        self.cancel_s = max(self.cancel_s, time.time() - t0)
 
     def bill_cancelled(self, flight: _Flight, ended: float) -> None:
         """A cancelled node: its finished spend note if it got that far, else its partial time from
@@ -602,6 +618,7 @@ class _Run:
                     if queue:
                         self.admit(queue)
                     self.progress()
+                self.looked = []  # nothing ran meanwhile: no gap to learn from
                 if not self.episode_node():
                     break
         except AnimError:

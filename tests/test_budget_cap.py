@@ -1,0 +1,174 @@
+"""A budget that is a cap (#10.3), on a real local Ray cluster: with calibration rows made three
+times optimistic (so this machine is three times slower than its rows say, whatever its speed),
+a render spends at most its budget plus 5% for nodes already running when the cap is reached,
+always publishes the contact sheet (or says the storyboard itself does not fit), and a resume
+with the same budget does not pass it across both renders. A node cancelled in flight is billed
+for the time it ran. No wall time is asserted: figures side by side are
+``experiments/budget_overshoot.py``."""
+from __future__ import annotations
+
+import hashlib
+import time
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+
+from pipeline import registry
+from pipeline.calibration import Calibration, CalibrationRow
+from pipeline.config import resolve_profile
+from pipeline.dag import Cluster
+from pipeline.ledger import CANCELLED, episode_ledger
+from pipeline.models import Profile
+from pipeline.plan import make_plan
+from pipeline.render import render
+from pipeline.store import open_store
+from pipeline.store.lease import current
+from stages.records import Frame, KeyframeRequest, Keyframes, Record
+from stages.script import load_episode
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+EPISODE = load_episode(REPO / "examples" / "shotlist.yaml")
+SHA = hashlib.sha256(EPISODE.model_dump_json().encode()).hexdigest()
+CAP = 1.05  # what nodes already running may add to a budget
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    import ray
+
+    Cluster().start()
+    yield
+    ray.shutdown()
+
+
+def optimistic(calibration: Calibration, factor: float) -> Calibration:
+    """The same rows, ``factor`` times faster than they were measured."""
+    return Calibration(rows=[r.model_copy(update={"overhead_s": r.overhead_s / factor,
+                                                  "seconds_per_unit_mpx": r.seconds_per_unit_mpx / factor})
+                             for r in calibration.rows], paths=[])
+
+
+def run(plan, store, prices, **kw):
+    return render(plan, store=store, prices=prices, ffmpeg=FFMPEG, **kw)
+
+
+def assert_within_cap(result, budget: float) -> None:
+    """Spent (the episode's, across renders) at most the budget, or — only if the cap stopped
+    running nodes — at most 5% more; the contact sheet, or the reason there is none."""
+    spent = result.budget_spent_yuan
+    assert spent <= budget * CAP, f"spent ¥{spent:.6f} of ¥{budget:.6f} ({spent / budget:.1%})"
+    assert spent <= budget or result.cap_reached
+    if result.stopped is None:
+        assert "episode.mp4" in result.outputs and "storyboard.png" in result.outputs
+    else:
+        assert "storyboard.png" in result.outputs or "storyboard" in (result.budget_note or "")
+
+
+def test_rows_three_times_optimistic_never_pass_the_budget_and_a_resume_stays_inside_it(calibration, prices,
+                                                                                        tmp_path):
+    rows_say = make_plan(EPISODE, resolve_profile("draft"), calibration=calibration, prices=prices, script_sha256=SHA)
+    plan = make_plan(EPISODE, resolve_profile("draft"), calibration=optimistic(calibration, 3.0), prices=prices,
+                     script_sha256=SHA)
+    assert plan.estimated_cost_yuan == pytest.approx(rows_say.estimated_cost_yuan / 3, rel=0.01)
+    sheets = 0
+    for i, fraction in enumerate((0.2, 0.4, 0.8, 4.0)):  # of what the true rows estimate
+        budget = fraction * rows_say.estimated_cost_yuan
+        store = open_store(tmp_path / f"store{i}")
+        first = run(plan, store, prices, budget_yuan=budget)
+        assert first.budget_scope == "episode" and first.spent_before_yuan == 0.0
+        assert_within_cap(first, budget)
+        # everything it paid — finished nodes and the partial time of cancelled ones — is on record
+        assert episode_ledger(plan, store).total_yuan == pytest.approx(first.ledger.total_yuan)
+        assert first.episode_spent_yuan == pytest.approx(first.ledger.total_yuan)
+        sheets += "storyboard.png" in first.outputs
+        # the same budget again is the same cap: the episode's spend so far counts
+        resumed = run(plan, store, prices, budget_yuan=budget)
+        assert resumed.spent_before_yuan == pytest.approx(first.ledger.total_yuan)
+        assert_within_cap(resumed, budget)
+        assert resumed.episode_spent_yuan == pytest.approx(first.ledger.total_yuan + resumed.ledger.total_yuan)
+        assert not (set(resumed.remaining) - set(first.remaining))  # nothing finished is lost or redone
+    assert sheets >= 3  # the storyboard fits every budget but perhaps the smallest on a very slow machine
+
+
+def test_a_budget_the_storyboard_does_not_fit_spends_nothing_and_says_so(calibration, prices, tmp_path):
+    plan = make_plan(EPISODE, resolve_profile("draft"), calibration=calibration, prices=prices, script_sha256=SHA)
+    result = run(plan, open_store(tmp_path / "store"), prices, budget_yuan=plan.shots[0].estimate_yuan["storyboard"])
+    assert result.stopped == "budget" and result.outputs == {} and result.ledger.total_yuan == 0.0
+    assert "does not cover the storyboard" in result.budget_note
+
+
+def test_a_render_budget_scope_caps_this_invocation_only(calibration, prices, tmp_path):
+    plan = make_plan(EPISODE, resolve_profile("draft"), calibration=calibration, prices=prices, script_sha256=SHA)
+    store = open_store(tmp_path / "store")
+    boards = run(plan, store, prices, stop_after="storyboard")
+    budget = 0.9 * boards.ledger.total_yuan  # the episode has spent past it already
+    episode = run(plan, store, prices, budget_yuan=budget)
+    assert episode.stopped == "budget" and episode.ledger.total_yuan == 0.0
+    assert "storyboard.png" in episode.outputs  # a hit: the sheet is delivered at no cost
+    alone = run(plan, store, prices, budget_yuan=10 * plan.estimated_cost_yuan, budget_scope="render")
+    assert alone.stopped is None and alone.budget_spent_yuan == alone.ledger.total_yuan
+    with pytest.raises(ValueError, match="budget_scope"):
+        run(plan, store, prices, budget_scope="series")
+
+
+# --------------------------------------------------------------------------- a node cancelled in flight
+
+
+class NapSettings(Record):
+    nap_s: float = 8.0
+
+
+class NapKeyframes:
+    """Flat keyframes after a nap: a backend far slower than its calibration row says."""
+
+    def __init__(self, *, width: int, height: int, nap_s: float):
+        self.width, self.height, self.nap_s = width, height, nap_s
+
+    def __call__(self, requests: list[KeyframeRequest]) -> list[Keyframes]:
+        time.sleep(self.nap_s)
+        return [Keyframes(shot=r.shot.id, frames=[Frame(index=k, image=np.full((self.height, self.width, 3), 80, np.uint8))
+                                                  for k in r.indices]) for r in requests]
+
+
+def build_nap(settings: NapSettings, *, width: int, height: int) -> NapKeyframes:
+    return NapKeyframes(width=width, height=height, nap_s=settings.nap_s)
+
+
+@pytest.fixture
+def nap():
+    entry = registry.register(registry.Backend("keyframes", "nap", NapSettings, build=build_nap,
+                                               calibration=lambda s: "nap"), replace=True)
+    yield entry
+    registry.unregister("keyframes", "nap")
+
+
+def test_a_node_running_when_the_cap_is_reached_is_cancelled_and_billed_for_the_time_it_ran(
+        nap, calibration, prices, tmp_path):
+    row = CalibrationRow(stage="keyframes", backend="nap", device="cpu", unit="keyframe", overhead_s=0.0,
+                         seconds_per_unit_mpx=0.01, source="test: the nap backend, far slower than this row",
+                         measured_at="")
+    plan = make_plan(EPISODE, Profile(name="nap", backend="nap", audit=False),
+                     calibration=Calibration(rows=[*calibration.rows, row], paths=[]), prices=prices,
+                     script_sha256=SHA)
+    store = open_store(tmp_path / "store")
+    boards = run(plan, store, prices, stop_after="storyboard")
+    nap_yuan = prices.cost(NapSettings().nap_s, "cpu", 1.0)  # what one keyframes node really costs
+    budget = boards.episode_spent_yuan + 0.25 * nap_yuan  # room for a chain on estimates, not for its nap
+    result = run(plan, store, prices, budget_yuan=budget)
+    assert result.cap_reached and result.stopped == "budget" and "storyboard.png" in result.outputs
+    assert_within_cap(result, budget)
+    cancelled = [n for n in result.cancelled if n.startswith("keyframes[")]
+    assert cancelled and result.cancelled_yuan > 0
+    # billed in this render's ledger and on record as the node's partial spend, its lease cleared
+    book = episode_ledger(plan, store)
+    notes = [n for n in book.notes if n.why == CANCELLED]
+    assert {n.node for n in notes} == set(result.cancelled)
+    assert sum(n.yuan for n in notes) == pytest.approx(result.cancelled_yuan)
+    assert result.ledger.total_yuan == pytest.approx(sum(n.yuan for n in book.notes if n.holder == result.render_id))
+    assert all(0 < n.yuan < nap_yuan for n in notes)  # stopped part-way through its nap
+    assert all(current(store, n.key) is None for n in notes)
+    assert result.episode_spent_yuan == pytest.approx(boards.episode_spent_yuan + result.ledger.total_yuan)
