@@ -279,8 +279,12 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
            profile: str = ProfileOpt, aspect: Optional[str] = AspectOpt, sets: list[str] = SetOpt,
            out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder, in a folder that "
                                                   "exists [default: out/<script>-<profile>-<aspect>]"),
-           budget: Optional[str] = typer.Option(None, "--budget", help="Cap attributed cost, e.g. ¥0.5; "
-                                                "stops before the node that would pass it."),
+           budget: Optional[str] = typer.Option(None, "--budget", help="Cap spend, e.g. ¥0.5: the episode's "
+                                                "across resumed renders (see --budget-scope); nodes still running "
+                                                "when it is reached are cancelled, their time billed."),
+           budget_scope: str = typer.Option("episode", "--budget-scope", help="'episode': what earlier renders "
+                                            "of this episode spent counts against --budget; 'render': this "
+                                            "invocation only."),
            stop_after: Optional[str] = typer.Option(None, "--stop-after", help="'storyboard': panels and "
                                                     "contact sheet only, for approval before keyframes."),
            approval_gate: Optional[bool] = GateOpt,
@@ -296,6 +300,8 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
 
     # 1. Everything resolved and checked before Ray starts.
     budget_yuan = _yuan(budget)
+    if budget_scope not in ("episode", "render"):
+        raise _fail(f"--budget-scope {budget_scope!r}: 'episode' or 'render'")
     if stop_after not in (None, "storyboard"):
         raise _fail(f"--stop-after {stop_after!r}: the only stop is 'storyboard'")
     try:
@@ -319,7 +325,7 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
         try:
             result = run_render(rplan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(),
                                 cluster=Cluster(settings.ray_address, settings.num_cpus), approvals=gate.approvals,
-                                budget_yuan=budget_yuan, stop_after=stop_after,
+                                budget_yuan=budget_yuan, budget_scope=budget_scope, stop_after=stop_after,
                                 on_progress=lambda *p: (on_progress(*p), live.on_progress(*p)), on_node=live.on_node)
         except AnimError as exc:
             live.abort("error", str(exc))
@@ -416,13 +422,18 @@ def _money(rplan, result, prices, budget_yuan):
     billed = billed_yuan(prices, result.wall_seconds, result.cluster, gpu_types[0] if gpu_types else None)
     metrics = tracking.render_metrics(rplan, ledger, wall_seconds=result.wall_seconds, billed_yuan=billed,
                                       quality=result.quality, consistency=result.consistency)
-    cost = {"total_yuan": ledger.total_yuan,
+    metrics["episode_spent_yuan"] = result.episode_spent_yuan  # every render of the episode so far
+    cost = {"total_yuan": ledger.total_yuan,  # this render's spend; the episode's is episode_spent_yuan
             "records": [r.model_dump() for r in ledger.records],
             "by_stage_yuan": ledger.by_stage(),
             "estimated_yuan": rplan.estimated_cost_yuan,
             "scheduled_yuan": result.schedule.estimate_yuan,
             "billed_yuan": billed, "utilization": metrics["utilization"],
             "budget_yuan": budget_yuan, "status": result.stopped or "complete",
+            "episode_spent_yuan": result.episode_spent_yuan, "spent_before_yuan": result.spent_before_yuan,
+            "budget_scope": result.budget_scope, "budget_spent_yuan": result.budget_spent_yuan,
+            "cancelled_nodes": result.cancelled, "cancelled_yuan": result.cancelled_yuan,
+            "cap_reached": result.cap_reached, "budget_note": result.budget_note, "render_id": result.render_id,
             "remaining_shots": result.remaining, "remaining_estimate_yuan": result.remaining_estimate_yuan,
             "quality": result.quality, "character_consistency": result.consistency,
             "wall_seconds": result.wall_seconds, "ray_init_seconds": result.ray_init_seconds}
@@ -436,6 +447,11 @@ def _report(rplan, result, metrics, written, budget_yuan) -> None:
     out.print(f"¥{ledger.total_yuan:.5f} attributed (¥{ledger.total_yuan / minutes:.5f}/min; estimated "
               f"¥{rplan.estimated_cost_yuan:.5f}); billed ¥{metrics['billed_yuan']:.5f}, utilization "
               f"{metrics['utilization']:.0%}; wall {result.wall_seconds:.1f} s + Ray start {result.ray_init_seconds:.1f} s")
+    cap = f" / budget ¥{budget_yuan:.5f} ({result.budget_scope})" if budget_yuan is not None else ""
+    cut = (f"; {len(result.cancelled)} node(s) cancelled at the cap, ¥{result.cancelled_yuan:.5f} of their time billed"
+           if result.cancelled else "")
+    out.print(f"spent so far ¥{result.episode_spent_yuan:.5f}{cap} — this render ¥{ledger.total_yuan:.5f}, earlier "
+              f"renders of the episode ¥{result.spent_before_yuan:.5f}{cut}", markup=False)
     if "audit_psnr_db" in metrics:
         out.print(f"in-between audit: {metrics['audit_psnr_db']:.2f} dB PSNR, SSIM {metrics['audit_ssim']:.4f} "
                   f"(mean of {sum('audit_psnr_db' in q for q in result.quality.values())} shots)")
@@ -446,13 +462,13 @@ def _report(rplan, result, metrics, written, budget_yuan) -> None:
            f"{', '.join(result.remaining[:12])}{' …' if len(result.remaining) > 12 else ''}"
     reason = {"storyboard": "stopped after the storyboard as asked; approve with `anim approve`",
               "approval": "waiting for storyboard approval (`anim approve`)",
-              "budget": f"budget ¥{budget_yuan} reached before the next node"}[result.stopped]
+              "budget": result.budget_note or f"budget ¥{budget_yuan} reached before the next node"}[result.stopped]
     if "storyboard.png" in written:
         out.print(f"storyboard: {written['storyboard.png']}", markup=False)
     if previews := [name for name in written if name.startswith("shot-") and name.endswith(".mp4")]:
         out.print(f"{len(previews)} finished shots to preview in {written[previews[0]].parent}: "
                   f"{', '.join(previews[:8])}{' …' if len(previews) > 8 else ''}", markup=False)
-    err.print(f"[yellow]{reason}[/]; {escape(left)}. Finished work is kept: the next render resumes from it.")
+    err.print(f"[yellow]{escape(reason)}[/]; {escape(left)}. Finished work is kept: the next render resumes from it.")
 
 
 def _cost_table(rplan, ledger) -> Table:
