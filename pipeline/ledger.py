@@ -145,12 +145,12 @@ class EpisodeLedger:
 
     @property
     def total_yuan(self) -> float:
-        return sum(n.yuan for n in self.notes)
+        return sum((n.yuan for n in self.notes), 0.0)
 
     @property
     def partial_yuan(self) -> float:
         """What cancelled nodes and nodes of dead holders cost (no artifact came of it)."""
-        return sum(n.yuan for n in self.notes if n.why is not None)
+        return sum((n.yuan for n in self.notes if n.why is not None), 0.0)
 
     def holders(self) -> set[str]:
         return {n.holder for n in self.notes}
