@@ -315,3 +315,30 @@ def test_two_renders_of_one_script_at_once_compute_and_bill_every_node_once(loca
     assert len(book.notes) == len(book.by_node())  # one note per node
     assert book.total_yuan == pytest.approx(a.ledger.total_yuan + b.ledger.total_yuan)
     assert a.episode_spent_yuan == pytest.approx(book.total_yuan) == pytest.approx(b.episode_spent_yuan)
+
+
+@pytest.mark.slow
+def test_a_rerun_through_the_cli_keeps_the_episodes_spend_in_cost_json(tmp_path):
+    """The probe's complaint: a rerun overwrote cost.json with ¥0. Now cost.json says what this
+    render paid (¥0: every node is in the store) and what the episode has cost so far."""
+    import json
+
+    places = {name: tmp_path / name for name in ("home", "cache", "data")}
+    for folder in places.values():
+        folder.mkdir()
+    (tmp_path / "config.toml").write_text("", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANIM_", "RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
+    env.update(HOME=str(places["home"]), XDG_CACHE_HOME=str(places["cache"]), XDG_DATA_HOME=str(places["data"]),
+               ANIM_CONFIG=str(tmp_path / "config.toml"), ANIM_STORE=str(tmp_path / "store"),
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", MLFLOW_DISABLE_TELEMETRY="true")
+    costs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-m", "pipeline", "render", str(SHOTLIST), "--out", str(tmp_path / "out"),
+                               "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        costs.append(json.loads((tmp_path / "out" / "cost.json").read_text()))
+    first, again = costs
+    assert first["total_yuan"] > 0 and first["episode_spent_yuan"] == pytest.approx(first["total_yuan"])
+    assert again["total_yuan"] == 0.0 and again["status"] == "complete"
+    assert again["spent_before_yuan"] == again["episode_spent_yuan"] == pytest.approx(first["total_yuan"])
+    assert "spent so far ¥" in " ".join(done.stdout.split())
