@@ -330,8 +330,8 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
         except AnimError as exc:
             live.abort("error", str(exc))
             raise _fail(exc, 1, debug=ctx.obj.debug)
-        except KeyboardInterrupt:
-            live.abort("interrupted")
+        except BaseException as exc:  # Ctrl-C, or the executor itself failing: the run says so first
+            live.abort("interrupted" if isinstance(exc, KeyboardInterrupt) else "error", repr(exc))
             raise
 
     # 3. Publish the finished artifacts (all of them, or the storyboard sheet and the clips already

@@ -735,16 +735,23 @@ class RenderRun:
         if self.spool is None:
             self._log_final(rec, out)
             return out
-        with self.spool.claim(rec.uid, wait=True):
-            try:
+        try:
+            with self.spool.claim(rec.uid, wait=True):
                 out.pending = self.spool.put(rec)  # 1. safe before MLflow is asked
-            except Exception as exc:
-                out.lost = f"the record could not be kept in {self.spool.where}: {summary(exc)}"
-            if self._log_final(rec, out) and out.pending:
-                self.spool.remove(rec.uid)  # 2. MLflow has it
-                out.pending = None
+                if self._log_final(rec, out):
+                    self.spool.remove(rec.uid)  # 2. MLflow has it
+                    out.pending = None
+        except Exception as exc:  # the spool's store failed: MLflow is the only copy, if it answers
+            out.lost = f"the record could not be kept in {self.spool.where}: {summary(exc)}"
+            if out.run_id is None and out.error is None:
+                self._log_final(rec, out)
+            if out.pending is not None and out.run_id is not None:
+                out.pending = None  # logged; only the removal failed (the uid keeps it from being logged twice)
         if out.run_id and self.client is not None:  # 3. MLflow answers: whatever waits can go in now
-            out.relogged = relog_pending(self.client, self.uri, self.spool, store=self.store).run_ids
+            try:
+                out.relogged = relog_pending(self.client, self.uri, self.spool, store=self.store).run_ids
+            except Exception:  # noqa: BLE001 - they stay in the spool for the next command
+                pass
         return out
 
     def _log_final(self, rec: RunRecord, out: Outcome) -> bool:

@@ -189,6 +189,17 @@ def test_a_live_run_opens_running_takes_shots_as_they_finish_and_ends_with_its_r
     assert (row["episode_spent_yuan"], row["budget_yuan"]) == (0.25, 0.5)
 
 
+def test_a_render_that_fails_ends_its_run_failed_with_the_error(where, plan):
+    from pipeline import tracking
+
+    live = tracking.RenderRun(str(where["uri"]), plan)
+    live.start()
+    live.abort("error", "clip[sc01-sh01]: ffmpeg exited with 1")
+    run = mlflow.MlflowClient(str(where["uri"])).get_run(live.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["stopped"] == "error"
+    assert run.data.tags["error"] == "clip[sc01-sh01]: ffmpeg exited with 1" and run.data.tags["status"] == "failed"
+
+
 # --------------------------------------------------------------------------- drivers that die
 
 
