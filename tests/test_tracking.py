@@ -326,7 +326,9 @@ def test_an_unreachable_server_costs_the_render_nothing_and_the_run_is_logged_la
     assert {"episode.mp4", "ledger.json", "plan.json", "cost.json", "cost_chart.png"} <= {
         a.path for a in client.list_artifacts(late.info.run_id)}
     # The live run saw every shot as it finished.
-    assert found[live_id].info.status == "FINISHED"
+    assert found[live_id].info.status == "FINISHED" and found[live_id].data.tags["script"] == "tiny.fountain"
+    assert {"episode.mp4", "ledger.json", "plan.json", "cost_chart.png"} <= {
+        a.path for a in client.list_artifacts(live_id)}
     assert max(m.value for m in client.get_metric_history(live_id, "shots_done")) == 2
 
 
