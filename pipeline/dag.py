@@ -360,8 +360,9 @@ class _Run:
     def storyboards(self) -> None:
         """Every scheduled panel together with the contact sheet's reservation, or none."""
         boards = self.sched.where("run", "storyboard")
-        sheet = self.sched.get(NodeId("contact_sheet"))
-        sheet_yuan = contact_sheet_estimate(self.plan) if sheet is not None and sheet.state != "hit" else 0.0
+        # Reserved even when the schedule ends with the episode: the cap may stop the chains.
+        sheet_yuan = contact_sheet_estimate(self.plan) if (
+            self.guard.capped and self.store.get(self.plan.contact_sheet_key) is None) else 0.0
         if not self.guard.fits_all([(n.estimate_yuan, "storyboard") for n in boards]
                                    + [(sheet_yuan, "contact_sheet")]):
             self.stopping = True

@@ -94,6 +94,23 @@ def test_rows_three_times_optimistic_never_pass_the_budget_and_a_resume_stays_in
     assert sheets >= 3  # the storyboard fits every budget but perhaps the smallest on a very slow machine
 
 
+def test_under_a_budget_the_storyboard_comes_first_and_one_chain_learns_before_the_others_start(
+        calibration, prices, tmp_path):
+    """Learn before widening: with no history, the first chain runs alone; the others start
+    only once its keyframes and clip have measured how far this machine runs from the rows.
+    (Spans are each node's start and end on the worker: an order, not a speed, is asserted.)"""
+    plan = make_plan(EPISODE, resolve_profile("draft"), calibration=calibration, prices=prices, script_sha256=SHA)
+    result = run(plan, open_store(tmp_path / "store"), prices, budget_yuan=50 * plan.estimated_cost_yuan)
+    assert result.stopped is None and not result.cap_reached
+    spans = sorted(result.spans, key=lambda s: s[1])
+    boards = [s for s in spans if s[0] == "storyboard"]
+    keyframes = [s for s in spans if s[0].startswith("keyframes")]
+    clips = [s for s in spans if s[0].startswith("inbetween")]
+    assert len(boards) == len(keyframes) == len(clips) == len(plan.shots)
+    assert max(end for _, _, end in boards) <= keyframes[0][1]
+    assert keyframes[1][1] >= clips[0][2]  # the second chain waited for the first one's clip
+
+
 def test_a_budget_the_storyboard_does_not_fit_spends_nothing_and_says_so(calibration, prices, tmp_path):
     plan = make_plan(EPISODE, resolve_profile("draft"), calibration=calibration, prices=prices, script_sha256=SHA)
     result = run(plan, open_store(tmp_path / "store"), prices, budget_yuan=plan.shots[0].estimate_yuan["storyboard"])
