@@ -66,12 +66,13 @@ class TrackingError(AnimError):
 
 
 def mlflow_defaults() -> None:
-    """No telemetry, no progress bars on the console, HTTP retries and timeout bounded so an
+    """No telemetry, no progress bars or INFO lines on the console, HTTP retries and timeout bounded so an
     unreachable server fails in seconds. MLflow reads these from the environment, so an entry
     point (the CLI callback, an experiment's ``main``) calls this once before MLflow is first
     used; importing this module changes nothing. Values already set are kept."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not "Creating initial MLflow database tables…"
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
 
