@@ -12,7 +12,8 @@ its artifact, so
 * a node whose holder died (its lease expired) is billed by the render that takes the key
   over, from the dead lease's start to the heartbeat it missed (its last renewal plus a third
   of the lease's ``ttl_s``: it died before that; ``why="holder died"``). A holder that dies
-  with no render ever needing the key again leaves its lease, and that time, unbilled.
+  with no render ever needing the key again leaves its lease, and that time, unbilled;
+* a node that fails bills the time it ran before the failure itself (``why="failed"``).
 
 The episode's spend so far is the sum of every spend note of every node of its plan (each
 note counted once, whoever wrote it); a render's own ledger is the rows it paid. Prices are
@@ -40,7 +41,7 @@ from stages.records import AnimError, ProfileError
 
 SPEND = "spend"  # the notes' kind
 SCHEMA = "anim.spend/1"
-CANCELLED, DIED = "cancelled", "holder died"
+CANCELLED, DIED, FAILED = "cancelled", "holder died", "failed"
 LEASE_S = 20.0  # a node's lease outlives its last heartbeat (every third of it) by this long
 WAIT_S = 6 * 3600.0  # the longest a node waits for another render to finish the same key
 WAIT_POLL_S = 0.2  # how often a waiting node looks for the artifact
@@ -100,7 +101,7 @@ class Spent:
 
 def note_name(holder: str, generation: int, why: str | None = None) -> str:
     """A spend note's name: one per holder and lease generation, and one more per partial reason."""
-    suffix = {None: "", CANCELLED: "-cancelled", DIED: "-lost"}[why]
+    suffix = {None: "", CANCELLED: "-cancelled", DIED: "-lost", FAILED: "-failed"}[why]
     return f"{holder}-{generation:08d}{suffix}"
 
 
@@ -262,6 +263,18 @@ class Claim:
         record(self.store, Spent(str(self.node), self.key, self.work.holder, self.rows, self.started, time.time()),
                self.lease.generation)
 
+    def failed(self) -> None:
+        """The node failed before its spend was recorded: record the time it ran."""
+        if self.lease is None or self.rows:
+            return
+        rows = partial_rows(self.work.prices, self.node, self.elapsed() * self.share, self.held.resource,
+                            self.held.units)
+        try:
+            record(self.store, Spent(str(self.node), self.key, self.work.holder, rows, self.started, time.time(),
+                                     FAILED), self.lease.generation)
+        except Exception:  # the node's own failure is the one to report
+            pass
+
     def release(self) -> None:
         if self.lease is not None:
             self.lease.release()
@@ -282,5 +295,8 @@ def claimed(work: Work, node: NodeId, key: str, held: Resources = Resources()) -
         time.sleep(WAIT_POLL_S)
     try:
         yield claim
+    except Exception:
+        claim.failed()
+        raise
     finally:
         claim.release()

@@ -163,6 +163,10 @@ def keyframes_batch(work: Work, shots: list[ShotPlan], held: Resources,
                 for m in draw_keyframes(draw, mine, held, setup_s=build_s):
                     done[m.node.item] = m
                 build_s = 0.0
+        except Exception:
+            for _, claim in mine:
+                claim.failed()
+            raise
         finally:
             for _, claim in mine:
                 claim.release()

@@ -176,6 +176,24 @@ def test_a_claims_spend_is_recorded_before_its_commit_and_a_wait_is_bounded(stor
     assert current(store, KEY) is None
 
 
+def test_a_node_that_fails_bills_the_time_it_ran_once(store, prices):
+    from pipeline.ledger import FAILED, Timing
+
+    with pytest.raises(ZeroDivisionError):
+        with claimed(work_for(store, prices), NodeId("clip", "s1"), KEY):
+            time.sleep(0.05)
+            1 / 0
+    [note] = episode_notes(store, KEY)
+    assert note.why == FAILED and note.rows[0].stage == "inbetween" and note.rows[0].seconds >= 0.05
+    assert current(store, KEY) is None  # released: the next render computes it
+    other = "cd" * 32
+    with pytest.raises(ZeroDivisionError):  # failed after its spend was on record: billed once, not twice
+        with claimed(work_for(store, prices), NodeId("clip", "s2"), other) as claim:
+            claim.spend([Timing("inbetween", 1.0)])
+            1 / 0
+    assert [n.why for n in episode_notes(store, other)] == [None]
+
+
 def episode_notes(store, key):
     return [ledger.Spent.parse(store.read_note(SPEND, key, n), key) for n in store.notes(SPEND, key)]
 
