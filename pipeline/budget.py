@@ -94,16 +94,17 @@ class BudgetGuard:
     def accrued(self) -> float:
         return sum(self._accrued.values())
 
-    def fits(self, yuan: float, stage: str | None = None) -> bool:
-        """Whether a node estimated at ``yuan`` (of ``stage``) may start now."""
-        return self.fits_all([(yuan, stage)])
+    def fits(self, yuan: float, stage: str | None = None, *, keep: float = 0.0) -> bool:
+        """Whether a node estimated at ``yuan`` (of ``stage``) may start now, ``keep`` yuan left over."""
+        return self.fits_all([(yuan, stage)], keep=keep)
 
-    def fits_all(self, nodes: list[tuple[float, str | None]]) -> bool:
-        """Whether nodes estimated at (yuan, stage) each may start now, together."""
+    def fits_all(self, nodes: list[tuple[float, str | None]], *, keep: float = 0.0) -> bool:
+        """Whether nodes estimated at (yuan, stage) each may start now, together, leaving ``keep``
+        yuan of the budget untouched (what stopping the running nodes would cost)."""
         if self.budget_yuan is None:
             return True
         cost = sum(yuan * self.margin_for(stage) for yuan, stage in nodes)
-        return self.spent + self.reserved + cost <= self.budget_yuan + EPS
+        return self.spent + self.reserved + cost + keep <= self.budget_yuan + EPS
 
     def overcommitted(self) -> bool:
         """Spent plus what is committed to nodes in flight passes the budget: some of them must go."""

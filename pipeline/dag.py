@@ -14,20 +14,21 @@ meanwhile comes back ``taken`` and is a hit.
 
 With a budget (``pipeline.budget.BudgetGuard``) the budget is a cap:
 
-1. the storyboards are admitted together with the contact sheet's reservation, and no chain
-   starts before they are done, so a render that stops for budget still delivers its sheet
-   (and the storyboards' actual/estimate ratio is the first thing learned);
+1. the storyboards are admitted together with the contact sheet's reservation, no chain starts
+   before they are done (their actual/estimate ratio is the first thing learned), and the
+   contact sheet is made as soon as they are — paid from the budget before the chains can use
+   it up, so a render that stops for budget delivers it (when the episode is assembled, the
+   sheet made early is one panel's worth of extra spend);
 2. chains are admitted one at a time until their stages' ratios are known (from this
    cluster's earlier renders of the episode, or from the first chain), then as many as fit at
    the learned margins — chains the schedule held for budget stand by;
 3. every ``POLL_S`` the executor reads, from each running node's lease, when it started, and
    charges what it has cost so far; nodes not started yet are cancelled (latest first) while
-   what is committed passes the budget, and when spend so far — plus what running nodes will
-   cost in the ``STOP_AHEAD_S`` it takes to stop them, plus the contact sheet's reservation —
-   reaches the budget every running node is cancelled (tasks force-killed, model actors
-   killed). A cancelled node is billed from its lease's start to the confirmed cancel, in this
-   render's ledger and as a spend note; finished nodes stay in the store. The contact sheet
-   alone is never cancelled.
+   what is committed passes the budget, and when spend so far — plus what running nodes, and
+   ready ones that may start, will cost in the time it takes to stop them — reaches the budget
+   every node in flight is cancelled (tasks force-killed, model actors killed). A cancelled
+   node is billed from its lease's start to the confirmed cancel, in this render's ledger and
+   as a spend note; finished nodes stay in the store.
 """
 from __future__ import annotations
 
@@ -260,7 +261,6 @@ class _Flight:
     after: tuple[NodeId, ...] = ()  # submitted nodes it waits for
     actor: Any = None  # the model actor it runs on, None for a task
     group: int | None = None  # the batch call it is part of (cancelled together)
-    cancellable: bool = True
     lease: LeaseInfo | None = None  # its own lease, once its worker took it
 
     def cost_so_far(self, now: float) -> float:
@@ -351,8 +351,7 @@ class _Run:
                after: tuple[NodeId, ...] = (), actor: Any = None, group: int | None = None, learn: bool = True,
                reserve: bool = True, with_cpu: bool = False) -> None:
         self.in_flight[ref] = _Flight(node.id, node.key, held.resource, held.units, self.rate(held, with_cpu=with_cpu),
-                                      share, tuple(a for a in after if a in self.refs), actor, group,
-                                      cancellable=node.id.stage != "contact_sheet")
+                                      share, tuple(a for a in after if a in self.refs), actor, group)
         self.refs[node.id] = ref
         if reserve:
             self.guard.reserve(node.id, node.estimate_yuan, stage=node.id.stage, learn=learn)
@@ -363,13 +362,17 @@ class _Run:
         # Reserved even when the schedule ends with the episode: the cap may stop the chains.
         sheet_yuan = contact_sheet_estimate(self.plan) if (
             self.guard.capped and self.store.get(self.plan.contact_sheet_key) is None) else 0.0
+        if not boards and not sheet_yuan:
+            return
         if not self.guard.fits_all([(n.estimate_yuan, "storyboard") for n in boards]
-                                   + [(sheet_yuan, "contact_sheet")]):
+                                   + [(sheet_yuan, "contact_sheet")], keep=self.stop_yuan()):
             self.stopping = True
-            cost = sum(n.estimate_yuan for n in boards) * self.guard.margin_for("storyboard")
-            self.out.budget_note = (f"the budget does not cover the storyboard: ¥{cost:.5f} at this cluster's margin "
-                                    f"{self.guard.margin_for('storyboard'):.2f} with ¥{self.guard.spent:.5f} spent; "
-                                    "nothing more was started and there is no contact sheet")
+            margin = self.guard.margin_for("storyboard")
+            cost = (sum(n.estimate_yuan for n in boards) + sheet_yuan) * margin
+            self.out.budget_note = (f"the budget does not cover the storyboard: ¥{cost:.5f} for its panels and contact "
+                                    f"sheet at this cluster's margin {margin:.2f}, with ¥{self.guard.spent:.5f} spent "
+                                    f"and ¥{self.stop_yuan():.5f} kept to stop running nodes; nothing was started "
+                                    "and there is no contact sheet")
             return
         if sheet_yuan:
             self.guard.reserve("contact_sheet", sheet_yuan, stage="contact_sheet", learn=False)
@@ -396,12 +399,8 @@ class _Run:
         budget, one chain at a time while its stages' ratios are unknown."""
         if self.stopping:
             return
-        if self.guard.capped:
-            if any(f.node.stage == "storyboard" for f in self.in_flight.values()):
-                return  # the storyboard and its contact sheet come first, and teach the first margin
-            if self.guard.reservation("contact_sheet"):  # at what this cluster has shown so far
-                self.guard.reserve("contact_sheet", contact_sheet_estimate(self.plan), stage="contact_sheet",
-                                   learn=False)
+        if self.guard.capped and any(f.node.stage == "storyboard" for f in self.in_flight.values()):
+            return  # the storyboard comes first, and teaches the first margin
         batch: list[ShotPlan] = []
         for shot in list(queue):
             kf, clip = self.sched[NodeId("keyframes", shot.shot.id)], self.sched[NodeId("clip", shot.shot.id)]
@@ -411,7 +410,7 @@ class _Run:
             learning = self.guard.capped and not all(self.guard.known(n.id.stage) for n in runs)
             if learning and self.learning:
                 break  # learn before widening: the chain in flight measures these stages first
-            if not self.guard.fits_all([(n.estimate_yuan, n.id.stage) for n in new + runs]):
+            if not self.guard.fits_all([(n.estimate_yuan, n.id.stage) for n in new + runs], keep=self.stop_yuan()):
                 continue
             queue.remove(shot)
             if learning:
@@ -461,8 +460,7 @@ class _Run:
         """Charge running nodes' cost so far; cancel what the budget can no longer carry."""
         now = time.time()
         self.looked = (self.looked + [now])[-20:]
-        gaps = [b - a for a, b in zip(self.looked, self.looked[1:])]
-        ahead_s = max([STOP_AHEAD_S, self.cancel_s + POLL_S] + [2 * g for g in gaps])
+        ahead_s = self.ahead_s()
         running, ready = [], []
         for ref, f in self.in_flight.items():
             if f.lease is None and not any(a in self.refs and a not in self.out.done for a in f.after):
@@ -473,23 +471,35 @@ class _Run:
                     ready.append(f)  # may start before the next look
             if f.lease is not None:
                 self.guard.accrue(f.node, f.cost_so_far(now))
-                running += [ref] if f.cancellable else []
+                running.append(ref)
         # What stopping costs: the running nodes, and as many ready ones as free slots, for ahead_s.
-        if not self.slots:
-            self.slots = max(sum(self.cluster.resources().values()), 1.0)
         starting = sorted((f.rate * f.share for f in ready), reverse=True)[:max(int(self.slots) - len(running), 0)]
-        ahead = self.guard.reservation("contact_sheet")  # never cancelled: kept out of reach
-        ahead += ahead_s * (sum(self.in_flight[r].rate * self.in_flight[r].share for r in running) + sum(starting))
+        ahead = ahead_s * (sum(self.in_flight[r].rate * self.in_flight[r].share for r in running) + sum(starting))
         if running and self.guard.over(ahead):
             self.out.cap_reached = True
-            self.cancel([ref for ref, f in self.in_flight.items() if f.cancellable])
+            self.cancel(list(self.in_flight))
             return
         for ref in reversed(list(self.in_flight)):  # not started yet: free to drop, latest first
             if not self.guard.overcommitted():
                 break
             f = self.in_flight.get(ref)
-            if f is not None and f.lease is None and f.cancellable:
+            if f is not None and f.lease is None:
                 self.cancel([ref])
+
+    def ahead_s(self) -> float:
+        """How long before the budget the cap must start stopping nodes (see STOP_AHEAD_S)."""
+        gaps = [b - a for a, b in zip(self.looked, self.looked[1:])]
+        return max([STOP_AHEAD_S, self.cancel_s + POLL_S] + [2 * g for g in gaps])
+
+    def stop_yuan(self) -> float:
+        """What stopping every slot of the cluster would cost: admission leaves it untouched, so
+        that a node is not started only for the cap to cancel it at once."""
+        if not self.guard.capped:
+            return 0.0
+        if not self.slots:
+            self.cluster.start()  # only asked when there is something to submit
+            self.slots = max(sum(self.cluster.resources().values()), 1.0)
+        return self.slots * self.prices.cost(self.ahead_s(), "cpu", 1.0)
 
     def cancel(self, refs: list[Any]) -> None:
         """Cancel nodes in flight (and what waits for them): tasks are killed, model actors with a
@@ -556,36 +566,50 @@ class _Run:
         if self.on_node:
             self.on_node(flight.node, rows)
 
-    # ---- 5. the episode node
+    # ---- 5. the episode node, and the contact sheet
     def episode_node(self) -> bool:
-        """Submit the episode node once nothing else runs: assemble when every clip is in the store
-        and it fits, else the contact sheet when every panel is. False when there is nothing (more)
-        to do."""
+        """Once nothing else runs: assemble when every clip is in the store and it fits, else the
+        contact sheet when every panel is (if it is not made already). False when there is
+        nothing (more) to do."""
+        A, C = NodeId("assemble"), NodeId("contact_sheet")
         if self.out.finish is not None:
             return False
-        for node in (NodeId("assemble"), NodeId("contact_sheet")):
-            if node in self.out.done:  # it ran, or another render made it meanwhile
-                self.out.finish = node
-                return False
-        clips_done = all(NodeId("clip", s.shot.id) in self.out.done for s in self.plan.shots)
-        boards_done = all(NodeId("storyboard", s.shot.id) in self.out.done for s in self.plan.shots)
-        tried = NodeId("assemble") in self.refs
-        if clips_done and not tried and not self.stopping and self.guard.fits(self.plan.assemble_estimate_yuan, "assemble"):
-            node, key, fn = NodeId("assemble"), self.plan.assemble_key, assemble_node
-            kwargs: dict[str, Any] = {"ffmpeg": self.ffmpeg, "work": self.work}
-            estimate = self.plan.assemble_estimate_yuan
-        elif boards_done and NodeId("contact_sheet") not in self.refs:
-            node, key, fn = NodeId("contact_sheet"), self.plan.contact_sheet_key, contact_sheet_node
-            kwargs, estimate = {"work": self.work}, contact_sheet_estimate(self.plan)
-            self.guard.release("contact_sheet")
-        else:
-            if clips_done and not tried and not self.stopping:
-                self.out.budget_note = self.out.budget_note or "the budget does not cover the assembly"
+        if A in self.out.done:  # it ran, or another render made it meanwhile
+            self.out.finish = A
             return False
+        if all(NodeId("clip", s.shot.id) in self.out.done for s in self.plan.shots) and A not in self.refs \
+                and not self.stopping:
+            if self.guard.fits(self.plan.assemble_estimate_yuan, "assemble", keep=self.stop_yuan()):
+                return self.episode_level(A)
+            self.out.budget_note = self.out.budget_note or "the budget does not cover the assembly"
+        if C in self.out.done:
+            self.out.finish = C
+            return False
+        return self.contact_sheet()
+
+    def contact_sheet(self) -> bool:
+        """The contact sheet, once every panel is in the store (under a budget, as soon as they are:
+        it is paid from the budget before the chains can use it up)."""
+        C = NodeId("contact_sheet")
+        if C in self.refs or C in self.out.done or not all(
+                NodeId("storyboard", s.shot.id) in self.out.done for s in self.plan.shots):
+            return False
+        if self.out.cap_reached and self.store.get(self.plan.contact_sheet_key) is None:
+            return False  # the budget is spent: it would only be cancelled
+        self.guard.release("contact_sheet")  # its reservation becomes the node's own
+        return self.episode_level(C)
+
+    def episode_level(self, node: NodeId) -> bool:
+        """Submit an episode-level node (or take it from the store); True: there is more to wait for."""
+        if node == NodeId("assemble"):
+            key, fn, estimate = self.plan.assemble_key, assemble_node, self.plan.assemble_estimate_yuan
+            kwargs: dict[str, Any] = {"ffmpeg": self.ffmpeg, "work": self.work}
+        else:
+            key, fn, estimate = self.plan.contact_sheet_key, contact_sheet_node, contact_sheet_estimate(self.plan)
+            kwargs = {"work": self.work}
         if self.store.get(key) is not None:
             self.hit(Node(node, key, "hit"))
-            self.out.finish = node
-            return False
+            return True  # nothing in flight: the caller looks again and finishes with it
         self.submit(Node(node, key, "run", estimate_yuan=estimate), self.cluster.task(fn).remote(self.plan, **kwargs))
         return True
 
@@ -616,6 +640,8 @@ class _Run:
                     if self.guard.capped:
                         self.watch()
                         self.stopping = self.stopping or self.out.cap_reached
+                        if not self.stopping:
+                            self.contact_sheet()
                     if queue:
                         self.admit(queue)
                     self.progress()

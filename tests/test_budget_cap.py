@@ -74,7 +74,6 @@ def test_rows_three_times_optimistic_never_pass_the_budget_and_a_resume_stays_in
     plan = make_plan(EPISODE, resolve_profile("draft"), calibration=optimistic(calibration, 3.0), prices=prices,
                      script_sha256=SHA)
     assert plan.estimated_cost_yuan == pytest.approx(rows_say.estimated_cost_yuan / 3, rel=0.01)
-    sheets = 0
     for i, fraction in enumerate((0.2, 0.4, 0.8, 4.0)):  # of what the true rows estimate
         budget = fraction * rows_say.estimated_cost_yuan
         store = open_store(tmp_path / f"store{i}")
@@ -84,14 +83,14 @@ def test_rows_three_times_optimistic_never_pass_the_budget_and_a_resume_stays_in
         # everything it paid — finished nodes and the partial time of cancelled ones — is on record
         assert episode_ledger(plan, store).total_yuan == pytest.approx(first.ledger.total_yuan)
         assert first.episode_spent_yuan == pytest.approx(first.ledger.total_yuan)
-        sheets += "storyboard.png" in first.outputs
+        if fraction >= 0.8:  # ten times what the storyboard pass costs, even on workers that just started
+            assert "storyboard.png" in first.outputs
         # the same budget again is the same cap: the episode's spend so far counts
         resumed = run(plan, store, prices, budget_yuan=budget)
         assert resumed.spent_before_yuan == pytest.approx(first.ledger.total_yuan)
         assert_within_cap(resumed, budget)
         assert resumed.episode_spent_yuan == pytest.approx(first.ledger.total_yuan + resumed.ledger.total_yuan)
         assert not (set(resumed.remaining) - set(first.remaining))  # nothing finished is lost or redone
-    assert sheets >= 3  # the storyboard fits every budget but perhaps the smallest on a very slow machine
 
 
 def test_under_a_budget_the_storyboard_comes_first_and_one_chain_learns_before_the_others_start(
@@ -103,11 +102,11 @@ def test_under_a_budget_the_storyboard_comes_first_and_one_chain_learns_before_t
     result = run(plan, open_store(tmp_path / "store"), prices, budget_yuan=50 * plan.estimated_cost_yuan)
     assert result.stopped is None and not result.cap_reached
     spans = sorted(result.spans, key=lambda s: s[1])
-    boards = [s for s in spans if s[0] == "storyboard"]
+    boards = [s for s in spans if s[0] == "storyboard"]  # the panels, then the contact sheet made early
     keyframes = [s for s in spans if s[0].startswith("keyframes")]
     clips = [s for s in spans if s[0].startswith("inbetween")]
-    assert len(boards) == len(keyframes) == len(clips) == len(plan.shots)
-    assert max(end for _, _, end in boards) <= keyframes[0][1]
+    assert len(boards) == len(plan.shots) + 1 and len(keyframes) == len(clips) == len(plan.shots)
+    assert max(end for _, _, end in boards[:-1]) <= min(keyframes[0][1], boards[-1][1])
     assert keyframes[1][1] >= clips[0][2]  # the second chain waited for the first one's clip
 
 
