@@ -369,10 +369,10 @@ class _Run:
             self.stopping = True
             margin = self.guard.margin_for("storyboard")
             cost = (sum(n.estimate_yuan for n in boards) + sheet_yuan) * margin
-            self.out.budget_note = (f"the budget does not cover the storyboard: ¥{cost:.5f} for its panels and contact "
-                                    f"sheet at this cluster's margin {margin:.2f}, with ¥{self.guard.spent:.5f} spent "
-                                    f"and ¥{self.stop_yuan():.5f} kept to stop running nodes; nothing was started "
-                                    "and there is no contact sheet")
+            self.out.budget_note = (
+                f"the budget does not cover the storyboard: ¥{cost:.5f} for its panels and contact sheet at this "
+                f"cluster's margin {margin:.2f}, with ¥{self.guard.spent:.5f} spent and ¥{self.stop_yuan():.5f} kept "
+                "to stop running nodes; nothing was started and there is no contact sheet")
             return
         if sheet_yuan:
             self.guard.reserve("contact_sheet", sheet_yuan, stage="contact_sheet", learn=False)

@@ -132,7 +132,8 @@ def partial_rows(prices: PriceCatalog, node: NodeId, seconds: float, resource: s
 
 def plan_nodes(plan: RenderPlan) -> list[tuple[NodeId, str]]:
     """Every node of the plan with its content key: what the episode's ledger covers."""
-    out = [(NodeId(stage, s.shot.id), s.keys[stage]) for s in plan.shots for stage in ("storyboard", "keyframes", "clip")]
+    out = [(NodeId(stage, s.shot.id), s.keys[stage])
+           for s in plan.shots for stage in ("storyboard", "keyframes", "clip")]
     out += [(NodeId("plates", k), k) for k in plan.plates] + [(NodeId("sheets", k), k) for k in plan.sheets.values()]
     return out + [(NodeId("assemble"), plan.assemble_key), (NodeId("contact_sheet"), plan.contact_sheet_key)]
 

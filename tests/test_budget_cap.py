@@ -146,8 +146,8 @@ class NapKeyframes:
 
     def __call__(self, requests: list[KeyframeRequest]) -> list[Keyframes]:
         time.sleep(self.nap_s)
-        return [Keyframes(shot=r.shot.id, frames=[Frame(index=k, image=np.full((self.height, self.width, 3), 80, np.uint8))
-                                                  for k in r.indices]) for r in requests]
+        flat = np.full((self.height, self.width, 3), 80, np.uint8)
+        return [Keyframes(shot=r.shot.id, frames=[Frame(index=k, image=flat) for k in r.indices]) for r in requests]
 
 
 def build_nap(settings: NapSettings, *, width: int, height: int) -> NapKeyframes:

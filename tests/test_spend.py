@@ -351,8 +351,9 @@ def test_a_rerun_through_the_cli_keeps_the_episodes_spend_in_cost_json(tmp_path)
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", MLFLOW_DISABLE_TELEMETRY="true")
     costs = []
     for _ in range(2):
-        done = subprocess.run([sys.executable, "-m", "pipeline", "render", str(SHOTLIST), "--out", str(tmp_path / "out"),
-                               "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run([sys.executable, "-m", "pipeline", "render", str(SHOTLIST), "--out",
+                               str(tmp_path / "out"), "--no-progress"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         costs.append(json.loads((tmp_path / "out" / "cost.json").read_text()))
     first, again = costs
