@@ -413,22 +413,24 @@ def _learn(settings, rplan, result, run_id: str) -> None:
 
 
 def _money(rplan, result, prices, budget_yuan):
-    """The run's metrics and ``cost.json``: attributed (nodes), billed (machines × wall), utilization, quality."""
+    """The run's metrics and ``cost.json``: attributed (nodes), billed (itemised: model load, warm-up,
+    busy, idle, cluster start; ``pipeline.cost.billed_view``), utilization, quality."""
     from pipeline import tracking
-    from pipeline.cost import billed_yuan
 
     ledger = result.ledger
-    gpu_types = [r.gpu_type for r in map(rplan.profile.resources, ("storyboard", "keyframes", "inbetween")) if r.gpus]
-    billed = billed_yuan(prices, result.wall_seconds, result.cluster, gpu_types[0] if gpu_types else None)
+    billed = result.billed.billed_yuan
     metrics = tracking.render_metrics(rplan, ledger, wall_seconds=result.wall_seconds, billed_yuan=billed,
                                       quality=result.quality, consistency=result.consistency)
     metrics["episode_spent_yuan"] = result.episode_spent_yuan  # every render of the episode so far
+    metrics.update({f"billed.{part}_yuan": yuan for part, yuan in result.billed.parts_yuan.items()})
     cost = {"total_yuan": ledger.total_yuan,  # this render's spend; the episode's is episode_spent_yuan
             "records": [r.model_dump() for r in ledger.records],
             "by_stage_yuan": ledger.by_stage(),
             "estimated_yuan": rplan.estimated_cost_yuan,
             "scheduled_yuan": result.schedule.estimate_yuan,
             "billed_yuan": billed, "utilization": metrics["utilization"],
+            "billed": {**result.billed.model_dump(), "parts_yuan": result.billed.parts_yuan,
+                       "startups": [r.model_dump() for r in result.startups]},
             "budget_yuan": budget_yuan, "status": result.stopped or "complete",
             "episode_spent_yuan": result.episode_spent_yuan, "spent_before_yuan": result.spent_before_yuan,
             "budget_scope": result.budget_scope, "budget_spent_yuan": result.budget_spent_yuan,

@@ -109,3 +109,93 @@ def billed_yuan(catalog: PriceCatalog, wall_seconds: float, cluster: dict[str, f
     if cluster.get("GPU", 0.0) and gpu_type:
         yuan += catalog.cost(wall_seconds, f"gpu:{gpu_type}", cluster["GPU"])
     return yuan
+
+
+# Ledger stages the billed view carries beside the nodes: a model actor's start, never one shot's work.
+STARTUP_STAGES = ("model_load", "warmup")
+
+
+class BilledItem(Record):
+    """One resource's billed time: what it was held for and what that went to (resource-seconds)."""
+
+    resource: str
+    units: float = Field(description="How many the cluster held (cores, GPUs).")
+    held_s: float = Field(description="units × wall seconds of the render.")
+    model_load_s: float
+    warmup_s: float
+    busy_s: float = Field(description="The nodes' measured resource-seconds (the attributed view).")
+    idle_s: float = Field(description="Held and doing none of the above: max(0, held − load − warm-up − busy).")
+    cluster_start_s: float = Field(description="units × the seconds Ray took to start for this render.")
+
+    @property
+    def busy_fraction(self) -> float:
+        return self.busy_s / self.held_s if self.held_s else 0.0
+
+
+class BilledView(Record):
+    """What a cloud bills for one render, itemised, with the attributed cost beside it.
+
+    ``billed_yuan`` = model load + warm-up + busy + idle + cluster start, exactly; ``busy_yuan``
+    is the attributed cost (the ledger's nodes); ``utilization`` = attributed / billed. Idle is
+    the cluster's held CPUs and GPUs × the render's wall time less what the nodes and the model
+    starts used; where the ledger bills more resource-seconds than the cluster held (fractional
+    CPUs under Ray), idle is 0, not negative."""
+
+    attributed_yuan: float
+    model_load_yuan: float
+    warmup_yuan: float
+    busy_yuan: float
+    idle_yuan: float
+    cluster_start_yuan: float
+    billed_yuan: float
+    utilization: float
+    wall_seconds: float
+    ray_init_seconds: float
+    items: list[BilledItem]
+
+    @property
+    def parts_yuan(self) -> dict[str, float]:
+        return {"model_load": self.model_load_yuan, "warmup": self.warmup_yuan, "busy": self.busy_yuan,
+                "idle": self.idle_yuan, "cluster_start": self.cluster_start_yuan}
+
+
+def _held(cluster: dict[str, float], gpu_type: str | None) -> dict[str, float]:
+    held = {"cpu": float(cluster.get("CPU", 0.0))}
+    if cluster.get("GPU", 0.0) and gpu_type:
+        held[f"gpu:{gpu_type}"] = float(cluster["GPU"])
+    return held
+
+
+def billed_view(catalog: PriceCatalog, *, records: list[LedgerRecord], startups: list[LedgerRecord],
+                wall_seconds: float, ray_init_seconds: float, cluster: dict[str, float],
+                gpu_type: str | None) -> BilledView:
+    """The billed view of a render: ``records`` (its ledger: the nodes), ``startups`` (its model
+    actors' ``model_load`` / ``warmup`` rows), on ``cluster`` (Ray's resources; ``gpu_type`` prices
+    its GPUs) for ``wall_seconds`` after a Ray start of ``ray_init_seconds``."""
+    for r in startups:
+        if r.stage not in STARTUP_STAGES:
+            raise ValueError(f"startup row of stage {r.stage!r}: expected one of {', '.join(STARTUP_STAGES)}")
+    held = _held(cluster, gpu_type)
+    executed = [r for r in records if not r.cached]
+    resources = list(held) + sorted({r.resource for r in executed + startups} - set(held))
+    items, yuan = [], dict.fromkeys(("model_load", "warmup", "busy", "idle", "cluster_start"), 0.0)
+    for res in resources:
+        def used(rows, stage=None):
+            return sum(r.seconds * r.units for r in rows if r.resource == res and stage in (None, r.stage))
+        units = held.get(res, 0.0)
+        load, warm, busy = used(startups, "model_load"), used(startups, "warmup"), used(executed)
+        item = BilledItem(resource=res, units=units, held_s=units * wall_seconds, model_load_s=load,
+                          warmup_s=warm, busy_s=busy, idle_s=max(units * wall_seconds - load - warm - busy, 0.0),
+                          cluster_start_s=units * ray_init_seconds)
+        items.append(item)
+        yuan["model_load"] += sum(r.yuan for r in startups if r.resource == res and r.stage == "model_load")
+        yuan["warmup"] += sum(r.yuan for r in startups if r.resource == res and r.stage == "warmup")
+        yuan["busy"] += sum(r.yuan for r in executed if r.resource == res)
+        yuan["idle"] += catalog.cost(item.idle_s, res, 1.0) if item.idle_s else 0.0
+        yuan["cluster_start"] += catalog.cost(item.cluster_start_s, res, 1.0) if item.cluster_start_s else 0.0
+    billed = sum(yuan.values())
+    attributed = yuan["busy"]  # the nodes' rows (cached ones are ¥0): the ledger's total, summed per resource
+    return BilledView(attributed_yuan=attributed, model_load_yuan=yuan["model_load"], warmup_yuan=yuan["warmup"],
+                      busy_yuan=yuan["busy"], idle_yuan=yuan["idle"], cluster_start_yuan=yuan["cluster_start"],
+                      billed_yuan=billed, utilization=attributed / billed if billed else 0.0,
+                      wall_seconds=wall_seconds, ray_init_seconds=ray_init_seconds, items=items)

@@ -75,6 +75,7 @@ class Execution:
     cancelled_yuan: float = 0.0  # their partial time, billed (in ``records`` too)
     cap_reached: bool = False  # the cap stopped running nodes
     budget_note: str | None = None  # why the budget left the storyboard or the episode undone
+    startups: list[LedgerRecord] = field(default_factory=list)  # model actors' load/warm-up: billed, not attributed
 
 
 class Cluster:
@@ -187,20 +188,30 @@ class _ActorPool:
         self.actors: list[Any] = []
         self.turn = 0
         self.batches = 0  # batch calls made: each batch's number
+        self.startups: list[LedgerRecord] = []  # every actor start's model_load (+ warmup) rows: billed, no shot
 
     def start(self) -> None:
         """Create the actors and wait until each has loaded its model: a missing model, no GPU or a
-        model that does not fit is reported here, before any node is submitted."""
+        model that does not fit is reported here, before any node is submitted. Each start is billed
+        on the actor's resources: ``model_load`` from the actor's submission to its model built
+        (worker process, imports, weights), ``warmup`` for a backend's warm-up step."""
         import ray
 
         self.cluster.check(self.held, f"the {self.entry.name} keyframe backend")
         actor = ray.remote(num_cpus=1, num_gpus=self.held.gpus or None)(KeyframeWorker)
         p = self.plan
+        submitted = time.time()
         self.actors = [actor.remote(entry=self.entry, settings=self.settings, width=p.width, height=p.height,
                                     work=self.work) for _ in range(self.n)]
         try:
             for a in self.actors:
-                get(a.ready.remote(), NodeId("keyframes", f"{self.entry.name} backend"))
+                up = get(a.startup.remote(), NodeId("keyframes", f"{self.entry.name} backend"))
+                load_s = max(up["created"] - submitted, 0.0) + up["load_s"]
+                self.startups.append(self.work.prices.record("model_load", None, load_s, self.held.resource,
+                                                             self.held.units))
+                if up["warmup_s"]:
+                    self.startups.append(self.work.prices.record("warmup", None, up["warmup_s"], self.held.resource,
+                                                                 self.held.units))
         except NodeError as exc:
             raise AnimError(f"the {self.entry.name} backend could not start: {exc.problem}; nothing was "
                             "rendered") from exc
@@ -665,6 +676,7 @@ class _Run:
                 f"the budget cap stopped {len(self.out.cancelled)} running node(s), their partial time billed{sheet}")
         self.out.cluster = self.cluster.resources()
         self.out.ray_init_seconds = 0.0 if self.ray_was_up else self.cluster.init_seconds  # this render's start only
+        self.out.startups = list(self.pool.startups) if self.pool is not None else []
         return self.out
 
     def progress(self) -> None:

@@ -37,7 +37,7 @@ from pipeline.registry import Backend, Resources
 from pipeline.schedule import NodeId
 from pipeline.store import LeaseInfo, Store, open_store
 from stages import assemble, audit, encode, inbetween, storyboard
-from stages.records import AnimError, Frame, Keyframes, NodeError
+from stages.records import AnimError, Frame, Keyframes, NodeError, StageError, TransientNodeError
 
 
 
@@ -66,14 +66,31 @@ def measured(claim: Claim, value: Any = None, quality: dict[str, float] | None =
 @contextmanager
 def failing_as(node: NodeId) -> Iterator[None]:
     """Any failure inside becomes a NodeError naming ``node``, its cause's traceback kept as text
-    (an exception chain does not survive the trip from a worker to the driver)."""
+    (an exception chain does not survive the trip from a worker to the driver); a ``transient``
+    one a TransientNodeError, which the executor retries."""
     try:
         yield
     except NodeError:
         raise
     except Exception as exc:
         problem = str(exc) if isinstance(exc, AnimError) else f"{type(exc).__name__}: {exc}"
-        raise NodeError(str(node), problem, traceback.format_exc()) from exc
+        kind = TransientNodeError if transient(exc) else NodeError
+        raise kind(str(node), problem, traceback.format_exc()) from exc
+
+
+# OSErrors that say something about the input or the setup, not about a passing moment: running
+# the node again would fail the same way.
+_LASTING_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def transient(exc: BaseException) -> bool:
+    """A failure that says nothing about the node's input, so the node may be run again: a stage
+    error marked transient (an encoder killed by a signal) or an OSError from the store that is not
+    proven-bad content (a missing or damaged artifact, a permission) — never a project error about
+    the input, nor a programming error."""
+    if isinstance(exc, StageError):
+        return exc.transient
+    return isinstance(exc, OSError) and not isinstance(exc, _LASTING_OS_ERRORS)
 
 
 def save_png(image: np.ndarray, path: Path) -> None:
@@ -196,20 +213,40 @@ class KeyframeWorker:
     runs it as a Ray actor holding the backend's GPUs.
 
     A backend that cannot load (missing weights, no such device, a model that does not fit) is
-    reported by ``ready()`` as a NodeError, not by an actor that dies in its constructor."""
+    reported by ``ready()`` as a NodeError, not by an actor that dies in its constructor.
+
+    It measures what a cloud bills before the first keyframe: when its process began building
+    (``created``, epoch), how long the model took to build (``load_s``) and, for a backend with a
+    ``warmup()`` step, that step (``warmup_s``); ``startup()`` reports them to the executor, which
+    bills them as ``model_load`` / ``warmup`` rows (``pipeline.cost.billed_view``), never to a shot."""
 
     def __init__(self, *, entry: Backend, settings: Any, width: int, height: int, work: Work):
         self.work, self.held, self.error = work, entry.resources(settings), None
+        self.created, self.warmup_s = time.time(), None
+        t0 = time.perf_counter()
         try:
             with failing_as(NodeId("keyframes", f"{entry.name} backend")):
                 self.drawer = entry.build(settings, width=width, height=height)
         except NodeError as exc:
             self.error = exc
+        self.load_s = time.perf_counter() - t0
 
     def ready(self) -> str:
+        """Loaded and warmed up (once): what this worker runs on, or the NodeError that stopped it."""
         if self.error is not None:
             raise self.error
+        if self.warmup_s is None:
+            t0 = time.perf_counter()
+            if hasattr(self.drawer, "warmup"):
+                with failing_as(NodeId("keyframes", "warm-up")):
+                    self.drawer.warmup()
+            self.warmup_s = time.perf_counter() - t0 if hasattr(self.drawer, "warmup") else 0.0
         return self.drawer.ready() if hasattr(self.drawer, "ready") else type(self.drawer).__name__
+
+    def startup(self) -> dict[str, Any]:
+        """``ready()``, with what starting cost: ``created`` (epoch), ``load_s``, ``warmup_s``, ``ready``."""
+        what = self.ready()
+        return {"created": self.created, "load_s": self.load_s, "warmup_s": self.warmup_s, "ready": what}
 
     def _drawn(self, node: NodeId, key: str, meta: dict, name: str, draw: Callable[[], np.ndarray]) -> Measured:
         with failing_as(node), claimed(self.work, node, key, self.held) as claim:

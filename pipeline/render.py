@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from pipeline import dag
-from pipeline.cost import PriceCatalog
+from pipeline.cost import BilledView, PriceCatalog, billed_view
 from pipeline.ledger import LEASE_S, Work, episode_ledger
 from pipeline.models import Ledger, LedgerRecord, RenderPlan
 from pipeline.schedule import NodeId, Schedule, schedule
@@ -52,6 +52,8 @@ class RenderResult:
     cancelled_yuan: float = 0.0
     cap_reached: bool = False  # the cap stopped running nodes
     budget_note: str | None = None  # what the budget left undone and why
+    startups: list[LedgerRecord] = field(default_factory=list)  # model_load / warmup rows: billed, not in ledger
+    billed: BilledView | None = None  # itemised billed view (load, warm-up, busy, idle, cluster start)
 
     @property
     def spent_yuan(self) -> float:
@@ -97,6 +99,11 @@ def render(plan: RenderPlan, *, store: Store, prices: PriceCatalog, ffmpeg: str,
     result.render_id, result.spent_before_yuan = work.holder, before.total_yuan
     result.episode_spent_yuan = episode_ledger(plan, store).total_yuan
     result.budget_yuan, result.budget_scope = budget_yuan, budget_scope
+    # 4. What a cloud bills for it: the cluster's machines, itemised, with the attributed beside it.
+    gpu_types = [r.gpu_type for r in map(plan.profile.resources, ("storyboard", "keyframes", "inbetween")) if r.gpus]
+    result.billed = billed_view(prices, records=result.ledger.records, startups=result.startups,
+                                wall_seconds=result.wall_seconds, ray_init_seconds=result.ray_init_seconds,
+                                cluster=result.cluster, gpu_type=gpu_types[0] if gpu_types else None)
     return result
 
 
@@ -126,4 +133,5 @@ def _result(plan: RenderPlan, sched: Schedule, ran: dag.Execution, store: Store,
         stage_seconds=ran.stage_seconds, started=started + ran.ray_init_seconds, spans=ran.spans,
         cluster=ran.cluster, quality=quality, consistency=ran.consistency, stopped=stopped,
         remaining=remaining, remaining_estimate_yuan=remaining_est, cancelled=[str(n) for n in ran.cancelled],
-        cancelled_yuan=ran.cancelled_yuan, cap_reached=ran.cap_reached, budget_note=ran.budget_note)
+        cancelled_yuan=ran.cancelled_yuan, cap_reached=ran.cap_reached, budget_note=ran.budget_note,
+        startups=list(ran.startups))
