@@ -9,6 +9,7 @@ of ``fps * 512`` — so the assemble stage can join them with the concat demuxer
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterable
@@ -57,7 +58,8 @@ def encode_clip(
         ValueError: odd ``width``/``height`` (yuv420p stores chroma at half resolution),
             or a non-positive size, fps or thread count.
         StageError: a frame of the wrong shape or dtype (named by index), no frames at all,
-            or ffmpeg failing (its stderr attached).
+            or ffmpeg failing (its stderr attached); ``transient`` when a signal killed ffmpeg
+            (the same frames encoded again may succeed), not when ffmpeg exited with an error.
     """
     # 1. Check the arguments before starting a process.
     if width <= 0 or height <= 0 or width % 2 or height % 2:
@@ -96,12 +98,23 @@ def encode_clip(
     drain = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
     drain.start()
 
-    def fail(problem: str) -> StageError:
+    def fail(problem: str, *, exited: bool = False) -> StageError:
+        # ``exited``: ffmpeg stopped reading on its own; how it ended says whether the failure is
+        # about the input (it exited with an error) or not (a signal killed it: transient).
+        returncode = None
+        if exited:
+            try:
+                returncode = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
         proc.kill()
         proc.wait()
         drain.join()
         _remove(tmp)
-        return StageError(STAGE, shot, problem, b"".join(stderr_chunks).decode(errors="replace"))
+        killed = returncode is not None and returncode < 0
+        if killed:
+            problem += f" (the encoder was killed by signal {-returncode})"
+        return StageError(STAGE, shot, problem, b"".join(stderr_chunks).decode(errors="replace"), transient=killed)
 
     # 3. Stream the frames, checking each one. Any failure, including one raised by the
     #    frame generator itself, kills ffmpeg and removes the temporary file.
@@ -118,7 +131,7 @@ def encode_clip(
     except StageError:
         raise
     except BrokenPipeError:
-        raise fail(f"ffmpeg stopped reading at frame {count}; nothing written to {path}") from None
+        raise fail(f"ffmpeg stopped reading at frame {count}; nothing written to {path}", exited=True) from None
     except BaseException:
         fail(f"interrupted at frame {count}")
         raise
@@ -130,9 +143,10 @@ def encode_clip(
     drain.join()
     if returncode != 0:
         _remove(tmp)
+        how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited with {returncode}"
         raise StageError(
-            STAGE, shot, f"ffmpeg exited with {returncode}; nothing written to {path}",
-            b"".join(stderr_chunks).decode(errors="replace"),
+            STAGE, shot, f"ffmpeg {how}; nothing written to {path}",
+            b"".join(stderr_chunks).decode(errors="replace"), transient=returncode < 0,
         )
     os.replace(tmp, path)
     return Clip(path=str(path), frames=count, width=width, height=height, fps=fps)

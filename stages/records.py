@@ -56,16 +56,20 @@ class ProfileError(AnimError):
 
 
 class StageError(AnimError):
-    """A stage failed while rendering; carries a failed subprocess's stderr when there is one."""
+    """A stage failed while rendering; carries a failed subprocess's stderr when there is one.
 
-    def __init__(self, stage: str, shot: str | None, problem: str, stderr: str = ""):
-        self.stage, self.shot, self.problem, self.stderr = stage, shot, problem, stderr
+    ``transient``: the failure says nothing about the input (an encoder killed by a signal), so
+    the same node run again may succeed; a deterministic failure (ffmpeg rejecting its
+    arguments, a frame of the wrong shape) is not."""
+
+    def __init__(self, stage: str, shot: str | None, problem: str, stderr: str = "", transient: bool = False):
+        self.stage, self.shot, self.problem, self.stderr, self.transient = stage, shot, problem, stderr, transient
         where = f"{stage}[{shot}]" if shot else stage
         tail = f"\n{stderr.strip()[-2000:]}" if stderr.strip() else ""
         super().__init__(f"{where}: {problem}{tail}")
 
     def __reduce__(self):
-        return type(self), (self.stage, self.shot, self.problem, self.stderr)
+        return type(self), (self.stage, self.shot, self.problem, self.stderr, self.transient)
 
 
 class NodeError(AnimError):
@@ -79,6 +83,11 @@ class NodeError(AnimError):
 
     def __reduce__(self):
         return type(self), (self.node, self.problem, self.remote_traceback)
+
+
+class TransientNodeError(NodeError):
+    """A node failed for a reason that says nothing about its input (its encoder was killed, the
+    store did not answer): the executor runs it again, a bounded number of times."""
 
 
 # --------------------------------------------------------------------------- episode
