@@ -198,7 +198,8 @@ class Measurements(Record):
     unit: str
     work: list[Amount] = Field(min_length=1, description="Per executed node: units × megapixels it did.")
     seconds: list[Amount] = Field(min_length=1, description="Per executed node: wall seconds measured.")
-    at: float = Field(description="Epoch when the render finished (or the refit was made).")
+    at: float = Field(ge=0, allow_inf_nan=False, description="Epoch when the render finished (or the refit "
+                      "was made).")
     fingerprint: Fingerprint
     resources: dict[str, float] = Field(default_factory=dict, description="What the render held, as Ray counted "
                                         "it ({'CPU': 2.0, 'GPU': 0.0}); for information.")
