@@ -108,3 +108,52 @@ def test_sweep_sub_episode_and_profiles_plan(calibration, prices):
         plan = make_plan(episode, profile, calibration=sweep_levers.with_placeholders(calibration, profile),
                          prices=prices, script_sha256="0" * 64)
         assert plan.total_frames > 0, (lever, value)
+
+
+def test_billed_view_traces_each_item_to_a_row_and_a_price(calibration, prices, minute_episode):
+    e = cost_report.estimate("t", minute_episode, "standard", cost_report.profile_for(cost_report.PROFILES["standard"],
+                                                                                      "9:16", "H200"),
+                             "H200", "on-demand", calibration, prices, "0" * 64)
+    b = cost_report.billed(e, prices)
+    items = {f.item: f for f in b.figures}
+    assert list(items) == ["busy (attributed)", "model_load", "warmup", "text_encoding", "idle", "cluster_start"]
+    assert items["busy (attributed)"].yuan == e.yuan and items["busy (attributed)"].row is None
+    per_s = prices.yuan_per_hour("gpu:H200") / 3600
+    for name in ("model_load", "warmup", "text_encoding", "idle", "cluster_start"):
+        f = items[name]
+        assert f.row is not None and f.row.provenance in ("ASSUMPTION", "PUBLISHED") and f.row.source
+        assert f.price.resource == "gpu:H200" and f.yuan == pytest.approx(f.seconds * per_s)
+    # Text encoding: one prompt per image the model draws (keyframes, audit frames, plates, sheets).
+    assert items["text_encoding"].quantity == e.prompts > e.keyframes
+    assert items["text_encoding"].seconds == pytest.approx(e.prompts * cost_report.billed_row(
+        "text_encoding", "sdxl", "H200").value)
+    # Idle at the declared busy fraction: busy / (busy + idle) of the GPU is that fraction.
+    gpu_busy = sum(s.seconds * s.units for s in e.stages if s.price.resource == "gpu:H200") + items["text_encoding"].seconds
+    fraction = cost_report.billed_row("gpu_busy_fraction", "sdxl", "H200").value
+    assert gpu_busy / (gpu_busy + items["idle"].seconds) == pytest.approx(fraction)
+    # Billed: the items' sum; retakes repeat per-shot work only; billed ≥ attributed.
+    assert b.one_pass_yuan == pytest.approx(sum(f.yuan for f in b.figures))
+    once = items["model_load"].yuan + items["warmup"].yuan + items["cluster_start"].yuan
+    assert b.yuan == pytest.approx(1.5 * (b.one_pass_yuan - once) + once)
+    assert b.yuan > b.attributed_yuan == pytest.approx(1.5 * e.yuan) and 0 < b.utilization < 1
+    # A series night sharing one node boot over 60 episodes bills less per episode; nothing else moves.
+    night = cost_report.billed(e, prices, episodes_per_start=60)
+    assert night.yuan == pytest.approx(b.yuan - items["cluster_start"].yuan * (1 - 1 / 60))
+
+
+def test_billed_rows_prefer_the_gpus_own_figure_and_refuse_a_missing_one():
+    assert cost_report.billed_row("text_encoding", "sdxl", "H100").provenance == "PUBLISHED"
+    assert cost_report.billed_row("text_encoding", "sdxl", "H200").gpu == "*"  # no H200 figure: the assumption
+    with pytest.raises(cost_report.ProfileError, match="no billed-view row for model_load of qwen-image"):
+        cost_report.billed_row("model_load", "qwen-image", "H200")
+    with pytest.raises(cost_report.ProfileError, match="each must be ≥ 1"):
+        cost_report.billed(None, None, retake=0.5)
+
+
+def test_report_headline_is_billed_per_minute_with_attributed_beside(calibration, prices):
+    estimates, skipped = cost_report.build(calibration, prices)
+    text = cost_report.render_markdown(estimates, skipped, calibration, prices)
+    head = text.split("## Headline")[1].split("###")[0]
+    assert "retake factor 1.5" in head and "No GPU machine was available" in head
+    assert "| H200 | on-demand | standard |" in head and "attributed ¥/min" in head
+    assert "## Billed trace" in text and "`node_boot,*,*`" in text
