@@ -32,6 +32,7 @@ With a budget (``pipeline.budget.BudgetGuard``) the budget is a cap:
 """
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -49,8 +50,10 @@ from pipeline.registry import Resources
 from pipeline.schedule import Node, NodeId, Schedule, contact_sheet_estimate, prerequisites
 from pipeline.store import Store
 from pipeline.store.lease import LeaseInfo, clear as clear_lease, current as current_lease
-from stages.records import AnimError, NodeError
+from stages.records import AnimError, NodeError, TransientNodeError
 
+START_TIMEOUT_S = 60.0  # starting or joining a cluster fails with one line after this long
+RETRIES = 2  # a node failing transiently (its encoder killed, its worker dead) runs at most 1 + RETRIES times
 POLL_S = 0.05  # with a budget: how often running nodes' cost so far is looked at
 STOP_AHEAD_S = 0.1  # the cap stops running nodes at least this long before they would reach it: two
 # polls and the ~20 ms a force-cancel takes to confirm (measured on a local 2-core cluster) — or twice
@@ -86,10 +89,16 @@ class Cluster:
     package's code shipped as ``py_modules``.
     """
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None):
+    def __init__(self, address: str | None = None, num_cpus: int | None = None,
+                 start_timeout_s: float = START_TIMEOUT_S, init_options: dict[str, Any] | None = None):
         self.address, self.num_cpus, self.init_seconds, self.started = address, num_cpus, 0.0, False
+        self.start_timeout_s = start_timeout_s
+        self.init_options = dict(init_options or {})  # more ``ray.init`` arguments for a local cluster
+        self._keeper: threading.Event | None = None
 
     def start(self) -> None:
+        """Start (or join) the cluster within ``start_timeout_s``; else fail with one line, having
+        shut Ray down and ended every process this start began (and no other)."""
         if self.started:
             return
         import ray
@@ -97,24 +106,68 @@ class Cluster:
         t0 = time.perf_counter()
         if not ray.is_initialized():
             if self.address:
-                self._connect(ray)
+                _check_reachable(self.address)
+                self._bounded(ray, self._connect_options(),
+                              f"the Ray cluster at RAY_ADDRESS={self.address} could not be joined",
+                              "(unset RAY_ADDRESS to render on a local cluster)")
             else:
-                ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, logging_level="WARNING",
-                         log_to_driver=False)
+                options = {"address": "local", "num_cpus": self.num_cpus, "include_dashboard": False,
+                           "logging_level": "WARNING", "log_to_driver": False, **self.init_options}
+                self._bounded(ray, options, "the local Ray cluster did not start", "")
         self.init_seconds, self.started = time.perf_counter() - t0, True
 
-    def _connect(self, ray: Any) -> None:
+    def _connect_options(self) -> dict[str, Any]:
         import pipeline
         import stages
 
-        _check_reachable(self.address)
+        return {"address": self.address, "logging_level": "WARNING", "log_to_driver": False,
+                "runtime_env": {"py_modules": [str(Path(pipeline.__file__).parent), str(Path(stages.__file__).parent)]}}
+
+    def _bounded(self, ray: Any, options: dict[str, Any], what: str, hint: str) -> None:
+        """``ray.init(**options)`` in a thread that can be abandoned after ``start_timeout_s``.
+
+        The thread stays alive after a start: Ray's processes die with the thread that started
+        them (PR_SET_PDEATHSIG), so it waits for ``shutdown()``. On a timeout or a failure Ray is
+        shut down, the processes this start left (new descendants of this process) are killed and
+        the thread is let go, which ends any it starts afterwards."""
+        import psutil
+
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        done, keep, failure = threading.Event(), threading.Event(), []
+
+        def init() -> None:
+            try:
+                ray.init(**options)
+            except BaseException as exc:  # reported by the caller's thread
+                failure.append(exc)
+            done.set()
+            keep.wait()
+
+        threading.Thread(target=init, name="ray-start", daemon=True).start()
+        if done.wait(self.start_timeout_s) and not failure:
+            self._keeper = keep
+            return
+        problem = (f" within {self.start_timeout_s:g} s" if not failure else
+                   ": " + (_first_line(failure[0]) or type(failure[0]).__name__))
         try:
-            ray.init(address=self.address, logging_level="WARNING", log_to_driver=False,
-                     runtime_env={"py_modules": [str(Path(pipeline.__file__).parent),
-                                                 str(Path(stages.__file__).parent)]})
-        except (ConnectionError, RuntimeError) as exc:
-            raise AnimError(f"cannot reach the Ray cluster at RAY_ADDRESS={self.address}: {exc}; nothing was "
-                            "rendered (unset RAY_ADDRESS to render on a local cluster)") from None
+            ray.shutdown()
+        except Exception:  # the start's own failure is the one to report
+            pass
+        keep.set()
+        _end_new_processes(before)
+        tail = f" {hint}" if hint else ""
+        raise AnimError(f"{what}{problem}; nothing was rendered{tail}") from None
+
+    def shutdown(self) -> None:
+        """Shut Ray down (if this cluster started it) and let its start thread go."""
+        import ray
+
+        if self.started:
+            ray.shutdown()
+        if self._keeper is not None:
+            self._keeper.set()
+            self._keeper = None
+        self.started = False
 
     def check(self, held: Resources, what: str) -> None:
         """Refuse, before any work, a node that asks for more GPUs than the cluster has."""
@@ -133,7 +186,10 @@ class Cluster:
         import ray
 
         self.start()
-        return ray.remote(num_cpus=held.cpus, num_gpus=held.gpus or None)(fn)
+        # Ray retries a node whose worker died (a system failure) and one that raised a
+        # TransientNodeError, RETRIES times; any other failure fails the node at once.
+        return ray.remote(num_cpus=held.cpus, num_gpus=held.gpus or None, max_retries=RETRIES,
+                          retry_exceptions=[TransientNodeError])(fn)
 
     def resources(self) -> dict[str, float]:
         """What the render held: the cluster's CPUs and GPUs, or nothing if Ray never started."""
@@ -142,6 +198,30 @@ class Cluster:
         import ray
 
         return {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else ""
+
+
+def _end_new_processes(before: set[int], settle_s: float = 2.0) -> None:
+    """Kill the descendants of this process that were not there in ``before`` (the ones a failed
+    start began: GCS, raylet, agents, workers), looking again until none is left."""
+    import psutil
+
+    deadline = time.monotonic() + settle_s
+    while True:
+        new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        for p in new:  # all of them listed first: a killed raylet's children are reparented
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(new, timeout=1.0)
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.1)  # an abandoned start may still be starting one
 
 
 def _check_reachable(address: str) -> None:
@@ -158,14 +238,20 @@ def _check_reachable(address: str) -> None:
                         "(unset RAY_ADDRESS to render on a local cluster)") from None
 
 
-def get(ref: Any, node: NodeId) -> Any:
+def get(ref: Any, node: NodeId, attempts: int = 1) -> Any:
     """``ray.get`` that raises the node's own error: a NodeError naming the node (the worker's
-    traceback in ``remote_traceback``), whatever failed — the stage, the worker or the actor."""
+    traceback in ``remote_traceback``), whatever failed — the stage, the worker or the actor.
+    ``attempts``: how many times Ray runs it (a task: 1 + RETRIES; an actor call: 1), which a
+    transient failure's final line reports."""
     import ray
 
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, TransientNodeError):  # every retry it had is spent
+            tries = f"{attempts} attempts" if attempts > 1 else "1 attempt"
+            raise NodeError(exc.cause.node, f"{exc.cause.problem} (failed {tries})",
+                            exc.cause.remote_traceback) from None
         if isinstance(exc.cause, AnimError):
             raise exc.cause from None
         raise NodeError(str(node), f"{type(exc.cause).__name__}: {exc.cause}", str(exc)) from None
@@ -296,6 +382,7 @@ class _Run:
         self.stopping = False  # the cap was reached or the storyboard did not fit: nothing more starts
         self.looked: list[float] = []  # when watch() last ran, and the recent gaps between its runs
         self.cancel_s = 0.0  # the longest a cancel took to confirm
+        self.billed_attempts: set[tuple[str, str]] = set()  # (key, spend note) of failed attempts billed
         self.slots = 0.0  # how many nodes can run at once (the cluster's CPUs and GPUs)
         p = plan.profile
         self.entries = {stage: (p.entry(stage), p.settings_for(stage)) for stage in ("storyboard", "keyframes",
@@ -328,11 +415,17 @@ class _Run:
         node another render made meanwhile is a hit)."""
         node = flight.node
         self._landed(flight)
+        earlier = self.earlier_attempts(flight)
         if measured.taken:
             self.guard.release(node)
             self.hit(self.sched.get(node) or Node(node, flight.key, "hit"))
+            if earlier:  # it failed here before another render made it: that time was spent
+                self.out.records += earlier
+                self.guard.charge(sum(r.yuan for r in earlier))
+                if self.on_node:
+                    self.on_node(node, earlier)
             return
-        rows = measured.rows
+        rows = earlier + measured.rows
         self.out.records += rows
         self.out.stage_seconds += sum(t.seconds * t.units for t in measured.timings)
         yuan = sum(r.yuan for r in rows)
@@ -340,13 +433,30 @@ class _Run:
         if node.stage in ("plates", "sheets"):
             self.guard.release(node)  # priced per episode: no lesson for one node
         else:
-            self.guard.finish(node, yuan)  # the margin learns how far off estimates run
+            self.guard.finish(node, yuan - sum(r.yuan for r in earlier))  # the margin learns how far off estimates
+            # run, from the attempt that finished
         self.out.spans.append(("+".join(t.stage for t in measured.timings), *measured.span))
         if measured.quality and measured.node.shot:
             self.out.quality[measured.node.shot] = measured.quality
         self.out.done.add(node)
         if self.on_node:
             self.on_node(node, rows)
+
+    def earlier_attempts(self, flight: _Flight) -> list[LedgerRecord]:
+        """The rows of this render's attempts at the node that failed or died before the one that
+        came back (Ray retried them): each one's spend note, once."""
+        rows: list[LedgerRecord] = []
+        for name in self.store.notes(ledger.SPEND, flight.key):
+            if not name.startswith(f"{self.work.holder}-") or not ("-failed" in name or name.endswith("-lost")):
+                continue
+            if (flight.key, name) in self.billed_attempts:
+                continue
+            raw = self.store.read_note(ledger.SPEND, flight.key, name)
+            if raw is None:
+                continue
+            self.billed_attempts.add((flight.key, name))
+            rows += ledger.Spent.parse(raw, flight.key).rows
+        return rows
 
     def _landed(self, flight: _Flight) -> None:
         if flight.node.stage == "clip":
@@ -568,6 +678,7 @@ class _Run:
             return  # it never started (or waited on another render's lease): it cost nothing
         if mine:
             clear_lease(self.store, got)  # its worker is gone: nobody need wait out its expiry
+        rows = self.earlier_attempts(flight) + rows
         yuan = sum(r.yuan for r in rows)
         self.out.records += rows
         self.guard.charge(yuan)
@@ -647,7 +758,7 @@ class _Run:
                                         timeout=POLL_S if self.guard.capped else None)
                     for ref in ready:
                         flight = self.in_flight.pop(ref)
-                        self.take(get(ref, flight.node), flight)
+                        self.take(get(ref, flight.node, 1 if flight.actor is not None else 1 + RETRIES), flight)
                     if self.guard.capped:
                         self.watch()
                         self.stopping = self.stopping or self.out.cap_reached

@@ -270,9 +270,14 @@ class Claim:
             return
         rows = partial_rows(self.work.prices, self.node, self.elapsed() * self.share, self.held.resource,
                             self.held.units)
+        spent = Spent(str(self.node), self.key, self.work.holder, rows, self.started, time.time(), FAILED)
+        name = note_name(self.work.holder, self.lease.generation, FAILED)
         try:
-            record(self.store, Spent(str(self.node), self.key, self.work.holder, rows, self.started, time.time(),
-                                     FAILED), self.lease.generation)
+            # A retried node takes the key's lease again at the same generation (the failed attempt
+            # released it): each attempt's note is one more, never refused as a second writer.
+            for attempt in range(1, 1000):
+                if self.store.create_note(SPEND, self.key, name + (f"-{attempt}" if attempt > 1 else ""), spent.dump()):
+                    break
         except Exception:  # the node's own failure is the one to report
             pass
 
