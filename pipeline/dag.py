@@ -283,6 +283,9 @@ class _ActorPool:
         (worker process, imports, weights), ``warmup`` for a backend's warm-up step."""
         import ray
 
+        self.cluster.start()  # this cluster, with its options, and its start billed as such: never Ray's
+        # own auto-init on the first actor (a CPU backend's check starts nothing), whose start would
+        # land in the model load
         self.cluster.check(self.held, f"the {self.entry.name} keyframe backend")
         actor = ray.remote(num_cpus=1, num_gpus=self.held.gpus or None)(KeyframeWorker)
         p = self.plan

@@ -7,6 +7,7 @@ cluster, and its model actor's load is billed as a ``model_load`` row."""
 from __future__ import annotations
 
 import hashlib
+import os
 
 import imageio_ffmpeg
 import pytest
@@ -72,12 +73,16 @@ def test_a_diffusers_render_bills_its_model_load_idle_and_start_beside_the_attri
     from pipeline.store import open_store
 
     plan, prices = tiny_plan(tmp_path)
+    cores = (os.cpu_count() or 1) + 1  # not what a bare ray.init() would find: proves whose start it was
     try:  # this render starts the module's one local Ray cluster: that start is its to bill
         result = render(plan, store=open_store(tmp_path / "store"), prices=prices,
-                        ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(), cluster=dag.Cluster())
+                        ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(), cluster=dag.Cluster(num_cpus=cores))
     finally:
         ray.shutdown()
     assert result.stopped is None
+    # 0. Ray was started by the render's Cluster (its options), before the model actor: its start is
+    #    the cluster start, not part of the model load.
+    assert result.cluster["CPU"] == cores
     # 1. The model actor's start is billed as rows of its own, on the actor's resources, no shot.
     loads = [r for r in result.startups if r.stage == "model_load"]
     assert len(loads) == plan.profile.settings_for("keyframes").actors
@@ -90,7 +95,10 @@ def test_a_diffusers_render_bills_its_model_load_idle_and_start_beside_the_attri
     assert view.attributed_yuan == pytest.approx(result.ledger.total_yuan, rel=1e-12)
     assert view.billed_yuan >= view.attributed_yuan > 0
     assert view.utilization == view.attributed_yuan / view.billed_yuan
-    assert view.ray_init_seconds == result.ray_init_seconds > 0 and view.cluster_start_yuan > 0
+    assert view.ray_init_seconds == result.ray_init_seconds > 0
+    cpu = next(i for i in view.items if i.resource == "cpu")
+    assert cpu.units == cores and cpu.cluster_start_s == cores * result.ray_init_seconds
+    assert view.cluster_start_yuan == pytest.approx(prices.cost(cpu.cluster_start_s, "cpu", 1.0), rel=1e-12)
     # 3. cost.json carries the same view, itemised, with the startup rows.
     metrics, cost = cli._money(plan, result, prices, None)
     assert cost["billed_yuan"] == view.billed_yuan == metrics["billed_yuan"]
