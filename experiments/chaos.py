@@ -179,7 +179,7 @@ def disturb(kind: str, work: Path, reference: list[str], p, rng: random.Random) 
     if kind == "worker":
         r = Render(store, work / "out")
         deadline, victim = time.monotonic() + 60 + rng.uniform(0, 3), None
-        time.sleep(rng.uniform(0.5, 3.0))
+        time.sleep(rng.uniform(0.5, 12.0))  # Ray starts in ~5 s; the nodes run for ~15 s after
         while victim is None and r.proc.poll() is None and time.monotonic() < deadline:
             busy = r.workers()
             if busy:

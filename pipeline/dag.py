@@ -32,6 +32,8 @@ With a budget (``pipeline.budget.BudgetGuard``) the budget is a cap:
 """
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 import time
 import uuid
@@ -143,8 +145,18 @@ class Cluster:
             done.set()
             keep.wait()
 
+        # ray.init installs its SIGTERM handler (exit, so that shutdown runs) only from the main
+        # thread and warns otherwise: install the same one here, and keep its warning off stderr.
+        if threading.current_thread() is threading.main_thread():
+            ray._private.utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))
+        quiet = _Without("SIGTERM handler is not set")
+        logging.getLogger("ray._private.worker").addFilter(quiet)
         threading.Thread(target=init, name="ray-start", daemon=True).start()
-        if done.wait(self.start_timeout_s) and not failure:
+        try:
+            ok = done.wait(self.start_timeout_s) and not failure
+        finally:
+            logging.getLogger("ray._private.worker").removeFilter(quiet)
+        if ok:
             self._keeper = keep
             return
         problem = (f" within {self.start_timeout_s:g} s" if not failure else
@@ -198,6 +210,17 @@ class Cluster:
         import ray
 
         return {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+
+
+class _Without(logging.Filter):
+    """Drops log records that start with ``text``."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.text)
 
 
 def _first_line(exc: BaseException) -> str:
