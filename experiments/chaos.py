@@ -178,14 +178,14 @@ def disturb(kind: str, work: Path, reference: list[str], p, rng: random.Random) 
     store = work / "store"
     if kind == "worker":
         r = Render(store, work / "out")
-        deadline, victim = time.monotonic() + 60 + rng.uniform(0, 3), None
-        time.sleep(rng.uniform(0.5, 12.0))  # Ray starts in ~5 s; the nodes run for ~15 s after
+        deadline, victim, book = time.monotonic() + 120, None, open_store(store)
+        want = rng.randint(0, len(p.shots) * 2)  # kill once this many nodes have finished
         while victim is None and r.proc.poll() is None and time.monotonic() < deadline:
             busy = r.workers()
-            if busy:
+            if busy and sum(1 for n in episode_ledger(p, book).notes if n.why is None) >= want:
                 victim = rng.choice(busy)
                 try:
-                    o.note = f"killed {victim.name()}"
+                    o.note = f"killed {victim.name()} after {want} node(s)"
                     victim.kill()
                 except psutil.NoSuchProcess:
                     victim = None
