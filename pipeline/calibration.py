@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -42,6 +43,21 @@ from pipeline.fingerprint import Fingerprint
 from stages.records import AnimError, ProfileError, Record
 
 FIELDS = ["stage", "backend", "device", "unit", "overhead_s", "seconds_per_unit_mpx", "source", "measured_at"]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """``data`` as ``path``, complete or not at all: written beside it, synced, renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class CalibrationRow(Record):
@@ -153,20 +169,12 @@ class Calibration(Record):
         path = Path(self.path)
         index = {_key(r): r for r in _read(path)}
         index.update({_key(r): r for r in rows})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-                writer = csv.DictWriter(fh, fieldnames=FIELDS)
-                writer.writeheader()
-                for key in sorted(index):
-                    writer.writerow(index[key].model_dump(include=set(FIELDS)))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        out = io.StringIO(newline="")
+        writer = csv.DictWriter(out, fieldnames=FIELDS)
+        writer.writeheader()
+        for key in sorted(index):
+            writer.writerow(index[key].model_dump(include=set(FIELDS)))
+        write_atomic(path, out.getvalue().encode("utf-8"))
         return path
 
 
@@ -264,18 +272,7 @@ class ClusterHistory:
         if not self.local:
             self.fs.pipe_file(path, data)  # one object, put whole: readers never see half of it
             return
-        folder = Path(path).parent
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(Path(path), data)
 
     def recent(self, window: int) -> tuple[dict[tuple[str, str, str, str], list[Measurements]], list[str]]:
         """Per calibration key, its newest ``window`` files, newest first, back to (and with) its

@@ -110,28 +110,6 @@ def test_a_diffusers_render_bills_its_model_load_idle_and_start_beside_the_attri
 
 def tiny_plan(root):
     """The tiny diffusers episode of tests/test_render_diffusers.py, planned into ``root``."""
-    import csv
+    from tests.test_render_diffusers import tiny_plan as plan_into
 
-    from pipeline.calibration import FIELDS, Calibration
-    from pipeline.config import resolve_profile
-    from pipeline.plan import make_plan
-    from tests.test_render_diffusers import episode
-    from tests.tiny_diffusers import save_sd15
-
-    model = save_sd15(root / "sd15")
-    table = root / "calibration.csv"
-    rows = list(csv.DictReader((REPO / "cluster" / "calibration.csv").open()))
-    rows.append({"stage": "keyframes", "backend": "diffusers:sd15:s2", "device": "cpu", "unit": "keyframe",
-                 "overhead_s": "0.5", "seconds_per_unit_mpx": "20", "source": "test", "measured_at": "test"})
-    with table.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    settings = dict(model=str(model), device="cpu", dtype="float32", steps=2, strength=0.6, batch_size=4,
-                    layered=True, num_gpus=0, actors=1, gen_short_side=64,
-                    characters={"MAYA": "girl, orange bob hair", "KENJI": "boy, glasses"})
-    profile = resolve_profile("draft", {"backend": "diffusers", "short_side": 64, "fps": 12,
-                                        "keyframe_stride": 3, "diffusers": settings})
-    plan = make_plan(episode(), profile, calibration=Calibration.load(table), prices=PRICES,
-                     script_sha256=hashlib.sha256(b"tiny-billed").hexdigest())
-    return plan, PRICES
+    return plan_into(root, PRICES, sha=b"tiny-billed"), PRICES

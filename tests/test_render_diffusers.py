@@ -37,13 +37,10 @@ def episode() -> Episode:
     return Episode(title="Tiny", source="tiny.yaml", characters=["MAYA", "KENJI"], scenes=[street, room])
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    import ray
-
-    root = tmp_path_factory.mktemp("diffusers_e2e")
+def tiny_plan(root, prices: PriceCatalog, *, sha: bytes):
+    """The tiny episode on a real SD 1.5-class pipeline with random weights, saved under ``root``,
+    planned with the measured CPU rows plus one for the tiny model on this CPU."""
     model = save_sd15(root / "sd15")
-    # Calibration: the measured CPU rows plus one for the tiny model on this CPU.
     table = root / "calibration.csv"
     rows = list(csv.DictReader((REPO / "cluster" / "calibration.csv").open()))
     rows.append({"stage": "keyframes", "backend": "diffusers:sd15:s2", "device": "cpu", "unit": "keyframe",
@@ -57,9 +54,17 @@ def setup(tmp_path_factory):
                     characters={"MAYA": "girl, orange bob hair", "KENJI": "boy, glasses"})
     profile = resolve_profile("draft", {"backend": "diffusers", "short_side": 64, "fps": 12,
                                         "keyframe_stride": 3, "diffusers": settings})
+    return make_plan(episode(), profile, calibration=Calibration.load(table), prices=prices,
+                     script_sha256=hashlib.sha256(sha).hexdigest())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import ray
+
+    root = tmp_path_factory.mktemp("diffusers_e2e")
     prices = PriceCatalog.load(REPO / "cluster" / "prices.csv", usd_cny=7.1)
-    plan = make_plan(episode(), profile, calibration=Calibration.load(table), prices=prices,
-                     script_sha256=hashlib.sha256(b"tiny").hexdigest())
+    plan = tiny_plan(root, prices, sha=b"tiny")
     dag.Cluster().start()
     yield plan, prices, root
     ray.shutdown()
