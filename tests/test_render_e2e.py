@@ -166,7 +166,7 @@ def own_ray_head(env: dict[str, str], num_cpus: int = 2) -> Iterator[str]:
 
     ``ray start --head --block`` runs as our child in its own session, so its process group holds
     the GCS, raylet, workers and agents and nothing else; teardown signals exactly that group and
-    waits for it, never ``ray stop`` (which would end every Ray cluster of the user on the machine).
+    waits for it, never the Ray CLI's stop command (which would end every Ray cluster of the user on the machine).
     Every port ``ray start`` would otherwise take at a fixed default (GCS 6379, dashboard 8265,
     dashboard agent 52365, Ray client 10001 where ray[client] is installed) is a free one; the others
     (node manager, object manager, metrics, runtime-env agent, workers) Ray picks itself. Its own
