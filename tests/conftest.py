@@ -30,6 +30,19 @@ def prices():
     return PriceCatalog.load(REPO / "cluster" / "prices.csv", usd_cny=7.10)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray cluster of this test module's own (``address="local"``, never a stray one),
+    reused by the module's renders; yields its GCS address."""
+    import ray
+
+    from pipeline.dag import Cluster
+
+    Cluster().start()
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

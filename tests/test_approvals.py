@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -195,17 +194,6 @@ def test_gate_state_as_mlflow_tags_and_json(tmp_path, prices):
 
 
 # --------------------------------------------------------------------------- through the CLI, rendering for real
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from pipeline.dag import Cluster
-
-    Cluster().start()  # the CLI's renders reuse it
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture

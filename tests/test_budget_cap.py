@@ -17,7 +17,6 @@ import pytest
 from pipeline import registry
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.config import resolve_profile
-from pipeline.dag import Cluster
 from pipeline.ledger import CANCELLED, episode_ledger
 from pipeline.models import Profile
 from pipeline.plan import make_plan
@@ -29,20 +28,11 @@ from stages.script import load_episode
 
 from .conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 EPISODE = load_episode(REPO / "examples" / "shotlist.yaml")
 SHA = hashlib.sha256(EPISODE.model_dump_json().encode()).hexdigest()
 CAP = 1.05  # what nodes already running may add to a budget
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import ray
-
-    Cluster().start()
-    yield
-    ray.shutdown()
 
 
 def optimistic(calibration: Calibration, factor: float) -> Calibration:

@@ -197,17 +197,6 @@ def test_a_store_that_cannot_hold_measurements_is_one_error_naming_the_place(tmp
 # --------------------------------------------------------------------------- through the CLI, rendering for real
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from pipeline.dag import Cluster
-
-    Cluster().start()  # the CLI's renders reuse it
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def cli(tmp_path, monkeypatch):
     """``anim`` in this process, in an environment of its own under tmp_path."""

@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.calibration import Calibration
 from pipeline.config import resolve_profile
-from pipeline.dag import RETRIES, Cluster
+from pipeline.dag import RETRIES
 from pipeline.ledger import FAILED, episode_ledger
 from pipeline.plan import make_plan
 from pipeline.render import render
@@ -32,15 +32,6 @@ from .conftest import REPO
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 SHOTLIST = REPO / "examples" / "shotlist.yaml"
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    Cluster().start()
-    yield
-    ray.shutdown()
 
 
 def plan_for(prices):

@@ -11,7 +11,6 @@ import pytest
 from pipeline.calibration import Calibration
 from pipeline.config import resolve_profile
 from pipeline.cost import PriceCatalog
-from pipeline.dag import Cluster
 from pipeline.plan import make_plan
 from pipeline.render import render
 from pipeline.store import open_store
@@ -20,18 +19,9 @@ from stages.script import load_episode
 
 from .conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 SHOTLIST = REPO / "examples" / "shotlist.yaml"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import ray
-
-    Cluster().start()
-    yield
-    ray.shutdown()
 
 
 def plan_for(episode: Episode, prices: PriceCatalog, **overrides):

@@ -19,7 +19,6 @@ import pytest
 from pipeline import ledger
 from pipeline.calibration import Calibration
 from pipeline.config import resolve_profile
-from pipeline.dag import Cluster
 from pipeline.ledger import DIED, SPEND, Work, claimed, episode_ledger
 from pipeline.plan import make_plan
 from pipeline.render import render
@@ -199,15 +198,6 @@ def episode_notes(store, key):
 
 
 # --------------------------------------------------------------------------- renders, on a real local Ray
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    Cluster().start()
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.mark.slow
