@@ -122,6 +122,10 @@ class Shot(Record):
     dialogue: list[DialogueLine] = Field(default_factory=list)
     static: bool = Field(False, description="Nothing moves: render one drawing and hold it.")
     line: int = Field(description="1-based line in the source where the shot starts.")
+    title: str | None = Field(None, description="Centred text the shot shows as a title card (Fountain '>THE END<').")
+    transition_in: str | None = Field(None, description="Transition written before the shot that brings it in, "
+                                                        "e.g. 'FADE IN:' (only where no shot precedes it or it fades in).")
+    transition_out: str | None = Field(None, description="Transition written after the shot, e.g. 'CUT TO:', 'FADE OUT.'.")
 
 
 class Scene(Record):
