@@ -163,6 +163,51 @@ class SubtitleCue(Record):
     character: str
     text: str
     shot: str
+    speech_start_s: float | None = Field(None, description="When the line's voice starts on the episode "
+                                         "timeline (measured from its WAV); None while the cut uses the "
+                                         "reading-speed estimate.")
+    speech_end_s: float | None = Field(None, description="When the line's voice ends (measured).")
+
+
+# --------------------------------------------------------------------------- sound
+
+
+class VoiceLine(Record):
+    """One dialogue line for a voice backend: what is said, by whom, in which language."""
+
+    shot: str
+    index: int = Field(description="The line's position in the shot's dialogue, 0-based.")
+    character: str
+    text: str
+    language: str = Field(description="BCP-47-ish language of the text as the backend names it: 'en', 'cmn'.")
+
+
+class Speech(Record):
+    """A spoken line as its WAV holds it (mono, 16-bit PCM): measured, not estimated."""
+
+    sample_rate: int
+    duration_s: float = Field(description="Length of the WAV.")
+    speech_start_s: float = Field(description="First voiced sample (above the envelope's floor), from the WAV's start.")
+    speech_end_s: float = Field(description="Last voiced sample.")
+    envelope_hz: float = Field(description="Rate of ``envelope``: values per second.")
+    envelope: list[float] = Field(description="Speech loudness 0…1 (RMS, normalised to the line's peak), for mouths.")
+
+    @property
+    def spoken_s(self) -> float:
+        return self.speech_end_s - self.speech_start_s
+
+
+class AudioStem(Record):
+    """An audio file of the episode's mix, on the episode timeline: the dialogue stem, the
+    music/ambience bed, the final mix. ``path`` is the file's name inside the episode's
+    artifact (``dialogue.wav``, ``music.wav``, ``mix.m4a``) — the publish step copies them
+    beside ``episode.mp4``."""
+
+    name: Literal["dialogue", "music", "mix"]
+    path: str
+    start_s: float = 0.0
+    duration_s: float
+    loudness_lufs: float | None = Field(None, description="Integrated loudness, BS.1770-4 (pyloudnorm).")
 
 
 # --------------------------------------------------------------------------- stage inputs
