@@ -227,6 +227,8 @@ class Settings(Record):
                                   "`anim calibrate`); they win over shipped rows with the same key.")
     approvals: str = Field(description="Producer decisions on storyboard panels: a SQLite file or a database "
                            "URL (postgresql://…); apart from the artifact store, never garbage-collected.")
+    nights: str | None = Field(None, description="Which nights of each series ran (pipeline.nightly): a SQLite "
+                               "file or a database URL (postgresql://…); None = the per-user default.")
     usd_cny: float = Field(7.10, gt=0, allow_inf_nan=False, description="Yuan per US dollar, finite and above 0.")
     price_tier: str = "on-demand"
     price_provider: str | None = Field(None, description="Price rows of this provider only; None = cheapest.")
@@ -242,12 +244,13 @@ class Settings(Record):
 
 
 # Keys a config file may set (the settings themselves; ``debug`` and the bookkeeping are not).
-KEYS = ("ray_address", "tracking_uri", "store", "prices", "calibration", "user_calibration", "approvals", "usd_cny",
-        "price_tier", "price_provider", "num_cpus")
+KEYS = ("ray_address", "tracking_uri", "store", "prices", "calibration", "user_calibration", "approvals", "nights",
+        "usd_cny", "price_tier", "price_provider", "num_cpus")
 ENV = {"ray_address": "RAY_ADDRESS", "tracking_uri": "MLFLOW_TRACKING_URI", "store": "ANIM_STORE",
        "prices": "ANIM_PRICES", "calibration": "ANIM_CALIBRATION", "usd_cny": "ANIM_USD_CNY",
-       "price_tier": "ANIM_PRICE_TIER", "price_provider": "ANIM_PRICE_PROVIDER", "approvals": "ANIM_APPROVALS"}
-_PATH_KEYS = ("store", "prices", "calibration", "user_calibration", "approvals")
+       "price_tier": "ANIM_PRICE_TIER", "price_provider": "ANIM_PRICE_PROVIDER", "approvals": "ANIM_APPROVALS",
+       "nights": "ANIM_NIGHTS"}
+_PATH_KEYS = ("store", "prices", "calibration", "user_calibration", "approvals", "nights")
 
 
 def _home(env: Mapping[str, str]) -> Path:
@@ -341,6 +344,7 @@ def resolve_settings(env: Mapping[str, str] | None = None, *, config: str | Path
         "calibration": str(shipped_table("calibration.csv")),
         "user_calibration": str(_xdg(env, "XDG_DATA_HOME", ".local/share") / "anim-pipeline" / "calibration.csv"),
         "approvals": str(_xdg(env, "XDG_DATA_HOME", ".local/share") / "anim-pipeline" / "approvals.db"),
+        "nights": str(_xdg(env, "XDG_DATA_HOME", ".local/share") / "anim-pipeline" / "nights.db"),
     }
     sources = {key: "default" for key in KEYS}
     # 2. Config files, studio then user (or the one given).
