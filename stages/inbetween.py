@@ -37,6 +37,10 @@ OUTSIDE_WEIGHT = 1e-3
 
 Interpolate = Callable[[np.ndarray, np.ndarray, list[float]], list[np.ndarray]]
 
+# Frame-edge rules of FlowInterpolator (``edge=``): "defer" copies the other keyframe's sample
+# where one keyframe's sample lies outside its frame; "off" blends the two warps everywhere.
+EDGE_RULES = ("defer", "off")
+
 
 class FlowSettings(Record):
     """The profile's ``[flow]`` table."""
@@ -151,7 +155,7 @@ class FlowInterpolator:
     OCCLUDED_WEIGHT = 0.25
 
     def __init__(self, *, preset: str = "medium", flow_scale: float | None = None, max_flow_side: int = 2048,
-                 occlusion: bool = False):
+                 occlusion: bool = False, edge: str = "defer"):
         if preset not in self.DIS_SETTINGS:
             raise ValueError(f"preset={preset!r}: known DIS presets are {sorted(self.DIS_SETTINGS)}")
         if flow_scale is not None and not 0.0 < flow_scale <= 1.0:
@@ -159,7 +163,9 @@ class FlowInterpolator:
         if max_flow_side < 16:
             raise ValueError(f"max_flow_side={max_flow_side}: must be at least 16")
         self.preset, self.flow_scale, self.max_flow_side = preset, flow_scale, max_flow_side
-        self.occlusion = occlusion
+        if edge not in EDGE_RULES:
+            raise ValueError(f"edge={edge!r}: known frame-edge rules are {sorted(EDGE_RULES)}")
+        self.occlusion, self.edge = occlusion, edge
         self._dis = _dis(*self.DIS_SETTINGS[preset])
         self._buf: _Buffers | None = None  # per-size scratch: pixel grid, maps, warped images
         self._pool: ThreadPoolExecutor | None = None  # one warping thread per OpenCV thread, built on use
@@ -168,15 +174,20 @@ class FlowInterpolator:
         check_pair(a, b, ts)
         if np.array_equal(a, b):  # a hold: nothing moves, no flow to compute
             return [a.copy() for _ in ts]
-
         # 1. Flow a→b and b→a, once for the pair, on grayscale (possibly downscaled).
         f01, f10 = self.flows(a, b)
+        return self.warp(a, b, f01, f10, ts)
+
+    def warp(self, a: np.ndarray, b: np.ndarray, f01: np.ndarray, f10: np.ndarray, ts: list[float]) -> list[np.ndarray]:
+        """The in-betweens of one pair at times ``ts`` from its two flows (``flows``): what
+        ``__call__`` does after the flow, so that a caller that already has the flows (the
+        adaptive in-betweener, which judged the pair by them) does not compute them twice."""
         h, w = a.shape[:2]
         buf = self._buffers(h, w)
         occ = self._occlusion_masks(f01, f10, buf) if self.occlusion else None
         # Largest displacement of any map below, per axis: |t (t F10 - (1-t) F01)| <= max |F|.
         reach = max(cv2.norm(f01, cv2.NORM_INF), cv2.norm(f10, cv2.NORM_INF))
-        band = min(int(np.ceil(reach)) + 1, h, w)
+        band = min(int(np.ceil(reach)) + 1, h, w) if self.edge == "defer" else 0
 
         # 2. Per time t: approximate the flow from t back to each keyframe with the flow at the
         #    target pixel (linear motion, Super-SloMo style: both flows vote),
@@ -321,7 +332,10 @@ def _warp_rows(a, b, f01, f10, t, image, lo, hi, scratch, band, occ) -> None:
 
 
 def _edge_columns(r0: int, r1: int, h: int, w: int, band: int) -> list[slice]:
-    """Columns of rows r0:r1 within ``band`` of the frame edge, where a map can point outside."""
+    """Columns of rows r0:r1 within ``band`` of the frame edge, where a map can point outside
+    (none with ``band`` 0: the frame-edge rule is off)."""
+    if band <= 0:
+        return []
     if r0 < band or r1 > h - band or 2 * band >= w:
         return [slice(0, w)]
     return [slice(0, band), slice(w - band, w)]
@@ -375,6 +389,89 @@ def _occlusion_blend(s: _Strip, occ: tuple[np.ndarray, np.ndarray], t: float, w:
     cv2.multiply(w0, _weights(_inside(s.map0, w, h), 1.0, OUTSIDE_WEIGHT), dst=w0)
     cv2.multiply(w1, _weights(_inside(s.map1, w, h), 1.0, OUTSIDE_WEIGHT), dst=w1)
     return cv2.blendLinear(s.a_t, s.b_t, w0, w1)
+
+
+CONFIDENCE_SIDE = 160  # long side of the images the confidence is measured on (cheap next to DIS)
+
+
+class PairConfidence(Record):
+    """How far one keyframe pair's flow can be trusted, from what the flow pass already has.
+
+    Measured on the two flows and the two grayscale keyframes, all resized so that the long side
+    is ``CONFIDENCE_SIDE`` pixels (flows in pixels of that size), so that the figures mean the
+    same at every frame size:
+
+    * ``inconsistent``: share of pixels of either keyframe whose forward and backward flows
+      disagree (Sundaram et al. 2010, the test of ``_fb_occlusion``) or that leave the frame;
+    * ``motion``: 95th percentile of the flow magnitude, as a share of the image's long side;
+    * ``spread``: standard deviation of the flow vectors (both components), same unit: one
+      rigid pan has none, a foreground moving against its background much;
+    * ``residual``: mean absolute difference (0–255 grey levels) between each keyframe and the
+      other warped onto it by the flow, on the consistent pixels: what the flow fails to explain;
+    * ``unaligned``: the same difference without the flow (how much the pair changes at all).
+
+    ``score`` combines them into one number in [0, 1] (1: the flow explains the pair): see
+    ``PairConfidence.score``.
+    """
+
+    inconsistent: float
+    motion: float
+    spread: float
+    residual: float
+    unaligned: float
+
+    @property
+    def score(self) -> float:
+        return confidence_score(self)
+
+
+# Scales of ``confidence_score``: a risk of 1 on any of them (the share at which a pair's flow is as likely
+# wrong as right, set on the tuning split of experiments/interp_sets.py) halves the score.
+CONFIDENCE_SCALES = {"inconsistent": 0.15, "motion": 0.08, "residual": 8.0}
+
+
+def confidence_score(c: PairConfidence) -> float:
+    """1 / (1 + Σ risk²), risk = measure / its scale: 1 where the flow explains everything, near 0
+    where any measure is several times its scale."""
+    risk = sum((getattr(c, k) / v) ** 2 for k, v in CONFIDENCE_SCALES.items())
+    return float(1.0 / (1.0 + risk))
+
+
+def pair_confidence(a: np.ndarray, b: np.ndarray, f01: np.ndarray, f10: np.ndarray) -> PairConfidence:
+    """The ``PairConfidence`` of keyframes ``a``, ``b`` (RGB uint8) and their flows a→b, b→a
+    (``FlowInterpolator.flows``), measured at ``CONFIDENCE_SIDE``: a few ms at any frame size."""
+    h, w = a.shape[:2]
+    k = min(1.0, CONFIDENCE_SIDE / max(h, w))
+    size = (max(8, round(w * k)), max(8, round(h * k)))
+    sx, sy = size[0] / w, size[1] / h
+
+    def small(img: np.ndarray) -> np.ndarray:
+        return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+    ga = small(cv2.cvtColor(a, cv2.COLOR_RGB2GRAY)).astype(np.float32)
+    gb = small(cv2.cvtColor(b, cv2.COLOR_RGB2GRAY)).astype(np.float32)
+    g01, g10 = (small(f) * np.float32([sx, sy]) for f in (f01, f10))
+    xs, ys = np.meshgrid(np.arange(size[0], dtype=np.float32), np.arange(size[1], dtype=np.float32))
+    grid = cv2.merge([xs, ys])
+    bad, res = [], []
+    for fwd, bwd, src, dst in ((g01, g10, ga, gb), (g10, g01, gb, ga)):
+        target = cv2.add(fwd, grid)
+        back = cv2.remap(bwd, target, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        err = cv2.add(fwd, back)
+        ref = (fwd ** 2).sum(-1) + (back ** 2).sum(-1)
+        inside = ((target[..., 0] >= 0) & (target[..., 0] <= size[0] - 1)
+                  & (target[..., 1] >= 0) & (target[..., 1] <= size[1] - 1))
+        ok = inside & ((err ** 2).sum(-1) <= 0.01 * ref + 0.5)
+        bad.append(1.0 - ok.mean())
+        warped = cv2.remap(dst, target, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        res.append(float(np.abs(warped - src)[ok].mean()) if ok.any() else 255.0)
+    mag = np.sqrt((g01 ** 2).sum(-1))
+    side = float(max(size))
+    return PairConfidence(
+        inconsistent=float(np.mean(bad)), motion=float(np.percentile(mag, 95)) / side,
+        spread=float(np.sqrt(g01.reshape(-1, 2).var(0).sum())) / side,
+        residual=float(np.mean(res)), unaligned=float(np.abs(ga - gb).mean()),
+    )
 
 
 def _dis(finest_scale: int, patch: int, stride: int, descent: int, refine: int) -> cv2.DISOpticalFlow:

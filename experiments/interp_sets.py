@@ -1,0 +1,146 @@
+"""The in-betweening evaluation sets: real triplets with a true middle frame, consecutive and wide-step.
+
+A triplet of step k is frames (n - k, n, n + k) of one real sequence: predict n at t = 0.5 from
+its neighbours and compare it with the real n. k = 1 is the consecutive triplet; k = 2, 3, 4 give
+two, three, four times the motion (and its blur stays that of one frame), which is what a
+keyframe pair of an anime shot looks like.
+
+Sources (all in ../shared/data/frames, see its README for licences):
+
+* ``bbb``: the Big Buck Bunny clip (1280×720, 24 fps, 720 frames), decoded and resized to
+  640×360 (the draft profile's size; RIFE at 720p costs ~4× more per frame on this machine);
+* ``pigs_gif``: the hand-drawn Pigs in a Polka GIF (314×273, 30 frames), native size;
+* ``sintel``: the three MPI-Sintel folders (raft 5 frames, alley clean and final 4 each),
+  native 1024×436.
+
+The declared split (``part``): the threshold and every other choice of the adaptive in-betweener
+are made on ``tune`` and reported on ``report``.
+
+* ``tune``: bbb triplets whose three frames lie in frames 0–359 (the first 15 s) and GIF triplets
+  within frames 0–14;
+* ``report``: bbb triplets within frames 360–719, GIF triplets within frames 15–29, and every
+  Sintel triplet: Sintel is never used for any choice. No frame is in both parts.
+
+The three bbb PNG triplets of ../shared/data/frames/bbb (centres 120, 430, 487) were used to pick
+the flow preset before this split existed; centres 430 and 487 fall in ``report`` and are left
+out of the sets (``EXCLUDED_BBB``) so that no report triplet was used for a choice.
+
+Centres are spaced evenly over each part (``per`` per step and part), never on a GIF duplicate
+(a pair whose middle equals a neighbour is a hold, measured elsewhere).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import imageio_ffmpeg
+import numpy as np
+from PIL import Image, ImageSequence
+
+REPO = Path(__file__).resolve().parents[1]
+FRAMES = REPO.parent / "shared" / "data" / "frames"
+STEPS = (1, 2, 3, 4)
+PARTS = ("tune", "report")
+BBB_SIZE = (640, 360)
+BBB_FRAMES = 720
+BBB_SPLIT = 360  # centres below: tune; at or above: report
+GIF_SPLIT = 15
+EXCLUDED_BBB = range(415, 500)  # around the shared PNG triplets 430 and 487 (used for the flow preset)
+SINTEL = ("sintel_raft_demo", "sintel_alley1_clean", "sintel_alley1_final")
+
+
+@dataclass(frozen=True)
+class Triplet:
+    set: str  # "bbb" | "pigs_gif" | "sintel"
+    step: int
+    part: str  # "tune" | "report"
+    name: str
+    a: np.ndarray
+    mid: np.ndarray
+    b: np.ndarray
+
+
+def _png(path: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+def _spaced(lo: int, hi: int, n: int) -> list[int]:
+    """``n`` integers evenly spaced over [lo, hi] (fewer if the range is short)."""
+    if hi < lo:
+        return []
+    if hi - lo + 1 <= n:
+        return list(range(lo, hi + 1))
+    return sorted({round(x) for x in np.linspace(lo, hi, n)})
+
+
+def _bbb_centres(step: int, part: str, per: int) -> list[int]:
+    lo, hi = (step, BBB_SPLIT - 1 - step) if part == "tune" else (BBB_SPLIT + step, BBB_FRAMES - 1 - step)
+    # spaced over the allowed centres (the excluded window removed), offset by the step so that
+    # the steps do not all share one centre
+    allowed = [c for c in range(lo, hi + 1) if c not in EXCLUDED_BBB and c - step not in EXCLUDED_BBB
+               and c + step not in EXCLUDED_BBB]
+    idx = _spaced(0, len(allowed) - 1, per)
+    return [allowed[min(len(allowed) - 1, i + step * 3)] for i in idx]
+
+
+def _bbb(per: int) -> list[Triplet]:
+    want = {(step, part): _bbb_centres(step, part, per) for step in STEPS for part in PARTS}
+    needed = {c + d for (step, _), cs in want.items() for c in cs for d in (-step, 0, step)}
+    frames: dict[int, np.ndarray] = {}
+    gen = imageio_ffmpeg.read_frames(str(FRAMES / "bbb" / "big_buck_bunny_0_30.webm"))
+    w, h = next(gen)["size"]
+    for i, raw in enumerate(gen):
+        if i > max(needed):
+            break
+        if i in needed:
+            img = np.frombuffer(raw, np.uint8).reshape(h, w, 3)
+            frames[i] = cv2.resize(img, BBB_SIZE, interpolation=cv2.INTER_AREA)
+    gen.close()
+    return [Triplet("bbb", step, part, f"bbb/{c}k{step}", frames[c - step], frames[c], frames[c + step])
+            for (step, part), cs in want.items() for c in cs]
+
+
+def _gif(per: int) -> list[Triplet]:
+    path = FRAMES / "cartoon_pigs_in_a_polka" / "pigs_in_a_polka.gif"
+    with Image.open(path) as im:
+        gif = [np.array(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
+    out = []
+    for step in STEPS:
+        for part in PARTS:
+            lo, hi = (step, GIF_SPLIT - 1 - step) if part == "tune" else (GIF_SPLIT + step, len(gif) - 1 - step)
+            ok = [c for c in range(lo, hi + 1) if not np.array_equal(gif[c], gif[c - step])
+                  and not np.array_equal(gif[c], gif[c + step])]
+            for i in _spaced(0, len(ok) - 1, per):
+                c = ok[i]
+                out.append(Triplet("pigs_gif", step, part, f"pigs_gif/{c}k{step}", gif[c - step], gif[c], gif[c + step]))
+    return out
+
+
+def _sintel() -> list[Triplet]:
+    out = []
+    for folder in SINTEL:
+        pngs = [_png(p) for p in sorted((FRAMES / folder).glob("*.png"))]
+        for step in STEPS:
+            for c in range(step, len(pngs) - step):
+                out.append(Triplet("sintel", step, "report", f"{folder.removeprefix('sintel_')}/{c}k{step}",
+                                   pngs[c - step], pngs[c], pngs[c + step]))
+    return out
+
+
+def triplets(per: int = 6) -> list[Triplet]:
+    """Every triplet of the sets: ``per`` per source, step and part (Sintel: all it has)."""
+    return _bbb(per) + _gif(max(1, per * 2 // 3)) + _sintel()
+
+
+def groups(items: list[Triplet]) -> dict[tuple[str, str, int], list[Triplet]]:
+    """(part, set, step) → its triplets, in a stable order."""
+    out: dict[tuple[str, str, int], list[Triplet]] = {}
+    for t in items:
+        out.setdefault((t.part, t.set, t.step), []).append(t)
+    return dict(sorted(out.items()))
+
+
+if __name__ == "__main__":
+    for (part, s, step), ts in groups(triplets()).items():
+        print(f"{part:6s} {s:9s} k={step} {len(ts):2d} triplets  {', '.join(t.name for t in ts)}")
