@@ -35,8 +35,10 @@ Breakdown rules for Fountain:
    right before a paragraph, or inside it, overrides camera and/or duration (an exchange with
    a duration override is one shot) and ``hold``/``static`` makes the shot static. A shot is
    also static when it shows no characters.
-7. Transitions, sections, synopses, page breaks and other notes are not on screen. Centred
-   text (``>THE END<``) is a static wide title card of 2.5 s with no characters.
+7. Sections, synopses, page breaks and other notes are not on screen. Centred text
+   (``>THE END<``) is a static wide title card of 2.5 s with no characters (``Shot.title``).
+   A transition adds no shot: it is the ``transition_out`` of the shot before it, or, when it
+   fades in (``FADE IN:``, 淡入) or no shot precedes it, the ``transition_in`` of the next.
 8. Shot ids are ``sc01-sh01``; ``Shot.line`` is where its first paragraph (or cue) starts.
 
 Limits (the ``MAX_*`` constants below, listed in the README under "Limits"): far past any
@@ -98,6 +100,7 @@ _NOTE_CAMERAS = {"establishing": Camera.ESTABLISHING, "wide": Camera.WIDE, "全�
                  "特写": Camera.CLOSE_UP, "extreme-close-up": Camera.EXTREME_CLOSE_UP,
                  "ecu": Camera.EXTREME_CLOSE_UP, "大特写": Camera.EXTREME_CLOSE_UP}
 _NOTE_HOLDS = {"hold", "static", "定格", "静止"}
+_FADE_IN = re.compile(r"\s*(FADE IN|淡入|渐显|フェードイン)", re.I)
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class _Unit:
     text: str = ""
     blocks: list[list[DialogueLine]] = field(default_factory=list)
     override: _Override | None = None
+    transition_in: str | None = None
+    transition_out: str | None = None
 
 
 def load_episode(path: str | Path, *, text: str | None = None, words_per_second: float = 2.6,
@@ -279,6 +284,7 @@ def _scene_units(elements: list[Element], where: str) -> list[tuple[Element, lis
     exchange_open = False  # a new cue joins the current dialogue unit
     cue: Element | None = None  # the cue whose block is being read
     paren: str | None = None
+    bring_in: list[str] = []  # transitions waiting for the next unit (rule 7)
     stream = elements + [Element("page_break", "", 0)]  # the sentinel flushes the last block
     for k, e in enumerate(stream):
         in_block = cue is not None and (e.kind in ("parenthetical", "dialogue")
@@ -304,6 +310,14 @@ def _scene_units(elements: list[Element], where: str) -> list[tuple[Element, lis
             scenes.append((e, []))
             exchange_open, cue = False, None
             continue
+        if e.kind == "transition":  # no shot of its own: the cut it describes, on a shot (rule 7)
+            before = next((u for _, us in reversed(scenes) for u in reversed(us)), None)
+            if _FADE_IN.match(e.text) or before is None or bring_in:
+                bring_in.append(e.text)
+            else:
+                before.transition_out = _joined([before.transition_out or "", e.text])
+            exchange_open, cue = False, None
+            continue
         if not scenes:
             if e.kind not in ON_SCREEN:
                 continue
@@ -311,8 +325,9 @@ def _scene_units(elements: list[Element], where: str) -> list[tuple[Element, lis
             units = scenes[-1][1]
         if e.kind == "character":
             if not exchange_open:
-                units.append(_Unit("dialogue", e.line, override=pending and pending[0]))
-                pending, exchange_open = None, True
+                units.append(_Unit("dialogue", e.line, override=pending and pending[0],
+                                   transition_in=_joined(bring_in)))
+                pending, exchange_open, bring_in = None, True, []
             units[-1].blocks.append([])
             cue, paren = e, None
         elif in_block and e.kind == "parenthetical":
@@ -326,13 +341,18 @@ def _scene_units(elements: list[Element], where: str) -> list[tuple[Element, lis
         elif e.kind in ("action", "lyrics", "centered"):
             kind = "card" if e.kind == "centered" else "action"
             text = " ".join(ln.strip() for ln in e.text.splitlines() if ln.strip())
-            units.append(_Unit(kind, e.line, text=text, override=pending and pending[0]))
-            pending, exchange_open, cue = None, False, None
-        else:  # transition, section, synopsis, page break: off screen, but they end an exchange
+            units.append(_Unit(kind, e.line, text=text, override=pending and pending[0],
+                               transition_in=_joined(bring_in)))
+            pending, exchange_open, cue, bring_in = None, False, None, []
+        else:  # section, synopsis, page break: off screen, but they end an exchange
             exchange_open, cue = False, None
     if pending:
         raise ScriptError(where, "shot note at the end of the script has no shot to apply to", pending[1])
     return scenes
+
+
+def _joined(parts: list[str]) -> str | None:
+    return " ".join(p for p in parts if p) or None
 
 
 def _attach_trailing(block: list[DialogueLine], paren: str) -> None:
@@ -379,10 +399,11 @@ def _shots(units: list[_Unit], scene: int, mentions: "_Mentions", rates: _Rates)
     """Turn one scene's units into shots (rules 2–7 of the module docstring)."""
     drafts: list[dict] = []
     for unit in units:
-        ov = unit.override or _Override()
+        ov, first = unit.override or _Override(), len(drafts)
         if unit.kind == "card":
             drafts.append(dict(camera=ov.camera or Camera.WIDE, duration_s=ov.duration or CARD_S,
-                               characters=[], action=unit.text, dialogue=[], static=True, line=unit.line))
+                               characters=[], action=unit.text, dialogue=[], static=True, line=unit.line,
+                               title=unit.text))
         elif unit.kind == "action":
             chars = mentions(unit.text)
             seconds = _reading_s(unit.text, rates.action_words_per_second, rates.cjk_chars_per_second)
@@ -404,6 +425,9 @@ def _shots(units: list[_Unit], scene: int, mentions: "_Mentions", rates: _Rates)
                 camera = ov.camera or (Camera.WIDE if not drafts else default)
                 drafts.append(dict(camera=camera, duration_s=duration, characters=chars, action="",
                                    dialogue=lines, static=ov.static or not chars, line=lines[0].line))
+        if len(drafts) > first:
+            drafts[first]["transition_in"] = unit.transition_in
+            drafts[-1]["transition_out"] = unit.transition_out
     return [Shot(id=f"sc{scene:02d}-sh{n:02d}", scene=scene, **d) for n, d in enumerate(drafts, 1)]
 
 
