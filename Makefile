@@ -9,7 +9,7 @@ PROFILE ?= draft
 export MLFLOW_DISABLE_TELEMETRY := true
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: setup setup-test episode episodes test bench clean
+.PHONY: setup setup-test browser episode episodes test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,7 +26,12 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	touch $(VENV)/.base $@
 
 setup: $(VENV)/.base
-setup-test: $(VENV)/.test
+setup-test: $(VENV)/.test browser
+
+# The browser test (tests/test_service_browser.py) drives Debian's chromium; Playwright cannot
+# download its own browsers here. Only the test set-up installs it: `make episode` needs no browser.
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
 
 episode: setup
 	$(BIN)/anim render $(SAMPLE) --profile $(PROFILE)
