@@ -234,6 +234,14 @@ class Settings(Record):
     price_provider: str | None = Field(None, description="Price rows of this provider only; None = cheapest.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray cluster; None = all.")
     debug: bool = Field(False, description="Print full tracebacks (--debug, ANIM_DEBUG=1).")
+    service_data: str = Field(description="The render service's folder: uploaded scripts and outputs per job, "
+                              "the local Ray head's record.")
+    service_db: str | None = Field(None, description="The service's job table and accounts: a database URL; "
+                                   "None = sqlite:///<service_data>/service.db.")
+    service_host: str = Field("127.0.0.1", description="Where `anim serve` listens; beyond loopback only with "
+                              "accounts configured.")
+    service_port: int = Field(8765, ge=1, le=65535)
+    service_max_renders: int | None = Field(None, ge=1, description="Renders at once; None = the cluster's CPUs.")
     config_files: list[str] = Field(default_factory=list, description="Config files read, lowest first.")
     sources: dict[str, str] = Field(default_factory=dict, description="Per setting, the source of its value.")
 
@@ -242,15 +250,22 @@ class Settings(Record):
         """The calibration layers, lowest precedence first: shipped, then this machine's rows."""
         return self.calibration, self.user_calibration
 
+    @property
+    def service_db_url(self) -> str:
+        return self.service_db or f"sqlite:///{Path(self.service_data).expanduser().absolute() / 'service.db'}"
+
 
 # Keys a config file may set (the settings themselves; ``debug`` and the bookkeeping are not).
 KEYS = ("ray_address", "tracking_uri", "store", "prices", "calibration", "user_calibration", "approvals", "nights",
-        "usd_cny", "price_tier", "price_provider", "num_cpus")
+        "usd_cny", "price_tier", "price_provider", "num_cpus", "service_data", "service_db", "service_host",
+        "service_port", "service_max_renders")
 ENV = {"ray_address": "RAY_ADDRESS", "tracking_uri": "MLFLOW_TRACKING_URI", "store": "ANIM_STORE",
        "prices": "ANIM_PRICES", "calibration": "ANIM_CALIBRATION", "usd_cny": "ANIM_USD_CNY",
        "price_tier": "ANIM_PRICE_TIER", "price_provider": "ANIM_PRICE_PROVIDER", "approvals": "ANIM_APPROVALS",
-       "nights": "ANIM_NIGHTS"}
-_PATH_KEYS = ("store", "prices", "calibration", "user_calibration", "approvals", "nights")
+       "nights": "ANIM_NIGHTS", "service_data": "ANIM_SERVICE_DATA", "service_db": "ANIM_SERVICE_DB",
+       "service_host": "ANIM_SERVICE_HOST", "service_port": "ANIM_SERVICE_PORT",
+       "service_max_renders": "ANIM_SERVICE_MAX_RENDERS"}
+_PATH_KEYS = ("store", "prices", "calibration", "user_calibration", "approvals", "nights", "service_data")
 
 
 def _home(env: Mapping[str, str]) -> Path:
@@ -344,6 +359,7 @@ def resolve_settings(env: Mapping[str, str] | None = None, *, config: str | Path
         "calibration": str(shipped_table("calibration.csv")),
         "user_calibration": str(_xdg(env, "XDG_DATA_HOME", ".local/share") / "anim-pipeline" / "calibration.csv"),
         "approvals": str(_xdg(env, "XDG_DATA_HOME", ".local/share") / "anim-pipeline" / "approvals.db"),
+        "service_data": str(_xdg(env, "XDG_DATA_HOME", ".local/share") / "anim-pipeline" / "service"),
         "nights": str(_xdg(env, "XDG_DATA_HOME", ".local/share") / "anim-pipeline" / "nights.db"),
     }
     sources = {key: "default" for key in KEYS}
