@@ -13,7 +13,7 @@ document.addEventListener("DOMContentLoaded", () => {
   function render(j) {
     job = j;
     const p = j.progress || {};
-    anim.setText("job-title", j.script_name || ("Job " + j.id));
+    anim.setText("job-title", j.title || j.script_name || ("Job " + j.id));
     const st = document.getElementById("job-status");
     st.textContent = anim.statusLabel(j.status);
     st.className = "status " + j.status;

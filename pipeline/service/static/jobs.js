@@ -12,7 +12,7 @@ function jobRow(job) {
   tr.append(first);
   const p = job.progress || {};
   const cells = [
-    [job.script_name], [job.series], [job.producer], [job.profile],
+    [job.title || job.script_name], [job.series], [job.producer], [job.profile],
     [anim.statusLabel(job.status), "status " + job.status],
     [p.shots_total ? (p.shots_done || 0) + "/" + p.shots_total : "—"],
     [anim.yuan(p.spent_yuan), "num"], [anim.yuan(job.estimate_yuan), "num"], [anim.yuan(job.budget_yuan), "num"],
