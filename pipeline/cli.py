@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -288,7 +289,10 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
            stop_after: Optional[str] = typer.Option(None, "--stop-after", help="'storyboard': panels and "
                                                     "contact sheet only, for approval before keyframes."),
            approval_gate: Optional[bool] = GateOpt,
-           progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")) -> None:
+           progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+           progress_file: Optional[Path] = typer.Option(None, "--progress-file", metavar="FILE", help="Append the "
+                                                        "render's progress as JSON lines (stage, shots done, ¥ so "
+                                                        "far, the MLflow run), for a job service to read.")) -> None:
     """Render the episode, record its cost in MLflow and print the cost table."""
     import imageio_ffmpeg
 
@@ -320,13 +324,15 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
         raise _fail(exc, debug=ctx.obj.debug)
     out_dir = out_dir or default_out_dir(script, profile, rplan.profile.aspect)
 
-    # 2. Render, with a progress bar of shots and yuan.
+    # 2. Render, with a progress bar of shots and yuan (and the JSON lines of --progress-file).
+    feed = _ProgressFeed(progress_file, len(rplan.shots), live.run_id)
     with _progress(rplan, progress) as on_progress:
         try:
             result = run_render(rplan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(),
                                 cluster=Cluster(settings.ray_address, settings.num_cpus), approvals=gate.approvals,
                                 budget_yuan=budget_yuan, budget_scope=budget_scope, stop_after=stop_after,
-                                on_progress=lambda *p: (on_progress(*p), live.on_progress(*p)), on_node=live.on_node)
+                                on_progress=lambda *p: (on_progress(*p), live.on_progress(*p), feed.on_progress(*p)),
+                                on_node=lambda *n: (live.on_node(*n), feed.on_node(*n)))
         except AnimError as exc:
             live.abort("error", str(exc))
             raise _fail(exc, 1, debug=ctx.obj.debug)
@@ -379,6 +385,37 @@ def _tracking_note(tracked, tracking_uri: str, out_dir: Path) -> bool:
         if ids:
             err.print(f"{what.format(len(ids))}: {', '.join(i[:8] for i in ids)}", markup=False, highlight=False)
     return False
+
+
+class _ProgressFeed:
+    """``--progress-file``: one JSON line per finished node (its stage) and per progress step
+    (shots done, ¥ so far), each with the shot count and the MLflow run; a line is flushed as it
+    is written. Never stops a render: a write that fails turns the feed off."""
+
+    def __init__(self, path: Path | None, shots_total: int, run_id: str | None):
+        self.base = {"shots_total": shots_total, "run_id": run_id}
+        self.file = None
+        if path is not None:
+            try:
+                self.file = path.open("a", encoding="utf-8", buffering=1)
+            except OSError as exc:
+                err.print(f"warning: --progress-file {path}: {exc.strerror or exc}", markup=False, highlight=False)
+        self._write(event="start", stage="start", shots_done=0, spent_yuan=0.0)
+
+    def _write(self, **fields) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.write(json.dumps({"t": round(time.time(), 3), **self.base, **fields}) + "\n")
+        except (OSError, ValueError):
+            self.file = None
+
+    def on_node(self, node, rows) -> None:
+        self._write(event="node", stage=node.stage, shot=getattr(node, "shot", None),
+                    node_yuan=sum(r.yuan for r in rows))
+
+    def on_progress(self, done: int, total: int, yuan: float) -> None:
+        self._write(event="progress", shots_done=done, spent_yuan=yuan)
 
 
 @contextmanager
