@@ -36,7 +36,7 @@ from pipeline.models import LedgerRecord, Profile, RenderPlan, ShotPlan
 from pipeline.registry import Backend, Resources
 from pipeline.schedule import NodeId
 from pipeline.store import LeaseInfo, Store, open_store
-from stages import assemble, audit, encode, inbetween, storyboard
+from stages import assemble, audit, encode, inbetween, storyboard, transitions
 from stages.records import AnimError, Frame, Keyframes, NodeError, StageError, TransientNodeError
 
 
@@ -340,8 +340,10 @@ def clip_node(shot: ShotPlan, kf: Measured | None, *, entry: Backend, settings: 
         quality: dict[str, float] = {}
         audit_s = 0.0
         with st.writer(key, {"stage": "clip", "shot": shot.shot.id}) as d:
-            encode.encode_clip(watch, d / "clip.mp4", width=width, height=height, fps=profile.fps, crf=profile.crf,
-                               preset=profile.x264_preset, threads=1, ffmpeg=ffmpeg, shot=shot.shot.id)
+            fades = transitions.fade_levels(shot.shot, shot.frames, profile.fps)  # after the audit's frame
+            encode.encode_clip(transitions.faded(watch, fades), d / "clip.mp4", width=width, height=height,
+                               fps=profile.fps, crf=profile.crf, preset=profile.x264_preset, threads=1, ffmpeg=ffmpeg,
+                               shot=shot.shot.id)
             t1 = time.perf_counter()
             if truth is not None and watch.audited is not None:
                 fid = audit.fidelity(shot.audit_frame, truth, watch.audited)

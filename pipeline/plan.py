@@ -29,7 +29,7 @@ from typing import Any
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.cost import PriceCatalog
 from pipeline.models import Profile, RenderPlan, ShotPlan
-from stages import assemble, encode, inbetween, keyframes, storyboard
+from stages import assemble, encode, inbetween, keyframes, storyboard, transitions
 from stages import audit as audit_mod
 from stages.backgrounds import setting_of
 from stages.records import Episode, Scene, Shot, ShotScene, SubtitleCue
@@ -219,7 +219,7 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
             kf_key = content_key("keyframes", keyframes.VERSION,
                                  {**params["keyframes"], "size": [width, height], "frames": frames,
                                   "keyframes": keys, "audit": audit}, [content])
-            clip_key = content_key("clip", f"{inbetween.VERSION}+{encode.VERSION}",
+            clip_key = content_key("clip", f"{inbetween.VERSION}+{encode.VERSION}+{transitions.VERSION}",
                                    {"interpolation": params["inbetween"], "audit_version": audit_mod.VERSION,
                                     "fps": profile.fps, "drawings": drawings, "frames": frames,
                                     "crf": profile.crf, "x264": profile.x264_preset}, [kf_key])

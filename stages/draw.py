@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from stages.records import ShotScene
 from stages.backgrounds import LINE, RGB, SS, background_plate, setting_of
-from stages.staging import Placement, character_style, frame_camera, layout
+from stages.staging import Placement, character_style, figure_box, frame_camera, layout, safe_area
 
 
 def _shade(c: RGB, k: float = 0.72) -> RGB:
@@ -96,6 +96,45 @@ def fit_lines(lines: list[str], max_lines: int, font: ImageFont.FreeTypeFont, ma
         last = last[:-1]
     kept[-1] = last + "…"
     return kept
+
+
+CARD_INK, CARD_EDGE = (250, 246, 236), (16, 14, 28)
+
+
+def card_font_size(text: str, width: int, height: int) -> tuple[int, list[str]]:
+    """The largest size (at most a sixth of the frame's short side) at which ``text`` wraps
+    into the safe area in at most four lines, with those lines; a text too long for four lines
+    at 12 px ends in an ellipsis."""
+    x0, y0, x1, y1 = safe_area(width, height)
+    box_w, box_h = x1 - x0, y1 - y0
+    size = max(12, round(min(width, height) / 6))
+    while True:
+        font = load_font(size, bold=True)
+        lines = wrap_text(text, font, box_w)
+        if (len(lines) <= 4 and len(lines) * size * 1.35 <= box_h) or size <= 12:
+            return size, fit_lines(lines, 4, font, box_w)
+        size = max(12, int(size * 0.9))
+
+
+def draw_title_card(frame: np.ndarray, text: str) -> np.ndarray:
+    """A title card (Fountain centred text, ``>THE END<``): the plate dimmed to a dark ground and
+    the text centred in the safe area of the frame's aspect (``staging.safe_area``), wrapped
+    (CJK between characters, Latin between words), in bold with a dark edge so it reads on any
+    plate. Returns a new RGB uint8 image."""
+    height, width = frame.shape[:2]
+    ground = (frame.astype(np.float32) * 0.3 + np.float32([12, 10, 24]) * 0.7).astype(np.uint8)
+    size, lines = card_font_size(text, width, height)
+    font = load_font(size, bold=True)
+    x0, y0, x1, y1 = safe_area(width, height)
+    canvas = Image.fromarray(ground)
+    d = ImageDraw.Draw(canvas)
+    step = round(size * 1.35)
+    top = (y0 + y1) / 2 - step * (len(lines) - 1) / 2
+    edge = max(1, round(size / 14))
+    for i, line in enumerate(lines):
+        d.text(((x0 + x1) / 2, top + i * step), line, font=font, fill=CARD_INK, anchor="mm",
+               stroke_width=edge, stroke_fill=CARD_EDGE)
+    return np.asarray(canvas).copy()
 
 
 # --------------------------------------------------------------------------- figures
@@ -232,15 +271,12 @@ def render_cel(scene: ShotScene, t: float, width: int, height: int, plate_cache:
         frame = cv2.warpAffine(plate, m, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     if view.blur >= 0.5:
         frame = cv2.GaussianBlur(frame, (0, 0), view.blur)
+    if shot.title:
+        return draw_title_card(frame, shot.title)
     if not placements:
         return frame
     # 3. figures, drawn supersampled inside their bounding box only
-    boxes = []
-    for p in placements:
-        u = p.unit
-        x0, y0 = view.to_screen(p.x - 2.2 * u, p.ground - p.lift - 6.2 * u, width, height)
-        x1, y1 = view.to_screen(p.x + 2.2 * u, p.ground + 0.3 * u, width, height)
-        boxes.append((x0, y0, x1, y1))
+    boxes = [figure_box(p, view, width, height) for p in placements]
     bx0 = max(0, int(math.floor(min(b[0] for b in boxes))))
     by0 = max(0, int(math.floor(min(b[1] for b in boxes))))
     bx1 = min(width, int(math.ceil(max(b[2] for b in boxes))))

@@ -20,7 +20,7 @@ from pydantic import Field
 from stages.draw import render_cel
 from stages.records import Frame, KeyframeRequest, Keyframes, Record
 
-VERSION = "1"
+VERSION = "2"
 
 
 class PrevizSettings(Record):

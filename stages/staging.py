@@ -136,6 +136,13 @@ def parse_moves(shot: Shot) -> dict[str, _Move]:
     return moves
 
 
+def speakers(shot: Shot) -> list[str]:
+    """The shot's on-screen characters who speak in it, in order of appearance (upper-case
+    names as cues match them). Two or more make a two-shot: the camera frames all of them."""
+    spoken = {line.character.strip().upper() for line in shot.dialogue}
+    return [n for n in dict.fromkeys(shot.characters) if n.strip().upper() in spoken]
+
+
 def _speaker_at(shot: Shot, t: float) -> str | None:
     if not shot.dialogue:
         return None
@@ -159,7 +166,10 @@ def layout(shot: Shot, *, t: float, width: int, height: int) -> list[Placement]:
     t = 0.0 if shot.static else t
     W, H, n = float(width), float(height), len(names)
     fig_h, ground = min(H * 0.36, W * 0.5), H * (0.9 if W >= H else 0.84)
-    slots = [0.5] if n == 1 else ([0.38, 0.62] if W >= H else [0.3, 0.7]) if n == 2 else list(np.linspace(0.18, 0.82, n))
+    if n == 2 and len(speakers(shot)) == 2:  # a two-shot: the pair stands close enough to share the frame
+        slots = [0.45, 0.55] if W >= H else [0.4, 0.6]
+    else:
+        slots = [0.5] if n == 1 else ([0.38, 0.62] if W >= H else [0.3, 0.7]) if n == 2 else list(np.linspace(0.18, 0.82, n))
     home = [W * (s + 0.03 * ((stable_hash("slot", shot.id, nm) % 201) / 100 - 1)) for s, nm in zip(slots, names)]
     moves = parse_moves(shot)
     speaker = _speaker_at(shot, t)
@@ -246,13 +256,25 @@ def focus_character(shot: Shot) -> str | None:
 def frame_camera(shot: Shot, placements: list[Placement], *, width: int, height: int) -> View:
     """Framing from the shot type: establishing shows the whole world; wide a little closer;
     medium the group from the waist up; close-up head and shoulders of the focus character
-    at ~60 % of the height; extreme close-up the face."""
+    at ~60 % of the height; extreme close-up the face. A shot in which two or more on-screen
+    characters speak is a two-shot at medium and closer: every speaker in frame, as tight as
+    the type asks where they fit, wider where they do not."""
     W, H = float(width), float(height)
     cam = shot.camera
     s, cx, cy, k, blur = 1.0, W / 2, H / 2, 1.0, 0.0
     focus = focus_character(shot)
     lead = next((p for p in placements if p.name == focus), None)
-    if cam == Camera.WIDE:
+    talking = {n.strip().upper() for n in speakers(shot)}
+    pair = [p for p in placements if p.name.strip().upper() in talking]
+    if len(pair) >= 2 and cam in (Camera.MEDIUM, Camera.CLOSE_UP, Camera.EXTREME_CLOSE_UP):
+        # heads to hips (medium) or heads and shoulders (closer) of every speaker, over their whole path
+        u = max(p.unit for p in pair)
+        rows = 2.9 if cam == Camera.MEDIUM else 1.9
+        left, right = min(p.x for p in pair) - 1.3 * u, max(p.x for p in pair) + 1.3 * u
+        s = max(1.0, min(0.8 * 0.9 * H / (rows * u), 0.96 * W / (right - left)))
+        top = min(p.ground - p.lift - p.height * 1.02 for p in pair)
+        cx, cy, k = (left + right) / 2, top + (0.5 - 0.07) * H / s, 0.4
+    elif cam == Camera.WIDE:
         s, cy = 1.18, H - H / (2 * 1.18)  # fixed camera: movement reads on screen
     elif cam == Camera.MEDIUM and placements:
         # waist up (a little looser), centred on the group if it fits, else the focus pair
@@ -283,3 +305,36 @@ def frame_camera(shot: Shot, placements: list[Placement], *, width: int, height:
     if k == 1.0:
         cx, cy = pcx, pcy  # figures and plate share one camera: feet stay on the ground
     return View(s, cx, cy, ps, pcx, pcy, blur * H)
+
+
+def figure_box(p: Placement, view: View, width: int, height: int) -> tuple[float, float, float, float]:
+    """The screen box (x0, y0, x1, y1) a figure is drawn in: 2.2 heads either side of its feet,
+    from above its hair to just below its feet (the box ``stages.draw`` draws it inside)."""
+    u = p.unit
+    x0, y0 = view.to_screen(p.x - 2.2 * u, p.ground - p.lift - 6.2 * u, width, height)
+    x1, y1 = view.to_screen(p.x + 2.2 * u, p.ground + 0.3 * u, width, height)
+    return x0, y0, x1, y1
+
+
+def figure_extent(p: Placement, view: View, width: int, height: int) -> tuple[float, float, float, float]:
+    """The screen box of what a figure shows of itself: its body and head, less the box's margins
+    (0.8 heads either side, from the top of the hair to the feet): what must be in frame for the
+    character to be seen."""
+    u = p.unit
+    x0, y0 = view.to_screen(p.x - 0.8 * u, p.ground - p.lift - 5.7 * u, width, height)
+    x1, y1 = view.to_screen(p.x + 0.8 * u, p.ground - p.lift, width, height)
+    return x0, y0, x1, y1
+
+
+# --------------------------------------------------------------------------- title cards
+
+
+def safe_area(width: int, height: int) -> tuple[float, float, float, float]:
+    """Where on-screen text goes (x0, y0, x1, y1): 16:9 keeps the 90 % title-safe area
+    (EBU R 95); 9:16 also keeps clear of what short-video apps lay over the picture (the status
+    and search bar on top, the caption, music line and buttons below, the button column on the
+    right), symmetric so centred text stays centred."""
+    W, H = float(width), float(height)
+    if W >= H:
+        return 0.05 * W, 0.05 * H, 0.95 * W, 0.95 * H
+    return 0.12 * W, 0.15 * H, 0.88 * W, 0.72 * H

@@ -1,8 +1,10 @@
 """Storyboard stage: one sketch panel per shot, and a contact sheet of an episode's panels.
 
 A panel is what a studio board shows: the shot's composition at its first moment as a grey
-line-art sketch inside a frame at the episode aspect, red arrows for movement during the
-shot, the camera label, and a caption below (shot id, camera, duration, action, dialogue).
+line-art sketch inside a frame at the episode aspect (a title card with its text), red arrows
+for movement during the shot, the camera label, the transitions written before and after the
+shot in its lower corners (``FADE IN:`` left, ``CUT TO:`` right), and a caption below (camera,
+duration, action, dialogue).
 Drawn with ``stages.draw``; deterministic, CPU only.
 """
 from __future__ import annotations
@@ -14,10 +16,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from stages.records import ShotScene
-from stages.draw import fit_lines, load_font, render_cel, wrap_text
+from stages.draw import CARD_INK, fit_lines, load_font, render_cel, wrap_text
 from stages.staging import frame_camera, layout
 
-VERSION = "3"
+VERSION = "4"
 ASPECTS = {"16:9": (16, 9), "9:16": (9, 16)}
 INK, PENCIL, ARROW, PAPER = (30, 30, 34), (110, 110, 118), (214, 44, 44), (255, 255, 255)
 BODY_LINES = 6
@@ -38,6 +40,13 @@ def _arrow(d: ImageDraw.ImageDraw, a: tuple[float, float], b: tuple[float, float
     left = (b[0] - head * math.cos(ang - 0.45), b[1] - head * math.sin(ang - 0.45))
     right = (b[0] - head * math.cos(ang + 0.45), b[1] - head * math.sin(ang + 0.45))
     d.polygon([b, left, right], fill=ARROW)
+
+
+def _tag(d: ImageDraw.ImageDraw, at: tuple[float, float], text: str, font, pad: int, anchor: str) -> None:
+    """White text on an ink box at ``at`` (PIL anchor): the camera label and the transitions."""
+    box = d.textbbox(at, text, font=font, anchor=anchor)
+    d.rectangle((box[0] - pad // 2, box[1] - pad // 3, box[2] + pad // 2, box[3] + pad // 3), fill=INK)
+    d.text(at, text, font=font, fill=PAPER, anchor=anchor)
 
 
 def _caption_lines(shot: ShotScene, font, width: float) -> list[tuple[str, str]]:
@@ -97,7 +106,10 @@ def render_panel(shot: ShotScene, *, width: int, aspect: str) -> np.ndarray:
     # 2. the composition at t = 0 as a sketch, movement arrows from t = 0 to t = 1
     cel = render_cel(shot, 0.0, width, frame_h, {})
     panel = Image.new("RGB", (width, frame_h + caption_h), PAPER)
-    panel.paste(Image.fromarray(_sketch(cel)), (0, 0))
+    sketch = _sketch(cel)
+    if shot.shot.title:  # the card's letters in ink, so the board reads like the screen
+        sketch[np.abs(cel.astype(np.int16) - CARD_INK).max(axis=2) < 48] = INK
+    panel.paste(Image.fromarray(sketch), (0, 0))
     d = ImageDraw.Draw(panel)
     start = layout(shot.shot, t=0.0, width=width, height=frame_h)
     end = layout(shot.shot, t=1.0, width=width, height=frame_h)
@@ -116,10 +128,12 @@ def render_panel(shot: ShotScene, *, width: int, aspect: str) -> np.ndarray:
             top = view.to_screen(p0.x, p0.ground - p0.height, width, frame_h)
             _arrow(d, (top[0] + 3 * aw_px, top[1]), (top[0] + 3 * aw_px, top[1] - jump * view.scale), aw_px)
     label = shot.shot.camera.value.upper()
-    lx, ly = pad, pad
-    box = d.textbbox((lx + pad // 2, ly), label, font=bold)
-    d.rectangle((box[0] - pad // 2, box[1] - pad // 3, box[2] + pad // 2, box[3] + pad // 3), fill=INK)
-    d.text((lx + pad // 2, ly), label, font=bold, fill=PAPER)
+    _tag(d, (pad + pad // 2, pad), label, bold, pad, "la")
+    for text, corner, anchor in ((shot.shot.transition_in, pad + pad // 2, "ld"),
+                                 (shot.shot.transition_out, width - pad - pad // 2, "rd")):
+        if text:
+            fitted = fit_lines(wrap_text(text, bold, width / 2 - 2 * pad), 1, bold, width / 2 - 2 * pad)[0]
+            _tag(d, (corner, frame_h - pad), fitted, bold, pad, anchor)
     d.rectangle((0, 0, width - 1, frame_h - 1), outline=INK, width=max(2, width // 200))
 
     # 3. caption: header, scene heading, action and dialogue
