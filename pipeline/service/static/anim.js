@@ -34,7 +34,12 @@ const anim = (() => {
     return resp.status === 204 ? null : resp.json();
   }
 
-  function yuan(v) { return (v === null || v === undefined || v === "") ? "—" : "¥" + Number(v).toFixed(2); }
+  // Yuan to the cent, and a draft's fractions of a fen to two significant digits (¥0.00006).
+  function yuan(v) {
+    if (v === null || v === undefined || v === "") return "—";
+    const n = Number(v);
+    return "¥" + (n === 0 || Math.abs(n) >= 0.01 ? n.toFixed(2) : String(Number(n.toPrecision(2))));
+  }
 
   function duration(s) {
     if (s === null || s === undefined) return "—";
