@@ -598,6 +598,10 @@ app.command()(compare)
 app.command()(calibrate)
 app.add_typer(cache_app, name="cache")
 
+from pipeline import cli_service  # noqa: E402  (anim serve, submit, jobs, job, cancel, retry, users)
+
+cli_service.register(app)
+
 
 def main() -> None:  # pragma: no cover - console-script shim
     app()

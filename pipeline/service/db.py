@@ -97,6 +97,7 @@ class Job(Base):
     producer_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     series: Mapped[str] = mapped_column(String(200), default="", index=True)
     script_name: Mapped[str] = mapped_column(String(255))  # what the client called it: display only
+    title: Mapped[str] = mapped_column(String(255), default="")  # the episode's, from the script
     script_ext: Mapped[str] = mapped_column(String(16))  # the stored file is <data>/jobs/<id>/script<ext>
     profile: Mapped[str] = mapped_column(String(64))
     aspect: Mapped[str | None] = mapped_column(String(8), nullable=True)

@@ -39,6 +39,7 @@ def upgrade() -> None:
     sa.Column('producer_id', sa.Integer(), nullable=False),
     sa.Column('series', sa.String(length=200), nullable=False),
     sa.Column('script_name', sa.String(length=255), nullable=False),
+    sa.Column('title', sa.String(length=255), nullable=False),
     sa.Column('script_ext', sa.String(length=16), nullable=False),
     sa.Column('profile', sa.String(length=64), nullable=False),
     sa.Column('aspect', sa.String(length=8), nullable=True),
