@@ -591,11 +591,13 @@ def _user() -> str:
 
 
 from pipeline.cli_cache import cache_app  # noqa: E402  (sub-commands live in their own modules)
+from pipeline.cli_nightly import nightly  # noqa: E402
 from pipeline.cli_runs import calibrate, compare, runs  # noqa: E402
 
 app.command()(runs)
 app.command()(compare)
 app.command()(calibrate)
+app.command()(nightly)
 app.add_typer(cache_app, name="cache")
 
 from pipeline import cli_service  # noqa: E402  (anim serve, submit, jobs, job, cancel, retry, users)
