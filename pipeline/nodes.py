@@ -21,6 +21,7 @@ checksumming the files, a rename or an upload — is not billed.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import traceback
 from contextlib import contextmanager
@@ -36,8 +37,8 @@ from pipeline.models import LedgerRecord, Profile, RenderPlan, ShotPlan
 from pipeline.registry import Backend, Resources
 from pipeline.schedule import NodeId
 from pipeline.store import LeaseInfo, Store, open_store
-from stages import assemble, audit, encode, inbetween, storyboard, transitions
-from stages.records import AnimError, Frame, Keyframes, NodeError, StageError, TransientNodeError
+from stages import assemble, audit, encode, handoffs, inbetween, storyboard, transitions
+from stages.records import AnimError, AudioStem, Frame, Keyframes, NodeError, StageError, TransientNodeError
 
 
 
@@ -378,12 +379,27 @@ def contact_sheet_node(plan: RenderPlan, *, work: Work) -> Measured:
     return measured(claim)
 
 
-def timeline_clips(plan: RenderPlan) -> list[assemble.TimelineClip]:
-    """What the editorial timeline shows of each shot."""
-    return [assemble.TimelineClip(id=s.shot.id, start_frame=s.start_frame, frames=s.frames,
+def timeline_clips(plan: RenderPlan) -> list[handoffs.TimelineClip]:
+    """What the editorial timeline shows of each shot; its media is its own clip, ``shot-<id>.mp4``."""
+    return [handoffs.TimelineClip(id=s.shot.id, start_frame=s.start_frame, frames=s.frames,
                                   camera=s.shot.camera.value, scene=s.scene.heading, action=s.shot.action,
                                   characters=list(s.shot.characters), keyframes=len(s.keyframes),
-                                  content_key=s.keys["clip"]) for s in plan.shots]
+                                  content_key=s.keys["clip"], media=f"shot-{s.shot.id}.mp4",
+                                  transition_out=s.shot.transition_out) for s in plan.shots]
+
+
+def write_handoffs(plan: RenderPlan, clips: list[Path], d: Path, stems: list[AudioStem]) -> None:
+    """Every shot's own clip beside the episode (``shot-<id>.mp4``, published with it) and the
+    editorial hand-offs that point at them: ``timeline.otio``, ``timeline.xml`` (FCP 7) and
+    ``jianying_draft.zip`` (剪映). ``stems``: the audio stems in ``d`` (dialogue, music)."""
+    shots = timeline_clips(plan)
+    for shot, clip in zip(shots, clips):
+        shutil.copyfile(clip, d / shot.media)
+    fps = plan.profile.fps
+    handoffs.write_timeline(shots, plan.subtitles, d / "timeline.otio", title=plan.title, fps=fps, stems=stems)
+    handoffs.write_fcp_xml(shots, plan.subtitles, d / "timeline.xml", title=plan.title, fps=fps, stems=stems)
+    handoffs.write_jianying_draft(shots, plan.subtitles, d / "jianying_draft.zip", media_dir=d, title=plan.title,
+                                  width=plan.width, height=plan.height, fps=fps, stems=stems)
 
 
 def assemble_node(plan: RenderPlan, *, ffmpeg: str, work: Work) -> Measured:
@@ -396,8 +412,7 @@ def assemble_node(plan: RenderPlan, *, ffmpeg: str, work: Work) -> Measured:
         with st.writer(key, {"stage": "assemble", "title": plan.title}) as d:
             assemble.concat_clips(clips, d / "episode.mp4", ffmpeg=ffmpeg)
             assemble.write_srt(plan.subtitles, d / "subtitles.srt")
-            assemble.write_timeline(timeline_clips(plan), plan.subtitles, d / "timeline.otio", title=plan.title,
-                                    fps=plan.profile.fps, media="episode.mp4")
+            write_handoffs(plan, clips, d, stems=[])  # the mix's stems (dialogue.wav, music.wav) once it writes them
             save_png(_contact_sheet(plan, st), d / "storyboard.png")
             claim.spend([Timing("assemble", claim.elapsed())])
     return measured(claim)

@@ -29,7 +29,7 @@ from typing import Any
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.cost import PriceCatalog
 from pipeline.models import Profile, RenderPlan, ShotPlan
-from stages import assemble, encode, inbetween, keyframes, storyboard, transitions
+from stages import assemble, encode, handoffs, inbetween, keyframes, storyboard, transitions
 from stages import audit as audit_mod
 from stages.backgrounds import setting_of
 from stages.records import Episode, Scene, Shot, ShotScene, SubtitleCue
@@ -247,7 +247,7 @@ def _with_episode_nodes(episode: Episode, profile: Profile, shots: list[ShotPlan
     """The plan with its episode-level nodes: assemble, the contact sheet, plates and sheets."""
     width, height = profile.size
     frames = sum(s.frames for s in shots)
-    asm_key = content_key("assemble", assemble.VERSION, {"title": episode.title},
+    asm_key = content_key("assemble", f"{assemble.VERSION}+{handoffs.VERSION}", {"title": episode.title},
                           [s.keys["clip"] for s in shots] + [s.keys["storyboard"] for s in shots]
                           + [c.model_dump_json() for c in cues])
     sheet_key = content_key("sheet", storyboard.VERSION, {"title": episode.title},

@@ -19,24 +19,10 @@ import cv2
 import numpy as np
 import srt
 
-from stages.records import Record, StageError, SubtitleCue
+from stages.records import StageError, SubtitleCue
 
 VERSION = "1"
 STAGE = "assemble"
-
-
-class TimelineClip(Record):
-    """One shot as the editorial timeline shows it: where it sits in the episode and what it is."""
-
-    id: str
-    start_frame: int
-    frames: int
-    camera: str
-    scene: str
-    action: str
-    characters: list[str]
-    keyframes: int
-    content_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -111,43 +97,6 @@ def write_srt(cues: list[SubtitleCue], path: str | Path, *, speaker: bool = Fals
             )
         )
     _write_atomic(Path(path), srt.compose(subs, reindex=False).encode("utf-8"))
-
-
-def write_timeline(shots: list[TimelineClip], cues: list[SubtitleCue], path: str | Path, *, title: str, fps: int,
-                   media: str = "episode.mp4") -> None:
-    """The editorial hand-off: an OpenTimelineIO timeline of the cut, one clip per shot.
-
-    Each clip points at its range of the episode file (``media``, relative to the timeline) and
-    carries the shot's camera, scene heading and action in its metadata; each subtitle cue is
-    a marker on the clip it belongs to. Editors open it in any OTIO-aware tool (Resolve,
-    Premiere via adapters, Avid via AAF adapters) to re-cut without re-rendering.
-    """
-    import opentimelineio as otio
-
-    timeline = otio.schema.Timeline(name=title)
-    track = otio.schema.Track(name="picture", kind=otio.schema.TrackKind.Video)
-    timeline.tracks.append(track)
-    cues_by_shot: dict[str, list[SubtitleCue]] = {}
-    for cue in cues:
-        cues_by_shot.setdefault(cue.shot, []).append(cue)
-    for shot in shots:
-        clip = otio.schema.Clip(
-            name=shot.id,
-            media_reference=otio.schema.ExternalReference(target_url=media),
-            source_range=otio.opentime.TimeRange(otio.opentime.RationalTime(shot.start_frame, fps),
-                                                 otio.opentime.RationalTime(shot.frames, fps)))
-        clip.metadata["anim"] = {"camera": shot.camera, "scene": shot.scene, "action": shot.action,
-                                 "characters": list(shot.characters), "keyframes": shot.keyframes,
-                                 "content_key": shot.content_key}
-        for cue in cues_by_shot.get(shot.id, []):
-            start = round(cue.start_s * fps) - shot.start_frame
-            length = max(1, round((cue.end_s - cue.start_s) * fps))
-            clip.markers.append(otio.schema.Marker(
-                name=f"{cue.character}: {cue.text}",
-                marked_range=otio.opentime.TimeRange(otio.opentime.RationalTime(shot.start_frame + start, fps),
-                                                     otio.opentime.RationalTime(length, fps))))
-        track.append(clip)
-    _write_atomic(Path(path), otio.adapters.write_to_string(timeline, "otio_json").encode("utf-8"))
 
 
 def write_png(image: np.ndarray, path: str | Path) -> None:

@@ -154,3 +154,80 @@ def test_a_missing_clip_is_one_error_and_leaves_nothing(media, tmp_path):
         handoffs.write_jianying_draft(broken, [], tmp_path / "x.zip", media_dir=d, title="x", width=64,
                                       height=112, fps=FPS)
     assert list(tmp_path.iterdir()) == []
+
+
+RENDERED = """Title: 咖啡馆
+
+FADE IN:
+
+INT. CAFE - NIGHT
+
+Mio waits at the window.
+
+MIO
+You came back.
+
+KAI
+I never left.
+
+DISSOLVE TO:
+
+EXT. STREET - NIGHT
+
+Kai walks away.
+
+>未完待续<
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
+def test_a_render_publishes_each_shot_and_hand_offs_that_point_at_them(tmp_path, prices, calibration):
+    import hashlib
+
+    import numpy as np
+
+    from pipeline.config import resolve_profile
+    from pipeline.plan import make_plan
+    from pipeline.render import render
+    from pipeline.store import open_store
+    from stages.script import load_episode
+
+    script = tmp_path / "cafe.fountain"
+    script.write_text(RENDERED, encoding="utf-8")
+    episode = load_episode(script)
+    plan = make_plan(episode, resolve_profile("draft", {"short_side": 72, "aspect": "9:16"}), prices=prices,
+                     calibration=calibration, script_sha256=hashlib.sha256(RENDERED.encode()).hexdigest())
+    result = render(plan, store=open_store(tmp_path / "store"), prices=prices, ffmpeg=FFMPEG)
+    out = result.outputs
+    ids = [s.shot.id for s in plan.shots]
+    assert {f"shot-{i}.mp4" for i in ids} | {"timeline.otio", "timeline.xml", "jianying_draft.zip"} <= set(out)
+    # 1. OTIO and FCP XML: each shot on its own published clip, frame-exact against the plan.
+    timeline = otio.adapters.read_from_file(str(out["timeline.otio"]))
+    clips = list(timeline.find_clips())
+    assert [c.media_reference.target_url for c in clips] == [f"shot-{i}.mp4" for i in ids]
+    assert [c.source_range.duration.value for c in clips] == [s.frames for s in plan.shots]
+    fcp = otio.adapters.read_from_file(str(out["timeline.xml"]), adapter_name="fcp_xml")
+    assert [c.name for c in fcp.find_clips()] == ids
+    # 2. The 剪映 draft reloads; its video segments sit where the plan puts the shots.
+    with zipfile.ZipFile(out["jianying_draft.zip"]) as zf:
+        zf.extractall(tmp_path / "drafts")
+    name = handoffs.draft_name(plan.title)
+    draft = jy.DraftFolder(str(tmp_path / "drafts")).load_template(name)
+    segments = draft.get_imported_track(jy.TrackType.video).segments
+    assert [round(s.start * plan.profile.fps / 1e6) for s in segments] == [s.start_frame for s in plan.shots]
+    texts = [s for t in draft.list_imported_tracks(jy.TrackType.text) for s in t.segments]
+    assert len(texts) == len(plan.subtitles) == 2
+    # 3. The fade the script writes is on screen: the first frame of the first clip is black, a
+    #    later one is not; the dissolve is the editor's (a transition in both hand-offs).
+    def frame(clip: Path, index: int) -> np.ndarray:
+        raw = subprocess.run([FFMPEG, "-loglevel", "error", "-i", str(clip), "-vf", f"select=eq(n\\,{index})",
+                              "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "gray", "-"],
+                             capture_output=True, check=True).stdout
+        return np.frombuffer(raw, np.uint8)
+
+    first = out[f"shot-{ids[0]}.mp4"]
+    assert frame(first, 0).mean() < 20 < frame(first, plan.shots[0].frames - 1).mean()
+    assert any(isinstance(t, otio.schema.Transition) for t in timeline.tracks[0])
+    info = json.loads((tmp_path / "drafts" / name / "draft_info.json").read_text(encoding="utf-8"))
+    assert [t["name"] for t in info["materials"]["transitions"]] == ["叠化"]
