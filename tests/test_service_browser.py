@@ -6,14 +6,53 @@ message rather than skipping them.
 """
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import cv2
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from pipeline.service import web
 from stages.draw import font_path
+
+REPO = Path(__file__).resolve().parents[1]
+TITLE = "海边的少女"
+SERIES = "夏天 <b>第一季</b>"  # Chinese, and markup that must show as text
+SCRIPT = f"""title: {TITLE}
+characters: [MEI]
+scenes:
+  - heading: EXT. BEACH - DUSK
+    location: BEACH
+    time_of_day: DUSK
+    shots:
+      - {{duration: 1.0, camera: wide, characters: [MEI], action: 美在海边散步。}}
+      - {{duration: 1.0, camera: close-up, characters: [MEI], action: Mei smiles at the sea.}}
+"""
+SHOTS, FRAMES = 2, 48  # two 1-s shots at the draft profile's 24 fps
+# Test instrumentation, run in every page before its own scripts: what #job-status, #shots and
+# #spent showed, in order, so the test can tell the page updated itself while the job ran.
+SEEN = """
+window.__seen = {status: [], shots: [], spent: []};
+document.addEventListener("DOMContentLoaded", () => {
+  for (const [id, key] of [["job-status", "status"], ["shots", "shots"], ["spent", "spent"]]) {
+    const el = document.getElementById(id);
+    if (!el) continue;
+    new MutationObserver(() => {
+      const seen = window.__seen[key], text = el.textContent;
+      if (text && seen[seen.length - 1] !== text) seen.push(text);
+    }).observe(el, {childList: true, characterData: true, subtree: true});
+  }
+});
+"""
 
 
 def chromium() -> str:
@@ -85,3 +124,197 @@ def test_static_serves_only_its_own_files_and_the_cjk_font(pages):
     assert font.content[:4] == b"ttcf"  # a TrueType collection: Chromium draws its first face
     for path in ("/static/web.py", "/static/..%2Fweb.py", "/static/anim.CSS", "/static/"):
         assert pages.get(path).status_code == 404, path
+
+
+# --------------------------------------------------------------------------- the page in a browser
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """The real service (`anim serve`) on a free loopback port, its own Ray head, SQLite job
+    table, MLflow file and store under a temp folder, and one producer with a password."""
+    from pipeline.service.cluster import local_endpoint, stop_local_head
+
+    root = tmp_path_factory.mktemp("web")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ANIM_SERVER", "ANIM_TOKEN", "ANIM_CONFIG")}
+    env.update({"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "ANIM_STORE": str(root / "store"),
+                "ANIM_APPROVALS": str(root / "approvals.db"), "ANIM_SERVICE_DATA": str(root / "data"),
+                "XDG_DATA_HOME": str(root / "xdg"), "XDG_CONFIG_HOME": str(root / "xdg-config"),
+                "MLFLOW_DISABLE_TELEMETRY": "true"})
+    endpoint = local_endpoint(root / "data", num_cpus=2)  # the service finds this head and reuses it
+    proc = None
+    log_path = root / "serve.log"
+    try:
+        added = subprocess.run([sys.executable, "-m", "pipeline", "users", "add", "mei", "--password", "mei-secret"],
+                               cwd=REPO, env=env, capture_output=True, text=True)
+        assert added.returncode == 0, added.stderr
+        port = _free_port()
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(port)], cwd=REPO,
+                                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "anim serve exited:\n" + log_path.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/api/me", timeout=2).status_code == 401:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("anim serve did not answer:\n" + log_path.read_text()[-3000:])
+            time.sleep(0.3)
+        script = root / "海边.yaml"
+        script.write_text(SCRIPT, encoding="utf-8")
+        bad = root / "broken.yaml"
+        bad.write_text("title: x\nscenes:\n  - heading: EXT. A - DAY\n    shots: [{duration: -1}]\n", encoding="utf-8")
+        yield {"url": url, "root": root, "script": script, "bad": bad, "log": log_path}
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        stop_local_head(endpoint)
+
+
+@pytest.fixture(scope="module")
+def chromium_path() -> str:
+    return chromium()
+
+
+@pytest.fixture()
+def page(chromium_path, service, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path)
+        context = browser.new_context(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
+        context.add_init_script(SEEN)
+        tab = context.new_page()
+        errors: list[str] = []
+        tab.on("pageerror", lambda exc: errors.append(str(exc)))
+        try:
+            yield tab
+        finally:
+            shot = tmp_path / "last-page.png"
+            try:
+                tab.screenshot(path=str(shot), full_page=True)
+            except Exception:  # noqa: BLE001 - a screenshot is only for the failure's reader
+                pass
+            browser.close()
+        assert not errors, f"the page's scripts threw: {errors}"
+
+
+def _seen(page, key: str) -> list[str]:
+    return page.evaluate(f"window.__seen[{key!r}]")
+
+
+def test_a_producer_signs_in_submits_approves_watches_and_downloads(chromium_path, service, page, tmp_path):
+    from playwright.sync_api import expect
+
+    url = service["url"]
+    try:
+        # 1. Sign in: a page without a session goes to the sign-in form and back.
+        page.goto(url + "/jobs/new")
+        expect(page).to_have_url(re.compile(r"/login\?next=%2Fjobs%2Fnew$"))
+        page.fill("input[name=username]", "mei")
+        page.fill("input[name=password]", "wrong")
+        page.click("#login button[type=submit]")
+        expect(page.locator("#login-error")).to_have_text("Wrong user name or password.")
+        page.fill("input[name=password]", "mei-secret")
+        page.click("#login button[type=submit]")
+        expect(page).to_have_url(url + "/jobs/new")
+        expect(page.locator("#me")).to_have_text("mei")
+
+        # 2. A bad script is refused at upload with the CLI's one line; nothing can be submitted.
+        page.set_input_files("#script", str(service["bad"]))
+        expect(page.locator("#new-error")).to_contain_text("broken.yaml")
+        expect(page.locator("#submit-btn")).to_be_disabled()
+
+        # 3. The script, the profile, a budget: the plan's estimate before submitting.
+        page.set_input_files("#script", str(service["script"]))
+        page.select_option("#profile", "draft")
+        page.fill("#budget", "5")
+        page.fill("#series", SERIES)
+        page.click("#estimate-btn")
+        expect(page.locator("#est-shots")).to_have_text(str(SHOTS))
+        expect(page.locator("#est-yuan")).to_have_text(re.compile(r"^¥\d"))
+        expect(page.locator("#est-budget")).to_have_text("Within the budget of ¥5.00.")
+        expect(page.locator("#submit-btn")).to_be_enabled()
+        expect(page.locator("#approval-gate")).to_be_checked()
+        page.click("#submit-btn")
+        expect(page).to_have_url(re.compile(r"/jobs/\d+$"))
+        job_id = page.url.rsplit("/", 1)[1]
+
+        # 4. The storyboard is drawn first; each panel approved with a comment.
+        expect(page.locator("#job-status")).to_have_text("awaiting approval", timeout=120_000)
+        panels = page.locator("#panels .panel")
+        expect(panels).to_have_count(SHOTS)
+        for i in range(SHOTS):
+            panel = panels.nth(i)
+            expect(panel.locator("img")).to_have_js_property("complete", True)
+            assert panel.locator("img").evaluate("img => img.naturalWidth") > 0, "a panel image did not load"
+            panel.locator(".comment").fill(f"好，第{i + 1}镜通过")
+            panel.locator(".approve").click()
+            expect(panels.nth(i)).to_have_class(re.compile(r"\bapproved\b"))
+            expect(panels.nth(i).locator(".decision")).to_contain_text("approved by mei")
+
+        # 5. Progress and cost, live, to the end; the log tail; the MLflow-tracked cost.
+        expect(page.locator("#job-status")).to_have_text("succeeded", timeout=180_000)
+        expect(page.locator("#shots")).to_have_text(f"{SHOTS} / {SHOTS}")
+        # The page was never reloaded: it showed each state as the job went through it.
+        statuses = _seen(page, "status")
+        after = statuses[statuses.index("awaiting approval"):]
+        assert "rendering" in after and after[-1] == "succeeded", statuses
+        spent = page.locator("#spent").text_content()
+        assert re.fullmatch(r"¥\d+(\.\d+)?", spent) and float(spent[1:]) > 0, spent
+        api_job = page.request.get(f"{url}/api/jobs/{job_id}").json()
+        assert spent == page.evaluate("v => anim.yuan(v)", api_job["progress"]["spent_yuan"])
+        expect(page.locator("#log")).not_to_be_empty()
+        expect(page.locator("#cancel-btn")).to_be_hidden()
+
+        # 6. Chinese text in the page's own font (Noto Sans CJK from /static), not tofu.
+        expect(page.locator("#job-title")).to_have_text(TITLE)
+        page.evaluate("document.fonts.ready")
+        fonts = platform_fonts(page, "#job-title")
+        assert fonts and all(f["isCustomFont"] and f["familyName"].startswith("Noto Sans CJK") for f in fonts), fonts
+        assert abs(text_width_em(page, "#job-title") - len(TITLE)) < 0.05  # each glyph one em wide
+        page.evaluate("""() => { const s = document.createElement("span"); s.id = "control";
+            s.style.fontFamily = "monospace"; s.textContent = "海边"; document.body.append(s); }""")
+        assert not any(f["isCustomFont"] for f in platform_fonts(page, "#control"))  # the check can tell
+        # ...and user text stays text: the series' markup is shown, never made into elements.
+        expect(page.locator("#job-meta")).to_contain_text(SERIES)
+        expect(page.locator("#job-meta b")).to_have_count(0)
+
+        # 7. Download the episode from the page: a real video of the planned frames.
+        with page.expect_download() as download:
+            page.click("#files a[download='episode.mp4']")
+        episode = tmp_path / "episode.mp4"
+        download.value.save_as(episode)
+        video = cv2.VideoCapture(str(episode))
+        frames = int(video.get(cv2.CAP_PROP_FRAME_COUNT))
+        ok, frame = video.read()
+        video.release()
+        assert ok and frames == FRAMES and frame.shape[0] > 0, (frames, episode.stat().st_size)
+
+        # 8. The job list, filtered by series and by status.
+        page.goto(url + "/jobs?" + httpx.QueryParams({"series": SERIES}).__str__())
+        row = page.locator(f"#jobs tbody tr[data-job-id='{job_id}']")
+        expect(row).to_contain_text(TITLE)
+        expect(row).to_contain_text("succeeded")
+        page.goto(url + "/jobs?status=failed")
+        expect(page.locator("#jobs-empty")).to_be_visible()
+        expect(page.locator("#jobs tbody tr")).to_have_count(0)
+
+        # 9. Sign out: the pages want a session again.
+        page.click("#sign-out")
+        expect(page).to_have_url(re.compile(r"/login"))
+        page.goto(f"{url}/jobs/{job_id}")
+        expect(page).to_have_url(re.compile(r"/login\?next="))
+    except BaseException as exc:
+        raise AssertionError(f"{exc}\n--- anim serve log (tail) ---\n{service['log'].read_text()[-4000:]}") from exc

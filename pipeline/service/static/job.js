@@ -3,6 +3,8 @@
 // buttons current; the log tail and the storyboard panels are fetched when the job changes.
 const ACTIVE = new Set(["queued", "planning", "awaiting_approval", "rendering"]);
 const RETRYABLE = new Set(["failed", "stopped", "cancelled"]);
+// A panel's decision as /panels gives it: approved, rejected, or pending (also null).
+const APPROVED = new Set(["approved", "approve"]), REJECTED = new Set(["rejected", "reject"]);
 
 document.addEventListener("DOMContentLoaded", () => {
   const root = document.getElementById("job");
@@ -87,19 +89,20 @@ document.addEventListener("DOMContentLoaded", () => {
     const panels = data.panels || [];
     document.getElementById("panels-card").hidden = panels.length === 0;
     const deciding = job && job.status === "awaiting_approval";
-    document.getElementById("approve-all").hidden = !deciding || panels.every(p => p.decision);
+    const decided = p => APPROVED.has(p.decision) || REJECTED.has(p.decision);
+    document.getElementById("approve-all").hidden = !deciding || panels.every(decided);
     const tpl = document.getElementById("panel-tpl");
     document.getElementById("panels").replaceChildren(...panels.map(p => {
       const fig = tpl.content.firstElementChild.cloneNode(true);
       fig.dataset.shot = p.shot;
-      fig.classList.toggle("approved", p.decision === "approve");
-      fig.classList.toggle("rejected", p.decision === "reject");
+      fig.classList.toggle("approved", APPROVED.has(p.decision));
+      fig.classList.toggle("rejected", REJECTED.has(p.decision));
       const img = fig.querySelector("img");
       img.src = p.url;
       img.alt = "storyboard panel, shot " + p.shot;
       fig.querySelector(".shot").textContent = "Shot " + p.shot;
-      fig.querySelector(".decision").textContent = p.decision
-        ? (p.decision === "approve" ? "approved" : "rejected") + (p.by ? " by " + p.by : "") + (p.at ? ", " + anim.when(p.at) : "")
+      fig.querySelector(".decision").textContent = decided(p)
+        ? (APPROVED.has(p.decision) ? "approved" : "rejected") + (p.by ? " by " + p.by : "") + (p.at ? ", " + anim.when(p.at) : "")
         : "undecided";
       const comment = fig.querySelector(".comment");
       comment.value = p.comment || "";
