@@ -57,12 +57,15 @@ def samples(plan: RenderPlan, ledger: Ledger) -> dict[Key, list[tuple[float, flo
     """(stage, backend, device, unit) → [(work, seconds)] over the executed nodes of one render."""
     keys = calibration_keys(plan.profile)
     work = work_of(plan)
-    out: dict[Key, list[tuple[float, float]]] = defaultdict(list)
+    seconds: dict[tuple[str, str | None], float] = {}  # one node's rows summed (an adaptive clip bills per method)
     for r in ledger.records:
         if r.cached or (r.stage, r.shot) not in work or r.stage not in keys:
             continue
-        backend, device, unit = keys[r.stage]
-        out[(r.stage, backend, device, unit)].append((work[(r.stage, r.shot)], r.seconds))
+        seconds[(r.stage, r.shot)] = seconds.get((r.stage, r.shot), 0.0) + r.seconds
+    out: dict[Key, list[tuple[float, float]]] = defaultdict(list)
+    for (stage, shot), s in seconds.items():
+        backend, device, unit = keys[stage]
+        out[(stage, backend, device, unit)].append((work[(stage, shot)], s))
     return out
 
 

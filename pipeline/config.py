@@ -35,6 +35,7 @@ from typing import Any, Mapping
 from pydantic import Field, ValidationError
 
 from stages.inbetween import RifeSettings
+from stages.inbetween_adaptive import AdaptiveSettings
 from stages.records import AnimError, ProfileError, Record
 from pipeline.models import Profile
 
@@ -177,7 +178,7 @@ def _non_finite(data: Any, prefix: str = "") -> tuple[str, float] | None:
 # ``anim plan`` and the start of ``anim render`` refuse a missing file before any work. Backends
 # whose factory checks its own files before any work (diffusers: a folder or the Hugging Face
 # cache, which needs torch to resolve) are not listed.
-LOCAL_FILES: dict[type[Record], tuple[str, ...]] = {RifeSettings: ("weights",)}
+LOCAL_FILES: dict[type[Record], tuple[str, ...]] = {RifeSettings: ("weights",), AdaptiveSettings: ("weights",)}
 
 
 def check_backend_files(profile: Profile, given_as: str) -> None:

@@ -85,10 +85,10 @@ class PriceCatalog(Record):
         return seconds * units * self.yuan_per_hour(resource) / 3600.0
 
     def record(self, stage: str, shot: str | None, seconds: float, resource: str, units: float,
-               cached: bool = False) -> LedgerRecord:
+               cached: bool = False, method: str | None = None) -> LedgerRecord:
         yuan = 0.0 if cached else self.cost(seconds, resource, units)
         return LedgerRecord(stage=stage, shot=shot, seconds=0.0 if cached else seconds,
-                            resource=resource, units=units, yuan=yuan, cached=cached)
+                            resource=resource, units=units, yuan=yuan, cached=cached, method=method)
 
 
 def _row(path: Path, line: int, row: dict) -> PriceRow:

@@ -61,12 +61,14 @@ class Work:
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds one ledger stage of a node held ``units`` of ``resource``."""
+    """Seconds one ledger stage of a node held ``units`` of ``resource`` (``method``: which
+    in-betweening method of an adaptive clip, billed one row each)."""
 
     stage: str
     seconds: float
     resource: str = CPU
     units: float = 1.0
+    method: str | None = None
 
 
 @dataclass(frozen=True)
@@ -260,7 +262,8 @@ class Claim:
         """Price the node's timings and record them in the store; call it just before the commit."""
         assert self.lease is not None, "spend() of a node that holds no lease"
         self.timings = timings
-        self.rows = [self.work.prices.record(t.stage, self.node.shot, t.seconds, t.resource, t.units) for t in timings]
+        self.rows = [self.work.prices.record(t.stage, self.node.shot, t.seconds, t.resource, t.units, method=t.method)
+                     for t in timings]
         record(self.store, Spent(str(self.node), self.key, self.work.holder, self.rows, self.started, time.time()),
                self.lease.generation)
 

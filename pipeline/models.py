@@ -241,6 +241,8 @@ class LedgerRecord(Record):
     units: float = Field(description="How many of the resource the node held (cores, GPUs).")
     yuan: float
     cached: bool = False
+    method: str | None = Field(None, description="The in-betweening method of an adaptive clip's row "
+                                                 "('flow', 'rife', 'fallback'); None for every other row.")
 
 
 class Ledger(Record):

@@ -351,15 +351,29 @@ def clip_node(shot: ShotPlan, kf: Measured | None, *, entry: Backend, settings: 
                 quality = {"audit_psnr_db": fid.psnr_db, "audit_ssim": fid.ssim}
                 audit_s = time.perf_counter() - t1
             quality["flicker"] = watch.flicker.value
+            quality.update({f"route_{r}": float(n) for r, n in (getattr(method, "routes", None) or {}).items()})
             (d / "quality.json").write_text(json.dumps(quality))
             # The node's wall time: in-betweening as streamed (on the in-betweener's resources), the
             # audit comparison, and the rest — encoding and writing the clip — billed to encode.
             total = claim.elapsed()
-            timings = [Timing("inbetween", watch.seconds, held.resource, held.units),
-                       Timing("encode", total - watch.seconds - audit_s)]
+            timings = inbetween_timings(method, watch.seconds, held) + [Timing("encode", total - watch.seconds - audit_s)]
             timings += [Timing("audit", audit_s)] if "audit_psnr_db" in quality else []
             claim.spend(timings)
     return measured(claim, quality=quality)
+
+
+def inbetween_timings(method: Any, seconds: float, held: Resources) -> list[Timing]:
+    """The clip's in-betweening rows: one, or for an in-betweener that routes each pair to a method
+    (``routes`` pairs and ``seconds`` per route: the adaptive one) one row per method it used, each
+    its own seconds, the rest of the stream (holds, drawing repeats) billed to the first."""
+    spent, routes = getattr(method, "seconds", None), getattr(method, "routes", None)
+    used = {m: s for m, s in spent.items() if s > 0 or routes.get(m)} if isinstance(spent, dict) and routes else {}
+    if not used:
+        return [Timing("inbetween", seconds, held.resource, held.units)]
+    rest = max(seconds - sum(used.values()), 0.0)
+    first = next(iter(used))
+    return [Timing("inbetween", s + (rest if m == first else 0.0), held.resource, held.units, method=m)
+            for m, s in used.items()]
 
 
 def _contact_sheet(plan: RenderPlan, st: Store) -> np.ndarray:

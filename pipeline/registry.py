@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from stages import inbetween, keyframes, storyboard
+from stages import inbetween, inbetween_adaptive, keyframes, storyboard
 from stages.records import ProfileError, Record
 
 STAGES = ("storyboard", "keyframes", "inbetween")
@@ -160,6 +160,17 @@ def _rife_resources(s: inbetween.RifeSettings) -> Resources:
     return Resources(gpus=s.num_gpus, gpu_type=s.gpu_type) if _on_gpu(s.device) else Resources()
 
 
+def _adaptive(s: inbetween_adaptive.AdaptiveSettings, *, width: int, height: int) -> Any:
+    def rife() -> Any:
+        from stages.rife import RifeInterpolator  # torch only when a pair needs RIFE
+
+        return RifeInterpolator(weights=s.weights, device=s.device)
+
+    return inbetween_adaptive.AdaptiveInterpolator(
+        flow=inbetween.FlowInterpolator(preset=s.preset), rife=rife, crossfade=inbetween.Crossfade(),
+        threshold=s.threshold, fallback=s.fallback, fallback_below=s.fallback_below)
+
+
 register(Backend("storyboard", "previz", keyframes.PrevizSettings,
                  build=lambda s, *, width, aspect: storyboard.PrevizStoryboard(width=width, aspect=aspect),
                  calibration=lambda s: "previz"))
@@ -175,3 +186,6 @@ register(Backend("inbetween", "crossfade", inbetween.CrossfadeSettings, build=la
                  calibration=lambda s: "crossfade"))
 register(Backend("inbetween", "rife", inbetween.RifeSettings, build=_rife, calibration=lambda s: "rife",
                  resources=_rife_resources, placement=inbetween.RifeSettings.PLACEMENT))
+register(Backend("inbetween", "adaptive", inbetween_adaptive.AdaptiveSettings, build=_adaptive,
+                 calibration=lambda s: f"adaptive:{s.preset}", resources=_rife_resources,
+                 placement=inbetween_adaptive.AdaptiveSettings.PLACEMENT))

@@ -58,7 +58,9 @@ HTTP_DEFAULTS = {  # fail in seconds, not minutes (MLflow's own: 7 retries, 120 
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 Status = Literal["FINISHED", "FAILED", "KILLED"]
-LEDGER_COLUMNS = ("stage", "shot", "seconds", "resource", "units", "yuan", "cached")
+LEDGER_COLUMNS = ("stage", "shot", "seconds", "resource", "units", "yuan", "cached", "method")
+# per shot: the audit, and (adaptive in-betweening) how many keyframe pairs took which route
+QUALITY_COLUMNS = ("audit_psnr_db", "audit_ssim", "flicker", "route_flow", "route_rife", "route_fallback")
 
 
 class TrackingError(AnimError):
@@ -354,7 +356,7 @@ def log_record(mlflow_client, run_id: str, rec: RunRecord, *, store=None, step: 
     if rec.quality:
         shots = sorted(rec.quality)
         mlflow_client.log_table(run_id, data={"shot": shots, **{m: [rec.quality[s].get(m) for s in shots]
-                                                                for m in ("audit_psnr_db", "audit_ssim", "flicker")}},
+                                                                for m in QUALITY_COLUMNS}},
                                 artifact_file="quality.json")
     # 3. The cost chart, the JSON side files, the outputs.
     files: dict[str, Path] = {}

@@ -44,7 +44,7 @@ def _build(name: str, settings=None, *, width: int = 64, height: int = 36):
 def test_registry_builds_by_name_and_rejects_unknown():
     assert isinstance(_build("flow", FlowSettings(preset="ultrafast")), FlowInterpolator)
     assert isinstance(_build("crossfade"), Crossfade)
-    assert set(registry.names("inbetween")) == {"flow", "crossfade", "rife"}
+    assert set(registry.names("inbetween")) == {"flow", "crossfade", "rife", "adaptive"}
     with pytest.raises(ProfileError, match="crossfade.*flow"):
         registry.get("inbetween", "rife2")
     with pytest.raises(ValueError, match="preset"):

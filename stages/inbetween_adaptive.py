@@ -1,0 +1,124 @@
+"""Adaptive in-betweening: each keyframe pair goes to the cheapest method that is good enough.
+
+Per pair, the flow in-betweener's two DIS flows are computed (they are needed anyway) and judged
+by ``stages.inbetween.pair_confidence`` (forward-backward consistency, flow magnitude and spread,
+warp residual): a few ms next to the flow. Then
+
+* confidence ≥ ``threshold``: the flow in-betweens, warped from the flows already computed;
+* below it: RIFE 4.x (``stages.rife``, CPU or GPU), built on the first pair that needs it, so a
+  shot whose pairs are all confident never loads its weights;
+* below ``fallback_below`` with ``fallback`` "crossfade" or "hold": the safe fallback instead of
+  RIFE (a pair neither method can be trusted on: a cut, a flash).
+
+The instance counts its routes (``routes``: pairs per route) and the seconds spent in each method
+(``seconds``; the flow and the confidence are billed to "flow", paid on every pair), which the clip
+node bills separately and writes into the render's quality record. The threshold and the route
+shares are measured in ``experiments/interp_bench.py`` on the sets of ``experiments/interp_sets.py``.
+
+The in-betweeners are given, not imported (a stage does not import another stage): the registry
+entry builds them.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+
+from stages.inbetween import check_pair, pair_confidence
+from stages.records import Record
+
+ROUTES = ("flow", "rife", "fallback")
+FALLBACKS = ("none", "crossfade", "hold")
+
+
+class AdaptiveSettings(Record):
+    """The profile's ``[adaptive]`` table. ``PLACEMENT`` never enters a content key."""
+
+    PLACEMENT: ClassVar[frozenset[str]] = frozenset({"num_gpus", "gpu_type"})
+
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Pairs whose flow confidence is below this go to RIFE.")
+    fallback: Literal["none", "crossfade", "hold"] = Field(
+        "none", description="What pairs below fallback_below get instead of RIFE ('none': RIFE).")
+    fallback_below: float = Field(0.0, ge=0.0, le=1.0, description="Confidence below which the fallback is used.")
+    preset: Literal["ultrafast", "fast", "medium"] = Field("medium", description="DIS preset of the flow route.")
+    weights: str = Field(description="RIFE 4.x flownet.pkl, e.g. ../shared/data/weights/rife/flownet.pkl.")
+    device: str = Field("cpu", description="RIFE's device: 'cpu' or a torch GPU device ('cuda', 'cuda:1').")
+    num_gpus: float = Field(1.0, gt=0, description="GPUs each clip node holds when device is a GPU.")
+    gpu_type: str = Field("H200", description="Price-catalog GPU type billed for them.")
+
+
+class AdaptiveInterpolator:
+    """Flow where the pair is confident, RIFE where it is not, optionally a fallback below both.
+
+    Args:
+        flow: a ``FlowInterpolator`` (its ``flows`` and ``warp`` are used).
+        rife: a RIFE in-betweener, or a no-argument factory of one (called on first need).
+        confidence: (a, b, f01, f10) → a record with ``score``; ``pair_confidence`` by default.
+        crossfade: the crossfade in-betweener (the "crossfade" fallback).
+        threshold, fallback, fallback_below: see ``AdaptiveSettings``.
+    """
+
+    name = "adaptive"
+
+    def __init__(self, *, flow: Any, rife: Callable[..., list[np.ndarray]] | Callable[[], Any],
+                 crossfade: Callable[..., list[np.ndarray]], threshold: float,
+                 confidence: Callable[..., Any] = pair_confidence, fallback: str = "none", fallback_below: float = 0.0, lazy: bool = True):
+        if not 0.0 <= threshold <= 1.0 or not 0.0 <= fallback_below <= 1.0:
+            raise ValueError(f"threshold={threshold}, fallback_below={fallback_below}: must lie in [0, 1]")
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback={fallback!r}: known fallbacks are {', '.join(FALLBACKS)}")
+        self.flow, self.confidence, self.crossfade = flow, confidence, crossfade
+        self._rife, self._rife_factory = (None, rife) if lazy else (rife, None)
+        self.threshold, self.fallback, self.fallback_below = threshold, fallback, fallback_below
+        self.routes = {r: 0 for r in ROUTES}
+        self.seconds = {r: 0.0 for r in ROUTES}
+        self.scores: list[float] = []  # each pair's confidence, in call order
+
+    @property
+    def rife(self) -> Any:
+        """The RIFE in-betweener, built on first use."""
+        if self._rife is None:
+            self._rife = self._rife_factory()
+        return self._rife
+
+    def route(self, score: float) -> str:
+        """Which route a pair of confidence ``score`` takes: a pure function of the score."""
+        if score >= self.threshold:
+            return "flow"
+        if self.fallback != "none" and score < self.fallback_below:
+            return "fallback"
+        return "rife"
+
+    def __call__(self, a: np.ndarray, b: np.ndarray, ts: list[float]) -> list[np.ndarray]:
+        check_pair(a, b, ts)
+        t0 = time.perf_counter()
+        if np.array_equal(a, b):  # a hold: copies, no flow, no net (the flow in-betweener's own rule)
+            out = self.flow(a, b, ts)
+            self._bill("flow", t0)
+            return out
+        f01, f10 = self.flow.flows(a, b)
+        score = float(self.confidence(a, b, f01, f10).score)
+        self.scores.append(score)
+        route = self.route(score)
+        if route == "flow":
+            out = self.flow.warp(a, b, f01, f10, ts)
+            self._bill("flow", t0)
+            return out
+        self._bill("flow", t0, count=False)  # the flow and its judgement were paid on this pair too
+        t1 = time.perf_counter()
+        if route == "rife":
+            out = self.rife(a, b, ts)
+        elif self.fallback == "crossfade":
+            out = self.crossfade(a, b, ts)
+        else:  # hold: the nearer keyframe
+            out = [(a if t < 0.5 else b).copy() for t in ts]
+        self._bill(route, t1)
+        return out
+
+    def _bill(self, route: str, since: float, count: bool = True) -> None:
+        self.seconds[route] += time.perf_counter() - since
+        if count:
+            self.routes[route] += 1
