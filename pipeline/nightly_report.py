@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from pipeline.nightly import Row
     from pipeline.series import Series
 
-COLUMNS = ("episode", "delivery", "status", "shots changed", "¥ spent", "¥ saved", "audit PSNR dB", "Δ PSNR",
-           "flicker", "Δ flicker", "why / reason")
+COLUMNS = ("episode", "delivery", "status", "shots", "¥ spent", "¥ saved", "PSNR dB (Δ)", "flicker (Δ)",
+           "why / reason")
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -40,9 +40,14 @@ def cells(row: "Row") -> list[str]:
     """A row's cells as text, in ``COLUMNS`` order."""
     reason = row.error if row.status in ("failed", "stopped", "waiting") else (row.why or "")
     return [row.episode, row.delivery, row.status, f"{row.shots_changed}/{row.shots}", f"{row.spent_yuan:.5f}",
-            f"{row.saved_yuan:.5f}", _num(row.audit_psnr_db, ".2f"),
-            _delta(row.audit_psnr_db, row.prev_audit_psnr_db, ".2f"), _num(row.flicker, ".4f"),
-            _delta(row.flicker, row.prev_flicker, ".4f"), reason or ""]
+            f"{row.saved_yuan:.5f}", _with_delta(row.audit_psnr_db, row.prev_audit_psnr_db, ".2f"),
+            _with_delta(row.flicker, row.prev_flicker, ".4f"), reason or ""]
+
+
+def _with_delta(now: float | None, before: float | None, fmt: str) -> str:
+    """``28.41 (+0.02)``: tonight's value and its change against the previous night (``new``:
+    the previous night had none)."""
+    return "" if now is None else f"{format(now, fmt)} ({_delta(now, before, fmt)})"
 
 
 def headline(series_name: str, night: str, rows: list["Row"]) -> str:
@@ -62,7 +67,7 @@ def headline(series_name: str, night: str, rows: list["Row"]) -> str:
 def night_table(series_name: str, night: str, rows: list["Row"]) -> Table:
     """The morning table for the console (user text escaped)."""
     table = Table(title=escape(f"{series_name} — night {night}"))
-    numeric = {"shots changed", "¥ spent", "¥ saved", "audit PSNR dB", "Δ PSNR", "flicker", "Δ flicker"}
+    numeric = {"shots", "¥ spent", "¥ saved", "PSNR dB (Δ)", "flicker (Δ)"}
     for col in COLUMNS:
         table.add_column(col, justify="right" if col in numeric else "left",
                          overflow="fold" if col == "why / reason" else "ellipsis")
@@ -74,7 +79,7 @@ def night_table(series_name: str, night: str, rows: list["Row"]) -> Table:
     table.add_row("[bold]total", "", "", str(sum(r.shots_changed for r in rows if r.status not in
                                                   ("unchanged", "waiting"))),
                   f"[bold]{sum(r.spent_yuan for r in rows):.5f}", f"{sum(r.saved_yuan for r in rows):.5f}",
-                  *[""] * 5)
+                  *[""] * 3)
     return table
 
 

@@ -89,7 +89,7 @@ class ScheduleSpec(_Strict):
 
 class Manifest(_Strict):
     name: str = Field(min_length=1, max_length=200)
-    episodes: list[str | EpisodeSpec] = Field(min_length=1)
+    episodes: list[EpisodeSpec] = Field(min_length=1, description="Paths or globs, or tables with a path.")
     profiles: list[str] = Field(["draft"], min_length=1)
     aspects: list[str] = Field(default_factory=list)
     episode_budget_yuan: float | None = Field(None, ge=0, allow_inf_nan=False)
@@ -97,6 +97,12 @@ class Manifest(_Strict):
     order: Literal["script", "priority"] = "script"
     results: str | None = None
     schedule: ScheduleSpec | None = None
+
+    @field_validator("episodes", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        """A bare string is an episode table with only its path."""
+        return [{"path": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
     @field_validator("aspects")
     @classmethod
@@ -168,14 +174,20 @@ def nights_between(spec: ScheduleSpec, after: datetime | None, now: datetime) ->
     it = croniter(spec.cron, now + timedelta(seconds=1))
     latest = it.get_prev(datetime)
     if after is None:
-        return [latest]
+        earlier = it.get_prev(datetime)  # the same wall time an hour before: the night began then
+        return [earlier if earlier.replace(tzinfo=None) == latest.replace(tzinfo=None) else latest]
     out = [latest]
     while True:
         prev = it.get_prev(datetime)
         if prev <= after.astimezone(zone) or len(out) >= 400:  # a year of nights at most: older are just "missed"
             break
         out.append(prev)
-    return [n for n in reversed(out) if n > after.astimezone(zone)]
+    # Where the clocks go back, a wall time such as 02:30 happens twice: one night, the first.
+    nights: dict[datetime, datetime] = {}
+    for n in reversed(out):
+        if n > after.astimezone(zone):
+            nights.setdefault(n.replace(tzinfo=None), n)
+    return list(nights.values())
 
 
 # --------------------------------------------------------------------------- reading
@@ -198,7 +210,7 @@ def load_series(path: str | Path) -> Series:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", None) or _decode_line(str(exc))
+        line = getattr(exc, "lineno", None) or _decode_line(str(exc)) or max(len(text.splitlines()), 1)
         raise SeriesError(where, f"not valid TOML: {getattr(exc, 'msg', str(exc))}", line) from None
     lines = KeyLines(text)
     if bad := _non_finite(data):
@@ -207,7 +219,7 @@ def load_series(path: str | Path) -> Series:
         manifest = Manifest(**data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = _model_loc(err["loc"])
+        loc = tuple(err["loc"])
         got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
@@ -224,9 +236,8 @@ def _resolve(m: Manifest, path: Path, lines: "KeyLines") -> Series:
     # 1. Episodes: each path or glob, in the order written; a glob's matches sorted by name.
     episodes: list[SeriesEpisode] = []
     seen: dict[Path, int] = {}
-    for i, entry in enumerate(m.episodes):
-        spec = entry if isinstance(entry, EpisodeSpec) else EpisodeSpec(path=entry)
-        loc = ("episodes", i) if isinstance(entry, str) else ("episodes", i, "path")
+    for i, spec in enumerate(m.episodes):
+        loc = ("episodes", i, "path")  # a bare string's line is its item's
         pattern = spec.path if Path(spec.path).is_absolute() else str(base / spec.path)
         if glob.has_magic(spec.path):
             found = sorted(Path(p) for p in glob.glob(pattern) if Path(p).suffix in SCRIPT_SUFFIXES)
@@ -266,16 +277,10 @@ def _resolve(m: Manifest, path: Path, lines: "KeyLines") -> Series:
     if len(set(deliveries)) != len(deliveries):
         raise SeriesError(where, "profiles/aspects: the same delivery is listed twice", lines.line(("profiles",)))
     results = Path(m.results) if m.results and Path(m.results).is_absolute() else \
-        (base / m.results if m.results else Path("out") / "series" / path.stem)
+        ((base / m.results).resolve() if m.results else Path("out") / "series" / path.stem)
     return Series(name=m.name, manifest=path.resolve(), episodes=episodes, deliveries=deliveries,
                   episode_budget_yuan=m.episode_budget_yuan, night_cap_yuan=m.night_cap_yuan, order=m.order,
                   results=results, schedule=m.schedule)
-
-
-def _model_loc(loc: tuple) -> tuple:
-    """A pydantic error location as the manifest's keys: drop the union-branch labels
-    (``str``, ``EpisodeSpec``) pydantic puts in for ``episodes = [... | {…}]``."""
-    return tuple(p for p in loc if p not in ("str", "EpisodeSpec"))
 
 
 def _dotted(loc: tuple) -> str:
