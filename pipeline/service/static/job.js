@@ -32,6 +32,12 @@ document.addEventListener("DOMContentLoaded", () => {
     document.getElementById("shots-bar").style.width = (total ? 100 * done / total : 0) + "%";
     anim.setText("eta", ACTIVE.has(j.status) ? anim.duration(p.eta_s) : "—");
     anim.setText("spent", anim.yuan(p.spent_yuan));
+    const share = (of, what) => {
+      const pct = 100 * Number(p.spent_yuan || 0) / of;
+      return (pct > 0 && pct < 1 ? "<1" : Math.round(pct)) + "% of the " + what;
+    };
+    anim.setText("spent-share", [j.estimate_yuan && share(j.estimate_yuan, "estimate"),
+      j.budget_yuan && share(j.budget_yuan, "budget")].filter(Boolean).join(", "));
     anim.setText("estimate", anim.yuan(j.estimate_yuan));
     anim.setText("budget", j.budget_yuan === null || j.budget_yuan === undefined ? "none" : anim.yuan(j.budget_yuan));
     anim.setText("attempt", j.attempt);
