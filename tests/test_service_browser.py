@@ -218,6 +218,7 @@ def test_a_producer_signs_in_submits_approves_watches_and_downloads(chromium_pat
     from playwright.sync_api import expect
 
     url = service["url"]
+    expect.set_options(timeout=30_000)  # a busy 2-core machine: the plan alone can take seconds
     try:
         # 1. Sign in: a page without a session goes to the sign-in form and back.
         page.goto(url + "/jobs/new")
