@@ -104,6 +104,7 @@ def _prepare(settings, script: Path, profile: str, aspect: str | None, sets: lis
     from pipeline.config import check_backend_files, override_settings, parse_overrides, resolve_profile
     from pipeline.cost import PriceCatalog
     from pipeline.plan import make_plan
+    from pipeline.render import music_bed
     from stages.script import load_episode
 
     settings = override_settings(settings, price_tier="spot" if spot else None)
@@ -122,8 +123,21 @@ def _prepare(settings, script: Path, profile: str, aspect: str | None, sets: lis
     _open_store(settings, check_only=True)  # a bad location is its own line, before its rows are read
     calibration = _calibration(settings)
     plan = make_plan(episode, prof, calibration=calibration, prices=prices,
-                     script_sha256=hashlib.sha256(script.read_bytes()).hexdigest())
-    return settings, episode, prices, plan
+                     script_sha256=hashlib.sha256(script.read_bytes()).hexdigest(), bed=music_bed(episode, prof))
+    return settings, episode, prices, _voiced(settings, episode, prices, plan, _open_store(settings))
+
+
+def _voiced(settings, episode, prices, plan, store):
+    """The plan timed by the voices in the store (the cut follows the voice), or as it was
+    (the reading-speed estimate) when none of its lines has been spoken yet."""
+    from pipeline.plan import make_plan
+    from pipeline.render import stored_speech
+
+    speech = stored_speech(plan, store)
+    if not speech:
+        return plan
+    return make_plan(episode, plan.profile, calibration=_calibration(settings, quiet=True), prices=prices,
+                     script_sha256=plan.script_sha256, speech=speech, bed=plan.bed)
 
 
 def _calibration(settings, *, quiet: bool = False):
@@ -187,6 +201,11 @@ def plan(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain s
               f"(¥{rplan.estimated_cost_yuan / minutes:.4f} per finished minute, {where}, "
               f"{settings.price_tier}): {stages}", markup=False)
     out.print(band.line(), markup=False, highlight=False)
+    spoken = sum(v.measured for v in rplan.voices)
+    out.print("timing: " + ("no dialogue" if not rplan.voices else
+                            f"measured speech ({spoken} of {len(rplan.voices)} lines)" if rplan.speech_timing == "measured"
+                            else f"reading-speed estimate ({spoken} of {len(rplan.voices)} lines spoken so far; a "
+                            "render speaks them first and times the cut by them)"), markup=False, highlight=False)
     todo = sched.shots_to_render
     held = f"; held back: {', '.join(sched.held_shots())} ({sched.stopped})" if sched.held_shots() else ""
     if gate.gate:
@@ -301,6 +320,7 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
     from pipeline.dag import Cluster
     from pipeline.publish import check_out_dir, default_out_dir, publish
     from pipeline.render import render as run_render
+    from pipeline.render import speak
 
     # 1. Everything resolved and checked before Ray starts.
     budget_yuan = _yuan(budget)
@@ -313,6 +333,10 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
         # an --out the user typed must lie in an existing folder; the default out/ is created
         check_out_dir(out_dir or default_out_dir(script, profile, rplan.profile.aspect), create_parents=out_dir is None)
         store = _open_store(settings)
+        # The voices first (cheap, billed): the cut follows them.
+        cluster = Cluster(settings.ray_address, settings.num_cpus)
+        spoken = speak(rplan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(), cluster=cluster)
+        rplan = _voiced(settings, episode, prices, rplan, store)
         gate = gate_state(open_approvals(settings.approvals), rplan, gate_on(rplan.profile, approval_gate))
         # The MLflow run opens now (RUNNING; plan and estimate first). Only a tracking URI the
         # user must fix raises; an unreachable server is reported once, after the outputs are safe.
@@ -329,7 +353,7 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
     with _progress(rplan, progress) as on_progress:
         try:
             result = run_render(rplan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(),
-                                cluster=Cluster(settings.ray_address, settings.num_cpus), approvals=gate.approvals,
+                                cluster=cluster, spoken=spoken, approvals=gate.approvals,
                                 budget_yuan=budget_yuan, budget_scope=budget_scope, stop_after=stop_after,
                                 on_progress=lambda *p: (on_progress(*p), live.on_progress(*p), feed.on_progress(*p)),
                                 on_node=lambda *n: (live.on_node(*n), feed.on_node(*n)))

@@ -47,7 +47,7 @@ from pipeline.cost import PriceCatalog
 from pipeline.ledger import Work
 from pipeline.models import LedgerRecord, RenderPlan, ShotPlan
 from pipeline.nodes import (KeyframeWorker, Measured, assemble_node, clip_node, contact_sheet_node, keyframes_node,
-                            storyboard_node)
+                            storyboard_node, voice_node)
 from pipeline.registry import Resources
 from pipeline.schedule import Node, NodeId, Schedule, contact_sheet_estimate, prerequisites
 from pipeline.store import Store
@@ -533,11 +533,31 @@ class _Run:
             self.submit(n, task.remote(shots[n.id.item], entry=entry, settings=settings, width=p.storyboard_width,
                                        aspect=p.aspect, work=self.work))
 
+    def voices(self) -> None:
+        """Every line the schedule says to speak, in one task on the voice backend's resources (it
+        builds the backend once), each line its own node; none when the budget does not cover them."""
+        lines = self.sched.where("run", "voice")
+        if not lines or self.stopping:
+            return
+        if not self.guard.fits_all([(n.estimate_yuan, "voice") for n in lines], keep=self.stop_yuan()):
+            self.out.budget_note = self.out.budget_note or "the budget does not cover the voices"
+            return
+        p = self.plan.profile
+        entry, settings = p.entry("voice"), p.settings_for("voice")
+        held = entry.resources(settings)
+        self.cluster.check(held, f"the {entry.name} voice backend")
+        by_id = {v.id: v for v in self.plan.voices}
+        task = self.cluster.task(voice_node, held).options(num_returns=len(lines))
+        refs = task.remote([by_id[n.id.item] for n in lines], entry=entry, settings=settings, work=self.work)
+        for n, ref in zip(lines, refs if len(lines) > 1 else [refs]):
+            self.submit(n, ref, held, group=-1)  # lines are spoken one after another: each its own lease
+
     def chains(self) -> list[ShotPlan]:
         """Shots whose clip must be made: scheduled first, then those standing by for budget."""
         state = {n.id.item: n for n in self.sched.nodes if n.id.stage == "clip"}
-        run = [s for s in self.plan.shots if state[s.shot.id].state == "run"]
-        standby = [s for s in self.plan.shots if state[s.shot.id].state == "held" and state[s.shot.id].reason == "budget"]
+        run = [s for s in self.plan.shots if s.shot.id in state and state[s.shot.id].state == "run"]
+        standby = [s for s in self.plan.shots if s.shot.id in state and state[s.shot.id].state == "held"
+                   and state[s.shot.id].reason == "budget"]
         order = {n.id.item: i for i, n in enumerate(self.sched.nodes)}
         return sorted(run, key=lambda s: order[s.shot.id]) + standby
 
@@ -726,7 +746,7 @@ class _Run:
             self.out.finish = A
             return False
         if all(NodeId("clip", s.shot.id) in self.out.done for s in self.plan.shots) and A not in self.refs \
-                and not self.stopping:
+                and all(NodeId("voice", v.id) in self.out.done for v in self.plan.voices) and not self.stopping:
             if self.guard.fits(self.plan.assemble_estimate_yuan, "assemble", keep=self.stop_yuan()):
                 return self.episode_level(A)
             self.out.budget_note = self.out.budget_note or "the budget does not cover the assembly"
@@ -775,6 +795,7 @@ class _Run:
         #    the episode node (the contact sheet if the episode cannot be assembled).
         try:
             self.storyboards()
+            self.voices()
             queue = self.chains()
             self.admit(queue)
             self.progress()

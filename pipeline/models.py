@@ -12,7 +12,8 @@ from typing import Any, Literal
 from pydantic import Field, SerializeAsAny, ValidationError, model_validator
 
 from pipeline import registry
-from stages.records import SCHEMA_VERSION, KeyframeRequest, ProfileError, Record, Shot, ShotScene, SubtitleCue
+from stages.records import (SCHEMA_VERSION, KeyframeRequest, ProfileError, Record, Shot, ShotScene, SubtitleCue,
+                            VoiceLine)
 from stages.script import MAX_SHORT_SIDE, MAX_STORYBOARD_WIDTH
 
 
@@ -37,6 +38,17 @@ class Profile(Record):
     storyboard: str = Field("previz", description="Storyboard backend.")
     backend: str = Field("previz", description="Keyframe backend: previz or diffusers.")
     interpolation: str = Field("flow", description="In-betweener: flow, crossfade or rife.")
+    voice: str = Field("espeak", description="Voice backend: espeak (embedded, offline) or neural (local weights).")
+    breath_s: float = Field(0.3, ge=0.0, le=5.0, description="Pause after each spoken line, before the next "
+                            "line or the cut: a shot lasts at least its lines as spoken plus this.")
+    loudness_lufs: float = Field(-16.0, ge=-40.0, le=-5.0, description="Delivery loudness, integrated "
+                                 "(BS.1770-4): -16 for mobile platforms, -23 for EBU R128 broadcast.")
+    music: str | None = Field(None, description="A local music or ambience file under the dialogue "
+                              "(else the script's title page 'Music:', relative to the script).")
+    music_db: float = Field(-12.0, ge=-60.0, le=0.0, description="The bed's level against the dialogue, dB.")
+    duck_db: float = Field(10.0, ge=0.0, le=40.0, description="How far the bed ducks under speech, dB.")
+    burn_subtitles: bool = Field(True, description="Also deliver episode_subtitled.mp4 with the subtitles "
+                                 "burned in (the usual form for 9:16 platforms).")
     crf: int = Field(23, ge=0, le=51)
     x264_preset: str = "veryfast"
     storyboard_width: int = Field(480, ge=64, le=MAX_STORYBOARD_WIDTH,
@@ -137,6 +149,26 @@ def _settings(entry: registry.Backend, raw: Any) -> Record:
 # --------------------------------------------------------------------------- plan
 
 
+class VoicePlan(Record):
+    """One dialogue line's voice node: its key, the line, and where its speech sits in the cut."""
+
+    id: str = Field(description="'<shot>#<n>', n the line's 1-based position in the shot.")
+    key: str
+    line: VoiceLine
+    start_s: float = Field(description="Where the line's WAV starts on the episode timeline.")
+    spoken_s: float = Field(description="Its length: the WAV's measured duration, or the reading-speed estimate.")
+    measured: bool = Field(description="spoken_s (and the cue) come from the voice node's WAV.")
+    estimate_seconds: float = 0.0
+    estimate_yuan: float = 0.0
+
+
+class Bed(Record):
+    """The music or ambience file under the dialogue: its path and its content's sha256."""
+
+    path: str
+    sha256: str
+
+
 class ShotPlan(Record):
     scene: ShotScene = Field(description="The shot and the scene it sits in.")
     start_frame: int = Field(description="First frame of the shot in the episode timeline.")
@@ -196,10 +228,16 @@ class RenderPlan(Record):
     episode_estimate_seconds: dict[str, float] = Field(
         description="Estimated seconds of episode-level nodes: assemble, and background plates when layered.")
     episode_estimate_yuan: dict[str, float]
+    voices: list[VoicePlan] = Field(default_factory=list, description="One voice node per dialogue line.")
+    speech_timing: Literal["measured", "estimate"] = Field(
+        "estimate", description="'measured': every line's length comes from its voice node; 'estimate': the "
+        "reading-speed estimate, until the voice nodes exist.")
+    bed: Bed | None = None
 
     @property
     def assemble_estimate_yuan(self) -> float:
-        return self.episode_estimate_yuan.get("assemble", 0.0)
+        """The assembly node: joining the clips, the mix and the subtitles (burned in)."""
+        return sum(self.episode_estimate_yuan.get(s, 0.0) for s in ("assemble", "mix", "subtitles"))
 
     @property
     def total_frames(self) -> int:

@@ -33,11 +33,11 @@ import numpy as np
 from PIL import Image
 
 from pipeline.ledger import WAIT_POLL_S, Claim, Timing, Work, claimed
-from pipeline.models import LedgerRecord, Profile, RenderPlan, ShotPlan
+from pipeline.models import LedgerRecord, Profile, RenderPlan, ShotPlan, VoicePlan
 from pipeline.registry import Backend, Resources
 from pipeline.schedule import NodeId
 from pipeline.store import LeaseInfo, Store, open_store
-from stages import assemble, audit, encode, handoffs, inbetween, storyboard, transitions
+from stages import assemble, audit, encode, handoffs, inbetween, mix, storyboard, subtitles, transitions
 from stages.records import AnimError, AudioStem, Frame, Keyframes, NodeError, StageError, TransientNodeError
 
 
@@ -416,17 +416,80 @@ def write_handoffs(plan: RenderPlan, clips: list[Path], d: Path, stems: list[Aud
                                   width=plan.width, height=plan.height, fps=fps, stems=stems)
 
 
+def voice_node(lines: list[VoicePlan], *, entry: Backend, settings: Any, work: Work) -> Any:
+    """Every line's voice into the store (``line.wav`` and its measured ``speech.json``), one line
+    at a time, each under its own key and lease; the backend is built once, when the first line
+    this render must speak is claimed (its build billed to that line). One ``Measured`` per line
+    (a bare one for one line, as Ray's ``num_returns`` expects)."""
+    held, speaker, build_s = entry.resources(settings), None, 0.0
+    out: list[Measured] = []
+    for v in lines:
+        node = NodeId("voice", v.id)
+        with failing_as(node), claimed(work, node, v.key, held) as claim:
+            if claim.taken:
+                out.append(measured(claim))
+                continue
+            if speaker is None:
+                t0 = time.perf_counter()
+                speaker = entry.build(settings)
+                build_s = time.perf_counter() - t0
+            with claim.store.writer(v.key, {"stage": "voice", "line": v.id, "character": v.line.character}) as d:
+                speech = speaker(v.line, d / "line.wav")
+                (d / "speech.json").write_text(speech.model_dump_json())
+                claim.spend([Timing("voice", claim.elapsed() + build_s, held.resource, held.units)])
+            build_s = 0.0
+        out.append(measured(claim))
+    return out if len(out) > 1 else out[0]
+
+
+def _language(plan: RenderPlan) -> str:
+    """ISO 639-2 tag of the soft subtitle track: Chinese when the cues are, else English."""
+    return "chi" if any(subtitles.cjk(c.text) for c in plan.subtitles) else "eng"
+
+
 def assemble_node(plan: RenderPlan, *, ffmpeg: str, work: Work) -> Measured:
+    """The episode: the clips joined, the mix (stems kept), the master with AAC and a soft
+    subtitle track, the ASS file and the burned-in delivery variant, the hand-offs."""
     node, key = NodeId("assemble"), plan.assemble_key
     with failing_as(node), claimed(work, node, key) as claim:
         if claim.taken:
             return measured(claim)
         st = claim.store
+        p = plan.profile
         clips = [must(st, s.keys["clip"])["clip.mp4"] for s in plan.shots]
         with st.writer(key, {"stage": "assemble", "title": plan.title}) as d:
-            assemble.concat_clips(clips, d / "episode.mp4", ffmpeg=ffmpeg)
+            # 1. The mix: every line at its place, the bed under it, to the delivery loudness.
+            t0 = time.perf_counter()
+            lines = [mix.Placement(str(must(st, v.key)["line.wav"]), v.start_s) for v in plan.voices]
+            sound = mix.mix(lines, plan.duration_s, d, ffmpeg=ffmpeg, target_lufs=p.loudness_lufs,
+                            bed=plan.bed.path if plan.bed else None, bed_db=p.music_db, duck_db=p.duck_db)
+            mix_s = time.perf_counter() - t0
+            # 2. Picture, sound and the soft subtitle track in the master.
+            assemble.concat_clips(clips, d / "picture.mp4", ffmpeg=ffmpeg)
             assemble.write_srt(plan.subtitles, d / "subtitles.srt")
-            write_handoffs(plan, clips, d, stems=[])  # the mix's stems (dialogue.wav, music.wav) once it writes them
+            assemble.mux(d / "picture.mp4", d / "mix.m4a", d / "subtitles.srt" if plan.subtitles else None,
+                         d / "episode.mp4", ffmpeg=ffmpeg, language=_language(plan))
+            (d / "picture.mp4").unlink()
+            stems = [AudioStem(name="dialogue", path="dialogue.wav", duration_s=sound.duration_s,
+                               loudness_lufs=sound.dialogue_lufs)]
+            if plan.bed:
+                stems.append(AudioStem(name="music", path="music.wav", duration_s=sound.duration_s,
+                                       loudness_lufs=sound.bed_lufs))
+            stems.append(AudioStem(name="mix", path="mix.m4a", duration_s=sound.duration_s,
+                                   loudness_lufs=sound.loudness_lufs))
+            (d / "audio.json").write_text(json.dumps({"stems": [s.model_dump() for s in stems],
+                                                      "gain_db": sound.gain_db, "peak_db": sound.peak_db,
+                                                      "target_lufs": p.loudness_lufs}))
+            write_handoffs(plan, clips, d, stems=[s for s in stems if s.name in handoffs.AUDIO_STEMS])
             save_png(_contact_sheet(plan, st), d / "storyboard.png")
-            claim.spend([Timing("assemble", claim.elapsed())])
+            # 3. The ASS subtitles and the burned-in delivery variant.
+            t1 = time.perf_counter()
+            subtitles.write_ass(plan.subtitles, d / "subtitles.ass", width=plan.width, height=plan.height,
+                                title=plan.title)
+            if p.burn_subtitles and plan.subtitles:
+                subtitles.burn_in(d / "episode.mp4", d / "subtitles.ass", d / "episode_subtitled.mp4",
+                                  ffmpeg=ffmpeg, crf=p.crf, preset=p.x264_preset)
+            subs_s = time.perf_counter() - t1
+            claim.spend([Timing("assemble", max(claim.elapsed() - mix_s - subs_s, 0.0)), Timing("mix", mix_s),
+                         Timing("subtitles", subs_s)])
     return measured(claim)

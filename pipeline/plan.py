@@ -28,16 +28,16 @@ from typing import Any
 
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.cost import PriceCatalog
-from pipeline.models import Profile, RenderPlan, ShotPlan
-from stages import assemble, encode, handoffs, inbetween, keyframes, storyboard, transitions
+from pipeline.models import Bed, Profile, RenderPlan, ShotPlan, VoicePlan
+from stages import assemble, encode, handoffs, inbetween, keyframes, mix, storyboard, subtitles, transitions, voice
 from stages import audit as audit_mod
 from stages.backgrounds import setting_of
-from stages.records import Episode, Scene, Shot, ShotScene, SubtitleCue
+from stages.records import Episode, Scene, Shot, ShotScene, Speech, SpokenLine, SubtitleCue, VoiceLine
 from stages.script import check_limits
 
 STAGES = ("storyboard", "keyframes", "inbetween", "encode")
-# Subtitle placement inside a shot: a short lead-in, a gap between cues, a tail before the cut.
-SUB_LEAD_S, SUB_GAP_S, SUB_TAIL_S = 0.15, 0.08, 0.10
+# A shot's first line starts this long after the cut.
+SUB_LEAD_S = 0.15
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uff00-\uffef]")
 
 
@@ -95,40 +95,78 @@ def _speech_weight(text: str) -> float:
     return max(cjk / 4.5 + words / 2.6, 0.3)
 
 
-def subtitle_cues(shot: Shot, start_s: float, end_s: float, first_index: int) -> list[SubtitleCue]:
-    """Place a shot's dialogue inside its span, each line's share by its speaking time.
+def estimate_spoken_s(text: str) -> float:
+    """The reading-speed estimate of a line's length (4.5 CJK characters or 2.6 words a second),
+    used until its voice node has measured it."""
+    return _speech_weight(text)
 
-    Dual dialogue shares the slot of the line before it. Cues never cross the shot's cut: a
-    shot with more lines than its time holds at the usual gaps and shortest cue (a long
-    exchange under one ``[[shot: …]]`` note, a short shot-list shot) shares the time between
-    lead-in and tail with no gaps.
-    """
+
+def voice_line(shot: Shot, index: int) -> VoiceLine:
+    line = shot.dialogue[index]
+    return VoiceLine(shot=shot.id, index=index, character=line.character, text=line.text,
+                     language=voice.language_of(line.text))
+
+
+def voice_key(profile: Profile, line: VoiceLine) -> str:
+    """A line's voice: its text, language and speaker, and the backend's settings with only this
+    speaker's own voice (editing one character's voice re-speaks that character's lines only)."""
+    entry = profile.entry("voice")
+    params = entry.key_params(profile.settings_for("voice"))
+    voices = params.pop("voices", None) or {}
+    params["voice"] = voices.get(line.character)
+    return content_key("voice", voice.VERSION, params, [line.character, line.language, line.text])
+
+
+def _slots(shot: Shot) -> list[list[int]]:
+    """The shot's lines in speaking order; dual dialogue shares the slot of the line before it."""
     slots: list[list[int]] = []
     for i, line in enumerate(shot.dialogue):
         if line.dual and slots:
             slots[-1].append(i)
         else:
             slots.append([i])
+    return slots
+
+
+def spoken_frames(shot: Shot, spoken: list[float], profile: Profile) -> int:
+    """The fewest frames that hold the shot's lines as spoken: the lead-in, each slot's longest
+    line and a breath after each."""
+    slots = _slots(shot)
     if not slots:
-        return []
-    weights = [max(_speech_weight(shot.dialogue[i].text) for i in slot) for slot in slots]
-    total = sum(weights)
-    gap = SUB_GAP_S
-    usable = (end_s - start_s) - SUB_LEAD_S - SUB_TAIL_S - gap * (len(slots) - 1)
-    usable = max(usable, 0.05 * len(slots))
-    if start_s + SUB_LEAD_S + usable + gap * (len(slots) - 1) > end_s:  # would run past the cut
-        gap, usable = 0.0, max((end_s - start_s) - SUB_LEAD_S - SUB_TAIL_S, 0.0)
-    t = min(start_s + SUB_LEAD_S, end_s)
+        return 0
+    needed = SUB_LEAD_S + sum(max(spoken[i] for i in slot) + profile.breath_s for slot in slots)
+    return math.ceil(needed * profile.fps - 1e-9)
+
+
+def voiced_cues(shot: Shot, spoken: list[float], speech: list[Speech | None], start_s: float, end_s: float,
+                breath_s: float, first_index: int) -> tuple[list[SubtitleCue], list[float]]:
+    """Each line's voice start on the timeline and its cue, for a shot at least as long as
+    ``spoken_frames``: slots follow each other with a breath between, the shot's spare time
+    shared in proportion to their length; a voice starts with its window and its cue lasts
+    while it speaks and a little after (at least the reading-speed estimate), never into the
+    next line's window. A measured line's cue carries its speech times."""
+    slots = _slots(shot)
+    if not slots:
+        return [], []
+    length = [max(spoken[i] for i in slot) for slot in slots]
+    usable = max(end_s - start_s - SUB_LEAD_S - breath_s * len(slots), sum(length))
+    scale = usable / sum(length) if sum(length) > 0 else 1.0
+    t = start_s + SUB_LEAD_S
     cues: list[SubtitleCue] = []
-    for slot, weight in zip(slots, weights):
-        length = usable * weight / total
-        for i in slot:
-            line = shot.dialogue[i]
-            cues.append(SubtitleCue(index=first_index + len(cues), start_s=round(t, 3),
-                                    end_s=round(min(t + length, end_s), 3),
-                                    character=line.character, text=line.text, shot=shot.id))
-        t += length + gap
-    return cues
+    starts = [0.0] * len(shot.dialogue)
+    for slot, d in zip(slots, length):
+        window = d * scale
+        shown = min(window + breath_s * 0.5, max(d + 0.4, *(estimate_spoken_s(shot.dialogue[i].text) for i in slot)))
+        for i in slot:  # dual dialogue: both lines speak at once and share the cue's time
+            line, sp = shot.dialogue[i], speech[i]
+            starts[i] = round(t, 4)
+            cues.append(SubtitleCue(
+                index=first_index + len(cues), start_s=round(t, 3), end_s=round(min(t + shown, end_s), 3),
+                character=line.character, text=line.text, shot=shot.id,
+                speech_start_s=round(t + sp.speech_start_s, 3) if sp else None,
+                speech_end_s=round(t + sp.speech_end_s, 3) if sp else None))
+        t += window + breath_s
+    return cues, starts
 
 
 def calibration_keys(profile: Profile) -> dict[str, tuple[str, str, str]]:
@@ -139,6 +177,10 @@ def calibration_keys(profile: Profile) -> dict[str, tuple[str, str, str]]:
         keys[stage] = (entry.calibration(settings), entry.device(settings), unit)
     keys["encode"] = (f"x264:{profile.x264_preset}", "cpu", "frame")
     keys["assemble"] = ("concat", "cpu", "frame")
+    entry, settings = profile.entry("voice"), profile.settings_for("voice")
+    keys["voice"] = (entry.calibration(settings), entry.device(settings), "second")
+    keys["mix"] = ("pyloudnorm+aac", "cpu", "second")
+    keys["subtitles"] = (f"ass+x264:{profile.x264_preset}", "cpu", "frame")
     return keys
 
 
@@ -177,7 +219,8 @@ class _Pricer:
 
     def __init__(self, profile: Profile, calibration: Calibration, prices: PriceCatalog):
         self.rows, self.prices = stage_rows(profile, calibration), prices
-        self.units = {stage: profile.resources(stage).units for stage in ("storyboard", "keyframes", "inbetween")}
+        self.units = {stage: profile.resources(stage).units for stage in ("storyboard", "keyframes", "inbetween",
+                                                                           "voice")}
 
     def __call__(self, stage: str, units: int, mpx: float, row: str | None = None,
                  marginal: bool = False) -> tuple[float, float]:
@@ -189,8 +232,14 @@ class _Pricer:
 
 
 def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
-              prices: PriceCatalog, script_sha256: str) -> RenderPlan:
+              prices: PriceCatalog, script_sha256: str, speech: dict[str, Speech] | None = None,
+              bed: Bed | None = None) -> RenderPlan:
     """Every shot's timing, every node's content key and estimate: the render as data.
+
+    ``speech``: the voice nodes' measurements by content key (``pipeline.render.stored_speech``
+    reads them from the store); a shot with dialogue lasts at least its lines as spoken plus
+    ``breath_s`` each — as measured where the line has a measurement, else by the reading-speed
+    estimate (``RenderPlan.speech_timing`` says which). ``bed``: the music under the dialogue.
 
     An episode past the declared limits (``stages.script.check_limits``) is refused with a
     ScriptError naming its file and line, so frame counts stay finite and small enough to list.
@@ -204,11 +253,23 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
     layered = entries["keyframes"].layered(kf_settings)
     shots: list[ShotPlan] = []
     cues: list[SubtitleCue] = []
+    voices: list[VoicePlan] = []
+    speech = speech or {}
     start = 0
     for scene in episode.scenes:
         for shot in scene.shots:
-            # 1. Timing: frames, drawings, keyframes, holds.
-            frames = max(1, round(shot.duration_s * profile.fps))
+            # 1. Timing: the voice first (a shot holds its lines as spoken), then frames, drawings,
+            #    keyframes, holds.
+            lines = [voice_line(shot, i) for i in range(len(shot.dialogue))]
+            vkeys = [voice_key(profile, ln) for ln in lines]
+            said = [speech.get(k) for k in vkeys]
+            spoken = [sp.duration_s if sp else estimate_spoken_s(ln.text) for sp, ln in zip(said, lines)]
+            frames = max(1, round(shot.duration_s * profile.fps), spoken_frames(shot, spoken, profile))
+            shot_cues, at = voiced_cues(shot, spoken, said, start / profile.fps, (start + frames) / profile.fps,
+                                        profile.breath_s, len(cues) + 1)
+            spoken_lines = [SpokenLine(character=ln.character, start_s=round(a - start / profile.fps, 4),
+                                       envelope_hz=sp.envelope_hz, envelope=sp.envelope)
+                            for ln, sp, a in zip(lines, said, at) if sp is not None]
             drawings, keys = drawing_schedule(frames, profile, shot.static)
             audit = audit_drawing(drawings, keys) if profile.audit else None
             # 2. Content keys, each chained to its inputs.
@@ -218,7 +279,9 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
                                   "aspect": profile.aspect, "heading": scene.heading}, [content])
             kf_key = content_key("keyframes", keyframes.VERSION,
                                  {**params["keyframes"], "size": [width, height], "frames": frames,
-                                  "keyframes": keys, "audit": audit}, [content])
+                                  "keyframes": keys, "audit": audit,
+                                  "speech": [[k, ln.start_s] for k, ln in zip(
+                                      [k for k, sp in zip(vkeys, said) if sp], spoken_lines)]}, [content])
             clip_key = content_key("clip", f"{inbetween.VERSION}+{encode.VERSION}+{transitions.VERSION}",
                                    {"interpolation": params["inbetween"], "audit_version": audit_mod.VERSION,
                                     "fps": profile.fps, "drawings": drawings, "frames": frames,
@@ -230,29 +293,46 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
             est = {stage: price(stage, *work) for stage, work in shot_work(profile, frames, drawings, keys).items()}
             if audit is not None:  # one more drawing by the keyframe backend, compared with its in-between
                 est["audit"] = price("keyframes", 1, generation_mpx(profile), marginal=True)
+            for i, (ln, k, sp, a) in enumerate(zip(lines, vkeys, said, at)):
+                secs, yuan = price("voice", 1, spoken[i])
+                voices.append(VoicePlan(id=f"{shot.id}#{i + 1}", key=k, line=ln, start_s=a, spoken_s=spoken[i],
+                                        measured=sp is not None, estimate_seconds=secs, estimate_yuan=yuan))
             shots.append(ShotPlan(
                 scene=ShotScene(shot=shot, heading=scene.heading, location=scene.location, setting=scene.setting,
-                                time_of_day=scene.time_of_day),
+                                time_of_day=scene.time_of_day, speech=spoken_lines,
+                                duration_s=frames / profile.fps if spoken_lines else None),
                 start_frame=start, frames=frames, drawings=drawings, keyframes=keys,
                 held_frames=frames - len(drawings), audit_frame=audit, seed=_seed(content), keys=node_keys,
                 estimate_seconds={k: s for k, (s, _) in est.items()}, estimate_yuan={k: y for k, (_, y) in est.items()}))
             # 4. Subtitles on the quantised timeline, so they match the encoded frames.
-            cues += subtitle_cues(shot, start / profile.fps, (start + frames) / profile.fps, len(cues) + 1)
+            cues += shot_cues
             start += frames
-    return _with_episode_nodes(episode, profile, shots, cues, price, script_sha256, layered)
+    plan = _with_episode_nodes(episode, profile, shots, cues, price, script_sha256, layered, voices, bed)
+    return plan.model_copy(update={"speech_timing": "measured" if all(v.measured for v in voices) else "estimate"})
 
 
 def _with_episode_nodes(episode: Episode, profile: Profile, shots: list[ShotPlan], cues: list[SubtitleCue],
-                        price: _Pricer, script_sha256: str, layered: bool) -> RenderPlan:
-    """The plan with its episode-level nodes: assemble, the contact sheet, plates and sheets."""
+                        price: _Pricer, script_sha256: str, layered: bool, voices: list[VoicePlan],
+                        bed: Bed | None) -> RenderPlan:
+    """The plan with its episode-level nodes: assemble (with the mix and the subtitles), the
+    contact sheet, plates and sheets."""
     width, height = profile.size
     frames = sum(s.frames for s in shots)
-    asm_key = content_key("assemble", f"{assemble.VERSION}+{handoffs.VERSION}", {"title": episode.title},
+    sound = {"loudness_lufs": profile.loudness_lufs, "music_db": profile.music_db, "duck_db": profile.duck_db,
+             "bed": bed.sha256 if bed else None, "burn": profile.burn_subtitles, "crf": profile.crf,
+             "x264": profile.x264_preset, "voices": [[v.key, v.start_s] for v in voices]}
+    asm_key = content_key("assemble", f"{assemble.VERSION}+{handoffs.VERSION}+{mix.VERSION}+{subtitles.VERSION}",
+                          {"title": episode.title, "sound": sound},
                           [s.keys["clip"] for s in shots] + [s.keys["storyboard"] for s in shots]
                           + [c.model_dump_json() for c in cues])
     sheet_key = content_key("sheet", storyboard.VERSION, {"title": episode.title},
                             [s.keys["storyboard"] for s in shots])
-    est = {"assemble": price("assemble", frames, width * height / 1e6)}
+    est = {"assemble": price("assemble", frames, width * height / 1e6),
+           "mix": price("mix", 1, frames / profile.fps)}
+    if voices:  # one node per line, priced in its VoicePlan
+        est["voice"] = (sum(v.estimate_seconds for v in voices), sum(v.estimate_yuan for v in voices))
+    if profile.burn_subtitles and cues:
+        est["subtitles"] = price("subtitles", frames, width * height / 1e6)
     plates: dict[str, list[str]] = {}
     sheets: dict[str, str] = {}
     if layered:  # one generated plate per location and time of day; one sheet per character
@@ -267,7 +347,7 @@ def _with_episode_nodes(episode: Episode, profile: Profile, shots: list[ShotPlan
     return RenderPlan(
         title=episode.title, source=episode.source, script_sha256=script_sha256, profile=profile,
         width=width, height=height, shots=shots, subtitles=cues, assemble_key=asm_key,
-        contact_sheet_key=sheet_key, plates=plates, sheets=sheets,
+        contact_sheet_key=sheet_key, plates=plates, sheets=sheets, voices=voices, bed=bed,
         episode_estimate_seconds={k: s for k, (s, _) in est.items()},
         episode_estimate_yuan={k: y for k, (_, y) in est.items()})
 

@@ -25,12 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from stages import inbetween, inbetween_adaptive, keyframes, storyboard
+from stages import inbetween, inbetween_adaptive, keyframes, storyboard, voice
 from stages.records import ProfileError, Record
 
-STAGES = ("storyboard", "keyframes", "inbetween")
+STAGES = ("storyboard", "keyframes", "inbetween", "voice")
 # The profile field that selects each stage's backend.
-SELECTOR = {"storyboard": "storyboard", "keyframes": "backend", "inbetween": "interpolation"}
+SELECTOR = {"storyboard": "storyboard", "keyframes": "backend", "inbetween": "interpolation", "voice": "voice"}
 CPU = "cpu"
 
 
@@ -168,7 +168,7 @@ def _adaptive(s: inbetween_adaptive.AdaptiveSettings, *, width: int, height: int
 
     return inbetween_adaptive.AdaptiveInterpolator(
         flow=inbetween.FlowInterpolator(preset=s.preset), rife=rife, crossfade=inbetween.Crossfade(),
-        threshold=s.threshold, fallback=s.fallback, fallback_below=s.fallback_below)
+        threshold=s.threshold, fallback=s.fallback, fallback_above=s.fallback_above)
 
 
 register(Backend("storyboard", "previz", keyframes.PrevizSettings,
@@ -189,3 +189,14 @@ register(Backend("inbetween", "rife", inbetween.RifeSettings, build=_rife, calib
 register(Backend("inbetween", "adaptive", inbetween_adaptive.AdaptiveSettings, build=_adaptive,
                  calibration=lambda s: f"adaptive:{s.preset}", resources=_rife_resources,
                  placement=inbetween_adaptive.AdaptiveSettings.PLACEMENT))
+
+
+def _espeak(settings: voice.EspeakSettings, **_: Any) -> Any:
+    """eSpeak NG from the espeakng-loader wheel: its library and data paths, passed to the stage."""
+    import espeakng_loader
+
+    return voice.EspeakVoice(library=espeakng_loader.get_library_path(), data=espeakng_loader.get_data_path(),
+                             settings=settings)
+
+
+register(Backend("voice", "espeak", voice.EspeakSettings, build=_espeak, calibration=lambda s: "espeak"))

@@ -20,9 +20,10 @@ from typing import Callable, Literal
 from pipeline import dag
 from pipeline.cost import BilledView, PriceCatalog, billed_view
 from pipeline.ledger import LEASE_S, Work, episode_ledger
-from pipeline.models import Ledger, LedgerRecord, RenderPlan
-from pipeline.schedule import NodeId, Schedule, schedule
+from pipeline.models import Bed, Ledger, LedgerRecord, Profile, RenderPlan
+from pipeline.schedule import NodeId, Schedule, schedule, voice_schedule
 from pipeline.store import Store
+from stages.records import Episode, ProfileError, Speech
 
 Scope = Literal["episode", "render"]
 
@@ -66,12 +67,50 @@ class RenderResult:
         return self.spent_before_yuan + self.spent_yuan if self.budget_scope == "episode" else self.spent_yuan
 
 
+def stored_speech(plan: RenderPlan, store: Store) -> dict[str, Speech]:
+    """The measured speech of every line whose voice node is in the store, by content key: what
+    ``make_plan(speech=…)`` times the cut by."""
+    out: dict[str, Speech] = {}
+    for v in plan.voices:
+        files = store.get(v.key)
+        if files is not None and "speech.json" in files:
+            out[v.key] = Speech.model_validate_json(files["speech.json"].read_text())
+    return out
+
+
+def music_bed(episode: Episode, profile: Profile) -> Bed | None:
+    """The music or ambience file under the dialogue — the profile's ``music``, else the script's
+    title page ``Music:`` (relative to the script) — with its content's sha256, or None."""
+    import hashlib
+
+    named = profile.music or episode.title_page.get("music") or episode.title_page.get("Music")
+    if not named:
+        return None
+    path = Path(named).expanduser()
+    if not path.is_absolute() and not profile.music:
+        path = Path(episode.source).parent / path
+    if not path.is_file():
+        where = "profile field music" if profile.music else f"{episode.source}: title page Music"
+        raise ProfileError(f"{where}: {named!r}: no such file ({path}); nothing was rendered")
+    return Bed(path=str(path.resolve()), sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def speak(plan: RenderPlan, *, store: Store, prices: PriceCatalog, ffmpeg: str, cluster: dag.Cluster,
+          work: Work | None = None) -> dag.Execution:
+    """Run the plan's voice nodes (those not in the store): a render speaks first, then plans its
+    frames with the measured times (``stored_speech``). Billed like every node; pass the result
+    to ``render(spoken=…)`` so this render's ledger carries it."""
+    work = work or Work(store=store.url, holder=uuid.uuid4().hex[:12], prices=prices)
+    return dag.execute(plan, voice_schedule(plan, store), store=store, prices=prices, ffmpeg=ffmpeg,
+                       cluster=cluster, work=work)
+
+
 def render(plan: RenderPlan, *, store: Store, prices: PriceCatalog, ffmpeg: str,
            cluster: dag.Cluster | None = None, approvals: set[str] | None = None, stop_after: str | None = None,
            budget_yuan: float | None = None, budget_margin: float = 0.25, budget_scope: Scope = "episode",
            on_progress: Callable[[int, int, float], None] | None = None,
            on_node: Callable[[NodeId, list[LedgerRecord]], None] | None = None,
-           lease_s: float = LEASE_S) -> RenderResult:
+           lease_s: float = LEASE_S, spoken: dag.Execution | None = None) -> RenderResult:
     """Render what the store does not hold yet; return the priced ledger and the artifacts' paths.
 
     ``approvals`` (approved storyboard keys) turns on the approval gate; ``stop_after="storyboard"``
@@ -80,6 +119,7 @@ def render(plan: RenderPlan, *, store: Store, prices: PriceCatalog, ffmpeg: str,
     episode across renders (``budget_scope="episode"``, the default: what earlier renders spent
     counts) or of this render alone (``"render"``); ``budget_margin``: the starting margin on
     estimates. ``lease_s``: how long this render's leases outlive its last heartbeat.
+    ``spoken``: the voice nodes this render ran first (``speak``): their rows join its ledger.
     """
     if budget_scope not in ("episode", "render"):
         raise ValueError(f"budget_scope={budget_scope!r}: 'episode' or 'render'")
@@ -94,6 +134,12 @@ def render(plan: RenderPlan, *, store: Store, prices: PriceCatalog, ffmpeg: str,
     ran = dag.execute(plan, sched, store=store, prices=prices, ffmpeg=ffmpeg, cluster=cluster or dag.Cluster(),
                       budget_yuan=budget_yuan, margin=budget_margin, spent_yuan=spent,
                       history=before.history(sched, prices), work=work, on_progress=on_progress, on_node=on_node)
+    if spoken is not None:  # the voices spoken first: this render's work too
+        # its rows (spoken and cached) stand for the voice nodes, which this execution found as hits
+        ran.records[:] = spoken.records + [r for r in ran.records if r.stage != "voice"]
+        ran.spans[:0] = spoken.spans
+        ran.stage_seconds += spoken.stage_seconds
+        ran.ray_init_seconds += spoken.ray_init_seconds
     result = _result(plan, sched, ran, store, wall=time.perf_counter() - t_start, started=started)
     # 3. The episode's spend now, as the store records it.
     result.render_id, result.spent_before_yuan = work.holder, before.total_yuan

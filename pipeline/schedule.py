@@ -36,7 +36,7 @@ SHOT_STAGES = ("storyboard", "keyframes", "clip")
 # The ledger stages each node bills: its timings, or its cached rows on a hit.
 LEDGER_STAGES = {"storyboard": ("storyboard",), "keyframes": ("keyframes", "audit"),
                  "clip": ("inbetween", "encode", "audit"), "plates": ("plates",), "sheets": ("sheets",),
-                 "assemble": ("assemble",), "contact_sheet": ("storyboard",)}
+                 "voice": ("voice",), "assemble": ("assemble", "mix", "subtitles"), "contact_sheet": ("storyboard",)}
 State = Literal["hit", "run", "held"]
 
 
@@ -51,6 +51,8 @@ class NodeId:
     @property
     def shot(self) -> str | None:
         """The shot a ledger row of this node belongs to (None for episode-level nodes)."""
+        if self.stage == "voice" and self.item:
+            return self.item.split("#", 1)[0]  # '<shot>#<line>'
         return self.item if self.stage in SHOT_STAGES else None
 
     def __str__(self) -> str:
@@ -141,15 +143,22 @@ def schedule(plan: RenderPlan, store: Lookup, *, approvals: set[str] | None = No
     chains = {s.shot.id: _chain(plan, s, stored, "budget" if broke else _hold_reason(s, stop_after, approvals))
               for s in plan.shots}
     prereqs = _admit(plan, chains, stored, guard)
-    # 3. The episode node: the whole episode when every clip exists or runs, else the contact sheet.
+    # 3. The voices, once the chains are admitted: what the assembly needs besides the clips.
+    voices = _voices(plan, stored, guard, broke)
+    # 4. The episode node: the whole episode when every clip exists or runs, else the contact sheet.
     clips = [chains[s.shot.id][1] for s in plan.shots]
-    if all(c.state != "held" for c in clips):
+    if all(c.state != "held" for c in clips + voices):
         guard.release("contact_sheet")  # the episode carries its own contact sheet
-        last = _episode_node(plan, "assemble", plan.assemble_key, [c.id for c in clips], stored, guard)
+        last = _episode_node(plan, "assemble", plan.assemble_key, [c.id for c in clips + voices], stored, guard)
     else:
         last = _episode_node(plan, "contact_sheet", plan.contact_sheet_key, [b.id for b in boards], stored,
                              guard, blocked=broke)
-    return Schedule([*boards, *prereqs, *(n for s in plan.shots for n in chains[s.shot.id]), last])
+    return Schedule([*boards, *voices, *prereqs, *(n for s in plan.shots for n in chains[s.shot.id]), last])
+
+
+def voice_schedule(plan: RenderPlan, store: Lookup) -> Schedule:
+    """The voice nodes alone: what a render speaks first, so that the cut can follow the voice."""
+    return Schedule(_voices(plan, _Stored(store), BudgetGuard(None, 0.0), False))
 
 
 def _storyboards(plan: RenderPlan, stored: _Stored, guard: BudgetGuard) -> list[Node]:
@@ -162,6 +171,18 @@ def _storyboards(plan: RenderPlan, stored: _Stored, guard: BudgetGuard) -> list[
     guard.reserve("storyboards", cost)
     guard.reserve("contact_sheet", sheet)
     return boards
+
+
+def _voices(plan: RenderPlan, stored: _Stored, guard: BudgetGuard, broke: bool) -> list[Node]:
+    """Every line's voice node: cheap, and what the cut is timed by, so admitted with the
+    storyboards or held with them."""
+    nodes = [Node(NodeId("voice", v.id), v.key, "hit" if stored(v.key) else "run", estimate_yuan=v.estimate_yuan,
+                  estimate_seconds=v.estimate_seconds) for v in plan.voices]
+    cost = sum(n.estimate_yuan for n in nodes if n.state == "run")
+    if broke or not guard.fits(cost):
+        return [_held(n, "budget") for n in nodes]
+    guard.reserve("voices", cost)
+    return nodes
 
 
 def contact_sheet_estimate(plan: RenderPlan) -> float:

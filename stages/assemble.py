@@ -21,7 +21,7 @@ import srt
 
 from stages.records import StageError, SubtitleCue
 
-VERSION = "1"
+VERSION = "2"  # 2: the master carries the mix (AAC) and a soft subtitle track
 STAGE = "assemble"
 
 
@@ -71,6 +71,29 @@ def concat_clips(clips: list[str | Path], out_path: str | Path, *, ffmpeg: str) 
                 result.stderr.decode(errors="replace"),
             )
         os.replace(tmp, out_path)
+
+
+def mux(video: str | Path, audio: str | Path, srt_file: str | Path | None, out_path: str | Path, *, ffmpeg: str,
+        language: str = "eng") -> None:
+    """The master: ``video``'s stream and ``audio``'s copied, the SRT as a soft subtitle track
+    (mov_text, tagged ``language``, ISO 639-2), faststart. Appears only when ffmpeg succeeded."""
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.stem}.part.mp4")
+    cmd = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", str(video), "-i", str(audio)]
+    if srt_file is not None:
+        cmd += ["-i", str(srt_file)]
+    cmd += ["-map", "0:v:0", "-map", "1:a:0"] + (["-map", "2:s:0"] if srt_file is not None else [])
+    cmd += ["-c:v", "copy", "-c:a", "copy"]
+    if srt_file is not None:
+        cmd += ["-c:s", "mov_text", "-metadata:s:s:0", f"language={language}"]
+    cmd += ["-metadata:s:a:0", f"language={language}", "-movflags", "+faststart", "-f", "mp4", str(tmp)]
+    result = subprocess.run(cmd, capture_output=True)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise StageError(STAGE, None, f"muxing picture, sound and subtitles into {out_path.name} failed (ffmpeg "
+                         f"exit {result.returncode}); nothing written", result.stderr.decode(errors="replace"),
+                         transient=result.returncode < 0)
+    os.replace(tmp, out_path)
 
 
 def write_srt(cues: list[SubtitleCue], path: str | Path, *, speaker: bool = False) -> None:

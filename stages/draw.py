@@ -261,7 +261,7 @@ def render_cel(scene: ShotScene, t: float, width: int, height: int, plate_cache:
     # 1. scene and camera
     shot = scene.shot
     plate = plate_for(scene, width, height, plate_cache)
-    placements = layout(shot, t=t, width=width, height=height)
+    placements = layout(shot, t=t, width=width, height=height, speech=scene.speech, duration_s=scene.duration_s)
     view = frame_camera(shot, placements, width=width, height=height)
     # 2. plate through the damped camera, softened in close-ups (depth of field)
     if view.pscale == 1.0 and view.pcx == width / 2 and view.pcy == height / 2:

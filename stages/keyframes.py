@@ -20,7 +20,7 @@ from pydantic import Field
 from stages.draw import render_cel
 from stages.records import Frame, KeyframeRequest, Keyframes, Record
 
-VERSION = "2"
+VERSION = "3"  # 3: mouths follow the measured speech envelope
 
 
 class PrevizSettings(Record):

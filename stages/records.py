@@ -213,6 +213,20 @@ class AudioStem(Record):
 # --------------------------------------------------------------------------- stage inputs
 
 
+class SpokenLine(Record):
+    """A line's voice as the drawing of its shot sees it: who, from when, how loud over time."""
+
+    character: str
+    start_s: float = Field(description="Where the line's speech starts, seconds from the shot's start.")
+    envelope_hz: float
+    envelope: list[float] = Field(description="Speech loudness 0…1 at envelope_hz, from start_s.")
+
+    def level(self, t_s: float) -> float | None:
+        """The speech level at ``t_s`` seconds into the shot; None outside the line."""
+        i = int((t_s - self.start_s) * self.envelope_hz)
+        return self.envelope[i] if 0 <= i < len(self.envelope) else None
+
+
 class ShotScene(Record):
     """A shot in the scene it sits in: what any drawing of the shot needs."""
 
@@ -221,6 +235,10 @@ class ShotScene(Record):
     location: str
     setting: Literal["INT", "EXT", "INT/EXT"] | None = None
     time_of_day: str
+    speech: list[SpokenLine] = Field(default_factory=list, description="Measured voices of the shot's lines "
+                                     "(mouths follow them); empty while the cut uses the reading-speed estimate.")
+    duration_s: float | None = Field(None, description="The shot's length in the cut (at least its lines as "
+                                     "spoken), when it differs from the script's.")
 
 
 class KeyframeRequest(Record):

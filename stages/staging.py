@@ -17,10 +17,11 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
-from stages.records import Camera, Shot
+from stages.records import Camera, Shot, SpokenLine
 
 RGB = tuple[int, int, int]
 
@@ -150,13 +151,15 @@ def _speaker_at(shot: Shot, t: float) -> str | None:
     return line.character.strip().upper()
 
 
-def layout(shot: Shot, *, t: float, width: int, height: int) -> list[Placement]:
+def layout(shot: Shot, *, t: float, width: int, height: int, speech: Sequence[SpokenLine] = (),
+           duration_s: float | None = None) -> list[Placement]:
     """Where each on-screen character stands at time ``t`` (0 … 1 of the shot), in world pixels.
 
     Characters spread across the frame; verbs in the action move them (walk, run, enter,
     leave, approach, jump, turn — and 走/跑/进/离开/转身); everyone else breathes and sways a
     little so in-betweening has real motion. Speakers face each other; the current speaker's
-    mouth opens and closes with t. A static shot is frozen at t = 0.
+    mouth opens and closes with t — with the measured speech envelope when ``speech`` is given
+    (``duration_s``: the shot's length in the cut). A static shot is frozen at t = 0.
     """
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"layout: t must be within 0..1, got {t}")
@@ -220,6 +223,11 @@ def layout(shot: Shot, *, t: float, width: int, height: int) -> list[Placement]:
         lift = h * 0.3 * math.sin(math.pi * t) if mv.jump else 0.0
         speaking = speaker is not None and speaker == name.strip().upper()
         mouth = 0.5 + 0.5 * math.sin(2 * math.pi * (t * shot.duration_s * 3.0 + phase)) if speaking else 0.0
+        if speech:  # the voice as measured: open as loud as the line is now, shut between lines
+            at = t * (duration_s or shot.duration_s)
+            levels = [v for ln in speech if ln.character.strip().upper() == name.strip().upper()
+                      if (v := ln.level(at)) is not None]
+            speaking, mouth = bool(levels), max(levels, default=0.0)
         out.append(Placement(name, x, ground, h, facing, lift, swing, -swing * 0.8, bob, mouth, speaking))
     return out
 

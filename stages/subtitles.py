@@ -34,6 +34,11 @@ _NO_LINE_START = set("，。、；：？！」』）》〉,.;:?!)")
 _PALETTE = ((40, 90, 200), (200, 60, 90), (30, 140, 90), (160, 90, 200), (210, 120, 30), (40, 150, 170))
 
 
+def cjk(text: str) -> bool:
+    """Whether ``text`` has CJK characters."""
+    return bool(_CJK.search(text))
+
+
 def font_dir() -> Path:
     """The folder holding Noto Sans CJK (package ``manimgx_fonts_cjk``)."""
     import manimgx_fonts_cjk

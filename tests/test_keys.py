@@ -9,7 +9,7 @@ from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.config import resolve_profile
 from pipeline.models import Profile
 from pipeline.plan import calibration_keys, make_plan
-from stages import inbetween, keyframes
+from stages import inbetween, keyframes, voice
 from stages.script import load_episode
 
 from .conftest import REPO
@@ -19,6 +19,7 @@ SHOT = frozenset({"keyframes", "clip", "assemble"})  # a change to what a keyfra
 CLIP = frozenset({"clip", "assemble"})
 LAYERS = frozenset({"plate", "sheet"})
 NONE: frozenset[str] = frozenset()
+SOUND = frozenset({"assemble"})  # the mix or the subtitles: the assembly only
 
 # (base profile, field or table.setting, new value, the keys it changes)
 TABLE = [
@@ -37,6 +38,15 @@ TABLE = [
     ("draft", "storyboard", "previz", NONE),
     ("draft", "interpolation", "crossfade", CLIP),
     ("draft", "flow.preset", "medium", CLIP),
+    ("draft", "voice", "espeak", NONE),
+    ("draft", "breath_s", 4.0, SHOT),  # shots with dialogue get longer (past their script length)
+    ("draft", "loudness_lufs", -23.0, SOUND),
+    ("draft", "music_db", -18.0, SOUND),
+    ("draft", "duck_db", 6.0, SOUND),
+    ("draft", "burn_subtitles", False, SOUND),
+    ("draft", "music", "/music/bed.ogg", NONE),  # the bed's content enters the key: make_plan(bed=…)
+    ("draft", "espeak.rate", 200, frozenset({"voice", "assemble"})),
+    ("draft", "espeak.voices", {"KAI": {"pitch": 20}}, frozenset({"voice", "assemble"})),
     ("rife", "rife.weights", "/elsewhere/flownet.pkl", CLIP),
     ("rife", "rife.device", "cuda", CLIP),
     ("rife", "rife.num_gpus", 0.5, NONE),
@@ -81,14 +91,15 @@ def keys(profile: Profile, prices) -> dict[str, tuple]:
             "keyframes": tuple(s.keys["keyframes"] for s in plan.shots),
             "clip": tuple(s.keys["clip"] for s in plan.shots),
             "plate": tuple(s.keys.get("plate") for s in plan.shots), "sheet": tuple(plan.sheets.values()),
-            "assemble": (plan.assemble_key,), "contact_sheet": (plan.contact_sheet_key,)}
+            "assemble": (plan.assemble_key,), "contact_sheet": (plan.contact_sheet_key,),
+            "voice": tuple(v.key for v in plan.voices)}
 
 
 def changed(base: Profile, field: str, value, prices) -> frozenset[str]:
     if "." in field:
         table, name = field.split(".")
         stage = next(s for s in base.settings if getattr(base, {"keyframes": "backend", "inbetween": "interpolation",
-                                                               "storyboard": "storyboard"}[s]) == table)
+                                                               "storyboard": "storyboard", "voice": "voice"}[s]) == table)
         other = base.with_settings(stage, **{name: value})
     else:
         other = base.replace(**{field: value})
@@ -105,7 +116,8 @@ def test_the_table_lists_every_field_and_every_backend_setting():
     listed = {f for _, f, _, _ in TABLE}
     fields = set(Profile.model_fields) - {"settings"}
     settings = {f"{table}.{name}" for table, model in (("flow", inbetween.FlowSettings), ("rife", inbetween.RifeSettings),
-                                                     ("diffusers", keyframes.DiffusionSettings))
+                                                     ("diffusers", keyframes.DiffusionSettings),
+                                                     ("espeak", voice.EspeakSettings))
                 for name in model.model_fields}
     assert fields | settings <= listed, f"add rows for {sorted((fields | settings) - listed)}"
 

@@ -45,7 +45,8 @@ def test_a_cold_store_runs_every_node_at_the_plan_estimate(plan, store):
     # every chain is storyboard -> keyframes -> clip, and assemble reads every clip
     first = plan.shots[0].shot.id
     assert sched[NodeId("clip", first)].inputs == (NodeId("keyframes", first),)
-    assert sched[NodeId("assemble")].inputs == tuple(NodeId("clip", s.shot.id) for s in plan.shots)
+    assert sched[NodeId("assemble")].inputs == (tuple(NodeId("clip", s.shot.id) for s in plan.shots)
+                                                + tuple(NodeId("voice", v.id) for v in plan.voices))
 
 
 def test_a_stored_clip_makes_its_whole_chain_free(plan, store):
