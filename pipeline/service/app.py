@@ -117,13 +117,12 @@ def current_user(request: Request) -> User:
     the cookie must carry the page's ``X-Anim: 1`` header (a cross-site form cannot set one)."""
     header = request.headers.get("authorization", "")
     bearer = header[7:].strip() if header.lower().startswith("bearer ") else None
-    if not bearer and request.method not in SAFE_METHODS and request.cookies.get(COOKIE) \
-            and request.headers.get(CSRF_HEADER[0]) != CSRF_HEADER[1]:
-        raise ServiceError("a change made with the session cookie needs the header X-Anim: 1", 403)
     with service_of(request).sessions() as db:
         user = auth.user_for(db, bearer=bearer, cookie=request.cookies.get(COOKIE))
     if user is None:
         raise ServiceError("sign in first: a bearer token (anim users token NAME) or the session cookie", 401)
+    if not bearer and request.method not in SAFE_METHODS and request.headers.get(CSRF_HEADER[0]) != CSRF_HEADER[1]:
+        raise ServiceError("a change made with the session cookie needs the header X-Anim: 1", 403)
     return user
 
 
