@@ -439,15 +439,16 @@ def run_night(series: Series, settings, *, now: datetime, book: "NightBook", ser
     night = night_key(series, now)
     if server is None:
         check_store_reach(settings)
+    if book.get(series.name, night) is None:  # planned first: a bad script leaves no record of the night
+        previous = book.previous_rows(series.name, night)
+        tonight = plan_night(series, settings, now=now, previous=previous)
     if claim and not book.claim(series.name, night, now):
         last = book.get(series.name, night)
         return NightResult(series.name, night, [], EXIT_DONE, ran=False,
                            note=f"night {night} of {series.name} is already {last['state'] if last else 'claimed'}"
                                 f"{'' if not last or not last['finished_at'] else ' (' + last['finished_at'] + ')'}"
                                 "; nothing run")
-    previous = book.previous_rows(series.name, night)
     try:
-        tonight = plan_night(series, settings, now=now, previous=previous)
         rows = _render(tonight, settings, previous, server=server, token=token, on_line=on_line)
         code = exit_code(rows)
         run_id, report, untracked = nightly_report.publish_night(series, night, rows, settings.tracking_uri, now=now)

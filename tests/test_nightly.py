@@ -1,0 +1,209 @@
+"""The nightly batch of a series on real components: a local Ray cluster, MLflow on a SQLite
+file, ffmpeg, the artifact store and the night records in a SQLite file.
+
+Night one renders every episode; an edit to one line of one episode makes night two render
+exactly that shot and the assembly, and the report says so; night three renders nothing and
+says so. The night's cap stops admission at a whole episode; the service's loop (``run_due``)
+with explicit times, across a restart and missed nights, neither skips nor repeats a night."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import resolve_settings
+from pipeline.nightly import EXIT_DONE, EXIT_STOPPED, NightBook, admit, plan_night, run_due, run_night
+from pipeline.series import load_series
+
+TINY = """name = "tiny"
+short_side = 64
+fps = 24
+animate_on = 2
+keyframe_stride = 6
+interpolation = "flow"
+crf = 30
+x264_preset = "veryfast"
+storyboard_width = 64
+
+[flow]
+preset = "ultrafast"
+"""
+EPISODE = """Title: {title}
+
+INT. ROOM - DAY
+
+[[shot: medium, 1s]]
+HANA
+{first}
+
+[[shot: close-up, 1s]]
+TARO
+Morning.
+"""
+UTC = timezone.utc
+
+
+def make_series(root: Path, *, cap: float | None = None, aspects: str = "", order: str = "script",
+                cron: str = "30 2 * * *", missed: str = "latest", grace: int = 360) -> Path:
+    (root / "tiny.toml").write_text(TINY)
+    for n, title in ((1, "Tiny One"), (2, "Tiny Two")):
+        path = root / f"ep{n}.fountain"
+        if not path.exists():
+            path.write_text(EPISODE.format(title=title, first="Good morning!"))
+    (root / "series.toml").write_text(
+        f'name = "Tiny series"\nepisodes = ["ep1.fountain", {{ path = "ep2.fountain", priority = 5 }}]\n'
+        f'profiles = ["tiny.toml"]\n{aspects}\norder = "{order}"\nresults = "out"\n'
+        + (f"night_cap_yuan = {cap}\n" if cap is not None else "")
+        + f'\n[schedule]\ncron = "{cron}"\ntimezone = "UTC"\nmissed = "{missed}"\ngrace_minutes = {grace}\n')
+    return root / "series.toml"
+
+
+def settings_for(root: Path):
+    env = {"HOME": str(root), "XDG_DATA_HOME": str(root / "data"), "XDG_CACHE_HOME": str(root / "cache"),
+           "XDG_CONFIG_HOME": str(root / "config"), "ANIM_STORE": str(root / "store"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "ANIM_NIGHTS": str(root / "nights.db")}
+    (root / "store").mkdir(exist_ok=True)
+    return resolve_settings(env, studio_file=root / "no-studio.toml")
+
+
+def executed(out_dir: Path) -> set[tuple[str, str | None]]:
+    cost = json.loads((out_dir / "cost.json").read_text())
+    return {(r["stage"], r["shot"]) for r in cost["records"] if not r["cached"]}
+
+
+def night_runs(root: Path) -> list:
+    from pipeline import tracking
+
+    client = tracking.client(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("Tiny series")
+    return client.search_runs([exp.experiment_id], filter_string="tags.kind = 'nightly'",
+                              order_by=["attributes.start_time ASC"])
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
+def test_three_nights_render_all_then_the_edited_shot_then_nothing(tmp_path, capsys):
+    from pipeline import nightly_report
+
+    manifest = make_series(tmp_path)
+    settings, book = settings_for(tmp_path), NightBook(tmp_path / "nights.db")
+    series = load_series(manifest)
+
+    # Night one: every episode, every shot.
+    one = run_night(series, settings, now=datetime(2026, 12, 1, 3, 0, tzinfo=UTC), book=book)
+    assert one.exit_code == EXIT_DONE and [r.status for r in one.rows] == ["rendered", "rendered"]
+    assert all(r.shots_changed == r.shots == 2 and r.spent_yuan > 0 for r in one.rows)
+    assert all(Path(r.out_dir, "episode.mp4").is_file() for r in one.rows)
+    night_one = sum(r.spent_yuan for r in one.rows)
+
+    # One line of one episode edited: night two renders that shot and the assembly, nothing else.
+    ep1 = tmp_path / "ep1.fountain"
+    ep1.write_text(EPISODE.format(title="Tiny One", first="Good evening!"))
+    two = run_night(series, settings, now=datetime(2026, 12, 2, 3, 0, tzinfo=UTC), book=book)
+    assert two.exit_code == EXIT_DONE
+    first, second = two.rows
+    assert (first.status, first.shots_changed, second.status, second.shots_changed) == ("rendered", 1, "unchanged", 0)
+    shots = {shot for _, shot in executed(Path(first.out_dir))}
+    assert shots == {"sc01-sh01", None}, shots  # HANA's line is the first shot; None: the episode's nodes
+    from pipeline.schedule import LEDGER_STAGES
+
+    episode_stages = {stage for stage, shot in executed(Path(first.out_dir)) if shot is None}
+    assert "assemble" in episode_stages and episode_stages <= set(LEDGER_STAGES["assemble"]), episode_stages
+    assert first.saved_yuan > 0 and second.saved_yuan > 0 and second.spent_yuan == 0
+    assert first.prev_flicker == one.rows[0].flicker  # compared with the previous night
+    night_two = sum(r.spent_yuan for r in two.rows)
+    assert 0 < night_two < night_one
+    report = two.report.read_text()
+    assert "| ep1.fountain | tiny | rendered | 1/2 |" in report and "| ep2.fountain | tiny | unchanged | 0/2 |" in report
+    assert (two.report.parent / "cost_chart.png").stat().st_size > 0
+
+    # Night three: nothing changed, nothing rendered, and it says so.
+    three = run_night(series, settings, now=datetime(2026, 12, 3, 3, 0, tzinfo=UTC), book=book)
+    assert three.exit_code == EXIT_DONE and [r.status for r in three.rows] == ["unchanged", "unchanged"]
+    assert sum(r.spent_yuan for r in three.rows) == 0
+    line = nightly_report.headline(series.name, three.night, three.rows)
+    assert "nothing changed" in line and "nothing rendered" in line
+    assert "nothing changed" in three.report.read_text()
+
+    # One MLflow run per night, in the series' experiment, with the night's totals.
+    runs = night_runs(tmp_path)
+    assert [r.data.tags["night"] for r in runs] == [one.night, two.night, three.night]
+    assert runs[1].data.metrics["night_spent_yuan"] == pytest.approx(night_two)
+    assert runs[2].data.metrics["episodes_unchanged"] == 2 and runs[2].data.metrics["shots_changed"] == 0
+    # The same night asked again runs nothing.
+    again = run_night(series, settings, now=datetime(2026, 12, 3, 4, 0, tzinfo=UTC), book=book)
+    assert not again.ran and "already done" in again.note
+    print(f"night two / night one cost: {night_two / night_one:.3f} (¥{night_two:.6f} / ¥{night_one:.6f})")
+
+
+def test_the_nights_cap_stops_admission_at_a_whole_episode(tmp_path):
+    manifest = make_series(tmp_path, aspects='aspects = ["16:9", "9:16"]')
+    settings = settings_for(tmp_path)
+    now = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)
+    free = plan_night(load_series(manifest), settings, now=now)
+    assert len(free.admitted) == 4 and not free.waiting
+    by_episode = {}
+    for t in free.items:
+        by_episode[t.episode.script.name] = by_episode.get(t.episode.script.name, 0.0) + t.estimate_yuan
+    ep1_16x9 = next(t.estimate_yuan for t in free.items if t.episode.index == 0 and t.delivery.aspect == "16:9")
+    ep2_16x9 = next(t.estimate_yuan for t in free.items if t.episode.index == 1 and t.delivery.aspect == "16:9")
+    # Room for episode 1 and one delivery of episode 2: episode 2 waits whole, both aspects.
+    capped = plan_night(load_series(make_series(tmp_path, cap=by_episode["ep1.fountain"] + ep2_16x9,
+                                                aspects='aspects = ["16:9", "9:16"]')), settings, now=now)
+    assert [(t.episode.index, t.delivery.aspect) for t in capped.admitted] == [(0, "16:9"), (0, "9:16")]
+    assert [(t.episode.index, t.delivery.aspect) for t in capped.waiting] == [(1, "16:9"), (1, "9:16")]
+    assert capped.estimate_yuan == pytest.approx(by_episode["ep1.fountain"])
+    # Ordered by priority, episode 2 goes first and then episode 1 does not fit: the cap stops
+    # admission there, it does not skip ahead to whatever still fits.
+    pri = plan_night(load_series(make_series(tmp_path, cap=by_episode["ep2.fountain"] + ep1_16x9, order="priority",
+                                             aspects='aspects = ["16:9", "9:16"]')), settings, now=now)
+    assert [t.episode.index for t in pri.admitted] == [1, 1] and [t.episode.index for t in pri.waiting] == [0, 0]
+    # Last night's failure goes first, whatever the order.
+    failed = {"ep2.fountain [tiny 16:9]": {"status": "failed"}}
+    first = plan_night(load_series(make_series(tmp_path, cap=by_episode["ep2.fountain"] + ep1_16x9,
+                                               aspects='aspects = ["16:9", "9:16"]')), settings, now=now,
+                       previous=failed)
+    assert [t.episode.index for t in first.admitted] == [1, 1] and first.admitted[0].why == "failed last night"
+    # Admission is a function of the items: admitting the same ones again gives the same night.
+    zero = admit(type(capped)(capped.series, capped.night, capped.items), {})
+    assert [t.episode.index for t in zero.admitted] == [0, 0]
+
+
+def test_the_service_loop_neither_skips_nor_repeats_a_night_across_restarts(tmp_path):
+    """``run_due`` with explicit times. The cap of ¥0 keeps every episode waiting, so each night
+    that runs is recorded (state "stopped", exit 3) without rendering: what is tested is which
+    nights run. A "restart" is a new NightBook on the same database file."""
+    manifest = make_series(tmp_path, cap=0.0)
+    settings = settings_for(tmp_path)
+    db = tmp_path / "nights.db"
+    t = lambda day, hour, minute=0: datetime(2026, 12, day, hour, minute, tzinfo=UTC)  # noqa: E731
+
+    def due(now, book=None):
+        return [(r.night, r.exit_code) for r in run_due([manifest], settings, now=now, book=book or NightBook(db))
+                if r.ran]
+
+    assert due(t(1, 12)) == []  # registered now: last night's 02:30 was before the series was known
+    assert due(t(2, 2, 31)) == [("2026-12-02T02:30+00:00", EXIT_STOPPED)]
+    assert due(t(2, 3)) == []  # the same night again
+    assert due(t(2, 5), NightBook(db)) == []  # after a restart: still that night, already run
+    # Down from 12-02 05:00 until 12-04 10:00: the latest missed night runs once, 12-03 is missed.
+    assert due(t(4, 10)) == [("2026-12-04T02:30+00:00", EXIT_STOPPED)]
+    assert due(t(4, 11), NightBook(db)) == []
+    assert due(t(5, 2, 30)) == [("2026-12-05T02:30+00:00", EXIT_STOPPED)]
+    states = {r["night"][:10]: r["state"] for r in NightBook(db).nights("Tiny series")}
+    assert states == {"2026-12-02": "stopped", "2026-12-03": "missed", "2026-12-04": "stopped",
+                      "2026-12-05": "stopped"}
+    # Policy "skip" with an hour's grace: a night found five hours late is missed, not run.
+    make_series(tmp_path, cap=0.0, missed="skip", grace=60)
+    assert due(t(6, 7, 30)) == []
+    assert due(t(7, 3)) == [("2026-12-07T02:30+00:00", EXIT_STOPPED)]
+    states = {r["night"][:10]: r["state"] for r in NightBook(db).nights("Tiny series")}
+    assert states["2026-12-06"] == "missed" and states["2026-12-07"] == "stopped"
+    # Each night that ran said why nothing rendered: the cap.
+    rows = json.loads(NightBook(db).get("Tiny series", "2026-12-07T02:30+00:00")["rows"])
+    assert [r["status"] for r in rows] == ["waiting", "waiting"] and "night's cap" in rows[0]["error"]
+    assert len(night_runs(tmp_path)) == 4
+    # Nothing is due again the same minute, whoever asks.
+    assert due(t(7, 3) + timedelta(seconds=30)) == []
