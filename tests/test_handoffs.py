@@ -204,11 +204,14 @@ def test_a_render_publishes_each_shot_and_hand_offs_that_point_at_them(tmp_path,
     assert {f"shot-{i}.mp4" for i in ids} | {"timeline.otio", "timeline.xml", "jianying_draft.zip"} <= set(out)
     # 1. OTIO and FCP XML: each shot on its own published clip, frame-exact against the plan.
     timeline = otio.adapters.read_from_file(str(out["timeline.otio"]))
-    clips = list(timeline.find_clips())
+    clips = list(timeline.video_tracks()[0].find_clips())
     assert [c.media_reference.target_url for c in clips] == [f"shot-{i}.mp4" for i in ids]
+    assert [t.name for t in timeline.audio_tracks()] == ["dialogue"]  # the mix's dialogue stem (no bed named)
+    assert (out["timeline.otio"].parent / list(timeline.audio_tracks()[0].find_clips())[0].media_reference.target_url
+            ).is_file()
     assert [c.source_range.duration.value for c in clips] == [s.frames for s in plan.shots]
     fcp = otio.adapters.read_from_file(str(out["timeline.xml"]), adapter_name="fcp_xml")
-    assert [c.name for c in fcp.find_clips()] == ids
+    assert [c.name for c in fcp.video_tracks()[0].find_clips()] == ids
     # 2. The 剪映 draft reloads; its video segments sit where the plan puts the shots.
     with zipfile.ZipFile(out["jianying_draft.zip"]) as zf:
         zf.extractall(tmp_path / "drafts")
@@ -216,6 +219,7 @@ def test_a_render_publishes_each_shot_and_hand_offs_that_point_at_them(tmp_path,
     draft = jy.DraftFolder(str(tmp_path / "drafts")).load_template(name)
     segments = draft.get_imported_track(jy.TrackType.video).segments
     assert [round(s.start * plan.profile.fps / 1e6) for s in segments] == [s.start_frame for s in plan.shots]
+    assert len(draft.get_imported_track(jy.TrackType.audio, name="对白").segments) == 1
     texts = [s for t in draft.list_imported_tracks(jy.TrackType.text) for s in t.segments]
     assert len(texts) == len(plan.subtitles) == 2
     # 3. The fade the script writes is on screen: the first frame of the first clip is black, a

@@ -105,7 +105,7 @@ def test_render_sample_at_draft(tmp_path, env, script, aspect, size):
     # The editorial hand-off: one clip per shot, frame-exact against the plan.
     import opentimelineio as otio
     timeline = otio.adapters.read_from_file(str(out / "timeline.otio"))
-    clips = list(timeline.find_clips())
+    clips = list(timeline.video_tracks()[0].find_clips())  # the picture; the audio tracks hold the stems
     assert [c.name for c in clips] == [s["scene"]["shot"]["id"] for s in plan["shots"]]
     assert [c.source_range.duration.value for c in clips] == [s["frames"] for s in plan["shots"]]
     assert timeline.duration().value == total
