@@ -1,7 +1,19 @@
-"""Benchmark the in-betweeners side by side: crossfade, DIS flow and RIFE, quality and speed, in one run.
+"""Benchmark the in-betweeners side by side: crossfade, DIS flow, RIFE and adaptive, quality and speed, in one run.
 
     .venv/bin/python experiments/interp_bench.py [--weights ../shared/data/weights/rife/flownet.pkl]
                                                  [--preset fast] [--no-rife] [--hd-only]
+                                                 [--sets-only] [--per 6] [--quick] [--threshold T]
+
+0. Sets (``experiments/interp_sets.py``: consecutive and wide-step triplets n-k, n, n+k, k = 1…4,
+   from bbb, the Pigs GIF and Sintel, split into a tune and a report part): every method on every
+   triplet, interleaved (one triplet, all methods, then the next: the machine's load hits them
+   alike), per part, set and step: mean PSNR and SSIM, ms per frame, and the adaptive method's
+   share of pairs routed to RIFE; the frame-edge rules ("flow": auto, the default; "flow_defer":
+   always; "flow_off": never); on the tune part, the threshold and fallback sweep the defaults were
+   chosen from (the adaptive output is exactly the flow's, RIFE's or the crossfade's, so the sweep
+   recombines the measured outputs); on the report part the target check (adaptive ≥ RIFE's mean
+   PSNR on every set and step, at ≤ 1/3 of RIFE's time per frame over the report part).
+   ``--quick``: 2 triplets per source, step and part, and only this section.
 
 1. Quality: every triplet (n-1, n, n+1) in ../shared/data/frames, plus triplets decoded from
    its clips (Big Buck Bunny webm, the Pigs in a Polka GIF, the Chaplin mp4); predict n at
@@ -36,7 +48,10 @@ import numpy as np
 from PIL import Image, ImageSequence
 
 from pipeline import tracking
-from stages.inbetween import Crossfade, FlowInterpolator
+from stages.inbetween import Crossfade, FlowInterpolator, pair_confidence
+from stages.inbetween_adaptive import AdaptiveInterpolator, AdaptiveSettings
+
+import interp_sets  # noqa: E402  (experiments/ is the script's own folder)
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES = REPO.parent / "shared" / "data" / "frames"
@@ -170,6 +185,95 @@ def scaling(pairs: list, preset: str) -> dict[int, float]:
     return fps
 
 
+# --------------------------------------------------------------------------- sets
+
+
+SET_METHODS = ("crossfade", "flow", "flow_defer", "flow_off", "rife", "adaptive")
+
+
+def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
+    """Section 0: (table lines, MLflow metrics) of every method on the evaluation sets."""
+    items = interp_sets.triplets(per=args.per)
+    methods = {"crossfade": Crossfade(), "flow": FlowInterpolator(preset=args.preset),
+               "flow_defer": FlowInterpolator(preset=args.preset, edge="defer"),
+               "flow_off": FlowInterpolator(preset=args.preset, edge="off"), "rife": rife,
+               "adaptive": AdaptiveInterpolator(flow=FlowInterpolator(preset=args.preset), rife=rife, lazy=False,
+                                                crossfade=Crossfade(), threshold=args.threshold)}
+    ad = methods["adaptive"]
+    res: list[dict] = []  # per triplet: psnr/ssim/seconds per method, score, route
+    conf_s = flow_only_s = 0.0
+    for t in items:
+        row: dict = {"t": t}
+        for m, fn in methods.items():
+            before = dict(ad.routes)
+            t0 = time.perf_counter()
+            (out,) = fn(t.a, t.b, [0.5])
+            row[m] = (cv2.PSNR(out, t.mid), ssim(out, t.mid), time.perf_counter() - t0)
+            if m == "adaptive":
+                row["score"] = ad.scores[-1]
+                row["route"] = next(r for r in ad.routes if ad.routes[r] != before[r])
+        # the confidence's own cost, next to the flow it judges
+        fi = methods["flow"]
+        t0 = time.perf_counter()
+        f01, f10 = fi.flows(t.a, t.b)
+        t1 = time.perf_counter()
+        row["conf"] = pair_confidence(t.a, t.b, f01, f10)
+        conf_s += time.perf_counter() - t1
+        flow_only_s += t1 - t0
+        res.append(row)
+    lines = [f"sets (experiments/interp_sets.py, {len(items)} triplets, t = 0.5; adaptive threshold {args.threshold}; "
+             f"confidence {1000 * conf_s / len(items):.1f} ms per pair = {conf_s / flow_only_s:.1%} of the two DIS flows)",
+             f"{'part':6s} {'set':9s} {'k':>1s} {'n':>2s}" + "".join(f" {m + ' dB/SSIM/ms':>26s}" for m in SET_METHODS)
+             + f" {'to RIFE':>8s} {'ad-rife dB':>10s} {'ad/rife t':>9s}"]
+    metrics: dict[str, float] = {}
+    groups: dict[tuple, list[dict]] = {}
+    for r in res:
+        t = r["t"]
+        groups.setdefault((t.part, t.set, t.step), []).append(r)
+        groups.setdefault((t.part, "all", 0), []).append(r)
+    target = True
+    for (part, name, step), rows in sorted(groups.items(), key=lambda kv: (kv[0][0] != "tune", kv[0][1] == "all",
+                                                                            kv[0][1], kv[0][2])):
+        mean = {m: [float(np.mean([r[m][i] for r in rows])) for i in range(3)] for m in SET_METHODS}
+        share = float(np.mean([r["route"] == "rife" for r in rows]))
+        gap, ratio = mean["adaptive"][0] - mean["rife"][0], mean["adaptive"][2] / mean["rife"][2]
+        if part == "report" and name != "all":
+            target &= gap >= 0.0
+        if part == "report" and name == "all":
+            target &= ratio <= 1 / 3
+        lines.append(f"{part:6s} {name:9s} {step or '*':>1} {len(rows):2d}" + "".join(
+            f" {mean[m][0]:12.2f} {mean[m][1]:.3f} {1000 * mean[m][2]:7.0f}" for m in SET_METHODS)
+            + f" {share:8.0%} {gap:+10.2f} {ratio:9.2f}")
+        tag = f"{part}.{name}.k{step}" if step else f"{part}.all"
+        for m in SET_METHODS:
+            metrics[f"{tag}.{m}.psnr_db"], metrics[f"{tag}.{m}.ssim"] = mean[m][0], mean[m][1]
+            metrics[f"{tag}.{m}.ms_per_frame"] = 1000 * mean[m][2]
+        metrics[f"{tag}.adaptive.rife_share"] = share
+    lines.append(f"target (report part: adaptive >= RIFE mean PSNR on every set and step, <= 1/3 of RIFE's time "
+                 f"per frame): {'met' if target else 'NOT met'}")
+    metrics["target_met"] = float(target)
+    # The sweep on the tune part: the adaptive output is the flow's or RIFE's, so any threshold's
+    # result is the measured outputs recombined (time: flow + confidence always, RIFE where routed).
+    tune = [r for r in res if r["t"].part == "tune"]
+    lines.append("threshold sweep on the tune part (recombined): fallback (crossfade above an inconsistent share), "
+                 "threshold, RIFE share, mean PSNR adaptive - RIFE overall and on the worst set/step, time vs RIFE")
+    for above in (None, 0.3, 0.4):
+        for thr in (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 1.01):
+            def pick(r):
+                if above is not None and r["conf"].inconsistent > above:
+                    return "crossfade"
+                return "rife" if r["conf"].score < thr else "flow"
+            worst = min(np.mean([r[pick(r)][0] - r["rife"][0] for r in rows])
+                        for (part, name, step), rows in groups.items() if part == "tune" and name != "all")
+            gap = np.mean([r[pick(r)][0] - r["rife"][0] for r in tune])
+            secs = np.mean([r["flow"][2] + (r[pick(r)][2] if pick(r) != "flow" else 0.0) for r in tune])
+            share = np.mean([pick(r) == "rife" for r in tune])
+            lines.append(f"  fallback {'none' if above is None else f'>{above:.1f}':>4s}  threshold {thr:4.2f}  "
+                         f"RIFE {share:4.0%}  {gap:+6.2f} dB  worst {worst:+6.2f} dB  "
+                         f"{secs / np.mean([r['rife'][2] for r in tune]):5.2f}x RIFE's time")
+    return lines, metrics
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -180,7 +284,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads for RIFE")
     ap.add_argument("--no-rife", action="store_true")
     ap.add_argument("--hd-only", action="store_true", help="only the 1080p flow timing (DIS share, one core)")
+    ap.add_argument("--sets-only", action="store_true", help="only section 0, the evaluation sets")
+    ap.add_argument("--per", type=int, default=6, help="set triplets per source, step and part")
+    ap.add_argument("--quick", action="store_true", help="--sets-only --per 2")
+    ap.add_argument("--threshold", type=float, default=AdaptiveSettings.model_fields["threshold"].default)
     args = ap.parse_args()
+    if args.quick:
+        args.sets_only, args.per = True, 2
+    if args.sets_only:
+        from stages.rife import RifeInterpolator
+
+        lines, metrics = sets_bench(args, RifeInterpolator(weights=args.weights, threads=args.threads))
+        print("\n".join(lines))
+        log_run(args, {"sets_per": args.per, "threshold": args.threshold}, metrics, "\n".join(lines))
+        return
 
     # 1. Material and methods.
     trip, holds = triplets()
@@ -252,24 +369,37 @@ def main() -> None:
     fps = scaling(pairs, args.preset)
     lines.append(f"flow scaling ({len(pairs)} frames, native sizes): 1 process {fps[1]:.1f} frames/s, "
                  f"2 processes {fps[2]:.1f} frames/s ({fps[2] / fps[1]:.2f}x)")
+    # 6. The evaluation sets (section 0), in the same run.
+    set_metrics: dict[str, float] = {}
+    if "rife" in methods:
+        set_lines, set_metrics = sets_bench(args, methods["rife"])
+        lines += [""] + set_lines
     table = "\n".join(lines)
     print(table)
 
-    # 6. One MLflow run, from this driver only.
+    # 7. One MLflow run, from this driver only.
+    metrics = {}
+    for m in methods:
+        metrics.update({f"{m}.psnr_db": float(np.mean(psnr[m])), f"{m}.ssim": float(np.mean(sim[m])),
+                        f"{m}.ms_per_frame": 1000 * secs[m] / n, f"{m}.ms_per_frame_1080p": hd_ms[m]})
+    metrics.update({"flow.dis_share_1080p": dis_share_hd, "flow.dis_share_native": dis_native / flow_secs,
+                    "flow.dis_share_1080p_1core": dis_share_hd1, "flow.ms_per_frame_1080p_3t": hd3_ms,
+                    "flow.ms_per_frame_1080p_1core": hd1_ms,
+                    "flow.fps_1proc": fps[1], "flow.fps_2proc": fps[2], "holds_exact": float(hold_exact)})
+    log_run(args, {"flow_preset": args.preset, "triplets": n, "holds": len(holds), "rife_threads": args.threads,
+                   "sets_per": args.per, "threshold": args.threshold}, {**metrics, **set_metrics}, table)
+
+
+def log_run(args, params: dict, metrics: dict[str, float], table: str) -> None:
+    """One MLflow run, from this driver only: params, metrics, the table as an artifact."""
     tracking.mlflow_defaults()
     import mlflow
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     mlflow.set_experiment("interp_bench")
     with mlflow.start_run():
-        mlflow.log_params({"flow_preset": args.preset, "triplets": n, "holds": len(holds), "rife_threads": args.threads})
-        for m in methods:
-            mlflow.log_metrics({f"{m}.psnr_db": float(np.mean(psnr[m])), f"{m}.ssim": float(np.mean(sim[m])),
-                                f"{m}.ms_per_frame": 1000 * secs[m] / n, f"{m}.ms_per_frame_1080p": hd_ms[m]})
-        mlflow.log_metrics({"flow.dis_share_1080p": dis_share_hd, "flow.dis_share_native": dis_native / flow_secs,
-                            "flow.dis_share_1080p_1core": dis_share_hd1, "flow.ms_per_frame_1080p_3t": hd3_ms,
-                            "flow.ms_per_frame_1080p_1core": hd1_ms,
-                            "flow.fps_1proc": fps[1], "flow.fps_2proc": fps[2], "holds_exact": float(hold_exact)})
+        mlflow.log_params({"flow_preset": args.preset, **params})
+        mlflow.log_metrics(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "interp_bench.txt"
             path.write_text(table + "\n")

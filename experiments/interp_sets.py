@@ -25,8 +25,9 @@ The three bbb PNG triplets of ../shared/data/frames/bbb (centres 120, 430, 487) 
 the flow preset before this split existed; centres 430 and 487 fall in ``report`` and are left
 out of the sets (``EXCLUDED_BBB``) so that no report triplet was used for a choice.
 
-Centres are spaced evenly over each part (``per`` per step and part), never on a GIF duplicate
-(a pair whose middle equals a neighbour is a hold, measured elsewhere).
+Centres are spaced evenly over each part (``per`` per step and part); a triplet whose middle equals
+a neighbour (a hold: the black frames that open bbb, a GIF duplicate) is left out — holds are copied,
+and measured elsewhere.
 """
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def _bbb(per: int) -> list[Triplet]:
             frames[i] = cv2.resize(img, BBB_SIZE, interpolation=cv2.INTER_AREA)
     gen.close()
     return [Triplet("bbb", step, part, f"bbb/{c}k{step}", frames[c - step], frames[c], frames[c + step])
-            for (step, part), cs in want.items() for c in cs]
+            for (step, part), cs in want.items() for c in cs
+            if not np.array_equal(frames[c], frames[c - step]) and not np.array_equal(frames[c], frames[c + step])]
 
 
 def _gif(per: int) -> list[Triplet]:

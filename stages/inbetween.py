@@ -29,7 +29,7 @@ from pydantic import Field
 
 from stages.records import Keyframes, Record
 
-VERSION = "4"  # 4: frame-edge samples defer to the other keyframe by masked copy
+VERSION = "5"  # 4: frame-edge samples defer to the other keyframe by masked copy; 5: only where the flow is consistent
 
 # Weight of a sample taken from outside a keyframe (motion across the frame edge): the
 # replicated border is not what is there, so the other keyframe decides (+0.1 dB on bbb/120).
@@ -38,8 +38,14 @@ OUTSIDE_WEIGHT = 1e-3
 Interpolate = Callable[[np.ndarray, np.ndarray, list[float]], list[np.ndarray]]
 
 # Frame-edge rules of FlowInterpolator (``edge=``): "defer" copies the other keyframe's sample
-# where one keyframe's sample lies outside its frame; "off" blends the two warps everywhere.
-EDGE_RULES = ("defer", "off")
+# where one keyframe's sample lies outside its frame; "off" blends the two warps everywhere;
+# "auto" (the default) defers on pairs whose flow is forward-backward inconsistent on at most
+# EDGE_MAX_INCONSISTENT of the pixels, else blends. Measured (experiments/interp_bench.py, sets):
+# deferring wins by 0.1-1 dB on wide-step pairs with a coherent flow (bbb 83k3, 224k3, 227k4) and
+# loses 1-3 dB where the flow is noise (fades and cuts: bbb 12k3, 16k4, 376k4, inconsistent
+# 0.85-1.0): there the pasted band is one keyframe's wrong warp, the blend at least half right.
+EDGE_RULES = ("auto", "defer", "off")
+EDGE_MAX_INCONSISTENT = 0.5
 
 
 class FlowSettings(Record):
@@ -155,7 +161,7 @@ class FlowInterpolator:
     OCCLUDED_WEIGHT = 0.25
 
     def __init__(self, *, preset: str = "medium", flow_scale: float | None = None, max_flow_side: int = 2048,
-                 occlusion: bool = False, edge: str = "defer"):
+                 occlusion: bool = False, edge: str = "auto"):
         if preset not in self.DIS_SETTINGS:
             raise ValueError(f"preset={preset!r}: known DIS presets are {sorted(self.DIS_SETTINGS)}")
         if flow_scale is not None and not 0.0 < flow_scale <= 1.0:
@@ -178,16 +184,22 @@ class FlowInterpolator:
         f01, f10 = self.flows(a, b)
         return self.warp(a, b, f01, f10, ts)
 
-    def warp(self, a: np.ndarray, b: np.ndarray, f01: np.ndarray, f10: np.ndarray, ts: list[float]) -> list[np.ndarray]:
+    def warp(self, a: np.ndarray, b: np.ndarray, f01: np.ndarray, f10: np.ndarray, ts: list[float],
+             confidence: PairConfidence | None = None) -> list[np.ndarray]:
         """The in-betweens of one pair at times ``ts`` from its two flows (``flows``): what
-        ``__call__`` does after the flow, so that a caller that already has the flows (the
-        adaptive in-betweener, which judged the pair by them) does not compute them twice."""
+        ``__call__`` does after the flow, so that a caller that already has the flows and their
+        ``confidence`` (the adaptive in-betweener, which judged the pair by them) computes neither
+        twice."""
         h, w = a.shape[:2]
+        defer = self.edge == "defer"
+        if self.edge == "auto":
+            confidence = confidence if confidence is not None else pair_confidence(a, b, f01, f10)
+            defer = confidence.inconsistent <= EDGE_MAX_INCONSISTENT
         buf = self._buffers(h, w)
         occ = self._occlusion_masks(f01, f10, buf) if self.occlusion else None
         # Largest displacement of any map below, per axis: |t (t F10 - (1-t) F01)| <= max |F|.
         reach = max(cv2.norm(f01, cv2.NORM_INF), cv2.norm(f10, cv2.NORM_INF))
-        band = min(int(np.ceil(reach)) + 1, h, w) if self.edge == "defer" else 0
+        band = min(int(np.ceil(reach)) + 1, h, w) if defer else 0
 
         # 2. Per time t: approximate the flow from t back to each keyframe with the flow at the
         #    target pixel (linear motion, Super-SloMo style: both flows vote),
@@ -410,8 +422,13 @@ class PairConfidence(Record):
       other warped onto it by the flow, on the consistent pixels: what the flow fails to explain;
     * ``unaligned``: the same difference without the flow (how much the pair changes at all).
 
-    ``score`` combines them into one number in [0, 1] (1: the flow explains the pair): see
-    ``PairConfidence.score``.
+    ``score`` is one number in [0, 1] (1: the flow explains the pair): the share of the pair's
+    change the flow explains, ``1 - residual / max(unaligned, 1)``, times the consistent share
+    ``1 - inconsistent``. Measured on the tune split of ``experiments/interp_sets.py`` (see
+    ``experiments/interp_bench.py``): the pairs where RIFE beats the flow are the ones the flow's
+    alignment explains least (subtle or incoherent change: score below ~0.2), not the ones with the
+    largest motion — on these sets the flow beats RIFE on most wide-step pairs, so ``motion`` and
+    ``spread`` do not enter the score (they are kept as measurements).
     """
 
     inconsistent: float
@@ -425,16 +442,11 @@ class PairConfidence(Record):
         return confidence_score(self)
 
 
-# Scales of ``confidence_score``: a risk of 1 on any of them (the share at which a pair's flow is as likely
-# wrong as right, set on the tuning split of experiments/interp_sets.py) halves the score.
-CONFIDENCE_SCALES = {"inconsistent": 0.15, "motion": 0.08, "residual": 8.0}
-
-
 def confidence_score(c: PairConfidence) -> float:
-    """1 / (1 + Σ risk²), risk = measure / its scale: 1 where the flow explains everything, near 0
-    where any measure is several times its scale."""
-    risk = sum((getattr(c, k) / v) ** 2 for k, v in CONFIDENCE_SCALES.items())
-    return float(1.0 / (1.0 + risk))
+    """The share of the change the flow explains times its consistent share (see ``PairConfidence``);
+    a pair that hardly changes (``unaligned`` below one grey level) counts its change as one level."""
+    explained = max(0.0, 1.0 - c.residual / max(c.unaligned, 1.0))
+    return float(explained * (1.0 - c.inconsistent))
 
 
 def pair_confidence(a: np.ndarray, b: np.ndarray, f01: np.ndarray, f10: np.ndarray) -> PairConfidence:
@@ -445,8 +457,8 @@ def pair_confidence(a: np.ndarray, b: np.ndarray, f01: np.ndarray, f10: np.ndarr
     size = (max(8, round(w * k)), max(8, round(h * k)))
     sx, sy = size[0] / w, size[1] / h
 
-    def small(img: np.ndarray) -> np.ndarray:
-        return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    def small(img: np.ndarray) -> np.ndarray:  # bilinear: a tenth of an area resize's time, and these are statistics
+        return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
 
     ga = small(cv2.cvtColor(a, cv2.COLOR_RGB2GRAY)).astype(np.float32)
     gb = small(cv2.cvtColor(b, cv2.COLOR_RGB2GRAY)).astype(np.float32)

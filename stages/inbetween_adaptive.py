@@ -4,11 +4,13 @@ Per pair, the flow in-betweener's two DIS flows are computed (they are needed an
 by ``stages.inbetween.pair_confidence`` (forward-backward consistency, flow magnitude and spread,
 warp residual): a few ms next to the flow. Then
 
-* confidence ≥ ``threshold``: the flow in-betweens, warped from the flows already computed;
+* with ``fallback`` "crossfade" or "hold", a pair whose flow is forward-backward inconsistent on
+  more than ``fallback_above`` of its pixels (no coherent motion: a cut, a flash, a drawing that
+  changes shape between keyframes, which neither the flow nor RIFE can follow) gets the fallback;
+* else confidence (``PairConfidence.score``) ≥ ``threshold``: the flow in-betweens, warped from the
+  flows already computed;
 * below it: RIFE 4.x (``stages.rife``, CPU or GPU), built on the first pair that needs it, so a
-  shot whose pairs are all confident never loads its weights;
-* below ``fallback_below`` with ``fallback`` "crossfade" or "hold": the safe fallback instead of
-  RIFE (a pair neither method can be trusted on: a cut, a flash).
+  shot whose pairs are all confident never loads its weights.
 
 The instance counts its routes (``routes``: pairs per route) and the seconds spent in each method
 (``seconds``; the flow and the confidence are billed to "flow", paid on every pair), which the clip
@@ -39,10 +41,14 @@ class AdaptiveSettings(Record):
 
     PLACEMENT: ClassVar[frozenset[str]] = frozenset({"num_gpus", "gpu_type"})
 
-    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Pairs whose flow confidence is below this go to RIFE.")
+    # 0.2: chosen on the tune split of experiments/interp_sets.py (the middle of the 0.15-0.25 plateau
+    # where the worst set/step is best, at a RIFE share under 30%); fallback off: on the tune split it
+    # lowers the worst set/step (see experiments/interp_bench.py's sweep)
+    threshold: float = Field(0.2, ge=0.0, le=1.0, description="Pairs whose flow confidence is below this go to RIFE.")
     fallback: Literal["none", "crossfade", "hold"] = Field(
-        "none", description="What pairs below fallback_below get instead of RIFE ('none': RIFE).")
-    fallback_below: float = Field(0.0, ge=0.0, le=1.0, description="Confidence below which the fallback is used.")
+        "none", description="What pairs with an incoherent flow get instead ('none': the flow or RIFE, by confidence).")
+    fallback_above: float = Field(0.4, ge=0.0, le=1.0,
+                                  description="Forward-backward inconsistent share above which the fallback is used.")
     preset: Literal["ultrafast", "fast", "medium"] = Field("medium", description="DIS preset of the flow route.")
     weights: str = Field(description="RIFE 4.x flownet.pkl, e.g. ../shared/data/weights/rife/flownet.pkl.")
     device: str = Field("cpu", description="RIFE's device: 'cpu' or a torch GPU device ('cuda', 'cuda:1').")
@@ -58,21 +64,22 @@ class AdaptiveInterpolator:
         rife: a RIFE in-betweener, or a no-argument factory of one (called on first need).
         confidence: (a, b, f01, f10) → a record with ``score``; ``pair_confidence`` by default.
         crossfade: the crossfade in-betweener (the "crossfade" fallback).
-        threshold, fallback, fallback_below: see ``AdaptiveSettings``.
+        threshold, fallback, fallback_above: see ``AdaptiveSettings``.
     """
 
     name = "adaptive"
 
     def __init__(self, *, flow: Any, rife: Callable[..., list[np.ndarray]] | Callable[[], Any],
                  crossfade: Callable[..., list[np.ndarray]], threshold: float,
-                 confidence: Callable[..., Any] = pair_confidence, fallback: str = "none", fallback_below: float = 0.0, lazy: bool = True):
-        if not 0.0 <= threshold <= 1.0 or not 0.0 <= fallback_below <= 1.0:
-            raise ValueError(f"threshold={threshold}, fallback_below={fallback_below}: must lie in [0, 1]")
+                 confidence: Callable[..., Any] = pair_confidence, fallback: str = "none", fallback_above: float = 0.4,
+                 lazy: bool = True):
+        if not 0.0 <= threshold <= 1.0 or not 0.0 <= fallback_above <= 1.0:
+            raise ValueError(f"threshold={threshold}, fallback_above={fallback_above}: must lie in [0, 1]")
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback={fallback!r}: known fallbacks are {', '.join(FALLBACKS)}")
         self.flow, self.confidence, self.crossfade = flow, confidence, crossfade
         self._rife, self._rife_factory = (None, rife) if lazy else (rife, None)
-        self.threshold, self.fallback, self.fallback_below = threshold, fallback, fallback_below
+        self.threshold, self.fallback, self.fallback_above = threshold, fallback, fallback_above
         self.routes = {r: 0 for r in ROUTES}
         self.seconds = {r: 0.0 for r in ROUTES}
         self.scores: list[float] = []  # each pair's confidence, in call order
@@ -84,13 +91,11 @@ class AdaptiveInterpolator:
             self._rife = self._rife_factory()
         return self._rife
 
-    def route(self, score: float) -> str:
-        """Which route a pair of confidence ``score`` takes: a pure function of the score."""
-        if score >= self.threshold:
-            return "flow"
-        if self.fallback != "none" and score < self.fallback_below:
+    def route(self, confidence: Any) -> str:
+        """Which route a pair of this ``confidence`` takes: a pure function of it."""
+        if self.fallback != "none" and confidence.inconsistent > self.fallback_above:
             return "fallback"
-        return "rife"
+        return "flow" if confidence.score >= self.threshold else "rife"
 
     def __call__(self, a: np.ndarray, b: np.ndarray, ts: list[float]) -> list[np.ndarray]:
         check_pair(a, b, ts)
@@ -100,11 +105,11 @@ class AdaptiveInterpolator:
             self._bill("flow", t0)
             return out
         f01, f10 = self.flow.flows(a, b)
-        score = float(self.confidence(a, b, f01, f10).score)
-        self.scores.append(score)
-        route = self.route(score)
+        confidence = self.confidence(a, b, f01, f10)
+        self.scores.append(float(confidence.score))
+        route = self.route(confidence)
         if route == "flow":
-            out = self.flow.warp(a, b, f01, f10, ts)
+            out = self.flow.warp(a, b, f01, f10, ts, confidence=confidence)
             self._bill("flow", t0)
             return out
         self._bill("flow", t0, count=False)  # the flow and its judgement were paid on this pair too

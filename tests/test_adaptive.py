@@ -1,0 +1,200 @@
+"""Adaptive in-betweening on the real flow, the real RIFE 4.x weights and a real render: routing by the
+flow's confidence, deterministic; a confident pair never runs RIFE; large motion does; the ledger and
+the quality record agree on the routes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline import registry
+from stages.inbetween import Crossfade, FlowInterpolator, PairConfidence, pair_confidence
+from stages.inbetween_adaptive import AdaptiveInterpolator, AdaptiveSettings
+from tests.conftest import FRAMES, REPO, SHARED_DATA, read_rgb
+
+WEIGHTS = SHARED_DATA / "weights" / "rife" / "flownet.pkl"
+needs_weights = pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"RIFE weights absent: {WEIGHTS}")
+THRESHOLD = AdaptiveSettings.model_fields["threshold"].default
+MIXED_THRESHOLD = 0.0  # set below
+
+
+@pytest.fixture(scope="module")
+def rife():
+    if not WEIGHTS.is_file():
+        pytest.skip(f"RIFE weights absent: {WEIGHTS}")
+    from stages.rife import RifeInterpolator
+
+    return RifeInterpolator(weights=WEIGHTS, threads=2)
+
+
+def forward_passes(rife) -> list[int]:
+    """A counter of the real net's forward passes (a torch forward hook on this instance's net)."""
+    calls: list[int] = []
+    rife.net.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def adaptive(rife, **kw) -> AdaptiveInterpolator:
+    return AdaptiveInterpolator(flow=FlowInterpolator(), rife=rife, crossfade=Crossfade(), lazy=False,
+                                threshold=kw.pop("threshold", THRESHOLD), **kw)
+
+
+def slow_pan() -> tuple[np.ndarray, np.ndarray]:
+    """Real consecutive frames of a slow pan (Big Buck Bunny 119 → 121), at 320×180."""
+    a, _, b = (read_rgb(p) for p in sorted((FRAMES / "bbb" / "triplet_f0120").glob("*.png")))
+    return tuple(cv2.resize(x, (320, 180), interpolation=cv2.INTER_AREA) for x in (a, b))
+
+
+def big_motion() -> tuple[np.ndarray, np.ndarray]:
+    """A textured disc crossing 40% of a textured frame (160×96) while the background pans back."""
+    rng = np.random.default_rng(7)
+    bg = cv2.GaussianBlur(rng.integers(0, 256, (96, 400, 3), dtype=np.uint8), (0, 0), 2.0)
+    fg = cv2.GaussianBlur(rng.integers(0, 256, (96, 160, 3), dtype=np.uint8), (0, 0), 1.0)
+    out = []
+    for x_bg, x_disc in ((120, 30), (100, 94)):
+        img = bg[:, x_bg:x_bg + 160].copy()
+        mask = np.zeros((96, 160), np.uint8)
+        cv2.circle(mask, (x_disc + 18, 48), 22, 255, -1)
+        img[mask > 0] = np.roll(fg, x_disc, 1)[mask > 0]
+        out.append(img)
+    return out[0], out[1]
+
+
+def test_the_confidence_separates_a_slow_pan_from_large_motion():
+    fi = FlowInterpolator()
+    calm, wild = (pair_confidence(a, b, *fi.flows(a, b)) for a, b in (slow_pan(), big_motion()))
+    assert calm.score >= THRESHOLD > wild.score
+    assert wild.motion > 3 * calm.motion and wild.inconsistent > 10 * calm.inconsistent
+    assert wild.residual / wild.unaligned > 3 * calm.residual / calm.unaligned  # the flow explains little of it
+    assert 0.0 < wild.score < calm.score <= 1.0
+
+
+@needs_weights
+def test_a_confident_pair_never_runs_rife_and_matches_the_flow_exactly(rife):
+    calls = forward_passes(rife)
+    a, b = slow_pan()
+    ad = adaptive(rife)
+    out = ad(a, b, [0.25, 0.5, 0.75])
+    assert calls == [] and ad.routes == {"flow": 1, "rife": 0, "fallback": 0}
+    assert ad.seconds["rife"] == 0.0 < ad.seconds["flow"]
+    for got, want in zip(out, FlowInterpolator()(a, b, [0.25, 0.5, 0.75])):
+        assert np.array_equal(got, want)
+
+
+@needs_weights
+def test_large_motion_goes_to_rife_and_is_rifes_output(rife):
+    calls = forward_passes(rife)
+    a, b = big_motion()
+    ad = adaptive(rife)
+    out = ad(a, b, [0.5])
+    assert ad.routes == {"flow": 0, "rife": 1, "fallback": 0} and len(calls) == 1
+    assert ad.seconds["rife"] > 0 and ad.seconds["flow"] > 0  # the flow and its judgement were paid too
+    assert np.array_equal(out[0], rife(a, b, [0.5])[0])
+
+
+@needs_weights
+def test_routing_is_deterministic_and_a_pure_function_of_the_score(rife):
+    pairs = [slow_pan(), big_motion(), slow_pan()[::-1], big_motion()[::-1]]
+    runs = []
+    for _ in range(2):
+        ad = adaptive(rife)
+        outs = [ad(a, b, [0.5])[0] for a, b in pairs]
+        runs.append((ad.scores, dict(ad.routes), outs))
+    (s0, r0, o0), (s1, r1, o1) = runs
+    assert s0 == s1 and r0 == r1 == {"flow": 2, "rife": 2, "fallback": 0}
+    assert all(np.array_equal(x, y) for x, y in zip(o0, o1))
+    # the route is a function of the confidence alone: the score against the threshold, and with a
+    # fallback the inconsistent share against its bound first
+    ad = adaptive(rife, fallback="crossfade", fallback_above=0.5)
+    c = dict(inconsistent=0.1, motion=0.5, spread=0.5, residual=1.0, unaligned=10.0)  # score 0.81
+    assert ad.route(PairConfidence(**c)) == "flow"
+    assert ad.route(PairConfidence(**{**c, "residual": 9.0})) == "rife"  # score 0.09
+    assert ad.route(PairConfidence(**{**c, "inconsistent": 0.6})) == "fallback"
+    assert adaptive(rife).route(PairConfidence(**{**c, "inconsistent": 0.6})) == "flow"  # no fallback: score 0.36
+    assert adaptive(rife, threshold=0.5).route(PairConfidence(**{**c, "inconsistent": 0.6})) == "rife"
+
+
+@needs_weights
+def test_the_fallback_takes_pairs_below_its_floor(rife):
+    calls = forward_passes(rife)
+    a, b = big_motion()
+    for fallback, want in (("crossfade", Crossfade()(a, b, [0.25])[0]), ("hold", a)):
+        ad = adaptive(rife, fallback=fallback, fallback_above=0.5)
+        (out,) = ad(a, b, [0.25])
+        assert ad.routes["fallback"] == 1 and np.array_equal(out, want)
+    assert calls == []
+
+
+def test_a_hold_is_copied_without_rife_and_bad_settings_are_refused():
+    a, _ = slow_pan()
+    ad = AdaptiveInterpolator(flow=FlowInterpolator(), rife=lambda: pytest.fail("RIFE built for a hold"),
+                              crossfade=Crossfade(), threshold=1.0)
+    assert all(np.array_equal(o, a) for o in ad(a, a.copy(), [0.5, 0.75]))
+    assert ad.routes["flow"] == 1 and ad.scores == []
+    with pytest.raises(ValueError, match="fallback"):
+        AdaptiveInterpolator(flow=None, rife=None, crossfade=None, threshold=0.5, fallback="blur")
+    with pytest.raises(ValueError, match="threshold"):
+        AdaptiveInterpolator(flow=None, rife=None, crossfade=None, threshold=1.5)
+
+
+def test_the_registry_entry_builds_rife_only_when_a_pair_needs_it():
+    entry = registry.get("inbetween", "adaptive")
+    s = entry.settings(weights=str(SHARED_DATA / "no-such-weights.pkl"))
+    ad = entry.build(s, width=320, height=180)
+    a, b = slow_pan()
+    ad(a, b, [0.5])  # confident: RIFE's (missing) weights are never opened
+    assert ad.routes["flow"] == 1 and ad._rife is None
+    assert entry.resources(s).resource == "cpu"
+    gpu = entry.settings(weights="w.pkl", device="cuda:1", num_gpus=0.5)
+    assert entry.resources(gpu).resource == "gpu:H200" and entry.key_params(gpu)["device"] == "cuda"
+    assert "num_gpus" not in entry.key_params(gpu)
+
+
+@pytest.mark.slow
+@needs_weights
+def test_a_render_bills_each_route_and_its_quality_record_counts_them(tmp_path):
+    """A tiny real render (CLI, local Ray, ffmpeg, MLflow on SQLite) with a threshold that sends some
+    pairs to each method: cost.json's rows per method and the quality record's route counts agree."""
+    profile = tmp_path / "adaptive.toml"
+    profile.write_text(f"""name = "tiny_adaptive"
+short_side = 64
+fps = 12
+animate_on = 2
+keyframe_stride = 3
+interpolation = "adaptive"
+crf = 30
+x264_preset = "ultrafast"
+storyboard_width = 128
+
+[adaptive]
+threshold = {MIXED_THRESHOLD}
+weights = "{WEIGHTS}"
+""")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "ANIM_STORE": str(tmp_path / "store"),
+           "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "mlartifacts")}
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "render", "examples/shotlist.yaml", "--profile", str(profile),
+                           "--out", str(out), "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cost = json.loads((out / "cost.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    rows = [r for r in cost["records"] if r["stage"] == "inbetween"]
+    routes = {shot: {k[6:]: int(v) for k, v in q.items() if k.startswith("route_")} for shot, q in cost["quality"].items()}
+    totals = {m: sum(r[m] for r in routes.values()) for m in ("flow", "rife", "fallback")}
+    assert totals["flow"] > 0 and totals["rife"] > 0 and totals["fallback"] == 0  # the threshold mixes them
+    for shot in plan["shots"]:
+        sid, keys, drawings = shot["scene"]["shot"]["id"], shot["keyframes"], shot["drawings"]
+        pairs = sum(1 for k0, k1 in zip(keys, keys[1:]) if any(k0 < d < k1 for d in drawings))
+        assert sum(routes[sid].values()) == pairs, sid
+        billed = {r["method"] for r in rows if r["shot"] == sid}
+        assert ("rife" in billed) == (routes[sid]["rife"] > 0), sid
+        assert billed <= {"flow", "rife"} and (pairs == 0 or "flow" in billed), sid
+        assert all(r["seconds"] >= 0 and r["resource"] == "cpu" for r in rows if r["shot"] == sid)
+    rife_yuan = sum(r["yuan"] for r in rows if r["method"] == "rife")
+    assert rife_yuan > 0
