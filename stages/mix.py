@@ -7,7 +7,8 @@ under speech, the whole loudness-normalised to a delivery target and encoded as 
    (a gain that falls in ``attack_s`` and recovers in ``release_s``).
 3. The sum is measured with pyloudnorm (ITU-R BS.1770-4 integrated loudness) and one gain
    brings it to ``target_lufs``; a soft limiter keeps samples under ``ceiling_db`` (dBFS), and
-   the result is measured again (``Mix.loudness_lufs``).
+   the gain is raised until the limited result is on target (``Mix.loudness_lufs``); the
+   stems carry that gain and no limiter.
 4. The stems (dialogue, bed) carry the same gain, so dialogue + bed = the mix; they are
    written as 16-bit WAV, the mix as AAC in an .m4a (ffmpeg's native encoder).
 """
@@ -174,18 +175,20 @@ def mix(lines: list[Placement], duration_s: float, out_dir: str | Path, *, ffmpe
             music *= 10 ** ((ref + bed_db - bed_lufs) / 20)
         music *= duck_gain(dialogue, duck_db=duck_db)
     total = dialogue + music if music is not None else dialogue.copy()
-    # 3. One gain to the target; a soft limiter over the ceiling; measured again.
+    # 3. One gain to the target, a soft limiter over the ceiling, measured again: the limiter takes
+    #    some loudness off peaky speech, so the gain is raised until the limited mix is on target.
     before = loudness(total)
     gain_db = target_lufs - before if np.isfinite(before) else 0.0
+    limited = _limit(total * 10 ** (gain_db / 20), ceiling_db)
+    for _ in range(6):
+        now = loudness(limited)
+        if not np.isfinite(now) or abs(now - target_lufs) < 0.05:
+            break
+        gain_db += target_lufs - now
+        limited = _limit(total * 10 ** (gain_db / 20), ceiling_db)
     gain = 10 ** (gain_db / 20)
-    total, dialogue = total * gain, dialogue * gain
+    total, dialogue = limited, dialogue * gain
     music = music * gain if music is not None else None
-    ceiling = 10 ** (ceiling_db / 20)
-    over = np.abs(total) > ceiling * 0.8
-    if over.any():  # tanh knee from 0.8 × ceiling, asymptotic to the ceiling
-        knee = ceiling * 0.8
-        total = np.where(over, np.sign(total) * (knee + (ceiling - knee) * np.tanh((np.abs(total) - knee) /
-                                                                                  (ceiling - knee))), total)
     # 4. Stems and the AAC mix.
     write_wav(out / "dialogue.wav", dialogue)
     if music is not None:
@@ -196,6 +199,17 @@ def mix(lines: list[Placement], duration_s: float, out_dir: str | Path, *, ffmpe
                dialogue_lufs=round(loudness(dialogue), 2),
                bed_lufs=round(loudness(music), 2) if music is not None else None, gain_db=round(gain_db, 2),
                peak_db=round(float(20 * np.log10(peak)), 2) if peak > 0 else float("-inf"))
+
+
+def _limit(x: np.ndarray, ceiling_db: float) -> np.ndarray:
+    """A soft limiter: samples past 0.8 × the ceiling bend along a tanh knee that never reaches it."""
+    ceiling = 10 ** (ceiling_db / 20)
+    knee = ceiling * 0.8
+    over = np.abs(x) > knee
+    if not over.any():
+        return x
+    bent = np.sign(x) * (knee + (ceiling - knee) * np.tanh((np.abs(x) - knee) / (ceiling - knee)))
+    return np.where(over, bent, x).astype(np.float32)
 
 
 def decode(path: str | Path, *, ffmpeg: str) -> np.ndarray:

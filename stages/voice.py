@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import re
 import threading
 import wave
@@ -90,8 +91,9 @@ def measure(samples: np.ndarray, sample_rate: int) -> Speech:
     voiced = np.flatnonzero(env > 0.05)
     start = float(voiced[0] * hop / sample_rate) if voiced.size else 0.0
     end = float(min((voiced[-1] + 1) * hop, len(x)) / sample_rate) if voiced.size else 0.0
-    return Speech(sample_rate=sample_rate, duration_s=len(x) / sample_rate, speech_start_s=round(start, 4),
-                  speech_end_s=round(end, 4), envelope_hz=ENVELOPE_HZ, envelope=[round(float(v), 3) for v in env])
+    return Speech(sample_rate=sample_rate, duration_s=len(x) / sample_rate, speech_start_s=math.floor(start * 1e4) / 1e4,
+                  speech_end_s=math.floor(end * 1e4) / 1e4, envelope_hz=ENVELOPE_HZ,
+                  envelope=[round(float(v), 3) for v in env])
 
 
 def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
