@@ -312,10 +312,68 @@ def test_a_producer_signs_in_submits_approves_watches_and_downloads(chromium_pat
         expect(page.locator("#jobs-empty")).to_be_visible()
         expect(page.locator("#jobs tbody tr")).to_have_count(0)
 
+        page.goto(url + "/jobs?producer=mei")
+        expect(page.locator(f"#jobs tbody tr[data-job-id='{job_id}']")).to_be_visible()
+        page.goto(url + "/jobs?producer=nobody")
+        expect(page.locator("#jobs-empty")).to_be_visible()
+
         # 9. Sign out: the pages want a session again.
         page.click("#sign-out")
         expect(page).to_have_url(re.compile(r"/login"))
         page.goto(f"{url}/jobs/{job_id}")
         expect(page).to_have_url(re.compile(r"/login\?next="))
+    except BaseException as exc:
+        raise AssertionError(f"{exc}\n--- anim serve log (tail) ---\n{service['log'].read_text()[-4000:]}") from exc
+
+
+def test_a_rejected_panel_stops_the_job_and_the_page_retries_and_cancels_it(chromium_path, service, page):
+    from playwright.sync_api import expect
+
+    url = service["url"]
+    expect.set_options(timeout=30_000)
+    # Other shots than the first test's: their panels have no decisions on record yet.
+    script = SCRIPT.replace("美在海边散步。", "美在海边捡贝壳。").replace("smiles at the sea", "waves at a boat")
+    try:
+        page.goto(url + "/login")
+        page.fill("input[name=username]", "mei")
+        page.fill("input[name=password]", "mei-secret")
+        page.click("#login button[type=submit]")
+        expect(page).to_have_url(url + "/jobs")
+        # Submitted over the API with the page's cookie and header (the first test submits through the form).
+        r = page.request.post(url + "/api/jobs", headers={"X-Anim": "1"}, multipart={
+            "script": {"name": "贝壳.yaml", "mimeType": "text/yaml", "buffer": script.encode()},
+            "profile": "draft", "approval_gate": "true", "series": "贝壳"})
+        assert r.status == 201, r.text()
+        job_id = r.json()["id"]
+        page.goto(f"{url}/jobs/{job_id}")
+        expect(page.locator("#job-status")).to_have_text("awaiting approval", timeout=120_000)
+        expect(page.locator("#cancel-btn")).to_be_visible()
+        expect(page.locator("#retry-btn")).to_be_hidden()
+
+        # 1. One panel rejected with a comment, the other approved: the job stops for approval.
+        panels = page.locator("#panels .panel")
+        expect(panels).to_have_count(SHOTS)
+        panels.nth(0).locator(".comment").fill("太暗了，重画")
+        panels.nth(0).locator(".reject").click()
+        expect(panels.nth(0)).to_have_class(re.compile(r"\brejected\b"))
+        panels.nth(1).locator(".approve").click()
+        expect(page.locator("#job-status")).to_have_text("stopped")
+        expect(page.locator("#job-stopped")).to_contain_text("approval")
+        expect(panels.nth(0).locator(".comment")).to_have_value("太暗了，重画")
+        expect(panels.nth(0).locator(".decision")).to_contain_text("rejected by mei")
+        expect(page.locator("#cancel-btn")).to_be_hidden()
+
+        # 2. Retry from the page: a new attempt, followed live again.
+        attempt = int(page.locator("#attempt").text_content())
+        page.click("#retry-btn")
+        expect(page.locator("#job-status")).not_to_have_text("stopped")
+        expect(page.locator("#attempt")).to_have_text(str(attempt + 1))
+        expect(page.locator("#retry-btn")).to_be_hidden()
+
+        # 3. Cancel from the page.
+        page.click("#cancel-btn")
+        expect(page.locator("#job-status")).to_have_text("cancelled")
+        expect(page.locator("#retry-btn")).to_be_visible()
+        assert page.request.get(f"{url}/api/jobs/{job_id}").json()["status"] == "cancelled"
     except BaseException as exc:
         raise AssertionError(f"{exc}\n--- anim serve log (tail) ---\n{service['log'].read_text()[-4000:]}") from exc
