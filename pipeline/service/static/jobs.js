@@ -5,14 +5,16 @@ const ACTIVE = new Set(["queued", "planning", "awaiting_approval", "rendering"])
 function jobRow(job) {
   const tr = document.createElement("tr");
   tr.dataset.jobId = job.id;
-  const link = anim.el("a", job.id);
-  link.href = "/jobs/" + encodeURIComponent(job.id);
-  const first = document.createElement("td");
-  first.append(link);
-  tr.append(first);
+  for (const text of [job.id, job.title || job.script_name]) {
+    const link = anim.el("a", text);
+    link.href = "/jobs/" + encodeURIComponent(job.id);
+    const td = document.createElement("td");
+    td.append(link);
+    tr.append(td);
+  }
   const p = job.progress || {};
   const cells = [
-    [job.title || job.script_name], [job.series], [job.producer], [job.profile],
+    [job.series], [job.producer], [job.profile],
     [anim.statusLabel(job.status), "status " + job.status],
     [p.shots_total ? (p.shots_done || 0) + "/" + p.shots_total : "—"],
     [anim.yuan(p.spent_yuan), "num"], [anim.yuan(job.estimate_yuan), "num"], [anim.yuan(job.budget_yuan), "num"],
