@@ -11,9 +11,7 @@ dedup of two jobs of one script, and (slow) a SIGKILLed service and a SIGKILLed 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ import psutil
 import pytest
 
 from pipeline.service.client import ServiceClient, ServiceError
+from pipeline.service.process import ServiceProcess, add_account, isolated_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,45 +39,26 @@ def tiny_script(tag: str, shots: int = 2, seconds: float = 1.0) -> str:
     return "\n".join(lines) + "\n"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Stack:
     root: Path
     env: dict
-    url: str
     tokens: dict  # user -> API token
     endpoint: object
-    proc: subprocess.Popen | None = None
+    service: ServiceProcess
+
+    @property
+    def url(self) -> str:
+        return self.service.url
 
     def client(self, user: str = "alice") -> ServiceClient:
         return ServiceClient(self.url, self.tokens[user])
 
     def start(self) -> None:
-        log = (self.root / "serve.log").open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", self.url.rsplit(":", 1)[1]],
-                                     cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.root / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/api/me", timeout=2).status_code == 401:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        pytest.fail("the service did not come up:\n" + (self.root / "serve.log").read_text()[-3000:])
+        self.service.start()
 
     def kill(self) -> None:
-        """SIGKILL the service process (only it: the Ray head is in a session of its own)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        self.service.kill()
 
     def script(self, name: str, text: str) -> Path:
         path = self.root / name
@@ -91,16 +71,10 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from pipeline.service import auth
     from pipeline.service.cluster import local_endpoint, stop_local_head
-    from pipeline.service.db import open_database
 
     root = tmp_path_factory.mktemp("service")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ANIM_SERVER", "ANIM_TOKEN", "ANIM_CONFIG")}
-    env.update({"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "ANIM_STORE": str(root / "store"),
-                "ANIM_APPROVALS": str(root / "approvals.db"), "ANIM_SERVICE_DATA": str(root / "data"),
-                "XDG_DATA_HOME": str(root / "xdg"), "XDG_CONFIG_HOME": str(root / "xdg-config"),
-                "ANIM_SERVICE_MAX_RENDERS": "2", "MLFLOW_DISABLE_TELEMETRY": "true"})
+    env = isolated_env(root, ANIM_SERVICE_MAX_RENDERS="2")
     # 1. The head, started by the test (the service finds it in its data dir and reuses it).
     endpoint = local_endpoint(root / "data", num_cpus=2)
     try:
@@ -112,10 +86,9 @@ def stack(tmp_path_factory):
                                capture_output=True, text=True)
         assert token.returncode == 0, token.stderr
         tokens = {"alice": token.stdout.strip()}
-        with open_database(f"sqlite:///{root / 'data' / 'service.db'}")() as db:
-            for name, role in (("bob", "producer"), ("carol", "producer"), ("root", "admin")):
-                tokens[name] = auth.new_token(db, auth.add_user(db, name, role, f"{name}-secret"))
-        s = Stack(root, env, f"http://127.0.0.1:{free_port()}", tokens, endpoint)
+        for name, role in (("bob", "producer"), ("carol", "producer"), ("root", "admin")):
+            tokens[name] = add_account(env, name, role)
+        s = Stack(root, env, tokens, endpoint, ServiceProcess(env, log=root / "serve.log"))
         s.start()
         yield s
         s.kill()
@@ -248,6 +221,19 @@ def test_lifecycle_to_a_downloaded_episode(stack, tmp_path):
 
     run = mlflow.MlflowClient(stack.env["MLFLOW_TRACKING_URI"]).get_run(done["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+
+
+def test_no_op_rerender_runs_in_the_warm_service(stack, tmp_path):
+    """Every node in the store: the service renders it itself, no Ray job, same outputs."""
+    with stack.client() as c:
+        first = next(j for j in c.jobs(status="succeeded") if j["script_name"] == "life.yaml")
+        again = c.wait(c.submit(stack.root / "life.yaml", budget_yuan=5.0, series="测试系列")["id"], timeout_s=120)
+        assert again["status"] == "succeeded" and again["runner"] == "service", c.logs(again["id"])
+        assert again["progress"]["spent_yuan"] == 0 and "episode:" in c.logs(again["id"])
+        a = c.download(first["id"], "episode.mp4", tmp_path / "first.mp4")
+        b = c.download(again["id"], "episode.mp4", tmp_path / "again.mp4")
+    assert a.read_bytes() == b.read_bytes()
+    assert again["submission_id"] not in [j.submission_id for j in stack.ray_jobs()]
 
 
 def test_producers_see_only_their_own_jobs(stack):

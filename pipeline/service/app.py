@@ -53,6 +53,8 @@ def create_app(settings, *, endpoint: JobsEndpoint | None = None, dispatch: bool
         service = JobService(settings, sessions, ep, default_max_renders(settings, ep))
         app.state.service = service
         stop = threading.Event()
+        # what a render run by the service itself imports, loaded now rather than on the first no-op
+        threading.Thread(target=_warm_up, name="anim-warm-up", daemon=True).start()
         if dispatch:
             service.reconcile_cancelled()
             service.tick()  # the reconciliation: the table against Ray's job list, before any request
@@ -97,6 +99,16 @@ def create_app(settings, *, endpoint: JobsEndpoint | None = None, dispatch: bool
         return await call_next(request)
 
     return app
+
+
+def _warm_up() -> None:
+    import importlib
+
+    for module in ("pipeline.cli", "pipeline.render", "pipeline.tracking", "pipeline.publish", "mlflow"):
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - the render that needs it reports it
+            return
 
 
 def _data(settings):

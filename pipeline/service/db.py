@@ -112,6 +112,7 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     submission_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     submitted: Mapped[bool] = mapped_column(Boolean, default=False)  # Ray took the current submission
+    runner: Mapped[str] = mapped_column(String(8), default="ray")  # the current attempt: a Ray job, or "service"
     restarts: Mapped[int] = mapped_column(Integer, default=0)  # attempts made because a driver died
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)

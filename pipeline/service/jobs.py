@@ -16,13 +16,19 @@ A job runs as ``anim render`` (an argument list, never a shell string from user 
 uploaded script, stored as ``<data>/jobs/<id>/script<ext>`` whatever the client called it.
 With the approval gate, the first attempt stops after the storyboard; once every shot is decided
 and none rejected, the job is queued again to render.
+
+A render whose every node is already in the store (a no-op re-render) needs no cluster: the warm
+service runs the same ``anim render`` in its own process (``runner = "service"``), with Ray out
+of reach — if anything did need Ray after all, that attempt fails at once and the job goes to Ray
+as the next attempt, as it does when the service dies mid-way (the table says ``rendering``, not
+submitted).
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
-import shutil
 import sys
 import tempfile
 import threading
@@ -100,6 +106,7 @@ class JobService:
         self.lock = threading.RLock()  # job state changes: the API's threads and the dispatcher
         self._ray = None
         self._plans: dict[tuple[int, str], Any] = {}
+        self._here: set[int] = set()  # jobs whose current attempt runs in this process
 
     @property
     def ray(self):
@@ -210,14 +217,66 @@ class JobService:
         db.add(JobEvent(job_id=job.id, status=status, attempt=job.attempt, note=note))
         db.commit()
 
-    def _start_attempt(self, db: Session, job: Job, status: str, note: str) -> None:
+    def _start_attempt(self, db: Session, job: Job, status: str, note: str, *, warm: bool = True) -> None:
         attempt = job.attempt + 1
-        self._set(db, job, status, note, attempt=attempt, submission_id=f"anim-{job.id}-{attempt}", submitted=False)
-        self._submit(db, job)
+        here = warm and self._all_in_store(job)
+        self._set(db, job, status, note + ("; every node in the store: rendered by the service" if here else ""),
+                  attempt=attempt, submission_id=f"anim-{job.id}-{attempt}", submitted=False,
+                  runner="service" if here else "ray")
+        if here:
+            self._here.add(job.id)
+            threading.Thread(target=self._render_here, args=(job.id, job.submission_id), daemon=True,
+                             name=f"anim-warm-{job.id}").start()
+        else:
+            self._submit(db, job)
+
+    def _all_in_store(self, job: Job) -> bool:
+        """Whether the render of ``job`` would run no node (every one a hit, none held back)."""
+        from pipeline.schedule import schedule
+        from pipeline.store import open_store
+
+        if job.phase != "render":
+            return False
+        try:
+            plan = self.plan_of(job)
+            approvals = self.gate(job).approvals if job.approval_gate else None
+            sched = schedule(plan, open_store(self.settings.store), approvals=approvals)
+        except Exception:  # noqa: BLE001 - anything unclear goes to Ray, which reports it properly
+            return False
+        return not sched.where("run") and not sched.held_shots()
+
+    def log_path(self, job: Job) -> Path:
+        return self.job_dir(job.id) / f"attempt-{job.attempt}.log"
+
+    def _render_here(self, job_id: int, submission_id: str) -> None:
+        """The warm path: ``anim render`` in this process, its output to the attempt's log; then
+        the outcome recorded as a Ray job's would be (a failure sends the job to Ray)."""
+        try:
+            with self.sessions() as db:
+                job = db.get(Job, job_id)
+                args, log = self.entrypoint(job)[3:], self.log_path(job)
+            code = _invoke_cli(args, log, self.runtime_env()["env_vars"])
+        finally:
+            with self.lock:
+                self._here.discard(job_id)
+        with self.lock, self.sessions() as db:
+            job = db.get(Job, job_id)
+            if job.status not in ACTIVE or job.submission_id != submission_id:
+                return  # cancelled meanwhile
+            if code == 0:
+                self._set(db, job, "succeeded", "rendered by the service (every node in the store)",
+                          mlflow_run_id=self._progress(job).get("run_id"))
+            elif code == EXIT_BUDGET:
+                reason = self._stop_reason(job)
+                self._set(db, job, "stopped", f"stopped: {reason}", stopped_reason=reason, error=self._error_line(job))
+            else:
+                self._start_attempt(db, job, job.status, f"the service's own render exited {code}: to Ray",
+                                    warm=False)
 
     def _submit(self, db: Session, job: Job) -> None:
         """Submit the current attempt; Ray refusing the id as a duplicate means it has it already.
         A cluster that does not answer leaves ``submitted`` false: the next tick tries again."""
+        job.runner = "ray"
         try:
             self.ray.submit_job(entrypoint=shlex.join(self.entrypoint(job)), submission_id=job.submission_id,
                                 runtime_env=self.runtime_env(), metadata=self.metadata(db, job))
@@ -269,6 +328,8 @@ class JobService:
 
     def _follow(self, db: Session, job: Job) -> None:
         """Reconcile one job that may have a Ray job with what Ray says about it."""
+        if job.id in self._here:
+            return  # running in this process; a service that died with it left it to be submitted
         if not job.submitted:
             self._submit(db, job)
             return
@@ -442,6 +503,12 @@ class JobService:
         return self.out_dir(job) / name
 
     def logs(self, job: Job, tail: int = 200) -> str:
+        if job.runner == "service":
+            try:
+                text = self.log_path(job).read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                text = ""
+            return "\n".join(text.splitlines()[-max(1, tail):]) + "\n"
         if not job.submitted or not job.submission_id:
             return ""
         try:
@@ -478,13 +545,48 @@ class JobService:
                 "script_name": job.script_name, "title": job.title, "profile": job.profile, "aspect": job.aspect,
                 "budget_yuan": job.budget_yuan, "estimate_yuan": job.estimate_yuan, "status": job.status,
                 "stopped_reason": job.stopped_reason, "attempt": job.attempt, "submission_id": job.submission_id,
-                "approval_gate": job.approval_gate, "batch": job.batch,
+                "approval_gate": job.approval_gate, "batch": job.batch, "runner": job.runner,
                 "created_at": job.created_at.isoformat(), "updated_at": job.updated_at.isoformat(),
                 "error": job.error, "progress": self.progress(job), "mlflow_run_id": job.mlflow_run_id,
                 "mlflow_run_url": url, "files": self.files(job)}
 
-    def remove_outputs(self, job: Job) -> None:  # pragma: no cover - housekeeping for admins
-        shutil.rmtree(self.job_dir(job.id), ignore_errors=True)
+
+_HERE = threading.Lock()  # one in-process render at a time: it redirects this process's output
+
+
+def _invoke_cli(args: list[str], log: Path, env: dict[str, str]) -> int:
+    """``anim ARGS`` in this process, stdout and stderr to ``log``, in the environment a Ray job
+    of the service gets (``env``) and with no Ray cluster reachable (``RAY_ADDRESS`` points
+    nowhere for its duration): its exit code."""
+    from contextlib import redirect_stderr, redirect_stdout
+
+    import click
+
+    from pipeline.cli import app
+
+    with _HERE, log.open("w", encoding="utf-8") as out, redirect_stdout(out), redirect_stderr(out):
+        env = {k: v for k, v in env.items() if k != "PYTHONPATH"} | {"RAY_ADDRESS": "127.0.0.1:1"}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            code = app(args, standalone_mode=False, prog_name="anim")
+            return int(code or 0)
+        except click.exceptions.Exit as exc:
+            return int(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show(file=out)
+            return 2
+        except SystemExit as exc:
+            return int(exc.code or 0) if isinstance(exc.code, int) else 1
+        except BaseException as exc:  # noqa: BLE001 - whatever it was goes to Ray next
+            out.write(f"error: {type(exc).__name__}: {exc}\n")
+            return 1
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _first_line(exc: BaseException) -> str:

@@ -54,6 +54,7 @@ def upgrade() -> None:
     sa.Column('attempt', sa.Integer(), nullable=False),
     sa.Column('submission_id', sa.String(length=64), nullable=True),
     sa.Column('submitted', sa.Boolean(), nullable=False),
+    sa.Column('runner', sa.String(length=8), nullable=False),
     sa.Column('restarts', sa.Integer(), nullable=False),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('mlflow_run_id', sa.String(length=64), nullable=True),

@@ -1,0 +1,164 @@
+"""What the render service costs and holds, measured side by side in one run (issue #12).
+
+1. **Overhead**: one episode through the service (submit → succeeded, as the client sees it)
+   against a direct ``anim render`` of the same script on an empty store of its own (which starts
+   its own local Ray); target ≤ 10 % more wall.
+2. **No-op re-render** through the warm service (every node in the store): target ≤ 2 s; beside
+   it, the same no-op as a direct ``anim render``.
+3. **Six queued episodes on two cores** (a batch, at most 2 renders at once): wall from submit to
+   the last one done, and the share of it the 2 cores were busy in nodes (Σ resource-seconds of
+   the six ledgers / 2 × wall); target ≥ 85 %.
+4. **20 concurrent submissions from 3 users** (one thread each, at once): how many were accepted,
+   finished, lost (accepted but missing or not finished) and duplicated (a job with two
+   succeeded Ray submissions, or two jobs for one submission).
+
+Everything real: a Ray head this script starts and stops, ``anim serve`` as its own process,
+SQLite job table and MLflow file, ffmpeg. ``--quick`` shrinks 3 and 4 (3 episodes, 6 submissions).
+
+    .venv/bin/python experiments/service_overhead.py [--script examples/shotlist.yaml] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.service.client import ServiceClient, ServiceError  # noqa: E402
+from pipeline.service.cluster import local_endpoint, stop_local_head  # noqa: E402
+from pipeline.service.process import ServiceProcess, add_account, isolated_env  # noqa: E402
+
+
+def variant(script: Path, tag: str, folder: Path, shots: int | None = None) -> Path:
+    """The YAML shot list with ``tag`` in its title and every action (new content keys)."""
+    data = yaml.safe_load(script.read_text(encoding="utf-8"))
+    data["title"] = f"{data['title']} {tag}"
+    kept = 0
+    for scene in data["scenes"]:
+        if shots is not None:
+            scene["shots"] = scene["shots"][:max(0, shots - kept)]
+            kept += len(scene["shots"])
+        for shot in scene["shots"]:
+            shot["action"] = f"{shot['action']} ({tag})"
+    data["scenes"] = [s for s in data["scenes"] if s["shots"]]
+    path = folder / f"{script.stem}-{tag}.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def direct_render(env: dict, script: Path, out: Path) -> float:
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pipeline", "render", str(script), "--out", str(out), "--no-progress"],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"direct render failed: {done.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def through_service(client: ServiceClient, script: Path, **kw) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    job = client.submit(script, **kw)
+    done = client.wait(job["id"], timeout_s=1800, poll_s=0.05)
+    wall = time.perf_counter() - t0
+    if done["status"] != "succeeded":
+        raise SystemExit(f"job {job['id']} {done['status']}: {done['error']}\n{client.logs(job['id'])}")
+    return wall, done
+
+
+def busy_seconds(data_dir: Path, job_id: int) -> float:
+    cost = json.loads((data_dir / "jobs" / str(job_id) / "out" / "cost.json").read_text())
+    return sum(r["seconds"] * r["units"] for r in cost["records"] if not r["cached"] and r["resource"] == "cpu")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--script", type=Path, default=REPO / "examples" / "shotlist.yaml")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    queued, concurrent = (3, 6) if args.quick else (6, 20)
+    root = Path(tempfile.mkdtemp(prefix="anim-service-overhead-"))
+    env = isolated_env(root, ANIM_SERVICE_MAX_RENDERS="2")
+    head = local_endpoint(root / "data", num_cpus=2)
+    results: dict = {}
+    try:
+        tokens = {name: add_account(env, name) for name in ("mei", "kai", "lin")}
+        with ServiceProcess(env, log=root / "serve.log") as service:
+            mei = ServiceClient(service.url, tokens["mei"])
+            # 1. the same episode, direct and through the service, each on an empty store
+            script = variant(args.script, "overhead", root)
+            direct_env = {**env, "ANIM_STORE": str(root / "store-direct")}
+            direct = direct_render(direct_env, script, root / "direct")
+            served, _ = through_service(mei, script)
+            results["overhead"] = {"direct_s": direct, "service_s": served, "ratio": served / direct}
+            # 2. the no-op, twice each (the first warm-up excluded)
+            through_service(mei, script)
+            noop_service, job = through_service(mei, script)
+            noop_direct = direct_render(direct_env, script, root / "direct-again")
+            results["noop"] = {"service_s": noop_service, "direct_cli_s": noop_direct, "runner": job["runner"]}
+            # 3. six queued episodes on two cores, one batch
+            batch = [variant(args.script, f"queued{i}", root) for i in range(queued)]
+            t0 = time.perf_counter()
+            made = mei.submit(batch)["jobs"]
+            done = [mei.wait(j["id"], timeout_s=3600, poll_s=0.1) for j in made]
+            wall = time.perf_counter() - t0
+            busy = sum(busy_seconds(root / "data", j["id"]) for j in done)
+            results["queued"] = {"episodes": queued, "wall_s": wall, "busy_core_s": busy, "busy_share": busy / (2 * wall),
+                                 "succeeded": sum(j["status"] == "succeeded" for j in done)}
+            # 4. concurrent submissions from three users
+            small = [variant(args.script, f"burst{i}", root, shots=1) for i in range(concurrent)]
+            clients = {name: ServiceClient(service.url, tok) for name, tok in tokens.items()}
+            accepted, refused, lock, gate = [], [], threading.Lock(), threading.Barrier(concurrent)
+
+            def one(i: int) -> None:
+                client = clients[list(clients)[i % 3]]
+                gate.wait()
+                try:
+                    job = client.submit(small[i])
+                    with lock:
+                        accepted.append((list(clients)[i % 3], job["id"]))
+                except ServiceError as exc:
+                    with lock:
+                        refused.append(str(exc))
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(concurrent)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            finished = [clients[user].wait(jid, timeout_s=3600, poll_s=0.2) for user, jid in accepted]
+            listed = {j["id"] for c in clients.values() for j in c.jobs()}
+            ray_ok = Counter(j.metadata.get("job") for j in head.client().list_jobs()
+                             if str(j.status).endswith("SUCCEEDED"))
+            results["concurrent"] = {
+                "submitted": concurrent, "accepted": len(accepted), "refused": refused,
+                "finished": sum(j["status"] == "succeeded" for j in finished),
+                "lost": sum(1 for _, jid in accepted if jid not in listed) +
+                        sum(j["status"] != "succeeded" for j in finished),
+                "duplicated": sum(1 for _, jid in accepted if ray_ok[str(jid)] > 1) +
+                              (len(accepted) - len({jid for _, jid in accepted}))}
+    finally:
+        stop_local_head(head)
+    o, n, q, c = results["overhead"], results["noop"], results["queued"], results["concurrent"]
+    print(f"1. one episode ({args.script.name}): direct anim render {o['direct_s']:.1f} s, through the service "
+          f"{o['service_s']:.1f} s: {o['ratio'] - 1:+.0%} (target ≤ +10 %)")
+    print(f"2. no-op re-render through the warm service {n['service_s']:.2f} s (runner {n['runner']}; target ≤ 2 s); "
+          f"direct anim render of the same no-op {n['direct_cli_s']:.1f} s")
+    print(f"3. {q['episodes']} queued episodes on 2 cores: {q['succeeded']} succeeded in {q['wall_s']:.1f} s, cores busy "
+          f"{q['busy_core_s']:.1f} core-s = {q['busy_share']:.0%} of the wall (target ≥ 85 %)")
+    print(f"4. {c['submitted']} concurrent submissions from 3 users: {c['accepted']} accepted, {c['finished']} finished, "
+          f"{c['lost']} lost, {c['duplicated']} duplicated; refused: {c['refused'] or 'none'}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
