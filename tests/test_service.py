@@ -224,10 +224,12 @@ def test_lifecycle_to_a_downloaded_episode(stack, tmp_path):
 
 
 def test_no_op_rerender_runs_in_the_warm_service(stack, tmp_path):
-    """Every node in the store: the service renders it itself, no Ray job, same outputs."""
+    """Every node in the store: the service renders it itself, no Ray job, same outputs. (Without
+    a budget: with one, the executor asks the cluster what stopping would cost even when nothing
+    runs, and the job goes to Ray as its next attempt.)"""
     with stack.client() as c:
         first = next(j for j in c.jobs(status="succeeded") if j["script_name"] == "life.yaml")
-        again = c.wait(c.submit(stack.root / "life.yaml", budget_yuan=5.0, series="测试系列")["id"], timeout_s=120)
+        again = c.wait(c.submit(stack.root / "life.yaml", series="测试系列")["id"], timeout_s=120)
         assert again["status"] == "succeeded" and again["runner"] == "service", c.logs(again["id"])
         assert again["progress"]["spent_yuan"] == 0 and "episode:" in c.logs(again["id"])
         a = c.download(first["id"], "episode.mp4", tmp_path / "first.mp4")
@@ -418,3 +420,12 @@ def test_killed_driver_is_resubmitted_and_resumes_from_the_store(stack):
     assert done["status"] == "succeeded", done
     assert done["attempt"] == 2 and done["submission_id"] == f"anim-{job['id']}-2"
     assert billed_twice(stack, script) == 0
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_accounts(tmp_path):
+    env = isolated_env(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "pipeline", "serve", "--host", "0.0.0.0"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--host 0.0.0.0" in done.stderr and "anim users add" in done.stderr
+    assert not (tmp_path / "data" / "ray").exists()  # refused before any cluster was started

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,10 @@ from pathlib import Path
 
 import httpx
 
+from pipeline.service.cluster import free_ports
 from pipeline.service.db import ServiceError
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def isolated_env(root: Path, base: dict[str, str] | None = None, **more: str) -> dict[str, str]:
@@ -55,7 +49,7 @@ class ServiceProcess:
     """``anim serve`` on a free loopback port, in a session of its own; ``kill`` is SIGKILL."""
 
     def __init__(self, env: dict[str, str], port: int | None = None, log: Path | None = None):
-        self.env, self.port = env, port or free_port()
+        self.env, self.port = env, port or free_ports(1)[0]
         self.log = log or Path(env["ANIM_SERVICE_DATA"]).parent / "serve.log"
         self.proc: subprocess.Popen | None = None
 
