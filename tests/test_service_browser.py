@@ -38,12 +38,12 @@ scenes:
       - {{duration: 1.0, camera: close-up, characters: [MEI], action: Mei smiles at the sea.}}
 """
 SHOTS, FRAMES = 2, 48  # two 1-s shots at the draft profile's 24 fps
-# Test instrumentation, run in every page before its own scripts: what #job-status, #shots and
-# #spent showed, in order, so the test can tell the page updated itself while the job ran.
+# Test instrumentation, run in every page before its own scripts: what #job-status and #shots
+# showed, in order, so the test can tell the page updated itself while the job ran.
 SEEN = """
-window.__seen = {status: [], shots: [], spent: []};
+window.__seen = {status: [], shots: []};
 document.addEventListener("DOMContentLoaded", () => {
-  for (const [id, key] of [["job-status", "status"], ["shots", "shots"], ["spent", "spent"]]) {
+  for (const [id, key] of [["job-status", "status"], ["shots", "shots"]]) {
     const el = document.getElementById(id);
     if (!el) continue;
     new MutationObserver(() => {
@@ -272,6 +272,8 @@ def test_a_producer_signs_in_submits_approves_watches_and_downloads(chromium_pat
         statuses = _seen(page, "status")
         after = statuses[statuses.index("awaiting approval"):]
         assert "rendering" in after and after[-1] == "succeeded", statuses
+        done = [int(t.split("/")[0]) for t in _seen(page, "shots") if "/" in t]
+        assert done == sorted(done) and done[-1] == SHOTS, _seen(page, "shots")
         spent = page.locator("#spent").text_content()
         assert re.fullmatch(r"¥\d+(\.\d+)?", spent) and float(spent[1:]) > 0, spent
         api_job = page.request.get(f"{url}/api/jobs/{job_id}").json()
