@@ -29,7 +29,7 @@ from stages.keyframes import DiffusionSettings
 from stages.records import Frame, KeyframeRequest, Keyframes, ProfileError, ShotScene
 from stages import prompts
 from stages.backgrounds import background_plate, setting_of
-from stages.draw import draw_figure, render_cel
+from stages.draw import draw_figure, draw_title_card, render_cel
 from stages.staging import Placement, frame_camera, layout, stable_hash
 
 VERSION = "1"
@@ -383,8 +383,11 @@ class DiffusersKeyframes:
         # 3. generate across shots, back to the profile size, regroup by shot
         images = self.generate(requests, (w, h))
         by_shot: dict[str, list[Frame]] = {p.shot.id: [] for p in shots}
+        titles = {p.shot.id: p.shot.title for p in shots}
         for (shot_id, k), img in zip(owners, images):
             if (w, h) != (self.width, self.height):
                 img = cv2.resize(img, (self.width, self.height), interpolation=cv2.INTER_LANCZOS4)
+            if titles[shot_id]:  # a title card's letters are set, not generated: models garble text
+                img = draw_title_card(img, titles[shot_id])
             by_shot[shot_id].append(Frame(index=k, image=img))
         return [Keyframes(shot=p.shot.id, frames=by_shot[p.shot.id]) for p in shots]

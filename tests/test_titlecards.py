@@ -174,3 +174,26 @@ def test_drawn_two_shot_shows_both_speakers():
         style = character_style(p.name)
         for colour in (style.skin, style.top):
             assert (np.abs(region.astype(np.int16) - colour).max(axis=2) <= 2).sum() > 30, (p.name, colour)
+
+
+def test_the_diffusers_backend_sets_the_card_text_on_what_it_generates(tmp_path):
+    """A tiny random-weight SD 1.5 (tests/tiny_diffusers.py): the card's letters are drawn on the
+    generated image, centred in the safe area, not left to the model."""
+    pytest.importorskip("diffusers")
+    from stages.diffusion import DiffusersKeyframes
+    from stages.keyframes import DiffusionSettings
+    from stages.records import KeyframeRequest
+    from tests.tiny_diffusers import save_sd15
+
+    model = save_sd15(tmp_path / "sd15")
+    settings = DiffusionSettings(model=str(model), device="cpu", dtype="float32", steps=2, layered=False)
+    width, height = 96, 160
+    card = KeyframeRequest(scene=_scene(_card("未完待续")), indices=[0], times=[0.0], seed=3)
+    plain = KeyframeRequest(scene=_scene(_card(" ").model_copy(update={"title": None, "id": "sc01-sh02"})), indices=[0], times=[0.0],
+                            seed=3)
+    drawn, bare = DiffusersKeyframes(width=width, height=height, settings=settings)([card, plain])
+    image = drawn.frames[0].image
+    x0, y0, x1, y1 = _ink_box(image)
+    sx0, sy0, sx1, sy1 = safe_area(width, height)
+    assert abs((x0 + x1) / 2 - (sx0 + sx1) / 2) <= 0.05 * width and abs((y0 + y1) / 2 - (sy0 + sy1) / 2) <= 0.05 * height
+    assert np.abs(image.astype(np.int16) - bare.frames[0].image).max() > 100
