@@ -104,10 +104,16 @@ def test_pages_send_a_browser_without_a_session_to_sign_in(pages):
     assert pages.get("/", follow_redirects=False).headers["location"] == "/jobs"
 
 
-@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "/\\evil.example", "jobs"])
+@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "/\\evil.example", "jobs",
+                                    "/\t/evil.example", "/\n/evil.example", "/ /x"])
 def test_sign_in_goes_back_only_to_a_page_of_this_site(pages, target):
     html = pages.get("/login", params={"next": target}).text
     assert 'data-next="/jobs"' in html
+
+
+def test_sign_in_goes_back_to_the_page_that_sent_the_browser(pages):
+    there = pages.get("/jobs?series=s1", follow_redirects=False).headers["location"]
+    assert 'data-next="/jobs?series=s1"' in pages.get(there).text
 
 
 def test_user_text_in_a_page_is_escaped(pages):

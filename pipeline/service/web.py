@@ -22,6 +22,7 @@ change without it.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import get_args
 from urllib.parse import urlencode
@@ -33,13 +34,12 @@ from fastapi.templating import Jinja2Templates
 
 from pipeline.config import builtin_profiles
 from pipeline.models import Profile
+from pipeline.service.db import STATUSES
 from stages.draw import font_path
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "anim_session"
 CSRF_HEADER = ("X-Anim", "1")
-STATUSES = ("queued", "planning", "awaiting_approval", "rendering", "succeeded", "failed",
-            "stopped", "cancelled")
 ASPECTS = get_args(Profile.model_fields["aspect"].annotation)
 
 # The only files /static serves: a fixed map, never a path the client chose.
@@ -52,6 +52,10 @@ STATIC = {
     "job.js": "text/javascript; charset=utf-8",
 }
 FONT_NAME = "noto-sans-cjk.ttc"  # Chromium and Firefox read a TrueType collection (its first face)
+
+# Where sign-in may send the browser back to: a path on this site in printable ASCII (what the
+# redirect below writes). Browsers drop tabs and newlines from a URL, so "/\t/evil" would be "//evil".
+SAFE_NEXT = re.compile(r"/(?![/\\])[\x21-\x7e]*")
 
 templates = Jinja2Templates(env=jinja2.Environment(
     loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
@@ -80,7 +84,7 @@ def home() -> Response:
 @router.get("/login", response_class=HTMLResponse)
 def login(request: Request, next: str = "/jobs") -> Response:
     # Only a path on this site: an absolute or scheme-relative URL would be an open redirect.
-    safe_next = next if next.startswith("/") and not next.startswith(("//", "/\\")) else "/jobs"
+    safe_next = next if SAFE_NEXT.fullmatch(next) else "/jobs"
     return templates.TemplateResponse(request, "login.html",
                                       {"next": safe_next, "csrf_header": CSRF_HEADER})
 
