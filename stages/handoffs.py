@@ -16,7 +16,7 @@ left out, it is those two together), all files in one folder (``media_dir``).
   ``assets/`` folder; the shots on the video track, the dialogue and music on audio tracks,
   each cue a text segment on the subtitle track (a second one where cues overlap). Material
   paths name the copies through JianYing's draft-folder placeholder
-  (``##_draftpath_placeholder_<draft id>_##/assets/…``), or, with ``draft_root`` (the editor's
+  (``DRAFT_PATH_PLACEHOLDER/assets/…``), or, with ``draft_root`` (the editor's
   JianYing drafts folder), as absolute paths under it, as peers export them.
 
 Writes are atomic: each file appears complete or not at all.
@@ -40,6 +40,9 @@ STAGE = "handoffs"
 AUDIO_STEMS = ("dialogue", "music")  # what editors get on audio tracks; "mix" is these two together
 DRAFT_INFO, DRAFT_CONTENT, DRAFT_META = "draft_info.json", "draft_content.json", "draft_meta_info.json"
 JIANYING_TRACKS = {"video": "镜头", "dialogue": "对白", "music": "音乐", "subtitles": "字幕"}
+# JianYing's token for "this draft's own folder" in material paths: one literal, the same in every
+# draft (the editor itself writes it for media saved inside a draft; other ids are not resolved)
+DRAFT_PATH_PLACEHOLDER = "##_draftpath_placeholder_0E685133-18CE-45ED-8CB8-2904A212EC80_##"
 
 
 class TimelineClip(Record):
@@ -204,7 +207,7 @@ def write_jianying_draft(shots: list[TimelineClip], cues: list[SubtitleCue], zip
         draft_id = str(uuid.uuid4()).upper()
         script.content["id"] = draft_id
         content = json.loads(script.dumps())
-        prefix = f"{draft_root.rstrip('/')}/{name}/assets" if draft_root else f"##_draftpath_placeholder_{draft_id}_##/assets"
+        prefix = f"{draft_root.rstrip('/')}/{name}/assets" if draft_root else f"{DRAFT_PATH_PLACEHOLDER}/assets"
         content = _replace_prefix(content, str(assets), prefix)
         text = json.dumps(content, ensure_ascii=False, indent=2)
         for file in (DRAFT_INFO, DRAFT_CONTENT):

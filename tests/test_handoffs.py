@@ -113,7 +113,7 @@ def test_jianying_draft_reloads_with_pyjianyingdraft(media, tmp_path):
     meta = json.loads((draft / "draft_meta_info.json").read_text(encoding="utf-8"))
     assert meta["draft_id"] == info["id"] and meta["draft_name"] == name
     # 2. The media are inside the draft folder, named through the draft-folder placeholder.
-    placeholder = f"##_draftpath_placeholder_{info['id']}_##/assets/"
+    placeholder = f"{handoffs.DRAFT_PATH_PLACEHOLDER}/assets/"
     paths = [m["path"] for m in info["materials"]["videos"] + info["materials"]["audios"]]
     assert len(paths) == 5 and all(p.startswith(placeholder) for p in paths)
     assert all((draft / "assets" / p[len(placeholder):]).is_file() for p in paths)
