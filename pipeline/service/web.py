@@ -51,7 +51,7 @@ STATIC = {
     "new.js": "text/javascript; charset=utf-8",
     "job.js": "text/javascript; charset=utf-8",
 }
-FONT_NAME = "noto-sans-cjk.ttc"  # Chromium and Firefox read a TrueType collection (its first face)
+FONT_NAME = "noto-sans-cjk.ttc"  # Chromium draws a collection's first face (the browser test checks)
 
 # Where sign-in may send the browser back to: a path on this site in printable ASCII (what the
 # redirect below writes). Browsers drop tabs and newlines from a URL, so "/\t/evil" would be "//evil".
