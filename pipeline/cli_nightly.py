@@ -105,7 +105,7 @@ def _print_dry_run(night) -> None:
                       f"{len(t.schedule.shots_to_render)}/{len(t.plan.shots)}", f"{t.estimate_yuan:.5f}")
     out.print(table)
     episodes = len({t.episode.index for t in night.admitted})
-    cap = f" (night cap ¥{series.night_cap_yuan:g})" if series.night_cap_yuan is not None else ""
+    cap = f" (night cap ¥{series.night_cap_yuan:.5f})" if series.night_cap_yuan is not None else ""
     wait = len({t.episode.index for t in night.waiting})
     if not night.picked:
         out.print(f"tonight: nothing changed in {len(series.episodes)} episodes; nothing to render", markup=False)

@@ -292,6 +292,19 @@ class InProcess:
         self.store = open_store(settings.store, create_parents=settings.sources.get("store", "default") == "default")
         self.cluster = Cluster(settings.ray_address, settings.num_cpus)
         self.ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+        self._reach_checked = False
+
+    def _check_reach(self) -> None:
+        """Start (or join) the cluster once, and refuse a store its other nodes cannot see."""
+        if self._reach_checked:
+            return
+        self.cluster.start()
+        import ray  # the cluster is up: only its node list is read
+
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if problem := store_reach_problem(self.settings.store, alive):
+            raise NightlyError(problem)
+        self._reach_checked = True
 
     def render(self, item: Tonight, budget_yuan: float | None, night: str, series: Series,
                previous: dict[str, dict]) -> Row:
@@ -302,6 +315,7 @@ class InProcess:
         from pipeline.render import render
 
         rplan, settings, store = item.plan, self.settings, self.store
+        self._check_reach()
         saved = _saved_yuan(item, store)
         try:
             check_out_dir(item.out_dir)
@@ -419,14 +433,15 @@ def exit_code(rows: Iterable[Row]) -> int:
     return EXIT_DONE
 
 
-def check_store_reach(settings) -> None:
-    """A render on a cluster (``RAY_ADDRESS``) needs a store every node sees: a local path is
-    refused, since the other nodes would write their artifacts where the driver cannot read them."""
-    store = str(settings.store)
-    if settings.ray_address and ("://" not in store or store.startswith("file://")):
-        raise NightlyError(f"store {store}: a local folder, but renders run on the cluster at RAY_ADDRESS="
-                           f"{settings.ray_address} whose other nodes cannot see it; set ANIM_STORE to an object "
-                           "store URL every node reaches (s3://…, oss://…)")
+def store_reach_problem(store: str, alive_nodes: int) -> str | None:
+    """Why a render on a cluster of ``alive_nodes`` cannot use ``store``, or None: with more than
+    one node, a local folder is refused, since the other nodes would write their artifacts where
+    the driver cannot read them (and lose them with the node)."""
+    store = str(store)
+    if alive_nodes > 1 and ("://" not in store or store.startswith("file://")):
+        return (f"store {store}: a local folder, but the Ray cluster has {alive_nodes} nodes and the others cannot "
+                "see it; set ANIM_STORE to an object store URL every node reaches (s3://…, oss://…); nothing rendered")
+    return None
 
 
 def run_night(series: Series, settings, *, now: datetime, book: "NightBook", server: str | None = None,
@@ -437,8 +452,6 @@ def run_night(series: Series, settings, *, now: datetime, book: "NightBook", ser
     from pipeline import nightly_report
 
     night = night_key(series, now)
-    if server is None:
-        check_store_reach(settings)
     if book.get(series.name, night) is None:  # planned first: a bad script leaves no record of the night
         previous = book.previous_rows(series.name, night)
         tonight = plan_night(series, settings, now=now, previous=previous)
@@ -496,7 +509,7 @@ def _render(tonight: NightPlan, settings, previous: dict[str, dict], *, server: 
         store = open_store(settings.store, create_parents=settings.sources.get("store", "default") == "default")
     for item in tonight.waiting:
         rows[item.key] = _row(item, "waiting", previous, error=f"not admitted: the night's cap "
-                              f"¥{series.night_cap_yuan:g} is taken by episodes before it; next night",
+                              f"¥{series.night_cap_yuan:.5f} is taken by episodes before it; next night",
                               saved_yuan=_saved_yuan(item, store))
     for item in tonight.items:
         if item.key not in rows:

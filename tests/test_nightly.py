@@ -207,3 +207,37 @@ def test_the_service_loop_neither_skips_nor_repeats_a_night_across_restarts(tmp_
     assert len(night_runs(tmp_path)) == 4
     # Nothing is due again the same minute, whoever asks.
     assert due(t(7, 3) + timedelta(seconds=30)) == []
+
+
+def test_a_store_other_nodes_cannot_see_is_refused_on_a_multi_node_cluster():
+    from pipeline.nightly import store_reach_problem
+
+    assert store_reach_problem("/var/anim/store", 1) is None  # one machine: a local folder is right
+    assert store_reach_problem("s3://studio/store", 4) is None
+    for local in ("/var/anim/store", "file:///var/anim/store"):
+        problem = store_reach_problem(local, 3)
+        assert "3 nodes" in problem and "s3://" in problem and "\n" not in problem
+
+
+def test_the_command_dry_run_and_a_bad_manifest(tmp_path):
+    """``anim nightly --dry-run`` prints tonight's renders and records nothing; a bad manifest is
+    one line naming its line, exit 2."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    free = plan_night(load_series(make_series(tmp_path)), settings_for(tmp_path), now=datetime.now(UTC))
+    manifest = make_series(tmp_path, cap=free.items[0].estimate_yuan * 1.5)  # room for the first episode only
+    env = {"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "XDG_CONFIG_HOME": str(tmp_path / "config"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "ANIM_NIGHTS": str(tmp_path / "nights.db"), "ANIM_STORE": "", "RAY_ADDRESS": ""}
+    runner = CliRunner()
+    done = runner.invoke(app, ["nightly", str(manifest), "--dry-run", "--now", "2026-12-01T03:00+00:00"], env=env)
+    assert done.exit_code == 0, done.output
+    assert "tonight: 1 of 2 episodes" in " ".join(done.output.split()) and "waits" in done.output
+    assert not (tmp_path / "nights.db").exists() and not (tmp_path / "mlflow.db").exists()
+    manifest.write_text(manifest.read_text().replace('order = "script"', 'order = "alphabetical"'))
+    done = runner.invoke(app, ["nightly", str(manifest)], env=env)
+    assert done.exit_code == 2
+    line = " ".join(done.output.split())
+    assert f"{manifest}:5: order: Input should be 'script' or 'priority'" in line, line
