@@ -47,7 +47,7 @@ from pipeline.cost import PriceCatalog
 from pipeline.ledger import Work
 from pipeline.models import LedgerRecord, RenderPlan, ShotPlan
 from pipeline.nodes import (KeyframeWorker, Measured, assemble_node, clip_node, contact_sheet_node, keyframes_node,
-                            storyboard_node, voice_node)
+                            storyboard_node, voice_node, VoiceWorker)
 from pipeline.registry import Resources
 from pipeline.schedule import Node, NodeId, Schedule, contact_sheet_estimate, prerequisites
 from pipeline.store import Store
@@ -415,6 +415,8 @@ class _Run:
                                                                                       "inbetween")}
         kf_entry, kf_settings = self.entries["keyframes"]
         self.pool = _ActorPool(cluster, plan, work) if kf_entry.actor else None
+        self.voice_startups: list[LedgerRecord] = []  # a voice actor's start: billed, not attributed
+        self.voice_actors: list[Any] = []
 
     # ---- 1. before any work: model backends load, GPUs exist
     def prepare(self) -> None:
@@ -547,10 +549,34 @@ class _Run:
         held = entry.resources(settings)
         self.cluster.check(held, f"the {entry.name} voice backend")
         by_id = {v.id: v for v in self.plan.voices}
-        task = self.cluster.task(voice_node, held).options(num_returns=len(lines))
-        refs = task.remote([by_id[n.id.item] for n in lines], entry=entry, settings=settings, work=self.work)
+        batch = [by_id[n.id.item] for n in lines]
+        actor = self.voice_actor(entry, settings, held) if entry.actor else None
+        if actor is not None:
+            refs = actor.speak.options(num_returns=len(lines)).remote(batch)
+        else:
+            task = self.cluster.task(voice_node, held).options(num_returns=len(lines))
+            refs = task.remote(batch, entry=entry, settings=settings, work=self.work)
         for n, ref in zip(lines, refs if len(lines) > 1 else [refs]):
-            self.submit(n, ref, held, group=-1)  # lines are spoken one after another: each its own lease
+            self.submit(n, ref, held, actor=actor, group=-1)  # lines are spoken one after another: each its own lease
+
+    def voice_actor(self, entry: Any, settings: Any, held: Resources) -> Any:
+        """A model-holding voice backend's actor, started and loaded (its start billed as ``model_load``);
+        a backend that cannot load is one line, before any line is spoken."""
+        import ray
+
+        worker = ray.remote(num_cpus=1, num_gpus=held.gpus or None)(VoiceWorker)
+        submitted = time.time()
+        actor = worker.remote(entry=entry, settings=settings, work=self.work)
+        try:
+            up = get(actor.startup.remote(), NodeId("voice", f"{entry.name} backend"))
+        except NodeError as exc:
+            ray.kill(actor)
+            raise AnimError(f"the {entry.name} voice backend could not start: {exc.problem}; nothing was "
+                            "rendered") from exc
+        load_s = max(up["created"] - submitted, 0.0) + up["load_s"]
+        self.voice_startups.append(self.prices.record("model_load", None, load_s, held.resource, held.units))
+        self.voice_actors.append(actor)
+        return actor
 
     def chains(self) -> list[ShotPlan]:
         """Shots whose clip must be made: scheduled first, then those standing by for budget."""
@@ -688,7 +714,10 @@ class _Run:
         actors = {id(self.in_flight[r].actor): self.in_flight[r].actor for r in doomed
                   if self.in_flight[r].actor is not None and self.in_flight[r].lease is not None}
         for actor in actors.values():
-            self.pool.kill(actor)
+            if self.pool is not None and actor in self.pool.actors:
+                self.pool.kill(actor)
+            else:
+                ray.kill(actor)
         for ref in doomed:
             if self.in_flight[ref].actor is None:
                 ray.cancel(ref, force=True)
@@ -834,7 +863,9 @@ class _Run:
                 f"the budget cap stopped {len(self.out.cancelled)} running node(s), their partial time billed{sheet}")
         self.out.cluster = self.cluster.resources()
         self.out.ray_init_seconds = 0.0 if self.ray_was_up else self.cluster.init_seconds  # this render's start only
-        self.out.startups = list(self.pool.startups) if self.pool is not None else []
+        self.out.startups = (list(self.pool.startups) if self.pool is not None else []) + self.voice_startups
+        for actor in self.voice_actors:  # its lines are spoken: its GPU goes back
+            ray.kill(actor)
         return self.out
 
     def progress(self) -> None:

@@ -416,12 +416,13 @@ def write_handoffs(plan: RenderPlan, clips: list[Path], d: Path, stems: list[Aud
                                   width=plan.width, height=plan.height, fps=fps, stems=stems)
 
 
-def voice_node(lines: list[VoicePlan], *, entry: Backend, settings: Any, work: Work) -> Any:
+def voice_node(lines: list[VoicePlan], *, entry: Backend, settings: Any, work: Work, speaker: Any = None) -> Any:
     """Every line's voice into the store (``line.wav`` and its measured ``speech.json``), one line
-    at a time, each under its own key and lease; the backend is built once, when the first line
-    this render must speak is claimed (its build billed to that line). One ``Measured`` per line
-    (a bare one for one line, as Ray's ``num_returns`` expects)."""
-    held, speaker, build_s = entry.resources(settings), None, 0.0
+    at a time, each under its own key and lease; the backend (unless a model actor passes its
+    ``speaker``) is built once, when the first line this render must speak is claimed (its build
+    billed to that line). One ``Measured`` per line (a bare one for one line, as Ray's
+    ``num_returns`` expects)."""
+    held, build_s = entry.resources(settings), 0.0
     out: list[Measured] = []
     for v in lines:
         node = NodeId("voice", v.id)
@@ -440,6 +441,33 @@ def voice_node(lines: list[VoicePlan], *, entry: Backend, settings: Any, work: W
             build_s = 0.0
         out.append(measured(claim))
     return out if len(out) > 1 else out[0]
+
+
+class VoiceWorker:
+    """A model-holding voice backend (a neural TTS on a GPU): loads once in ``__init__``, then speaks
+    batches of lines into the store. ``pipeline.dag`` runs it as a Ray actor holding the backend's
+    GPUs; like ``KeyframeWorker`` it reports a backend that cannot load from ``startup()`` as a
+    NodeError (one line naming the path), and what its start cost (``created``, ``load_s``)."""
+
+    def __init__(self, *, entry: Backend, settings: Any, work: Work):
+        self.entry, self.settings, self.work, self.error, self.speaker = entry, settings, work, None, None
+        self.created = time.time()
+        t0 = time.perf_counter()
+        try:
+            with failing_as(NodeId("voice", f"{entry.name} backend")):
+                self.speaker = entry.build(settings)
+        except NodeError as exc:
+            self.error = exc
+        self.load_s = time.perf_counter() - t0
+
+    def startup(self) -> dict[str, Any]:
+        if self.error is not None:
+            raise self.error
+        what = self.speaker.ready() if hasattr(self.speaker, "ready") else type(self.speaker).__name__
+        return {"created": self.created, "load_s": self.load_s, "warmup_s": 0.0, "ready": what}
+
+    def speak(self, lines: list[VoicePlan]) -> Any:
+        return voice_node(lines, entry=self.entry, settings=self.settings, work=self.work, speaker=self.speaker)
 
 
 def _language(plan: RenderPlan) -> str:

@@ -200,3 +200,17 @@ def _espeak(settings: voice.EspeakSettings, **_: Any) -> Any:
 
 
 register(Backend("voice", "espeak", voice.EspeakSettings, build=_espeak, calibration=lambda s: "espeak"))
+
+
+def _neural(settings: voice.NeuralVoiceSettings, **_: Any) -> Any:
+    from stages.voice_neural import NeuralVoice  # torch and transformers are imported only when it is built
+
+    return NeuralVoice(settings=settings)
+
+
+def _neural_resources(s: voice.NeuralVoiceSettings) -> Resources:
+    return Resources(gpus=s.num_gpus, gpu_type=s.gpu_type) if _on_gpu(s.device) and s.num_gpus else Resources()
+
+
+register(Backend("voice", "neural", voice.NeuralVoiceSettings, build=_neural, calibration=lambda s: "neural:vits",
+                 resources=_neural_resources, placement=voice.NeuralVoiceSettings.PLACEMENT, actor=True))

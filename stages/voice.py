@@ -20,6 +20,7 @@ import re
 import threading
 import wave
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -51,6 +52,29 @@ class EspeakSettings(Record):
 
     rate: int = Field(165, ge=80, le=450, description="Words per minute for every character without its own.")
     voices: dict[str, CharacterVoice] = Field(default_factory=dict, description="Per character (cue name).")
+
+
+class NeuralCharacterVoice(Record):
+    """How one character speaks with a neural model."""
+
+    speaker: int | None = Field(None, ge=0, description="Speaker id of a multi-speaker model.")
+    rate: float | None = Field(None, gt=0.2, le=4.0, description="Speaking rate, 1.0 the model's own.")
+    reference: str | None = Field(None, description="A reference recording (WAV) for cloning models.")
+
+
+class NeuralVoiceSettings(Record):
+    """The ``[neural]`` table: a neural text-to-speech model from a local directory, loaded once per
+    model actor (``stages.voice_neural``). ``PLACEMENT`` never enters a content key."""
+
+    PLACEMENT: ClassVar[frozenset[str]] = frozenset({"num_gpus", "gpu_type"})
+    model: str = Field(description="A local transformers text-to-waveform model directory (VITS / MMS-TTS): "
+                       "config.json, weights and tokenizer files. Never downloaded.")
+    device: str = Field("cuda", description="'cuda', 'cuda:1' or 'cpu'.")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    rate: float = Field(1.0, gt=0.2, le=4.0, description="Speaking rate for every character without its own.")
+    voices: dict[str, NeuralCharacterVoice] = Field(default_factory=dict, description="Per character (cue name).")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per voice actor; fractional shares a GPU.")
+    gpu_type: str = Field("H200", description="Price-catalog GPU type billed for the actor's GPUs.")
 
 
 def language_of(text: str) -> str:
