@@ -293,6 +293,12 @@ def test_a_producer_signs_in_submits_approves_watches_and_downloads(chromium_pat
         fonts = platform_fonts(page, "#job-title")
         assert fonts and all(f["isCustomFont"] and f["familyName"].startswith("Noto Sans CJK") for f in fonts), fonts
         assert abs(text_width_em(page, "#job-title") - len(TITLE)) < 0.05  # each glyph one em wide
+        # The face's Chinese glyph forms (OpenType locl) follow the marked language, not its Japanese default.
+        assert page.locator("#job-title").get_attribute("lang") == "zh-Hans"
+        page.evaluate("""() => { for (const lang of ["ja", "zh-Hans"]) { const s = document.createElement("span");
+            s.id = "locl-" + lang; s.lang = lang; s.style.fontSize = "64px"; s.textContent = "直骨";
+            document.body.append(s); } }""")
+        assert page.locator("#locl-ja").screenshot() != page.locator("#locl-zh-Hans").screenshot()
         page.evaluate("""() => { const s = document.createElement("span"); s.id = "control";
             s.style.fontFamily = "monospace"; s.textContent = "海边"; document.body.append(s); }""")
         assert not any(f["isCustomFont"] for f in platform_fonts(page, "#control"))  # the check can tell

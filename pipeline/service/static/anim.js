@@ -54,14 +54,30 @@ const anim = (() => {
     return isNaN(d) ? String(iso) : d.toLocaleString();
   }
 
+  // The page's font is one Noto Sans CJK face; its glyph forms follow the text's language
+  // (OpenType locl), so CJK text is marked: kana -> ja, hangul -> ko, other Han -> zh-Hans.
+  function langOf(text) {
+    if (/[\u3040-\u30ff]/.test(text)) return "ja";
+    if (/[\uac00-\ud7af\u1100-\u11ff]/.test(text)) return "ko";
+    if (/[\u3400-\u9fff\uf900-\ufaff]/.test(text)) return "zh-Hans";
+    return "";
+  }
+
+  function write(node, text) {
+    text = (text === null || text === undefined) ? "" : String(text);
+    node.textContent = text;
+    const lang = langOf(text);
+    if (lang) node.lang = lang; else node.removeAttribute("lang");
+    return node;
+  }
+
   function el(tag, text, cls) {
-    const node = document.createElement(tag);
-    if (text !== undefined && text !== null) node.textContent = String(text);
+    const node = write(document.createElement(tag), text);
     if (cls) node.className = cls;
     return node;
   }
 
-  function setText(id, text) { document.getElementById(id).textContent = (text === null || text === undefined) ? "" : String(text); }
+  function setText(id, text) { write(document.getElementById(id), text); }
 
   function statusLabel(s) { return String(s || "").replace(/_/g, " "); }
 
@@ -70,7 +86,7 @@ const anim = (() => {
     if (!me) return;
     try {
       const who = await api("/api/me");
-      me.textContent = who.username + (who.role === "admin" ? " (admin)" : "");
+      write(me, who.username + (who.role === "admin" ? " (admin)" : ""));
       body.dataset.role = who.role;
     } catch (e) { /* a 401 already went to the sign-in page */ }
   }
@@ -84,5 +100,5 @@ const anim = (() => {
     });
   });
 
-  return {api, yuan, duration, when, el, setText, statusLabel, toLogin};
+  return {api, yuan, duration, when, el, setText, write, langOf, statusLabel, toLogin};
 })();

@@ -24,7 +24,7 @@ document.addEventListener("DOMContentLoaded", () => {
     anim.setText("job-error", j.error || "");
     const stopped = document.getElementById("job-stopped");
     stopped.hidden = !j.stopped_reason;
-    stopped.textContent = j.stopped_reason ? "Stopped: " + j.stopped_reason : "";
+    anim.write(stopped, j.stopped_reason ? "Stopped: " + j.stopped_reason : "");
 
     anim.setText("stage", p.stage || "—");
     const total = p.shots_total || 0, done = p.shots_done || 0;
@@ -83,7 +83,7 @@ document.addEventListener("DOMContentLoaded", () => {
         const text = await anim.api(base + "/logs?tail=200", {text: true});
         const pre = document.getElementById("log");
         const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-        pre.textContent = text;
+        anim.write(pre, text);
         if (atEnd) pre.scrollTop = pre.scrollHeight;
       } catch (e) { /* no log yet */ }
     }, wait);
@@ -106,12 +106,13 @@ document.addEventListener("DOMContentLoaded", () => {
       const img = fig.querySelector("img");
       img.src = p.url;
       img.alt = "storyboard panel, shot " + p.shot;
-      fig.querySelector(".shot").textContent = "Shot " + p.shot;
-      fig.querySelector(".decision").textContent = decided(p)
+      anim.write(fig.querySelector(".shot"), "Shot " + p.shot);
+      anim.write(fig.querySelector(".decision"), decided(p)
         ? (APPROVED.has(p.decision) ? "approved" : "rejected") + (p.by ? " by " + p.by : "") + (p.at ? ", " + anim.when(p.at) : "")
-        : "undecided";
+        : "undecided");
       const comment = fig.querySelector(".comment");
       comment.value = p.comment || "";
+      comment.lang = anim.langOf(comment.value) || "";
       comment.disabled = !deciding;
       for (const [cls, decision] of [["approve", "approve"], ["reject", "reject"]]) {
         const btn = fig.querySelector("." + cls);

@@ -22,9 +22,9 @@ function jobRow(job) {
   ];
   for (const [text, cls] of cells) {
     const td = document.createElement("td");
-    if (cls === "num") { td.className = "num"; td.textContent = text; }
+    if (cls === "num") { td.className = "num"; anim.write(td, text); }
     else if (cls) td.append(anim.el("span", text, cls));
-    else td.textContent = text ?? "";
+    else anim.write(td, text);
     tr.append(td);
   }
   return tr;
@@ -47,4 +47,7 @@ async function refresh() {
   setTimeout(refresh, active ? 2000 : 10000);
 }
 
-document.addEventListener("DOMContentLoaded", refresh);
+document.addEventListener("DOMContentLoaded", () => {
+  for (const input of document.querySelectorAll("#filters input")) input.lang = anim.langOf(input.value) || "";
+  refresh();
+});
