@@ -50,6 +50,7 @@ document.addEventListener("DOMContentLoaded", () => {
   }
 
   async function estimate() {
+    if (planned !== null && planned === key()) return;  // the shown estimate is for these inputs
     submitBtn.disabled = true;
     planned = null;
     anim.setText("new-error", "");
