@@ -257,6 +257,7 @@ def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
     tune = [r for r in res if r["t"].part == "tune"]
     lines.append("threshold sweep on the tune part (recombined): fallback (crossfade above an inconsistent share), "
                  "threshold, RIFE share, mean PSNR adaptive - RIFE overall and on the worst set/step, time vs RIFE")
+    sweep = []
     for above in (None, 0.3, 0.4):
         for thr in (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 1.01):
             def pick(r):
@@ -268,9 +269,16 @@ def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
             gap = np.mean([r[pick(r)][0] - r["rife"][0] for r in tune])
             secs = np.mean([r["flow"][2] + (r[pick(r)][2] if pick(r) != "flow" else 0.0) for r in tune])
             share = np.mean([pick(r) == "rife" for r in tune])
+            ratio = secs / np.mean([r["rife"][2] for r in tune])
+            sweep.append((above, thr, round(float(worst), 2), round(float(gap), 2), float(ratio)))
             lines.append(f"  fallback {'none' if above is None else f'>{above:.1f}':>4s}  threshold {thr:4.2f}  "
-                         f"RIFE {share:4.0%}  {gap:+6.2f} dB  worst {worst:+6.2f} dB  "
-                         f"{secs / np.mean([r['rife'][2] for r in tune]):5.2f}x RIFE's time")
+                         f"RIFE {share:4.0%}  {gap:+6.2f} dB  worst {worst:+6.2f} dB  {ratio:5.2f}x RIFE's time")
+    # The declared rule: within 1/3 of RIFE's time, the best worst set/step; then the best mean; then the cheapest.
+    above, thr, worst, gap, ratio = max((x for x in sweep if x[4] <= 1 / 3), key=lambda x: (x[2], x[3], -x[4]))
+    lines.append(f"chosen on the tune part by the rule (time <= 1/3 of RIFE's, then best worst set/step, best mean, "
+                 f"cheapest): fallback {'none' if above is None else f'crossfade above {above}'}, threshold {thr} "
+                 f"(worst {worst:+.2f} dB, mean {gap:+.2f} dB, {ratio:.2f}x RIFE's time); this run used {args.threshold}")
+    metrics["chosen_threshold"] = thr
     return lines, metrics
 
 

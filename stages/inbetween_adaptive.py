@@ -41,10 +41,9 @@ class AdaptiveSettings(Record):
 
     PLACEMENT: ClassVar[frozenset[str]] = frozenset({"num_gpus", "gpu_type"})
 
-    # 0.2: chosen on the tune split of experiments/interp_sets.py (the middle of the 0.15-0.25 plateau
-    # where the worst set/step is best, at a RIFE share under 30%); fallback off: on the tune split it
-    # lowers the worst set/step (see experiments/interp_bench.py's sweep)
-    threshold: float = Field(0.2, ge=0.0, le=1.0, description="Pairs whose flow confidence is below this go to RIFE.")
+    # 0.05 and no fallback: chosen on the tune split of experiments/interp_sets.py by the rule the bench
+    # prints (within 1/3 of RIFE's time: the best worst set/step, then the best mean, then the cheapest)
+    threshold: float = Field(0.05, ge=0.0, le=1.0, description="Pairs whose flow confidence is below this go to RIFE.")
     fallback: Literal["none", "crossfade", "hold"] = Field(
         "none", description="What pairs with an incoherent flow get instead ('none': the flow or RIFE, by confidence).")
     fallback_above: float = Field(0.4, ge=0.0, le=1.0,

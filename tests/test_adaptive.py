@@ -113,7 +113,7 @@ def test_routing_is_deterministic_and_a_pure_function_of_the_score(rife):
     ad = adaptive(rife, fallback="crossfade", fallback_above=0.5)
     c = dict(inconsistent=0.1, motion=0.5, spread=0.5, residual=1.0, unaligned=10.0)  # score 0.81
     assert ad.route(PairConfidence(**c)) == "flow"
-    assert ad.route(PairConfidence(**{**c, "residual": 9.0})) == "rife"  # score 0.09
+    assert ad.route(PairConfidence(**{**c, "residual": 9.8})) == "rife"  # score 0.018
     assert ad.route(PairConfidence(**{**c, "inconsistent": 0.6})) == "fallback"
     assert adaptive(rife).route(PairConfidence(**{**c, "inconsistent": 0.6})) == "flow"  # no fallback: score 0.36
     assert adaptive(rife, threshold=0.5).route(PairConfidence(**{**c, "inconsistent": 0.6})) == "rife"
