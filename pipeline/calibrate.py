@@ -46,7 +46,11 @@ def work_of(plan: RenderPlan) -> dict[tuple[str, str | None], float]:
     """(stage, shot) → units × megapixels the node did, for the stages that have a calibration row
     (the same work ``pipeline.plan`` scales each row by)."""
     p = plan.profile
-    work: dict[tuple[str, str | None], float] = {("assemble", None): plan.total_frames * plan.width * plan.height / 1e6}
+    work: dict[tuple[str, str | None], float] = {("assemble", None): plan.total_frames * plan.width * plan.height / 1e6,
+                                                 ("mix", None): plan.duration_s,
+                                                 ("subtitles", None): plan.total_frames * plan.width * plan.height / 1e6}
+    for v in plan.voices:  # a shot's lines, by the seconds they speak
+        work[("voice", v.line.shot)] = work.get(("voice", v.line.shot), 0.0) + v.spoken_s
     for s in plan.shots:
         for stage, (units, mpx) in shot_work(p, s.frames, s.drawings, s.keyframes).items():
             work[(stage, s.shot.id)] = units * mpx

@@ -43,11 +43,11 @@ class Mix:
     """What the mix measured: the delivered loudness and each stem's."""
 
     duration_s: float
-    loudness_lufs: float
-    dialogue_lufs: float
+    loudness_lufs: float | None  # None: silence (no dialogue, no bed)
+    dialogue_lufs: float | None
     bed_lufs: float | None
     gain_db: float
-    peak_db: float
+    peak_db: float | None
 
 
 def _read_wav(path: str) -> tuple[np.ndarray, int]:
@@ -174,31 +174,36 @@ def mix(lines: list[Placement], duration_s: float, out_dir: str | Path, *, ffmpe
         if np.isfinite(bed_lufs):
             music *= 10 ** ((ref + bed_db - bed_lufs) / 20)
         music *= duck_gain(dialogue, duck_db=duck_db)
+    music_lufs = loudness(music) if music is not None else None
     total = dialogue + music if music is not None else dialogue.copy()
     # 3. One gain to the target, a soft limiter over the ceiling, measured again: the limiter takes
     #    some loudness off peaky speech, so the gain is raised until the limited mix is on target.
     before = loudness(total)
     gain_db = target_lufs - before if np.isfinite(before) else 0.0
     limited = _limit(total * 10 ** (gain_db / 20), ceiling_db)
+    now = loudness(limited)
     for _ in range(6):
-        now = loudness(limited)
         if not np.isfinite(now) or abs(now - target_lufs) < 0.05:
             break
         gain_db += target_lufs - now
         limited = _limit(total * 10 ** (gain_db / 20), ceiling_db)
+        now = loudness(limited)
     gain = 10 ** (gain_db / 20)
     total, dialogue = limited, dialogue * gain
     music = music * gain if music is not None else None
-    # 4. Stems and the AAC mix.
+    # 4. Stems and the AAC mix (a stem's loudness is its measured level plus the gain: BS.1770 is linear in it).
     write_wav(out / "dialogue.wav", dialogue)
     if music is not None:
         write_wav(out / "music.wav", music)
     encode_aac(total, out / "mix.m4a", ffmpeg=ffmpeg)
     peak = float(np.abs(total).max()) if total.size else 0.0
-    return Mix(duration_s=len(total) / RATE, loudness_lufs=round(loudness(total), 2),
-               dialogue_lufs=round(loudness(dialogue), 2),
-               bed_lufs=round(loudness(music), 2) if music is not None else None, gain_db=round(gain_db, 2),
-               peak_db=round(float(20 * np.log10(peak)), 2) if peak > 0 else float("-inf"))
+
+    def level(lufs: float | None) -> float | None:
+        return round(float(lufs), 2) if lufs is not None and np.isfinite(lufs) else None
+
+    return Mix(duration_s=len(total) / RATE, loudness_lufs=level(now), dialogue_lufs=level(speech_lufs + gain_db),
+               bed_lufs=level(music_lufs + gain_db) if music_lufs is not None else None, gain_db=round(gain_db, 2),
+               peak_db=round(float(20 * np.log10(peak)), 2) if peak > 0 else None)
 
 
 def _limit(x: np.ndarray, ceiling_db: float) -> np.ndarray:

@@ -74,3 +74,10 @@ def test_a_missing_bed_is_one_line_naming_it(lines, tmp_path):
     with pytest.raises(StageError, match=r"mix: music bed /no/such/rain.ogg: no such file"):
         mix.mix(lines, 6.0, tmp_path, ffmpeg=FFMPEG, bed="/no/such/rain.ogg")
     assert not (tmp_path / "mix.m4a").exists()
+
+
+def test_an_episode_without_dialogue_or_bed_still_has_a_silent_track(tmp_path):
+    got = mix.mix([], 2.0, tmp_path, ffmpeg=FFMPEG)
+    assert got.loudness_lufs is None and got.peak_db is None and got.gain_db == 0.0
+    decoded = mix.decode(tmp_path / "mix.m4a", ffmpeg=FFMPEG)
+    assert len(decoded) / mix.RATE == pytest.approx(2.0, abs=0.03) and np.abs(decoded).max() == 0.0
