@@ -309,3 +309,60 @@ def test_flow_and_rife_beat_the_crossfade_on_the_shared_triplets():
     mean = {m: float(np.mean(s)) for m, s in scores.items()}
     assert 24.5 < mean["crossfade"] < 25.5, mean
     assert all(mean[m] > mean["crossfade"] + 4.0 for m in methods if m != "crossfade"), mean
+
+
+# --------------------------------------------------------------------------- confidence, frame-edge rule
+
+
+def _pan(shift: int, size: tuple[int, int] = (256, 144)) -> np.ndarray:
+    """A window of a real frame (Sintel raft 16, at 640×272) panned ``shift`` px to the right: content
+    enters on the left edge."""
+    w, h = size
+    wide = cv2.resize(read_rgb(FRAMES / "sintel_raft_demo" / "frame_0016.png"), (640, 272), interpolation=cv2.INTER_AREA)
+    return wide[60:60 + h, 200 - shift:200 - shift + w].copy()
+
+
+def test_warp_from_given_flows_is_the_call():
+    a, b = _pan(0), _pan(10)
+    fi = FlowInterpolator()
+    f01, f10 = fi.flows(a, b)
+    for got, want in zip(fi.warp(a, b, f01, f10, [0.3, 0.6]), FlowInterpolator()(a, b, [0.3, 0.6])):
+        assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="frame-edge"):
+        FlowInterpolator(edge="paste")
+
+
+def test_the_frame_edge_rule_defers_where_the_flow_is_coherent_and_blends_where_it_is_noise():
+    from stages.inbetween import EDGE_MAX_INCONSISTENT, pair_confidence
+
+    def run(edge, a, b):
+        return FlowInterpolator(edge=edge)(a, b, [0.5])[0]
+
+    # a coherent pan across the left edge: the entering band exists only in b, deferring to it wins
+    a, mid, b = _pan(0), _pan(8), _pan(16)
+    fi = FlowInterpolator()
+    assert pair_confidence(a, b, *fi.flows(a, b)).inconsistent <= EDGE_MAX_INCONSISTENT
+    auto, defer, off = (run(e, a, b) for e in ("auto", "defer", "off"))
+    assert np.array_equal(auto, defer)
+    band = slice(0, 12)  # the entering columns, where the rule acts
+    assert cv2.PSNR(defer[:, band], mid[:, band]) > cv2.PSNR(off[:, band], mid[:, band]) + 1.0
+    assert np.array_equal(defer[:, 40:-40], off[:, 40:-40])  # nothing changes away from the edge
+    # two unrelated frames (a cut): the flow is noise, its band is one keyframe's wrong warp: blend
+    rng = np.random.default_rng(5)
+    x, y = (cv2.GaussianBlur(rng.integers(0, 256, (72, 128, 3), dtype=np.uint8), (0, 0), 3.0) for _ in range(2))
+    assert pair_confidence(x, y, *fi.flows(x, y)).inconsistent > EDGE_MAX_INCONSISTENT
+    assert np.array_equal(run("auto", x, y), run("off", x, y))
+
+
+def test_the_confidence_is_high_for_a_pan_low_for_a_cut_and_the_same_at_any_size():
+    from stages.inbetween import pair_confidence
+
+    fi = FlowInterpolator()
+    rng = np.random.default_rng(5)
+    x, y = (cv2.GaussianBlur(rng.integers(0, 256, (72, 128, 3), dtype=np.uint8), (0, 0), 3.0) for _ in range(2))
+    pan, cut = (pair_confidence(p, q, *fi.flows(p, q)) for p, q in ((_pan(0), _pan(6)), (x, y)))
+    assert pan.score > 0.5 > 0.1 > cut.score >= 0.0
+    assert cut.inconsistent > 5 * pan.inconsistent and cut.residual / cut.unaligned > 3 * pan.residual / pan.unaligned
+    assert pan.motion == pytest.approx(6 / 256, rel=0.25) and pan.spread < 0.01
+    big = [cv2.resize(i, (512, 288), interpolation=cv2.INTER_CUBIC) for i in (_pan(0), _pan(6))]
+    assert pair_confidence(*big, *fi.flows(*big)).score == pytest.approx(pan.score, abs=0.15)
