@@ -207,3 +207,24 @@ weights = "{WEIGHTS}"
         assert all(r["seconds"] >= 0 and r["resource"] == "cpu" for r in rows if r["shot"] == sid)
     rife_yuan = sum(r["yuan"] for r in rows if r["method"] == "rife")
     assert rife_yuan > 0
+
+
+@needs_weights
+def test_the_clip_node_bills_one_row_per_method_used_and_the_rest_of_the_stream_to_the_first(rife, prices):
+    from pipeline.ledger import Timing
+    from pipeline.nodes import inbetween_timings
+    from pipeline.registry import Resources
+
+    ad = adaptive(rife)
+    for a, b in (slow_pan(), big_motion()):
+        ad(a, b, [0.5])
+    total = sum(ad.seconds.values()) + 0.25  # the stream's own time: holds, repeats
+    rows = inbetween_timings(ad, total, Resources())
+    assert [r.method for r in rows] == ["flow", "rife"]
+    assert rows[1].seconds == ad.seconds["rife"] and rows[0].seconds == pytest.approx(ad.seconds["flow"] + 0.25)
+    assert sum(r.seconds for r in rows) == pytest.approx(total)
+    priced = [prices.record(r.stage, "sh01", r.seconds, r.resource, r.units, method=r.method) for r in rows]
+    assert [p.method for p in priced] == ["flow", "rife"] and all(p.yuan > 0 for p in priced)
+    # a plain in-betweener, and an adaptive one that made no pair: one row, no method
+    assert inbetween_timings(FlowInterpolator(), 1.0, Resources()) == [Timing("inbetween", 1.0)]
+    assert inbetween_timings(adaptive(rife), 1.0, Resources()) == [Timing("inbetween", 1.0)]
