@@ -100,7 +100,8 @@ def _print_dry_run(night) -> None:
         table.add_column(col, justify="right" if col in ("shots to render", "est. ¥") else "left")
     admitted, waiting = {id(t) for t in night.admitted}, {id(t) for t in night.waiting}
     for t in night.items:
-        what = "render" if id(t) in admitted else "[yellow]waits (night cap)[/]" if id(t) in waiting else "[dim]unchanged"
+        what = ("render" if id(t) in admitted else "[yellow]waits (night cap)[/]" if id(t) in waiting
+                else "[dim]unchanged")
         table.add_row(escape(t.episode.script.name), escape(t.delivery.label), what, escape(t.why or ""),
                       f"{len(t.schedule.shots_to_render)}/{len(t.plan.shots)}", f"{t.estimate_yuan:.5f}")
     out.print(table)

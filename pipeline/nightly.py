@@ -58,6 +58,7 @@ class Tonight:
     out_dir: Path
     gate: Any  # GateState
     why: str | None  # why it is picked: "changed", "failed last night", "not published"; None = unchanged
+    script: Any = None  # the parsed Episode, for the plan timed by the voices once they are spoken
 
     @property
     def estimate_yuan(self) -> float:
@@ -108,6 +109,7 @@ def plan_night(series: Series, settings, *, now: datetime, previous: dict[str, d
     from pipeline.fingerprint import fingerprint
     from pipeline.plan import make_plan
     from pipeline.publish import default_out_dir
+    from pipeline.render import music_bed, stored_speech
     from pipeline.schedule import schedule
     from pipeline.store import open_store
     from stages.script import load_episode
@@ -131,14 +133,18 @@ def plan_night(series: Series, settings, *, now: datetime, previous: dict[str, d
         sha = hashlib.sha256(ep.script.read_bytes()).hexdigest()
         for d in series.deliveries:
             prof = profiles[d]
-            rplan = make_plan(episode, prof, calibration=calibration, prices=prices, script_sha256=sha)
+            rplan = make_plan(episode, prof, calibration=calibration, prices=prices, script_sha256=sha,
+                              bed=music_bed(episode, prof))
+            if speech := stored_speech(rplan, store):  # the cut follows the voices spoken so far
+                rplan = make_plan(episode, prof, calibration=calibration, prices=prices, script_sha256=sha,
+                                  speech=speech, bed=rplan.bed)
             gate_wanted = gate_on(prof)
             if gate_wanted and book is None:
                 book = open_approvals(settings.approvals)
             gate = gate_state(book, rplan, True) if gate_wanted else _NoGate()
             sched = schedule(rplan, store, approvals=gate.approvals)
             out_dir = default_out_dir(ep.script, d.profile, prof.aspect, root=series.results)
-            item = Tonight(ep, d, rplan, sched, out_dir, gate, None)
+            item = Tonight(ep, d, rplan, sched, out_dir, gate, None, episode)
             item.why = _why(item, previous.get(item.key))
             items.append(item)
     # 2-3. Pick, order, admit whole episodes.
@@ -236,12 +242,14 @@ class Row:
 
 
 def _row(item: Tonight, status: Status, previous: dict[str, dict], **more) -> Row:
+    """The report's row of ``item``; ``more`` sets what the render measured (and may correct the
+    shots changed: a render times the cut by the voices it has just spoken)."""
     last = previous.get(item.key) or {}
-    return Row(episode=item.episode.script.name, title=item.plan.title, delivery=item.delivery.label,
-               index=item.episode.index, status=status, why=item.why,
-               shots_changed=len(item.schedule.shots_to_render), shots=len(item.plan.shots),
-               estimate_yuan=item.estimate_yuan, out_dir=str(item.out_dir),
-               prev_audit_psnr_db=last.get("audit_psnr_db"), prev_flicker=last.get("flicker"), **more)
+    values = dict(shots_changed=len(item.schedule.shots_to_render), shots=len(item.plan.shots))
+    return Row(**{"episode": item.episode.script.name, "title": item.plan.title, "delivery": item.delivery.label,
+                  "index": item.episode.index, "status": status, "why": item.why, **values,
+                  "estimate_yuan": item.estimate_yuan, "out_dir": str(item.out_dir),
+                  "prev_audit_psnr_db": last.get("audit_psnr_db"), "prev_flicker": last.get("flicker"), **more})
 
 
 def _stored_quality(item: Tonight, store) -> dict[str, float]:
@@ -257,13 +265,15 @@ def _stored_quality(item: Tonight, store) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in values.items() if v}
 
 
-def _saved_yuan(item: Tonight, store) -> float:
+def _saved_yuan(item: Tonight, store, plan=None, sched=None, spoken_now: frozenset[str] = frozenset()) -> float:
     """What the nodes tonight found in the store cost when they were computed (their spend notes),
-    or their estimate where no note is on record (computed before notes were kept)."""
+    or their estimate where no note is on record (computed before notes were kept). The voices a
+    render has just spoken (``spoken_now``, content keys) are its spend, not savings."""
     from pipeline.ledger import episode_ledger
 
-    spent = episode_ledger(item.plan, store).by_node()
-    return sum(spent.get(n.id, n.estimate_yuan) for n in item.schedule.where("hit"))
+    spent = episode_ledger(plan or item.plan, store).by_node()
+    return sum(spent.get(n.id, n.estimate_yuan) for n in (sched or item.schedule).where("hit")
+               if n.key not in spoken_now)
 
 
 def _quality(metrics_or_quality: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -309,16 +319,22 @@ class InProcess:
     def render(self, item: Tonight, budget_yuan: float | None, night: str, series: Series,
                previous: dict[str, dict]) -> Row:
         from pipeline import tracking
-        from pipeline.approvals import preview_clips
-        from pipeline.cli import _learn, _money
+        from pipeline.approvals import gate_state, open_approvals, preview_clips
+        from pipeline.cli import _learn, _money, _voiced
         from pipeline.publish import check_out_dir, publish
-        from pipeline.render import render
+        from pipeline.render import render, speak
 
-        rplan, settings, store = item.plan, self.settings, self.store
+        settings, store = self.settings, self.store
         self._check_reach()
-        saved = _saved_yuan(item, store)
+        saved = 0.0  # until the render says which nodes it found in the store
         try:
             check_out_dir(item.out_dir)
+            # As `anim render` does it: the voices first (cheap, billed), then the cut timed by them.
+            new_voices = frozenset(v.key for v in item.plan.voices if store.get(v.key) is None)
+            spoken = speak(item.plan, store=store, prices=self.prices, ffmpeg=self.ffmpeg, cluster=self.cluster)
+            rplan = _voiced(settings, item.script, self.prices, item.plan, store)
+            if item.gate.gate:
+                item.gate = gate_state(open_approvals(settings.approvals), rplan, True)
             live = tracking.RenderRun(settings.tracking_uri, rplan, series=series.name, script=item.episode.script,
                                       tags={"cluster": settings.ray_address or "local", "nightly": night,
                                             **item.gate.tags()},
@@ -328,8 +344,8 @@ class InProcess:
             return _row(item, "failed", previous, error=_line(exc), saved_yuan=saved)
         try:
             result = render(rplan, store=store, prices=self.prices, ffmpeg=self.ffmpeg, cluster=self.cluster,
-                            approvals=item.gate.approvals, budget_yuan=budget_yuan, budget_scope="render",
-                            on_progress=live.on_progress, on_node=live.on_node)
+                            spoken=spoken, approvals=item.gate.approvals, budget_yuan=budget_yuan,
+                            budget_scope="render", on_progress=live.on_progress, on_node=live.on_node)
         except AnimError as exc:
             live.abort("error", str(exc))
             return _row(item, "failed", previous, error=_line(exc), saved_yuan=saved)
@@ -351,7 +367,9 @@ class InProcess:
                                           store_keys=[rplan.assemble_key, rplan.contact_sheet_key]))
         _learn(settings, rplan, result, tracked.run_id)
         status: Status = "rendered" if result.stopped is None else "stopped"
+        saved = _saved_yuan(item, store, rplan, result.schedule, new_voices)
         return _row(item, status, previous, spent_yuan=result.spent_yuan, saved_yuan=saved,
+                    shots_changed=len(result.schedule.shots_to_render),
                     stopped=result.stopped, run_id=tracked.run_id, **_quality(result.quality),
                     error=None if result.stopped is None else
                     (result.budget_note or f"stopped ({result.stopped}); {len(result.remaining)} shots remain"))
@@ -439,8 +457,8 @@ def store_reach_problem(store: str, alive_nodes: int) -> str | None:
     the driver cannot read them (and lose them with the node)."""
     store = str(store)
     if alive_nodes > 1 and ("://" not in store or store.startswith("file://")):
-        return (f"store {store}: a local folder, but the Ray cluster has {alive_nodes} nodes and the others cannot "
-                "see it; set ANIM_STORE to an object store URL every node reaches (s3://…, oss://…); nothing rendered")
+        return (f"store {store}: a local folder, but the Ray cluster has {alive_nodes} nodes and the others "
+                "cannot see it; set ANIM_STORE to an object store URL every node reaches (s3://…, oss://…); nothing rendered")
     return None
 
 

@@ -40,7 +40,7 @@ HANA
 
 [[shot: close-up, 1s]]
 TARO
-Morning.
+{second}
 """
 UTC = timezone.utc
 
@@ -48,10 +48,11 @@ UTC = timezone.utc
 def make_series(root: Path, *, cap: float | None = None, aspects: str = "", order: str = "script",
                 cron: str = "30 2 * * *", missed: str = "latest", grace: int = 360) -> Path:
     (root / "tiny.toml").write_text(TINY)
-    for n, title in ((1, "Tiny One"), (2, "Tiny Two")):
+    for n, (title, first, second) in enumerate((("Tiny One", "Good morning!", "Morning."),
+                                               ("Tiny Two", "Is it raining?", "Not yet.")), 1):
         path = root / f"ep{n}.fountain"
         if not path.exists():
-            path.write_text(EPISODE.format(title=title, first="Good morning!"))
+            path.write_text(EPISODE.format(title=title, first=first, second=second))
     (root / "series.toml").write_text(
         f'name = "Tiny series"\nepisodes = ["ep1.fountain", {{ path = "ep2.fountain", priority = 5 }}]\n'
         f'profiles = ["tiny.toml"]\n{aspects}\norder = "{order}"\nresults = "out"\n'
@@ -94,17 +95,18 @@ def test_three_nights_render_all_then_the_edited_shot_then_nothing(tmp_path, cap
     # Night one: every episode, every shot.
     one = run_night(series, settings, now=datetime(2026, 12, 1, 3, 0, tzinfo=UTC), book=book)
     assert one.exit_code == EXIT_DONE and [r.status for r in one.rows] == ["rendered", "rendered"]
-    assert all(r.shots_changed == r.shots == 2 and r.spent_yuan > 0 for r in one.rows)
+    assert all(r.shots_changed == r.shots == 2 and r.spent_yuan > 0 for r in one.rows), one.rows
     assert all(Path(r.out_dir, "episode.mp4").is_file() for r in one.rows)
     night_one = sum(r.spent_yuan for r in one.rows)
 
     # One line of one episode edited: night two renders that shot and the assembly, nothing else.
     ep1 = tmp_path / "ep1.fountain"
-    ep1.write_text(EPISODE.format(title="Tiny One", first="Good evening!"))
+    ep1.write_text(EPISODE.format(title="Tiny One", first="Good evening!", second="Morning."))
     two = run_night(series, settings, now=datetime(2026, 12, 2, 3, 0, tzinfo=UTC), book=book)
     assert two.exit_code == EXIT_DONE
     first, second = two.rows
-    assert (first.status, first.shots_changed, second.status, second.shots_changed) == ("rendered", 1, "unchanged", 0)
+    assert (first.status, first.shots_changed) == ("rendered", 1)
+    assert (second.status, second.shots_changed) == ("unchanged", 0)
     shots = {shot for _, shot in executed(Path(first.out_dir))}
     assert shots == {"sc01-sh01", None}, shots  # HANA's line is the first shot; None: the episode's nodes
     from pipeline.schedule import LEDGER_STAGES
@@ -241,3 +243,45 @@ def test_the_command_dry_run_and_a_bad_manifest(tmp_path):
     assert done.exit_code == 2
     line = " ".join(done.output.split())
     assert f"{manifest}:5: order: Input should be 'script' or 'priority'" in line, line
+
+
+@pytest.mark.slow
+def test_the_night_through_the_render_service(tmp_path):
+    """``anim nightly SERIES --server URL``: the renders are submitted to a real ``anim serve``
+    (its own process, a real Ray head, the same store) and waited for; the files come back into
+    the series' results; the next night with nothing changed submits nothing."""
+    import subprocess
+    import sys
+
+    from pipeline.service.client import ServiceClient
+    from pipeline.service.cluster import local_endpoint, stop_local_head
+    from pipeline.service.process import ServiceProcess, add_account, isolated_env
+
+    from .conftest import REPO
+
+    manifest = make_series(tmp_path)
+    manifest.write_text(manifest.read_text().replace('"tiny.toml"', '"draft"').replace(
+        '"ep1.fountain", { path = "ep2.fountain", priority = 5 }', '"ep1.fountain"'))
+    env = isolated_env(tmp_path, ANIM_NIGHTS=str(tmp_path / "nights.db"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    endpoint = local_endpoint(tmp_path / "data", num_cpus=2)
+    try:
+        token = add_account(env, "nightly", "producer")
+        with ServiceProcess(env, log=tmp_path / "serve.log") as service:
+            def night(now: str):
+                return subprocess.run([sys.executable, "-m", "pipeline", "nightly", str(manifest), "--server",
+                                       service.url, "--token", token, "--now", now], cwd=REPO, env=env,
+                                      capture_output=True, text=True, timeout=600)
+
+            one = night("2026-12-01T03:00+00:00")
+            assert one.returncode == 0, one.stdout + one.stderr + service.tail()
+            out = tmp_path / "out" / "ep1-draft-16x9"
+            assert (out / "episode.mp4").stat().st_size > 0
+            assert json.loads((out / "cost.json").read_text())["total_yuan"] > 0
+            jobs = ServiceClient(service.url, token).jobs(series="Tiny series")
+            assert [j["status"] for j in jobs] == ["succeeded"]
+            two = night("2026-12-02T03:00+00:00")
+            assert two.returncode == 0, two.stdout + two.stderr
+            assert "nothing changed" in " ".join(two.stdout.split())
+            assert len(ServiceClient(service.url, token).jobs(series="Tiny series")) == 1  # nothing submitted
+    finally:
+        stop_local_head(endpoint)
