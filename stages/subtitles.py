@@ -2,12 +2,12 @@
 of the aspect, and the burned-in delivery variant.
 
 The ASS file (pysubs2) has one style per speaker: Noto Sans CJK SC (the font the previz engine
-sets text with, package ``manimgx-fonts-cjk``), white text with an outline in the speaker's
-colour, bottom-centred. Its play resolution is the video's, and its margins keep text inside
-the safe area: for 9:16 above the bottom 22 % and clear of the right-hand 12 % where the phone
-platforms draw their captions and buttons, for 16:9 inside the title-safe 90 %. Lines are
-wrapped here (CJK between any two characters, Latin at spaces), so the layout does not depend
-on the renderer's line breaking.
+sets text with, package ``manimgx-fonts-cjk``), text tinted with the speaker's colour over a dark
+outline of the same hue and a soft shadow (legible over any plate), bottom-centred. Its play
+resolution is the video's, and its margins keep text inside the safe area: for 9:16 above the
+bottom 22 % and clear of the right-hand 12 % where the phone platforms draw their captions and
+buttons, for 16:9 inside the title-safe 90 %. Lines are wrapped here (CJK between any two
+characters, Latin at spaces), so the layout does not depend on the renderer's line breaking.
 
 Burning in runs ffmpeg's ``ass`` filter (libass, in imageio-ffmpeg's binary) with ``fontsdir``
 pointing at the font's folder, so no system font is needed.
@@ -24,7 +24,7 @@ import pysubs2
 
 from stages.records import StageError, SubtitleCue
 
-VERSION = "1"
+VERSION = "2"  # 2: speaker-tinted text over a dark outline and a shadow
 STAGE = "subtitles"
 FONT = "Noto Sans CJK SC"
 MAX_LINES = 2
@@ -54,7 +54,7 @@ def layout(width: int, height: int) -> dict[str, int]:
             "margin_l": round(width * (0.08 if vertical else 0.07)),
             "margin_r": round(width * (0.12 if vertical else 0.07)),
             "margin_v": round(height * (0.22 if vertical else 0.06)),
-            "outline": max(round(size * 0.09), 1)}
+            "outline": max(round(size * 0.12), 1)}
 
 
 def subtitle_box(width: int, height: int) -> tuple[int, int, int, int]:
@@ -62,9 +62,10 @@ def subtitle_box(width: int, height: int) -> tuple[int, int, int, int]:
     outline and line spacing)."""
     lay = layout(width, height)
     line_h = lay["fontsize"] * 1.45
-    y1 = height - lay["margin_v"] + lay["outline"] + 2
-    y0 = int(y1 - MAX_LINES * line_h - 2 * lay["outline"] - 2)
-    return lay["margin_l"] - lay["outline"] - 2, max(y0, 0), width - lay["margin_r"] + lay["outline"] + 2, y1
+    pad = lay["outline"] + max(lay["outline"] // 2, 1) + 2  # the outline and the shadow's offset
+    y1 = height - lay["margin_v"] + pad
+    y0 = int(y1 - MAX_LINES * line_h - 2 * pad)
+    return lay["margin_l"] - pad, max(y0, 0), width - lay["margin_r"] + pad, y1
 
 
 def wrap(text: str, max_units: float) -> list[str]:
@@ -107,9 +108,10 @@ def write_ass(cues: list[SubtitleCue], path: str | Path, *, width: int, height: 
     subs.styles.clear()
     for name, (r, g, b) in speaker_colours(cues).items():
         subs.styles[_style_name(name)] = pysubs2.SSAStyle(
-            fontname=FONT, fontsize=lay["fontsize"], bold=True, primarycolor=pysubs2.Color(255, 255, 255),
-            outlinecolor=pysubs2.Color(r, g, b), backcolor=pysubs2.Color(0, 0, 0, 128), outline=lay["outline"],
-            shadow=0, alignment=pysubs2.Alignment.BOTTOM_CENTER, marginl=lay["margin_l"], marginr=lay["margin_r"],
+            fontname=FONT, fontsize=lay["fontsize"], bold=True,
+            primarycolor=pysubs2.Color(*(round(255 - (255 - c) * 0.35) for c in (r, g, b))),
+            outlinecolor=pysubs2.Color(r // 4, g // 4, b // 4), backcolor=pysubs2.Color(0, 0, 0, 96),
+            outline=lay["outline"], shadow=max(lay["outline"] // 2, 1), alignment=pysubs2.Alignment.BOTTOM_CENTER, marginl=lay["margin_l"], marginr=lay["margin_r"],
             marginv=lay["margin_v"])
     per_line = (width - lay["margin_l"] - lay["margin_r"]) / lay["fontsize"]
     for cue in cues:

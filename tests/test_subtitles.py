@@ -31,7 +31,7 @@ def test_ass_parses_with_a_style_per_speaker_in_the_cjk_font_inside_the_safe_are
     assert subs.info["PlayResX"] == str(width) and subs.info["PlayResY"] == str(height)
     assert set(subs.styles) == {"林小雨", "BOB"}
     assert {s.fontname for s in subs.styles.values()} == {"Noto Sans CJK SC"}
-    assert len({(c.r, c.g, c.b) for c in (s.outlinecolor for s in subs.styles.values())}) == 2  # a colour each
+    assert len({(c.r, c.g, c.b) for c in (s.primarycolor for s in subs.styles.values())}) == 2  # a colour each
     assert [e.style for e in subs.events] == ["林小雨", "BOB"]
     assert [(e.start, e.end) for e in subs.events] == [(200, 1200), (1300, 2400)]
     style = subs.styles["BOB"]
