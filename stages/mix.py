@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyloudnorm
-from scipy.signal import resample_poly
 
 from stages.records import StageError
 
@@ -64,6 +62,8 @@ def _read_wav(path: str) -> tuple[np.ndarray, int]:
 def _to_rate(x: np.ndarray, rate: int) -> np.ndarray:
     if rate == RATE:
         return x
+    from scipy.signal import resample_poly  # scipy only when a line is mixed: `anim plan` imports this module
+
     g = np.gcd(rate, RATE)
     return resample_poly(x, RATE // g, rate // g).astype(np.float32)
 
@@ -127,6 +127,8 @@ def duck_gain(speech: np.ndarray, *, duck_db: float, attack_s: float = 0.08, rel
 
 def loudness(x: np.ndarray) -> float:
     """Integrated loudness, LUFS (BS.1770-4); -inf for silence."""
+    import pyloudnorm  # (and scipy) only when something is measured
+
     if len(x) < RATE // 2:  # the meter needs at least one 400 ms block
         x = np.pad(x, (0, RATE // 2 - len(x)))
     return float(pyloudnorm.Meter(RATE).integrated_loudness(x.astype(np.float64)))
