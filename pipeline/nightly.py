@@ -86,6 +86,14 @@ class NightPlan:
         return sum(t.estimate_yuan for t in self.admitted)
 
 
+def open_settings_store(settings):
+    """The configured artifact store: the default one is created on first use; one the user named
+    must lie in an existing folder (as every command treats it)."""
+    from pipeline.store import open_store
+
+    return open_store(settings.store, create_parents=settings.sources.get("store", "default") == "default")
+
+
 def row_key(script_name: str, label: str) -> str:
     return f"{script_name} [{label}]"
 
@@ -111,14 +119,13 @@ def plan_night(series: Series, settings, *, now: datetime, previous: dict[str, d
     from pipeline.publish import default_out_dir
     from pipeline.render import music_bed, stored_speech
     from pipeline.schedule import schedule
-    from pipeline.store import open_store
     from stages.script import load_episode
 
     previous = previous or {}
     # 1. What every plan shares, read once: prices, calibration, the store, the approvals.
     prices = PriceCatalog.load(settings.prices, usd_cny=settings.usd_cny, tier=settings.price_tier,
                                provider=settings.price_provider)
-    store = open_store(settings.store, create_parents=settings.sources.get("store", "default") == "default")
+    store = open_settings_store(settings)
     calibration = cluster_calibration(Calibration.load(*settings.calibration_paths), settings.store,
                                       fingerprint(settings.ray_address, settings.num_cpus))
     book = None
@@ -294,12 +301,11 @@ class InProcess:
 
         from pipeline.cost import PriceCatalog
         from pipeline.dag import Cluster
-        from pipeline.store import open_store
 
         self.settings, self.on_line = settings, on_line
         self.prices = PriceCatalog.load(settings.prices, usd_cny=settings.usd_cny, tier=settings.price_tier,
                                         provider=settings.price_provider)
-        self.store = open_store(settings.store, create_parents=settings.sources.get("store", "default") == "default")
+        self.store = open_settings_store(settings)
         self.cluster = Cluster(settings.ray_address, settings.num_cpus)
         self.ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
         self._reach_checked = False
@@ -522,9 +528,7 @@ def _render(tonight: NightPlan, settings, previous: dict[str, dict], *, server: 
         rows[item.key] = row
     store = renderer.store if isinstance(renderer, InProcess) else None
     if store is None:
-        from pipeline.store import open_store
-
-        store = open_store(settings.store, create_parents=settings.sources.get("store", "default") == "default")
+        store = open_settings_store(settings)
     for item in tonight.waiting:
         rows[item.key] = _row(item, "waiting", previous, error=f"not admitted: the night's cap "
                               f"¥{series.night_cap_yuan:.5f} is taken by episodes before it; next night",

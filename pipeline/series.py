@@ -30,7 +30,7 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -401,7 +401,3 @@ def _strip_comment(line: str) -> str:
         elif c == "#":
             return line[:i]
     return line
-
-
-def utc(dt: datetime) -> datetime:
-    return dt.astimezone(timezone.utc)

@@ -21,7 +21,6 @@ import re
 import shlex
 import tomllib
 from importlib.resources import files
-from pathlib import Path
 
 import jsonschema
 import pytest
