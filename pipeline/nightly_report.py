@@ -152,6 +152,7 @@ def log_night(tracking_uri: str, series: "Series", night: str, rows: list["Row"]
         exp = tracking.experiment(client, tracking_uri, series.name)
         run = client.create_run(exp, run_name=f"night {night}", start_time=int(now.timestamp() * 1000),
                                 tags={"kind": "nightly", "night": night, "series_manifest": str(series.manifest),
+                      "script": series.manifest.name, "profile": "nightly",  # how `anim runs` lists it
                                       "code_version": tracking.code_version(),
                                       "status": _status(rows)})
         run_id = run.info.run_id
