@@ -8,6 +8,7 @@
     anim runs / anim compare RUN_A RUN_B                      renders in MLflow, cost deltas
     anim calibrate                                            refresh throughput rows from MLflow runs
     anim cache stats / anim cache gc                          the artifact store
+    anim nightly SERIES [--dry-run] [--server URL]            tonight's batch of a series manifest
 
 Errors a user can fix (a bad script, an unknown profile) print one line naming the file and
 the problem and exit 2; nothing is written to the output folder in that case.
