@@ -469,17 +469,18 @@ def store_reach_problem(store: str, alive_nodes: int) -> str | None:
 
 
 def run_night(series: Series, settings, *, now: datetime, book: "NightBook", server: str | None = None,
-              token: str | None = None, on_line: Callable[[str], None] = lambda line: None,
-              claim: bool = True) -> NightResult:
-    """One night of ``series`` at ``now``: claim it, plan, admit, render, report. A night already
-    claimed (run, running or missed) is not run again: the result says so with ``ran=False``."""
+              token: str | None = None, on_line: Callable[[str], None] = lambda line: None) -> NightResult:
+    """One night of ``series`` at ``now``: plan, claim it, admit, render, report. A night already
+    claimed (run, running or missed) is not run again: the result says so with ``ran=False``. A
+    night whose planning fails (a bad script) leaves no record: fixed, it can still run."""
     from pipeline import nightly_report
 
     night = night_key(series, now)
-    if book.get(series.name, night) is None:  # planned first: a bad script leaves no record of the night
+    last = book.get(series.name, night)
+    if last is None:
         previous = book.previous_rows(series.name, night)
         tonight = plan_night(series, settings, now=now, previous=previous)
-    if claim and not book.claim(series.name, night, now):
+    if last is not None or not book.claim(series.name, night, now):  # the claim: one row per night
         last = book.get(series.name, night)
         return NightResult(series.name, night, [], EXIT_DONE, ran=False,
                            note=f"night {night} of {series.name} is already {last['state'] if last else 'claimed'}"
