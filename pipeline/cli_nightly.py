@@ -104,10 +104,15 @@ def _print_dry_run(night) -> None:
                 else "[dim]unchanged")
         table.add_row(escape(t.episode.script.name), escape(t.delivery.label), what, escape(t.why or ""),
                       f"{len(t.schedule.shots_to_render)}/{len(t.plan.shots)}", f"{t.estimate_yuan:.5f}")
+    for ep, why in night.broken:
+        table.add_row(escape(ep.script.name), "", "[red]fails[/]", escape(why), "", "")
     out.print(table)
     episodes = len({t.episode.index for t in night.admitted})
     cap = f" (night cap ¥{series.night_cap_yuan:.5f})" if series.night_cap_yuan is not None else ""
     wait = len({t.episode.index for t in night.waiting})
+    if night.broken:
+        err.print(f"{len(night.broken)} episodes cannot be planned: "
+                  + "; ".join(why for _, why in night.broken[:3]), markup=False, highlight=False, soft_wrap=True)
     if not night.picked:
         out.print(f"tonight: nothing changed in {len(series.episodes)} episodes; nothing to render", markup=False)
         return

@@ -76,6 +76,7 @@ class NightPlan:
     items: list[Tonight]
     admitted: list[Tonight] = field(default_factory=list)
     waiting: list[Tonight] = field(default_factory=list)  # picked, not admitted: past the night's cap
+    broken: list[tuple[SeriesEpisode, str]] = field(default_factory=list)  # scripts that cannot be planned: why
 
     @property
     def picked(self) -> list[Tonight]:
@@ -109,17 +110,12 @@ def night_key(series: Series, now: datetime) -> str:
 def plan_night(series: Series, settings, *, now: datetime, previous: dict[str, dict] | None = None) -> NightPlan:
     """Steps 1-3: every episode planned against the store, picked, ordered and admitted. Pure
     planning: reads scripts, the store and the approvals, starts nothing."""
-    from pipeline.approvals import gate_on, gate_state, open_approvals
+    from pipeline.approvals import open_approvals
     from pipeline.calibrate import cluster_calibration
     from pipeline.calibration import Calibration
     from pipeline.config import check_backend_files, resolve_profile
     from pipeline.cost import PriceCatalog
     from pipeline.fingerprint import fingerprint
-    from pipeline.plan import make_plan
-    from pipeline.publish import default_out_dir
-    from pipeline.render import music_bed, stored_speech
-    from pipeline.schedule import schedule
-    from stages.script import load_episode
 
     previous = previous or {}
     # 1. What every plan shares, read once: prices, calibration, the store, the approvals.
@@ -128,34 +124,58 @@ def plan_night(series: Series, settings, *, now: datetime, previous: dict[str, d
     store = open_settings_store(settings)
     calibration = cluster_calibration(Calibration.load(*settings.calibration_paths), settings.store,
                                       fingerprint(settings.ray_address, settings.num_cpus))
-    book = None
+    books: list = []  # the approvals database, opened when a profile's gate first needs it
+
+    def approvals():
+        if not books:
+            books.append(open_approvals(settings.approvals))
+        return books[0]
+
     profiles = {}
     for d in series.deliveries:
         prof = resolve_profile(d.profile, {"aspect": d.aspect})
         check_backend_files(prof, d.profile)
         profiles[d] = prof
     items: list[Tonight] = []
+    broken: list[tuple[SeriesEpisode, str]] = []
     for ep in series.episodes:
-        episode = load_episode(ep.script)
-        sha = hashlib.sha256(ep.script.read_bytes()).hexdigest()
-        for d in series.deliveries:
-            prof = profiles[d]
-            rplan = make_plan(episode, prof, calibration=calibration, prices=prices, script_sha256=sha,
-                              bed=music_bed(episode, prof))
-            if speech := stored_speech(rplan, store):  # the cut follows the voices spoken so far
-                rplan = make_plan(episode, prof, calibration=calibration, prices=prices, script_sha256=sha,
-                                  speech=speech, bed=rplan.bed)
-            gate_wanted = gate_on(prof)
-            if gate_wanted and book is None:
-                book = open_approvals(settings.approvals)
-            gate = gate_state(book, rplan, True) if gate_wanted else _NoGate()
-            sched = schedule(rplan, store, approvals=gate.approvals)
-            out_dir = default_out_dir(ep.script, d.profile, prof.aspect, root=series.results)
-            item = Tonight(ep, d, rplan, sched, out_dir, gate, None, episode)
-            item.why = _why(item, previous.get(item.key))
-            items.append(item)
+        try:  # one episode's bad script fails that episode, with its line; the others still run
+            items += _episode_tonight(ep, series, profiles, previous, calibration=calibration, prices=prices,
+                                      store=store, approvals=approvals)
+        except (AnimError, OSError) as exc:
+            broken.append((ep, _line(exc)))
     # 2-3. Pick, order, admit whole episodes.
-    return admit(NightPlan(series, night_key(series, now), items), previous)
+    return admit(NightPlan(series, night_key(series, now), items, broken=broken), previous)
+
+
+def _episode_tonight(ep: SeriesEpisode, series: Series, profiles: dict, previous: dict[str, dict], *, calibration,
+                     prices, store, approvals: Callable[[], Any]) -> list[Tonight]:
+    """Every delivery of one episode planned against the store (the cut timed by the voices
+    spoken so far), with its schedule and why it is picked."""
+    from pipeline.approvals import gate_on, gate_state
+    from pipeline.plan import make_plan
+    from pipeline.publish import default_out_dir
+    from pipeline.render import music_bed, stored_speech
+    from pipeline.schedule import schedule
+    from stages.script import load_episode
+
+    episode = load_episode(ep.script)
+    sha = hashlib.sha256(ep.script.read_bytes()).hexdigest()
+    out = []
+    for d in series.deliveries:
+        prof = profiles[d]
+        rplan = make_plan(episode, prof, calibration=calibration, prices=prices, script_sha256=sha,
+                          bed=music_bed(episode, prof))
+        if speech := stored_speech(rplan, store):
+            rplan = make_plan(episode, prof, calibration=calibration, prices=prices, script_sha256=sha,
+                              speech=speech, bed=rplan.bed)
+        gate = gate_state(approvals(), rplan, True) if gate_on(prof) else _NoGate()
+        sched = schedule(rplan, store, approvals=gate.approvals)
+        item = Tonight(ep, d, rplan, sched, default_out_dir(ep.script, d.profile, prof.aspect, root=series.results),
+                       gate, None, episode)
+        item.why = _why(item, previous.get(item.key))
+        out.append(item)
+    return out
 
 
 class _NoGate:
@@ -538,7 +558,12 @@ def _render(tonight: NightPlan, settings, previous: dict[str, dict], *, server: 
         if item.key not in rows:
             rows[item.key] = _row(item, "unchanged", previous, saved_yuan=_saved_yuan(item, store),
                                   **_stored_quality(item, store))
-    return [rows[item.key] for item in tonight.items]
+    for ep, why in tonight.broken:  # a script that cannot be planned: each delivery failed, with its line
+        for d in series.deliveries:
+            rows[row_key(ep.script.name, d.label)] = Row(episode=ep.script.name, title="", delivery=d.label,
+                                                         index=ep.index, status="failed", why="script", error=why)
+    order = [d.label for d in series.deliveries]
+    return sorted(rows.values(), key=lambda r: (r.index, order.index(r.delivery)))
 
 
 # --------------------------------------------------------------------------- the night records

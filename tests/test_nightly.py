@@ -285,3 +285,25 @@ def test_the_night_through_the_render_service(tmp_path):
             assert len(ServiceClient(service.url, token).jobs(series="Tiny series")) == 1  # nothing submitted
     finally:
         stop_local_head(endpoint)
+
+
+def test_a_bad_script_fails_its_episode_with_its_line_and_the_others_still_run(tmp_path):
+    """Episode 2's script breaks: its row is failed with the reader's one line; episode 1 still
+    goes through the night (here it waits: the cap of ¥0 keeps the test from rendering); the
+    night exits 1, and the next night takes the failed episode first."""
+    from pipeline.nightly import EXIT_FAILED
+
+    manifest = make_series(tmp_path, cap=0.0)
+    (tmp_path / "ep2.fountain").write_text("Title: Tiny Two\n\nINT. ROOM - DAY\n\n[[shot: 9000s]]\nHANA waves.\n")
+    settings, book = settings_for(tmp_path), NightBook(tmp_path / "nights.db")
+    result = run_night(load_series(manifest), settings, now=datetime(2026, 12, 1, 3, tzinfo=UTC), book=book)
+    assert result.exit_code == EXIT_FAILED
+    waiting, failed = result.rows
+    assert (waiting.episode, waiting.status) == ("ep1.fountain", "waiting")
+    assert (failed.episode, failed.status) == ("ep2.fountain", "failed")
+    assert failed.error.startswith(f"{tmp_path / 'ep2.fountain'}:5: ") and "\n" not in failed.error
+    assert "| ep2.fountain | tiny | failed |" in result.report.read_text()
+    (tmp_path / "ep2.fountain").write_text(EPISODE.format(title="Tiny Two", first="Fixed.", second="Good."))
+    tonight = plan_night(load_series(make_series(tmp_path)), settings, now=datetime(2026, 12, 2, 3, tzinfo=UTC),
+                         previous=book.previous_rows("Tiny series", "2026-12-02T02:30+00:00"))
+    assert [(t.episode.index, t.why) for t in tonight.admitted] == [(1, "failed last night"), (0, "changed")]
