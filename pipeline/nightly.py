@@ -484,7 +484,8 @@ def store_reach_problem(store: str, alive_nodes: int) -> str | None:
     store = str(store)
     if alive_nodes > 1 and ("://" not in store or store.startswith("file://")):
         return (f"store {store}: a local folder, but the Ray cluster has {alive_nodes} nodes and the others "
-                "cannot see it; set ANIM_STORE to an object store URL every node reaches (s3://…, oss://…); nothing rendered")
+                "cannot see it; set ANIM_STORE to an object store URL every node reaches (s3://…, oss://…); "
+                "nothing rendered")
     return None
 
 
