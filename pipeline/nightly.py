@@ -404,7 +404,10 @@ class InProcess:
 class ViaService:
     """Submits each delivery to the render service (``pipeline.service.client``) and waits for it;
     the service renders it on the cluster and publishes its files, downloaded here into the
-    series' results folder. The service must use the same artifact store as this command."""
+    series' results folder. The service must use the same artifact store as this command (the
+    night is planned against it), and knows the manifest's profiles by name: a profile given as a
+    .toml path must be one the service can read too. The night's cap is kept by admission on
+    estimates; each job carries its episode's budget."""
 
     def __init__(self, url: str, token: str | None, timeout_s: float = 6 * 3600):
         from pipeline.service.client import ServiceClient
@@ -548,6 +551,8 @@ def _render(tonight: NightPlan, settings, previous: dict[str, dict], *, server: 
         row = renderer.render(item, budget, tonight.night, series, previous)
         spent += row.spent_yuan
         rows[item.key] = row
+    if isinstance(renderer, ViaService):
+        renderer.client.close()
     store = renderer.store if isinstance(renderer, InProcess) else None
     if store is None:
         store = open_settings_store(settings)
