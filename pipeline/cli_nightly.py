@@ -29,7 +29,7 @@ def nightly(ctx: typer.Context,
                                          "estimate; render and record nothing."),
             server: Optional[str] = typer.Option(None, "--server", envvar="ANIM_SERVER",
                                                  help="Submit the renders to this render service and wait for "
-                                                      "them [default: render in this process]."),
+                                                      "them; without it, render in this process."),
             token: Optional[str] = typer.Option(None, "--token", envvar="ANIM_TOKEN",
                                                 help="API token for --server (`anim users token NAME`)."),
             now: Optional[str] = typer.Option(None, "--now", hidden=True,
