@@ -102,6 +102,7 @@ def cost_chart(series_name: str, night: str, rows: list["Row"], path: Path) -> P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import patheffects
 
     from pipeline.report import FAMILY, register_cjk_font
 
@@ -118,6 +119,9 @@ def cost_chart(series_name: str, night: str, rows: list["Row"], path: Path) -> P
             ax.set_title(f"{series_name} — night {night}\n¥{sum(r.spent_yuan for r in rows):.5f} spent, "
                          f"¥{sum(r.saved_yuan for r in rows):.5f} saved", fontsize=9)
             ax.legend(fontsize=7)
+            # The CJK font's default instance is a hairline (see pipeline.report): stroke it to regular.
+            for text in fig.findobj(matplotlib.text.Text):
+                text.set_path_effects([patheffects.withStroke(linewidth=0.5, foreground=text.get_color())])
             fig.tight_layout()
             fig.savefig(path)
         finally:
