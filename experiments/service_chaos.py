@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,7 @@ from pipeline.store import open_store  # noqa: E402
 from service_overhead import direct_render, variant  # noqa: E402
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+NODE_TASK = re.compile(r"ray::(\w+_node|KeyframeWorker|VoiceWorker)\b")
 
 
 def framemd5(video: Path) -> list[str]:
@@ -76,7 +78,7 @@ def busy_workers(head_pgid: int) -> list[psutil.Process]:
         except (ProcessLookupError, PermissionError):
             continue
         title = " ".join(p.info["cmdline"] or [])
-        if title.startswith("ray::") and "IDLE" not in title and "JobSupervisor" not in title:
+        if NODE_TASK.match(title):  # a render's task or model actor, never Ray's own agents
             out.append(p)
     return out
 
