@@ -137,6 +137,7 @@ def plan_nodes(plan: RenderPlan) -> list[tuple[NodeId, str]]:
     out = [(NodeId(stage, s.shot.id), s.keys[stage])
            for s in plan.shots for stage in ("storyboard", "keyframes", "clip")]
     out += [(NodeId("plates", k), k) for k in plan.plates] + [(NodeId("sheets", k), k) for k in plan.sheets.values()]
+    out += [(NodeId("voice", v.id), v.key) for v in plan.voices]
     return out + [(NodeId("assemble"), plan.assemble_key), (NodeId("contact_sheet"), plan.contact_sheet_key)]
 
 

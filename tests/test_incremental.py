@@ -73,7 +73,7 @@ def test_profile_change_reruns_only_the_stages_it_affects(tmp_path, prices):
     run(plan_for(episode, prices), store, prices)
     result = run(plan_for(episode, prices, crf=30), store, prices)  # an encoder setting
     stages = {stage for stage, _ in executed(result)}
-    assert stages <= {"inbetween", "encode", "audit", "assemble"} and "encode" in stages
+    assert stages <= {"inbetween", "encode", "audit", "assemble", "mix", "subtitles"} and "encode" in stages
     assert all(r.cached for r in result.ledger.records if r.stage in ("storyboard", "keyframes"))
 
 
@@ -132,7 +132,7 @@ def test_storyboard_stop_and_approval_gate(tmp_path, prices):
     plan = plan_for(load_episode(SHOTLIST), prices, approval_gate=True)
     boards = run(plan, store, prices, stop_after="storyboard")
     assert boards.stopped == "storyboard" and set(boards.outputs) == {"storyboard.png"}
-    assert {r.stage for r in boards.ledger.records if not r.cached} == {"storyboard"}
+    assert {r.stage for r in boards.ledger.records if not r.cached} == {"storyboard", "voice"}  # the cut's timing
     book = open_approvals(tmp_path / "approvals.db")
     book.record(decide(plan, plan.shots[:2], "approved", by="test"))
     gated = run(plan, store, prices, approvals=gate_state(book, plan, True).approvals)
@@ -154,13 +154,17 @@ def test_ledger_and_estimate_cover_the_same_nodes(tmp_path, prices):
     # Each executed node writes one row per stage it did work for: per shot the storyboard node, the
     # keyframes node (+ drawing the audit frame) and the clip node (in-betweens, encode, + comparing
     # the audit); then the assembly. The same (stage, shot) pairs are the ones the plan estimates.
-    expected: Counter = Counter([("assemble", None)])
+    # The sound: a voice node per line, the mix and the burned-in subtitles inside the assembly.
+    expected: Counter = Counter([("assemble", None), ("mix", None), ("subtitles", None)])
+    expected.update(("voice", v.line.shot) for v in plan.voices)
     for s in plan.shots:
         audit = [("audit", s.shot.id)] if s.audit_frame is not None else []
         expected.update([("storyboard", s.shot.id), ("keyframes", s.shot.id), *audit,
                          ("inbetween", s.shot.id), ("encode", s.shot.id), *audit])
     assert Counter((r.stage, r.shot) for r in records) == expected
-    assert set(expected) == {(stage, s.shot.id) for s in plan.shots for stage in s.estimate_yuan} | {("assemble", None)}
+    assert set(expected) == ({(stage, s.shot.id) for s in plan.shots for stage in s.estimate_yuan}
+                             | {("assemble", None), ("mix", None), ("subtitles", None)}
+                             | {("voice", v.line.shot) for v in plan.voices})
     assert all(r.seconds > 0 and r.yuan > 0 and r.resource == "cpu" for r in records)
     assert result.ledger.total_yuan == pytest.approx(sum(result.ledger.by_stage().values()), rel=1e-12)
 

@@ -210,7 +210,8 @@ def test_every_node_writes_its_spend_and_a_rerun_shows_the_episodes_cost_beside_
     assert first.stopped is None and first.spent_before_yuan == 0.0
     assert book.total_yuan == pytest.approx(first.ledger.total_yuan) == pytest.approx(first.episode_spent_yuan)
     assert sorted(map(str, book.by_node())) == sorted(  # one note per executed node, all by this render
-        [str(NodeId(st, s.shot.id)) for s in plan.shots for st in ("storyboard", "keyframes", "clip")] + ["assemble"])
+        [str(NodeId(st, s.shot.id)) for s in plan.shots for st in ("storyboard", "keyframes", "clip")] + ["assemble"]
+        + [str(NodeId("voice", v.id)) for v in plan.voices])
     assert book.holders() == {first.render_id}
     assert Counter((r.stage, r.shot) for r in book.records()) == executed(first)
     again = render(plan, store=store, prices=prices, ffmpeg=FFMPEG)
@@ -312,7 +313,8 @@ def test_two_renders_of_one_script_at_once_compute_and_bill_every_node_once(loca
     assert a.stopped is None and b.stopped is None
     assert a.outputs["episode.mp4"].read_bytes() == b.outputs["episode.mp4"].read_bytes()
     billed = executed(a) + executed(b)
-    expected = Counter([("assemble", None)])
+    expected = Counter([("assemble", None), ("mix", None), ("subtitles", None)])
+    expected.update(("voice", v.line.shot) for v in plan.voices)
     for s in plan.shots:
         audit = [("audit", s.shot.id)] * (2 if s.audit_frame is not None else 0)
         expected.update([("storyboard", s.shot.id), ("keyframes", s.shot.id), ("inbetween", s.shot.id),
