@@ -384,4 +384,7 @@ def plan_summary(plan: RenderPlan) -> dict[str, Any]:
         "duration_s": plan.duration_s,
         "estimated_cost_yuan": plan.estimated_cost_yuan,
         "estimated_cost_by_stage_yuan": plan.estimate_by_stage(),
+        "speech_timing": plan.speech_timing,
+        "voices": [{"id": v.id, "character": v.line.character, "start_s": v.start_s, "spoken_s": v.spoken_s,
+                    "measured": v.measured} for v in plan.voices],
     }
