@@ -266,37 +266,30 @@ def _api():
         with svc.sessions() as db:
             return FileResponse(svc.panel(_job(db, user, job_id), shot), media_type="image/png")
 
-    @api.post("/jobs/{job_id}/approvals")
-    def approve(request: Request, job_id: int, body: Decision, user: User = Depends(current_user)):
+    def change(request: Request, job_id: int, user: User, act) -> dict:
+        """``act(service, db, job)`` on a job the user may change, under the state lock; the job after."""
         svc = service_of(request)
         with svc.lock, svc.sessions() as db:
             job = _job(db, user, job_id)
-            svc.decide(db, job, [body.shot], body.decision, user.username, body.comment)
+            act(svc, db, job)
             return svc.view(db, job)
+
+    @api.post("/jobs/{job_id}/approvals")
+    def approve(request: Request, job_id: int, body: Decision, user: User = Depends(current_user)):
+        return change(request, job_id, user,
+                      lambda svc, db, job: svc.decide(db, job, [body.shot], body.decision, user.username, body.comment))
 
     @api.post("/jobs/{job_id}/approve-all")
     def approve_all(request: Request, job_id: int, user: User = Depends(current_user)):
-        svc = service_of(request)
-        with svc.lock, svc.sessions() as db:
-            job = _job(db, user, job_id)
-            svc.decide(db, job, None, "approve", user.username, "")
-            return svc.view(db, job)
+        return change(request, job_id, user, lambda svc, db, job: svc.decide(db, job, None, "approve", user.username, ""))
 
     @api.post("/jobs/{job_id}/cancel")
     def cancel(request: Request, job_id: int, user: User = Depends(current_user)):
-        svc = service_of(request)
-        with svc.lock, svc.sessions() as db:
-            job = _job(db, user, job_id)
-            svc.cancel(db, job, user.username)
-            return svc.view(db, job)
+        return change(request, job_id, user, lambda svc, db, job: svc.cancel(db, job, user.username))
 
     @api.post("/jobs/{job_id}/retry")
     def retry(request: Request, job_id: int, user: User = Depends(current_user)):
-        svc = service_of(request)
-        with svc.lock, svc.sessions() as db:
-            job = _job(db, user, job_id)
-            svc.retry(db, job, user.username)
-            return svc.view(db, job)
+        return change(request, job_id, user, lambda svc, db, job: svc.retry(db, job, user.username))
 
     @api.get("/jobs/{job_id}/files/{name}")
     def file(request: Request, job_id: int, name: str, user: User = Depends(current_user)):

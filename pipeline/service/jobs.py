@@ -368,7 +368,8 @@ class JobService:
             self._set(db, job, "stopped", "stopped on the cluster", stopped_reason="cluster",
                       error=f"the Ray job {job.submission_id} was stopped outside the service")
         else:  # FAILED with no exit code of its own (killed by a signal, supervisor or node lost)
-            self._restart(db, job, f"the driver of {job.submission_id} died ({info.message or status}, exit {code})")
+            why = (info.message or status).strip().splitlines()[0]
+            self._restart(db, job, f"the driver of {job.submission_id} died ({why}; exit {code})")
 
     def _restart(self, db: Session, job: Job, why: str) -> None:
         if job.restarts >= MAX_RESTARTS:
