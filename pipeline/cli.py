@@ -125,7 +125,7 @@ def _prepare(settings, script: Path, profile: str, aspect: str | None, sets: lis
     calibration = _calibration(settings)
     plan = make_plan(episode, prof, calibration=calibration, prices=prices,
                      script_sha256=hashlib.sha256(script.read_bytes()).hexdigest(), bed=music_bed(episode, prof))
-    return settings, episode, prices, _voiced(settings, episode, prices, plan, _open_store(settings))
+    return settings, episode, prices, plan
 
 
 def _voiced(settings, episode, prices, plan, store):
@@ -179,6 +179,7 @@ def plan(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain s
             _propose(script, episode, rplan, prices, settings, budget_yuan, spot, write_profile, as_json)
             return
         store = _open_store(settings)
+        rplan = _voiced(settings, episode, prices, rplan, store)  # timed by the voices the store holds
         gate = gate_state(open_approvals(settings.approvals), rplan, gate_on(rplan.profile, approval_gate))
         sched = schedule(rplan, store, approvals=gate.approvals)
         band = estimate_band(rplan, _calibration(settings, quiet=True))  # which rows priced it, and their band

@@ -32,8 +32,8 @@ from pipeline.models import Bed, Profile, RenderPlan, ShotPlan, VoicePlan
 from stages import assemble, encode, handoffs, inbetween, keyframes, mix, storyboard, subtitles, transitions, voice
 from stages import audit as audit_mod
 from stages.backgrounds import setting_of
-from stages.records import Episode, Scene, Shot, ShotScene, Speech, SpokenLine, SubtitleCue, VoiceLine
-from stages.script import check_limits
+from stages.records import Episode, Scene, ScriptError, Shot, ShotScene, Speech, SpokenLine, SubtitleCue, VoiceLine
+from stages.script import MAX_EPISODE_S, MAX_SHOT_S, check_limits
 
 STAGES = ("storyboard", "keyframes", "inbetween", "encode")
 # A shot's first line starts this long after the cut.
@@ -169,6 +169,20 @@ def voiced_cues(shot: Shot, spoken: list[float], speech: list[Speech | None], st
     return cues, starts
 
 
+def _check_spoken(episode: Episode, shot: Shot, length_s: float, end_s: float, profile: Profile,
+                  measured: bool) -> None:
+    """A shot its lines lengthen past the longest shot, or an episode past the longest episode, is
+    the script's mistake: refused with its line, like ``check_limits``."""
+    how = "as spoken" if measured else "at reading speed"
+    if length_s > MAX_SHOT_S:
+        raise ScriptError(episode.source, f"shot {shot.id}: its {len(shot.dialogue):,} lines take {length_s:,.0f} s "
+                          f"{how} with a {profile.breath_s:g} s breath each; the longest shot is {MAX_SHOT_S:g} s: "
+                          "split it into shots", shot.line)
+    if end_s > MAX_EPISODE_S:
+        raise ScriptError(episode.source, f"the episode reaches {end_s:,.0f} s at shot {shot.id} with its lines "
+                          f"{how}; the longest episode is {MAX_EPISODE_S:g} s: split the script", shot.line)
+
+
 def calibration_keys(profile: Profile) -> dict[str, tuple[str, str, str]]:
     """(backend id, device, unit) of the calibration row that prices each stage of this profile."""
     keys = {}
@@ -265,6 +279,8 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
             said = [speech.get(k) for k in vkeys]
             spoken = [sp.duration_s if sp else estimate_spoken_s(ln.text) for sp, ln in zip(said, lines)]
             frames = max(1, round(shot.duration_s * profile.fps), spoken_frames(shot, spoken, profile))
+            _check_spoken(episode, shot, frames / profile.fps, (start + frames) / profile.fps, profile,
+                          measured=all(said))
             shot_cues, at = voiced_cues(shot, spoken, said, start / profile.fps, (start + frames) / profile.fps,
                                         profile.breath_s, len(cues) + 1)
             spoken_lines = [SpokenLine(character=ln.character, start_s=round(a - start / profile.fps, 4),

@@ -210,15 +210,23 @@ def test_a_thousand_characters_each_mentioned(tmp_path):
 
 def test_the_longest_dialogue_shot_plans_with_its_audit_frame(tmp_path, calibration, prices):
     """A 10-minute dialogue shot: the audit frame used to try every keyframe for every drawing."""
-    text = "INT. A - DAY\n\n[[shot: 600s]]\n" + "".join(f"{'ANA' if k % 2 else 'BEN'}\nLine {k}.\n\n" for k in range(20_000))
-    episode = load_episode(tmp_path / "talk.fountain", text=text)
-    [shot] = episode.shots
-    assert shot.duration_s == 600 and len(shot.dialogue) == 20_000
+    def talk(lines: int):
+        text = "INT. A - DAY\n\n[[shot: 600s]]\n" + "".join(f"{'ANA' if k % 2 else 'BEN'}\nLine {k}.\n\n"
+                                                            for k in range(lines))
+        return load_episode(tmp_path / "talk.fountain", text=text)
+
+    # 20,000 lines do not fit 10 minutes as spoken (the cut follows the voice): the script's mistake
+    episode = talk(20_000)
+    assert episode.shots[0].duration_s == 600 and len(episode.shots[0].dialogue) == 20_000
+    with pytest.raises(ScriptError, match=r"talk.fountain:4: shot sc01-sh01: its 20,000 lines take [\d,]+ s at "
+                                          r"reading speed .* the longest shot is 600 s: split it into shots"):
+        plan_of(episode, calibration, prices)
+    episode = talk(400)
     planned = plan_of(episode, calibration, prices).shots[0]
     assert planned.frames == 14_400 and len(planned.keyframes) == 1201  # every 12th frame, and the last drawing
     assert planned.audit_frame == 6  # midway between the first two keyframes: the first of the farthest
     subtitles = plan_of(episode, calibration, prices).subtitles
-    assert len(subtitles) == 20_000 and subtitles[-1].end_s <= 600
+    assert len(subtitles) == 400 and subtitles[-1].end_s <= 600
 
 
 def test_hostile_lines_read_as_what_they_are(tmp_path):
