@@ -7,9 +7,10 @@ and Mandarin among its languages), driven here through ``ctypes`` in synchronous
 synthesis callback that collects the samples. The pipeline passes the library and data paths in
 (``pipeline.registry``); this stage reads no environment and no config.
 
-A character's voice is a ``CharacterVoice`` (variant, pitch, rate, language; ``reference`` for a
-cloning backend); characters the profile does not name get a distinct voice derived from the
-name, so two speakers never sound alike by accident and the same name always sounds the same.
+A character's voice is a ``CharacterVoice`` (variant, pitch, rate, language); characters the
+profile does not name get a distinct voice derived from the name, so two speakers never sound
+alike by accident and the same name always sounds the same. No shipped backend clones a voice
+from a reference recording yet (a cloning backend would add that field to its own settings).
 """
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ class CharacterVoice(Record):
     pitch: int | None = Field(None, ge=0, le=100, description="Base pitch, 0…100 (eSpeak's scale; 50 is normal).")
     rate: int | None = Field(None, ge=80, le=450, description="Words per minute.")
     language: str | None = Field(None, description="Language the backend speaks the lines in: 'en', 'cmn', 'ja'.")
-    reference: str | None = Field(None, description="A reference recording (WAV) for cloning backends.")
 
 
 class EspeakSettings(Record):
@@ -59,7 +59,6 @@ class NeuralCharacterVoice(Record):
 
     speaker: int | None = Field(None, ge=0, description="Speaker id of a multi-speaker model.")
     rate: float | None = Field(None, gt=0.2, le=4.0, description="Speaking rate, 1.0 the model's own.")
-    reference: str | None = Field(None, description="A reference recording (WAV) for cloning models.")
 
 
 class NeuralVoiceSettings(Record):
