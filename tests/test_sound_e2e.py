@@ -130,4 +130,4 @@ def test_the_burned_variant_differs_from_the_master_only_inside_the_subtitle_are
     assert diff[:, ~inside].mean() < 4.0 and (diff[:, ~inside] > 40).mean() < 0.001
     cue = plan["subtitles"][0]
     on = int((cue["start_s"] + cue["end_s"]) / 2 * fps)
-    assert (diff[on][inside] > 60).mean() > 0.02
+    assert (diff[on][inside] > 30).mean() > 0.02  # the cue is drawn (pale text, dark outline: a dark plate hides half)
