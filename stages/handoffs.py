@@ -38,6 +38,7 @@ from stages.records import AudioStem, Record, StageError, SubtitleCue
 VERSION = "1"
 STAGE = "handoffs"
 AUDIO_STEMS = ("dialogue", "music")  # what editors get on audio tracks; "mix" is these two together
+SMPTE_RATES = (24, 25, 30, 48, 50, 60)  # whole-frame rates OpenTimelineIO writes SMPTE timecode for
 DRAFT_INFO, DRAFT_CONTENT, DRAFT_META = "draft_info.json", "draft_content.json", "draft_meta_info.json"
 JIANYING_TRACKS = {"video": "镜头", "dialogue": "对白", "music": "音乐", "subtitles": "字幕"}
 # JianYing's token for "this draft's own folder" in material paths: one literal, the same in every
@@ -71,12 +72,15 @@ def is_dissolve(text: str | None) -> bool:
 
 
 def build_timeline(shots: list[TimelineClip], cues: list[SubtitleCue], *, title: str, fps: int,
-                   stems: list[AudioStem] = ()):
-    """The cut as an ``opentimelineio.schema.Timeline``: per-shot media, audio tracks, cue markers."""
+                   stems: list[AudioStem] = (), timebase: int | None = None):
+    """The cut as an ``opentimelineio.schema.Timeline``: per-shot media, audio tracks, cue markers.
+    ``timebase``: the rate its times are written in (default ``fps``; see ``fcp_timebase``)."""
     import opentimelineio as otio
 
+    rate = timebase or fps
+
     def frames(n: float):
-        return otio.opentime.RationalTime(n, fps)
+        return otio.opentime.RationalTime(round(n * rate / fps), rate)
 
     timeline = otio.schema.Timeline(name=title)
     track = otio.schema.Track(name="picture", kind=otio.schema.TrackKind.Video)
@@ -146,8 +150,17 @@ def write_fcp_xml(shots: list[TimelineClip], cues: list[SubtitleCue], path: str 
     if "fcp_xml" not in otio.adapters.available_adapter_names():
         raise StageError(STAGE, None, "the OpenTimelineIO FCP 7 XML adapter is not installed (package "
                                       "'otio-fcp-adapter'); install the project's dependencies")
-    timeline = build_timeline(shots, cues, title=title, fps=fps, stems=stems)
+    timeline = build_timeline(shots, cues, title=title, fps=fps, stems=stems, timebase=fcp_timebase(fps))
     _write_atomic(Path(path), otio.adapters.write_to_string(timeline, "fcp_xml").encode("utf-8"))
+
+
+def fcp_timebase(fps: int) -> int:
+    """The sequence rate FCP 7 XML is written in: its timecode needs a SMPTE rate, so an episode at
+    a rate without one (12 fps, 8, 15) is laid on the smallest SMPTE rate that is a whole multiple
+    of it (24, 30 …: every frame lands on a frame), else the smallest one above it (times rounded)."""
+    if fps in SMPTE_RATES:
+        return fps
+    return next((r for r in SMPTE_RATES if r % fps == 0), next((r for r in SMPTE_RATES if r > fps), SMPTE_RATES[-1]))
 
 
 # --------------------------------------------------------------------------- 剪映 (JianYing)

@@ -95,6 +95,18 @@ def test_fcp_xml_round_trips_through_otio(media):
     assert back.duration().rescaled_to(FPS).value == sum(FRAMES)
 
 
+@pytest.mark.parametrize("fps, timebase", [(12, 24), (8, 24), (15, 30), (7, 24)])
+def test_fcp_xml_at_a_rate_without_smpte_timecode_keeps_every_shot_in_seconds(media, fps, timebase):
+    """FCP 7 XML timecode needs a SMPTE rate: a 12 fps episode (the tiny diffusers profile) is laid
+    on a 24 fps sequence, each shot as long in seconds as in the episode."""
+    d, shots, cues, stems = media
+    handoffs.write_fcp_xml(shots, cues, d / "timeline.xml", title="Cafe", fps=fps, stems=stems)
+    back = otio.adapters.read_from_file(str(d / "timeline.xml"), adapter_name="fcp_xml")
+    clips = list(back.video_tracks()[0].find_clips())
+    assert {c.source_range.duration.rate for c in clips} == {timebase}
+    assert [round(c.source_range.duration.to_seconds() * fps) for c in clips] == FRAMES
+
+
 def test_jianying_draft_reloads_with_pyjianyingdraft(media, tmp_path):
     d, shots, cues, stems = media
     zip_path = tmp_path / "cafe_jianying.zip"
