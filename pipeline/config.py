@@ -243,6 +243,8 @@ class Settings(Record):
                               "accounts configured.")
     service_port: int = Field(8765, ge=1, le=65535)
     service_max_renders: int | None = Field(None, ge=1, description="Renders at once; None = the cluster's CPUs.")
+    service_series: str | None = Field(None, description="Series manifests (*.toml) whose schedules the service "
+                                       "runs itself (pipeline.service.schedules); None = <service_data>/series.")
     config_files: list[str] = Field(default_factory=list, description="Config files read, lowest first.")
     sources: dict[str, str] = Field(default_factory=dict, description="Per setting, the source of its value.")
 
@@ -255,18 +257,23 @@ class Settings(Record):
     def service_db_url(self) -> str:
         return self.service_db or f"sqlite:///{Path(self.service_data).expanduser().absolute() / 'service.db'}"
 
+    @property
+    def service_series_dir(self) -> Path:
+        return Path(self.service_series or Path(self.service_data) / "series").expanduser().absolute()
+
 
 # Keys a config file may set (the settings themselves; ``debug`` and the bookkeeping are not).
 KEYS = ("ray_address", "tracking_uri", "store", "prices", "calibration", "user_calibration", "approvals", "nights",
         "usd_cny", "price_tier", "price_provider", "num_cpus", "service_data", "service_db", "service_host",
-        "service_port", "service_max_renders")
+        "service_port", "service_max_renders", "service_series")
 ENV = {"ray_address": "RAY_ADDRESS", "tracking_uri": "MLFLOW_TRACKING_URI", "store": "ANIM_STORE",
        "prices": "ANIM_PRICES", "calibration": "ANIM_CALIBRATION", "usd_cny": "ANIM_USD_CNY",
        "price_tier": "ANIM_PRICE_TIER", "price_provider": "ANIM_PRICE_PROVIDER", "approvals": "ANIM_APPROVALS",
        "nights": "ANIM_NIGHTS", "service_data": "ANIM_SERVICE_DATA", "service_db": "ANIM_SERVICE_DB",
        "service_host": "ANIM_SERVICE_HOST", "service_port": "ANIM_SERVICE_PORT",
-       "service_max_renders": "ANIM_SERVICE_MAX_RENDERS"}
-_PATH_KEYS = ("store", "prices", "calibration", "user_calibration", "approvals", "nights", "service_data")
+       "service_max_renders": "ANIM_SERVICE_MAX_RENDERS", "service_series": "ANIM_SERVICE_SERIES"}
+_PATH_KEYS = ("store", "prices", "calibration", "user_calibration", "approvals", "nights", "service_data",
+              "service_series")
 
 
 def _home(env: Mapping[str, str]) -> Path:

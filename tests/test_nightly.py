@@ -308,3 +308,57 @@ def test_a_bad_script_fails_its_episode_with_its_line_and_the_others_still_run(t
     tonight = plan_night(load_series(make_series(tmp_path)), settings, now=datetime(2026, 12, 2, 3, tzinfo=UTC),
                          previous=book.previous_rows("Tiny series", "2026-12-02T02:30+00:00"))
     assert [(t.episode.index, t.why) for t in tonight.admitted] == [(1, "failed last night"), (0, "changed")]
+
+
+@pytest.mark.slow
+def test_the_service_runs_a_series_schedule_itself_once_per_night_across_a_restart(tmp_path):
+    """A manifest in the service's series folder (cron every minute here) is run by ``anim serve``
+    itself: its night's job is in the table as the ``nightly`` account's and renders; SIGKILL the
+    service and start it again, and no night is run twice (the next night finds nothing changed
+    and submits nothing)."""
+    import time
+
+    from pipeline.nightly import NightBook
+    from pipeline.service.client import ServiceClient
+    from pipeline.service.cluster import local_endpoint, stop_local_head
+    from pipeline.service.process import ServiceProcess, add_account, isolated_env
+
+    make_series(tmp_path, cron="* * * * *")
+    folder = tmp_path / "series"
+    folder.mkdir()
+    (folder / "tiny.toml").write_text((tmp_path / "series.toml").read_text()
+                                      .replace('"tiny.toml"', '"draft"').replace('results = "out"', 'results = "../out"')
+                                      .replace('"ep1.fountain", { path = "ep2.fountain", priority = 5 }', '"../ep1.fountain"'))
+    env = isolated_env(tmp_path, ANIM_NIGHTS=str(tmp_path / "nights.db"), XDG_CACHE_HOME=str(tmp_path / "cache"),
+                       ANIM_SERVICE_SERIES=str(folder))
+    endpoint = local_endpoint(tmp_path / "data", num_cpus=2)
+
+    def jobs(service, token) -> list[dict]:
+        return ServiceClient(service.url, token).jobs(series="Tiny series")
+
+    try:
+        token = add_account(env, "lead", "admin")
+        with ServiceProcess(env, log=tmp_path / "serve.log") as service:
+            deadline = time.monotonic() + 400
+            while time.monotonic() < deadline and not any(j["status"] == "succeeded" for j in jobs(service, token)):
+                time.sleep(2)
+            done = jobs(service, token)
+            assert [(j["producer"], j["status"]) for j in done] == [("nightly", "succeeded")], service.tail()
+            assert (tmp_path / "out" / "ep1-draft-16x9" / "episode.mp4").stat().st_size > 0
+            service.kill()
+        ran = [n for n in NightBook(tmp_path / "nights.db").nights("Tiny series")]
+        with ServiceProcess(env, log=tmp_path / "serve2.log") as service:
+            def finished_after_restart() -> bool:
+                new = NightBook(tmp_path / "nights.db").nights("Tiny series")[len(ran):]
+                return any(n["state"] != "running" for n in new)
+
+            deadline = time.monotonic() + 150  # the next minute's night, checked within 20 s of its start
+            while time.monotonic() < deadline and not finished_after_restart():
+                time.sleep(2)
+            assert finished_after_restart(), service.tail()
+            assert len(jobs(service, token)) == 1, service.tail()
+        nights = NightBook(tmp_path / "nights.db").nights("Tiny series")
+        assert [n["night"] for n in nights[:len(ran)]] == [n["night"] for n in ran]
+        assert len({n["night"] for n in nights}) == len(nights) > len(ran), nights  # a new night, none twice
+    finally:
+        stop_local_head(endpoint)

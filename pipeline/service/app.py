@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.service import auth
+from pipeline.service import auth, schedules
 from pipeline.service.cluster import JobsEndpoint, local_endpoint, studio_endpoint
 from pipeline.service.db import ACTIVE, STATUSES, TERMINAL, Job, ServiceError, User, open_database
 from pipeline.service.jobs import MAX_UPLOAD_BYTES, JobService, Planned, Upload, loop
@@ -61,6 +61,10 @@ def create_app(settings, *, endpoint: JobsEndpoint | None = None, dispatch: bool
             thread = threading.Thread(target=loop, args=(service, stop), name="anim-dispatcher", daemon=True)
             thread.start()
             state["thread"] = thread
+            # each series manifest's nightly, run by the service itself (pipeline.service.schedules)
+            app.state.schedules = schedules.Schedules(settings, sessions)
+            threading.Thread(target=schedules.loop, args=(app.state.schedules, stop), name="anim-schedules",
+                             daemon=True).start()
         yield
         stop.set()
         if "thread" in state:
