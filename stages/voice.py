@@ -18,6 +18,8 @@ import ctypes
 import hashlib
 import math
 import re
+import subprocess
+import sys
 import threading
 import wave
 from pathlib import Path
@@ -28,7 +30,7 @@ from pydantic import Field
 
 from stages.records import Record, Speech, StageError, VoiceLine
 
-VERSION = "1"
+VERSION = "2"  # 2: a line's samples depend on the line alone
 STAGE = "voice"
 ENVELOPE_HZ = 50.0
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -143,68 +145,86 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
 # --------------------------------------------------------------------------- eSpeak NG through ctypes
 
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
-_espeakRATE, _espeakPITCH = 1, 3
-_espeakCHARS_UTF8, _POS_CHARACTER = 1, 1
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
-_LOCK = threading.Lock()  # the library is one state machine per process: one synthesis at a time
+_LOCK = threading.Lock()  # the library is one state machine per process: one initialisation at a time
+# eSpeak keeps synthesis state in process-wide statics that neither espeak_Terminate nor a new
+# espeak_Initialize resets (the pitch flutter's phase among them): the same line spoken twice in
+# one process comes out different, depending on everything spoken before it; and its noise
+# generator is seeded from the clock. So each line is spoken by a fresh interpreter that loads the
+# library, fixes the seed, speaks that one line and writes the samples to stdout: a line's WAV
+# depends on the line alone (about 30 ms of start-up a line).
+_SPEAK_ONE = """
+import ctypes, sys
+library, data, voice, rate, pitch = sys.argv[1:6]
+lib = ctypes.CDLL(library)
+lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+                             ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+chunks = []
+def collect(wav, count, events):
+    if count > 0 and wav:
+        chunks.append(ctypes.string_at(wav, 2 * count))
+    return 0
+callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)(collect)
+if lib.espeak_Initialize(2, 0, data.encode(), 0) <= 0:
+    sys.exit(3)
+lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+lib.espeak_ng_SetRandSeed(1)  # its noise (breath, Klatt) from a fixed seed, not from the clock
+lib.espeak_SetSynthCallback(callback)
+if lib.espeak_SetVoiceByName(voice.encode()) != 0:
+    sys.exit(4)
+lib.espeak_SetParameter(1, int(rate), 0)  # espeakRATE
+lib.espeak_SetParameter(3, int(pitch), 0)  # espeakPITCH
+text = sys.stdin.buffer.read()
+err = lib.espeak_Synth(text, len(text) + 1, 0, 1, 0, 1, None, None)  # POS_CHARACTER, espeakCHARS_UTF8
+lib.espeak_Synchronize()
+if err != 0:
+    sys.stderr.write(f"espeak_Synth returned {err}")
+    sys.exit(5)
+sys.stdout.buffer.write(b"".join(chunks))
+"""
 
 
 class EspeakVoice:
     """The embedded voice backend: eSpeak NG from ``library`` (libespeak-ng.so) with ``data``
-    (espeak-ng-data). Loads the library once; ``__call__`` speaks one line into a WAV file."""
+    (espeak-ng-data). ``__call__`` speaks one line into a WAV file; the same line always gives
+    the same samples (each line is spoken in a process of its own, see ``_SPEAK_ONE``)."""
 
     def __init__(self, *, library: str, data: str, settings: EspeakSettings):
-        self.settings = settings
+        self.settings, self.library, self.data = settings, library, data
         if not Path(library).is_file():
             raise StageError(STAGE, None, f"eSpeak NG library not found at {library} (pip install espeakng-loader)")
         if not (Path(data) / "phontab").is_file():
             raise StageError(STAGE, None, f"eSpeak NG data not found at {data}: no phontab there")
-        self.lib = ctypes.CDLL(library)
-        self.lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        self.lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        self.lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                          ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-        self._chunks: list[np.ndarray] = []
-        self._callback = _CALLBACK(self._collect)  # kept alive as long as the library may call it
+        lib = ctypes.CDLL(library)  # loads and initialises here (so a broken install fails now), never speaks
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         with _LOCK:
-            self.sample_rate = self.lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data.encode(), 0)
-            if self.sample_rate <= 0:
-                raise StageError(STAGE, None, f"eSpeak NG did not initialise with data {data} "
-                                 f"(espeak_Initialize returned {self.sample_rate})")
-            self.lib.espeak_SetSynthCallback(self._callback)
+            self.sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data.encode(), 0)
+        if self.sample_rate <= 0:
+            raise StageError(STAGE, None, f"eSpeak NG did not initialise with data {data} "
+                             f"(espeak_Initialize returned {self.sample_rate})")
 
     def ready(self) -> str:
         return f"eSpeak NG at {self.sample_rate} Hz"
-
-    def _collect(self, wav, count, events) -> int:
-        if count > 0 and wav:
-            self._chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).copy())
-        return 0
 
     def synthesize(self, line: VoiceLine) -> np.ndarray:
         """The line's samples (mono int16 at ``sample_rate``)."""
         voice = voice_for(self.settings, line)
         name = f"{voice.language}+{voice.variant}" if voice.variant else voice.language
-        text = line.text.replace("\n", " ").encode("utf-8")
-        with _LOCK:
-            self.lib.espeak_SetSynthCallback(self._callback)
-            if self.lib.espeak_SetVoiceByName(name.encode()) != 0:
-                raise StageError(STAGE, line.shot, f"line {line.index + 1} ({line.character}): eSpeak has no voice "
-                                 f"{name!r}; set the character's language and variant in [espeak.voices]")
-            self.lib.espeak_SetParameter(_espeakRATE, int(voice.rate), 0)
-            self.lib.espeak_SetParameter(_espeakPITCH, int(voice.pitch), 0)
-            self._chunks = []
-            err = self.lib.espeak_Synth(text, len(text) + 1, 0, _POS_CHARACTER, 0, _espeakCHARS_UTF8, None, None)
-            self.lib.espeak_Synchronize()
-            chunks, self._chunks = self._chunks, []
-        if err != 0:
-            raise StageError(STAGE, line.shot, f"line {line.index + 1} ({line.character}): eSpeak failed "
-                             f"(espeak_Synth returned {err})")
-        samples = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+        who = f"line {line.index + 1} ({line.character})"
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", _SPEAK_ONE, self.library, self.data, name,
+                               str(int(voice.rate)), str(int(voice.pitch))],
+                              input=line.text.replace("\n", " ").encode("utf-8"), capture_output=True)
+        if done.returncode == 4:
+            raise StageError(STAGE, line.shot, f"{who}: eSpeak has no voice {name!r}; set the character's "
+                             "language and variant in [espeak.voices]")
+        if done.returncode != 0:
+            why = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+            raise StageError(STAGE, line.shot, f"{who}: eSpeak failed ({why[0]})")
+        samples = np.frombuffer(done.stdout, dtype="<i2").astype(np.int16)
         if not samples.size or not np.any(samples):
-            raise StageError(STAGE, line.shot, f"line {line.index + 1} ({line.character}): eSpeak produced no "
-                             f"sound for {line.text!r}")
+            raise StageError(STAGE, line.shot, f"{who}: eSpeak produced no sound for {line.text!r}")
         return samples
 
     def __call__(self, line: VoiceLine, path: str | Path) -> Speech:

@@ -80,8 +80,10 @@ def test_render_sample_at_draft(tmp_path, env, script, aspect, size):
         assert cue["text"] in sub.content
 
     # The ledger covers every shot and stage; the MLflow run's cost equals its sum.
+    # Every sample has dialogue: each line spoken (voice), the mix, and the burned-in subtitles.
     assert {r["stage"] for r in cost["records"]} == {"storyboard", "keyframes", "inbetween", "encode", "assemble",
-                                                     "audit"}
+                                                     "audit", "voice", "mix", "subtitles"}
+    assert sum(r["stage"] == "voice" for r in cost["records"]) == len(plan["subtitles"])
     assert abs(cost["total_yuan"] - sum(r["yuan"] for r in cost["records"])) < 1e-12
     run_id = done.stdout.split("MLflow run:")[1].split()[0]
     run = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(run_id)
