@@ -50,6 +50,19 @@ def test_each_character_has_a_stable_voice_of_its_own_and_the_profile_can_set_it
     assert len(b) > len(a) * 1.15  # a slower voice speaks longer
 
 
+def test_a_line_sounds_the_same_whatever_was_spoken_before_it_and_in_another_process(espeak):
+    """A voice artifact is stored under its content key: the same line must give the same samples
+    every time (eSpeak's own state and clock-seeded noise would make them differ)."""
+    target = line("Mei! Look up!", who="KAI")
+    first = espeak.synthesize(target).tobytes()
+    espeak.synthesize(line("No, not yet, but it will soon.", who="BOB"))
+    espeak.synthesize(line("等一下。这张请柬上，写的是我的名字。", who="林小雨"))
+    assert espeak.synthesize(target).tobytes() == first
+    other = voice.EspeakVoice(library=espeakng_loader.get_library_path(), data=espeakng_loader.get_data_path(),
+                              settings=espeak.settings)
+    assert other.synthesize(target).tobytes() == first
+
+
 def test_a_voice_espeak_does_not_have_is_one_line_naming_the_line(tmp_path):
     bad = voice.EspeakVoice(library=espeakng_loader.get_library_path(), data=espeakng_loader.get_data_path(),
                             settings=voice.EspeakSettings(voices={"AYA": voice.CharacterVoice(language="xx-nope")}))
