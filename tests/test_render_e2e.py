@@ -7,7 +7,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import imageio_ffmpeg
 import mlflow
 import pytest
 import srt
+
+from pipeline.service.cluster import free_ports
 
 from .conftest import REPO
 
@@ -146,20 +147,6 @@ def test_plan_json_contract(env):
     assert data["total_frames"] == sum(s["frames"] for s in data["shots"])
     assert 55 <= data["total_frames"] / 24 <= 75
     assert data["estimated_cost_yuan"] > 0
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free right now (each bound to port 0 by the kernel, then released).
-
-    Another process may take one before Ray binds it; the head then fails to start and says so."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @contextmanager
