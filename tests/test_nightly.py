@@ -346,7 +346,7 @@ def test_the_service_runs_a_series_schedule_itself_once_per_night_across_a_resta
             assert [(j["producer"], j["status"]) for j in done] == [("nightly", "succeeded")], service.tail()
             assert (tmp_path / "out" / "ep1-draft-16x9" / "episode.mp4").stat().st_size > 0
             service.kill()
-        ran = [n for n in NightBook(tmp_path / "nights.db").nights("Tiny series")]
+        ran = NightBook(tmp_path / "nights.db").nights("Tiny series")
         with ServiceProcess(env, log=tmp_path / "serve2.log") as service:
             def finished_after_restart() -> bool:
                 new = NightBook(tmp_path / "nights.db").nights("Tiny series")[len(ran):]

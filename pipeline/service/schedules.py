@@ -70,7 +70,6 @@ class Schedules:
         self.settings, self.sessions = settings, sessions
         self.url = url or service_url(settings)
         self.running: dict[Path, threading.Thread] = {}
-        self.results: list = []  # every night run so far (pipeline.nightly.NightResult), newest last
 
     def tick(self, now: datetime | None = None) -> list[Path]:
         """Start a night for each manifest with one due at ``now`` and none running; returns the
@@ -105,7 +104,6 @@ class Schedules:
             token = account_token(self.sessions, Path(self.settings.service_data))
             for result in run_due([path], self.settings, now=now, server=self.url, token=token,
                                   on_line=lambda line: log.info("%s: %s", path.stem, line)):
-                self.results.append(result)
                 log.info("series %s night %s: exit %s %s", result.series, result.night, result.exit_code,
                          result.note or "")
         except Exception:  # noqa: BLE001 - the night's records say what ran; the next tick tries again
