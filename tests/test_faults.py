@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import imageio_ffmpeg
 import pytest
@@ -181,8 +184,16 @@ def ours_left(marker: str) -> list[str]:
     return found
 
 
-def test_a_local_start_shorter_than_the_timeout_allows_fails_with_one_line_and_leaves_nothing(tmp_path):
-    ray_dir = tmp_path / "ray"
+@pytest.fixture
+def short_ray_dir():
+    """Ray's socket paths must stay under 107 bytes; pytest's tmp_path can be longer than that allows."""
+    folder = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_local_start_shorter_than_the_timeout_allows_fails_with_one_line_and_leaves_nothing(tmp_path, short_ray_dir):
+    ray_dir = short_ray_dir / "ray"
     got = start_in_a_fresh_driver(tmp_path, {"_temp_dir": str(ray_dir), "num_cpus": 1}, 0.01)
     assert got["error"] == ("the local Ray cluster did not start within 0.01 s; nothing was rendered")
     # the message is the timeout's own (not a finished start's error); a start that hung instead of being
