@@ -75,6 +75,7 @@ class Execution:
     finish: NodeId | None = None  # the episode-level node that ran or was a hit
     cluster: dict[str, float] = field(default_factory=dict)  # resources the render held: {"CPU": 2, "GPU": 0}
     ray_init_seconds: float = 0.0
+    wall_seconds: float = 0.0  # set by ``render.speak``: the voices' phase, part of the render's wall
     stage_seconds: float = 0.0  # resource-seconds inside nodes, as the ledger bills them
     cancelled: list[NodeId] = field(default_factory=list)  # nodes the budget cap stopped in flight
     cancelled_yuan: float = 0.0  # their partial time, billed (in ``records`` too)
@@ -385,6 +386,7 @@ class _Flight:
     actor: Any = None  # the model actor it runs on, None for a task
     group: int | None = None  # the batch call it is part of (cancelled together)
     lease: LeaseInfo | None = None  # its own lease, once its worker took it
+    finished: float | None = None  # ¥ of its spend note, once it finished inside a call still running
 
     def cost_so_far(self, now: float) -> float:
         return max(now - self.lease.started, 0.0) * self.rate * self.share if self.lease else 0.0
@@ -656,6 +658,15 @@ class _Run:
         ahead_s = self.ahead_s()
         running, ready = [], []
         for ref, f in self.in_flight.items():
+            if f.group is not None and f.finished is None:
+                # A call that makes several nodes returns them together: a node of it that finished
+                # meanwhile has its spend note in the store already (and may have started and ended
+                # between two looks, its lease never seen), and costs what the note says.
+                done = ledger.finished_by(self.store, f.key, self.work.holder)
+                f.finished = None if done is None else sum(r.yuan for r in done.rows)
+            if f.finished is not None:
+                self.guard.accrue(f.node, f.finished)
+                continue
             if f.lease is None and not any(a in self.refs and a not in self.out.done for a in f.after):
                 got = current_lease(self.store, f.key)  # its inputs are done: it may have started
                 if got is not None and got.holder == self.work.holder:

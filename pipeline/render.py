@@ -101,8 +101,11 @@ def speak(plan: RenderPlan, *, store: Store, prices: PriceCatalog, ffmpeg: str, 
     frames with the measured times (``stored_speech``). Billed like every node; pass the result
     to ``render(spoken=…)`` so this render's ledger carries it."""
     work = work or Work(store=store.url, holder=uuid.uuid4().hex[:12], prices=prices)
-    return dag.execute(plan, voice_schedule(plan, store), store=store, prices=prices, ffmpeg=ffmpeg,
-                       cluster=cluster, work=work)
+    t0 = time.perf_counter()
+    spoken = dag.execute(plan, voice_schedule(plan, store), store=store, prices=prices, ffmpeg=ffmpeg,
+                         cluster=cluster, work=work)
+    spoken.wall_seconds = time.perf_counter() - t0
+    return spoken
 
 
 def render(plan: RenderPlan, *, store: Store, prices: PriceCatalog, ffmpeg: str,
@@ -140,6 +143,7 @@ def render(plan: RenderPlan, *, store: Store, prices: PriceCatalog, ffmpeg: str,
         ran.spans[:0] = spoken.spans
         ran.stage_seconds += spoken.stage_seconds
         ran.ray_init_seconds += spoken.ray_init_seconds
+        t_start, started = t_start - spoken.wall_seconds, started - spoken.wall_seconds  # the render began there
     result = _result(plan, sched, ran, store, wall=time.perf_counter() - t_start, started=started)
     # 3. The episode's spend now, as the store records it.
     result.render_id, result.spent_before_yuan = work.holder, before.total_yuan

@@ -383,3 +383,6 @@ def test_a_render_with_markup_everywhere_prints_it_literally_and_writes_strict_j
         json.loads((out / name).read_text(encoding="utf-8"), parse_constant=_no_constant)
     cost = json.loads((out / "cost.json").read_text(encoding="utf-8"))
     assert cost["total_yuan"] > 0 and cost["status"] == "complete"
+    # the render's wall includes its voice phase and excludes the Ray start (it once went negative when
+    # the voices started the cluster and their start was taken off a wall that did not include it)
+    assert 0 < cost["wall_seconds"] and cost["ray_init_seconds"] > 0
