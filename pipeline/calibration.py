@@ -1,7 +1,8 @@
 """Throughput calibration: how many seconds a stage needs per unit of work.
 
 A calibration table has one row per (stage, backend, device): a fixed per-node overhead plus
-seconds per unit per megapixel. Each row says where it came from: measured here
+seconds per unit per megapixel (and, in a row this cluster learned, a fixed cost per unit: a
+frame's or a drawing's share that does not grow with its pixels). Each row says where it came from: measured here
 (``experiments/calibrate_cpu.py``, ``anim calibrate``, with the machine and date) or published
 (a source). Estimates in the plan are computed from these rows only, so every estimated yuan
 traces to one calibration row and one price row.
@@ -67,15 +68,25 @@ class CalibrationRow(Record):
     unit: str = Field(description="What is counted: panel, keyframe, inbetween, frame.")
     overhead_s: float = Field(ge=0, allow_inf_nan=False, description="Fixed seconds per node (start-up, I/O).")
     seconds_per_unit_mpx: float = Field(ge=0, allow_inf_nan=False, description="Seconds per unit per megapixel.")
+    seconds_per_unit: float = Field(0.0, ge=0, allow_inf_nan=False, description="Seconds per unit whatever its "
+                                    "megapixels (learned rows; 0 in a table, whose rows scale with pixels only).")
     source: str
     measured_at: str
     band: float | None = Field(None, ge=0, allow_inf_nan=False, description="± fraction of this row's estimates "
-                               "on this cluster (0.08 = ±8%), from its spread over the renders it was learned from "
-                               "and their fit residuals; None for a row from a table.")
+                               "on this cluster (0.08 = ±8%): what it missed by on renders left out of its fit "
+                               "(pipeline.calibrate.COVERAGE of them inside), or with one render its fit residual; "
+                               "None for a row from a table.")
+    misses: dict[str, float] = Field(default_factory=dict, description="Per render it was learned from (by its "
+                                     "time), that render's measured seconds over what the row fitted without it "
+                                     "(without its script, where others exist): what the plan's band is made of.")
     renders: int = Field(0, ge=0, description="Renders of this cluster the row was learned from; 0 for a table row.")
 
     def seconds(self, units: int, megapixels: float) -> float:
-        return self.overhead_s + units * megapixels * self.seconds_per_unit_mpx
+        return self.overhead_s + self.marginal(units, megapixels)
+
+    def marginal(self, units: int, megapixels: float) -> float:
+        """Seconds of ``units`` of work inside a node, without the node's overhead."""
+        return units * (self.seconds_per_unit + megapixels * self.seconds_per_unit_mpx)
 
 
 Key = tuple[str, str, str]
@@ -205,6 +216,8 @@ class Measurements(Record):
     device: str
     unit: str
     work: list[Amount] = Field(min_length=1, description="Per executed node: units × megapixels it did.")
+    units: list[Amount] | None = Field(None, description="Per executed node: the units of that work (None in "
+                                       "files written before they were recorded: fitted on work alone).")
     seconds: list[Amount] = Field(min_length=1, description="Per executed node: wall seconds measured.")
     at: float = Field(ge=0, allow_inf_nan=False, description="Epoch when the render finished (or the refit "
                       "was made).")
@@ -340,6 +353,7 @@ class ClusterHistory:
             ignored.append(f"{path}: not a measurements file ({first}); left out")
             return None
         problem = ("work and seconds differ in length" if len(m.work) != len(m.seconds) else
+                   "units and work differ in length" if m.units is not None and len(m.units) != len(m.work) else
                    f"measured on another cluster ({m.fingerprint.label})" if m.fingerprint.id != self.fingerprint.id
                    else None)
         if problem:

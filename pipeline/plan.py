@@ -241,7 +241,7 @@ class _Pricer:
         """(seconds, yuan) of ``units`` × ``mpx`` of work on ``stage`` (priced by ``row``'s row);
         ``marginal``: work done inside another node, without the row's per-node overhead."""
         r = self.rows[row or stage]
-        seconds = round(units * mpx * r.seconds_per_unit_mpx if marginal else r.seconds(units, mpx), 4)
+        seconds = round(r.marginal(units, mpx) if marginal else r.seconds(units, mpx), 4)
         return seconds, self.prices.cost(seconds, r.device, self.units.get(row or stage, 1.0))
 
 
@@ -290,6 +290,11 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
             audit = audit_drawing(drawings, keys) if profile.audit else None
             # 2. Content keys, each chained to its inputs.
             content = json.dumps(shot_content(shot, scene), sort_keys=True, ensure_ascii=False)
+            # What the drawings show: the shot less the transitions written around it (its panel tags
+            # them; its clip takes its fades; the assembly its dissolves).
+            drawn = json.dumps({**shot_content(shot, scene), "transition_in": None, "transition_out": None},
+                               sort_keys=True, ensure_ascii=False)
+            fade_in, fade_out = transitions.fades(shot)
             sb_key = content_key("storyboard", storyboard.VERSION,
                                  {**params["storyboard"], "width": profile.storyboard_width,
                                   "aspect": profile.aspect, "heading": scene.heading}, [content])
@@ -297,11 +302,12 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
                                  {**params["keyframes"], "size": [width, height], "frames": frames,
                                   "keyframes": keys, "audit": audit,
                                   "speech": [[k, ln.start_s] for k, ln in zip(
-                                      [k for k, sp in zip(vkeys, said) if sp], spoken_lines)]}, [content])
+                                      [k for k, sp in zip(vkeys, said) if sp], spoken_lines)]}, [drawn])
             clip_key = content_key("clip", f"{inbetween.VERSION}+{encode.VERSION}+{transitions.VERSION}",
                                    {"interpolation": params["inbetween"], "audit_version": audit_mod.VERSION,
                                     "fps": profile.fps, "drawings": drawings, "frames": frames,
-                                    "crf": profile.crf, "x264": profile.x264_preset}, [kf_key])
+                                    "crf": profile.crf, "x264": profile.x264_preset,
+                                    **({"fades": [fade_in, fade_out]} if fade_in or fade_out else {})}, [kf_key])
             node_keys = {"storyboard": sb_key, "keyframes": kf_key, "clip": clip_key}
             if layered:
                 node_keys["plate"] = _plate_key(profile, scene)
@@ -318,7 +324,7 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
                                 time_of_day=scene.time_of_day, speech=spoken_lines,
                                 duration_s=frames / profile.fps if spoken_lines else None),
                 start_frame=start, frames=frames, drawings=drawings, keyframes=keys,
-                held_frames=frames - len(drawings), audit_frame=audit, seed=_seed(content), keys=node_keys,
+                held_frames=frames - len(drawings), audit_frame=audit, seed=_seed(drawn), keys=node_keys,
                 estimate_seconds={k: s for k, (s, _) in est.items()}, estimate_yuan={k: y for k, (_, y) in est.items()}))
             # 4. Subtitles on the quantised timeline, so they match the encoded frames.
             cues += shot_cues
@@ -337,8 +343,9 @@ def _with_episode_nodes(episode: Episode, profile: Profile, shots: list[ShotPlan
     sound = {"loudness_lufs": profile.loudness_lufs, "music_db": profile.music_db, "duck_db": profile.duck_db,
              "bed": bed.sha256 if bed else None, "burn": profile.burn_subtitles, "crf": profile.crf,
              "x264": profile.x264_preset, "voices": [[v.key, v.start_s] for v in voices]}
+    dissolves = handoffs.cut_dissolves([s.frames for s in shots], [s.shot.transition_out for s in shots], profile.fps)
     asm_key = content_key("assemble", f"{assemble.VERSION}+{handoffs.VERSION}+{mix.VERSION}+{subtitles.VERSION}",
-                          {"title": episode.title, "sound": sound},
+                          {"title": episode.title, "sound": sound, "dissolves": sorted(dissolves.items())},
                           [s.keys["clip"] for s in shots] + [s.keys["storyboard"] for s in shots]
                           + [c.model_dump_json() for c in cues])
     sheet_key = content_key("sheet", storyboard.VERSION, {"title": episode.title},

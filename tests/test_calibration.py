@@ -10,16 +10,15 @@ cost is printed side by side by ``experiments/estimate_error.py``, never asserte
 from __future__ import annotations
 
 import json
-import math
-import statistics
 import uuid
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.calibrate import (WINDOW, band_parts, cluster_calibration, estimate_band, fit, learned_row,
-                                record_render, refit_measurements, render_measurements, samples)
+from pipeline.calibrate import (COVERAGE, MIN_NODES, WINDOW, band_of, cluster_calibration, estimate_band, fit,
+                                fit_nodes, fit_residual, learn, learned_row, misses, plan_misses, predict, record_render,
+                                refit_measurements, render_measurements, samples)
 from pipeline.calibration import Calibration, CalibrationError, ClusterHistory, Measurements
 from pipeline.config import resolve_profile
 from pipeline.fingerprint import Fingerprint, fingerprint, gpu_models
@@ -83,30 +82,114 @@ def test_fit_recovers_a_line_and_goes_through_the_origin_below_eight_nodes():
     assert overhead == 0.0 and slope == pytest.approx(sum(x * (0.2 + 0.3 * x) for x in xs[:3]) / sum(x * x for x in xs[:3]))
 
 
-def test_a_row_is_the_median_of_per_render_fits_with_its_band():
-    history = [measurements([1.0, 2.0, 3.0], [0.11, 0.19, 0.33], at=300.0),
-               measurements([1.0, 4.0], [0.4, 1.4], at=200.0),  # a render on a loaded machine
-               measurements([2.0, 2.5, 1.0], [0.2, 0.26, 0.09], at=100.0)]
+# A keyframe node of u drawings at m Mpx each: 50 ms to start, 10 ms per drawing, 200 ms per drawing·Mpx.
+TRUE = (0.05, 0.01, 0.2)
+DRAFT, STANDARD = 640 * 360 / 1e6, 1280 * 720 / 1e6
+UNITS = [1, 2, 3, 5, 8, 13, 4, 6]
+
+
+def node_seconds(u: float, mpx: float, theta=TRUE) -> float:
+    return theta[0] + theta[1] * u + theta[2] * u * mpx
+
+
+def nodes_of(units: list[int], mpx: float, *, at: float, slower: float = 1.0, script: str = "a" * 64) -> Measurements:
+    """One render's keyframe nodes, exactly as TRUE prices them (``slower`` times that: a loaded machine)."""
+    return Measurements(stage="keyframes", backend="previz", device="cpu", unit="keyframe", units=units,
+                        work=[u * mpx for u in units], seconds=[slower * node_seconds(u, mpx) for u in units], at=at,
+                        fingerprint=HERE, runs=[f"run{int(at)}"], script_sha256=script)
+
+
+def test_nodes_at_two_resolutions_tell_the_overhead_the_per_unit_and_the_per_pixel_cost_apart():
+    units = UNITS * 2
+    work = [u * DRAFT for u in UNITS] + [u * STANDARD for u in UNITS]
+    seconds = [node_seconds(u, w / u) for u, w in zip(units, work)]
+    assert fit_nodes(units, work, seconds) == pytest.approx(TRUE, rel=1e-9)
+    # One resolution cannot tell a per-unit cost from a per-pixel one: it is all per pixel, as in a table row.
+    overhead, per_unit, per_mpx = fit_nodes(UNITS, [u * DRAFT for u in UNITS], seconds[:8])
+    assert per_unit == 0.0 and overhead == pytest.approx(TRUE[0], rel=1e-9)
+    assert per_mpx == pytest.approx(TRUE[1] / DRAFT + TRUE[2], rel=1e-9)
+    # Below MIN_NODES nodes: through the origin on work alone (x·y / x·x).
+    xs, ys = work[:3], seconds[:3]
+    assert fit_nodes(units[:3], xs, ys) == pytest.approx((0.0, 0.0, sum(x * y for x, y in zip(xs, ys))
+                                                         / sum(x * x for x in xs)), rel=1e-12)
+    assert MIN_NODES == 8
+    # Every node one unit (a panel per shot): no per-unit column, the overhead absorbs it.
+    panels = [0.083] * 4 + [0.262] * 4
+    assert fit_nodes([1] * 8, panels, [0.02 + 0.1 * m for m in panels]) == pytest.approx((0.02, 0.0, 0.1), rel=1e-9)
+    # Never negative: a falling line keeps overhead 0 and refits the slope alone.
+    xs = [1.0, 2, 3, 4, 5, 6, 7, 8]
+    assert fit_nodes(None, xs, [2.0 * x - 1.0 for x in xs]) == pytest.approx(
+        (0.0, 0.0, sum(x * (2 * x - 1) for x in xs) / sum(x * x for x in xs)), rel=1e-12)
+
+
+def test_a_row_fits_every_renders_nodes_together_and_leaves_a_loaded_render_out():
+    history = [nodes_of(UNITS[:5], DRAFT, at=500.0), nodes_of(UNITS, STANDARD, at=400.0),
+               nodes_of(UNITS, DRAFT, at=300.0, slower=3.0),  # a render on a loaded machine
+               nodes_of(UNITS, STANDARD, at=200.0), nodes_of(UNITS, DRAFT, at=100.0)]
+    assert learn(history) == pytest.approx(TRUE, rel=1e-9)  # the loaded render neither drags nor bends it
     row = learned_row(history)
-    fits = [fit(m.work, m.seconds) for m in history]
-    assert row.overhead_s == statistics.median(o for o, _ in fits)
-    assert row.seconds_per_unit_mpx == statistics.median(k for _, k in fits)  # the loaded render does not drag it
-    assert row.seconds_per_unit_mpx == fits[0][1] or row.seconds_per_unit_mpx == fits[2][1]
-    # The band, recomputed from its definition.
-    residual = statistics.median(
-        math.sqrt(sum((o + k * w - s) ** 2 for w, s in zip(m.work, m.seconds))) / sum(m.seconds)
-        for m, (o, k) in zip(history, fits))
-    across = statistics.median(abs(sum(row.overhead_s + row.seconds_per_unit_mpx * w for w in m.work)
-                                   / sum(m.seconds) - 1) for m in history)
-    assert band_parts(row.overhead_s, row.seconds_per_unit_mpx, history) == (residual, across)
-    assert row.band == max(residual, across) and row.band > 0
-    assert row.renders == 3 and "median of 3 render fit(s)" in row.source and f"±{row.band:.1%}" in row.source
-    assert row.source.startswith(f"this cluster ({HERE.label})") and "run300" in row.source
-    # One render: the band is its fit residual, and the row says it has no spread across renders yet.
+    assert (row.overhead_s, row.seconds_per_unit, row.seconds_per_unit_mpx) == pytest.approx(TRUE, rel=1e-9)
+    assert row.seconds(13, STANDARD) == pytest.approx(node_seconds(13, STANDARD), rel=1e-9)
+    assert row.marginal(13, STANDARD) == pytest.approx(node_seconds(13, STANDARD) - TRUE[0], rel=1e-9)
+    # What it missed by on each render left out of the fit (one script: each without itself): the
+    # loaded render 3×, the others nothing; the band holds COVERAGE of them.
+    assert row.misses == pytest.approx({"500.000": 1.0, "400.000": 1.0, "300.000": 3.0, "200.000": 1.0,
+                                        "100.000": 1.0}, rel=1e-9)
+    assert row.band == pytest.approx(band_of(list(row.misses.values())), rel=1e-12)
+    assert row.band == pytest.approx(2.0, rel=1e-9)  # 5 renders: the ⌈0.8·6⌉ = 5th smallest miss, the 3×
+    assert row.renders == 5 and "5 render(s) fitted together" in row.source and "one script" in row.source
+    # One render: nothing left out, the band is its fit residual and the row says so.
     one = learned_row(history[:1])
-    assert one.band == band_parts(one.overhead_s, one.seconds_per_unit_mpx, history[:1])[0]
-    assert band_parts(one.overhead_s, one.seconds_per_unit_mpx, history[:1])[1] is None
-    assert "fewer than 2 renders" in one.source and one.renders == 1
+    assert one.misses == {} and one.band == fit_residual(learn(history[:1]), history[0]) > 0  # 5 nodes: through 0
+    assert "fewer than 2 renders" in one.source
+
+
+def test_with_several_scripts_a_render_is_missed_by_the_rows_of_the_other_scripts():
+    a = [nodes_of(UNITS, DRAFT, at=100.0), nodes_of(UNITS, STANDARD, at=200.0)]
+    b = [nodes_of(UNITS[:4], DRAFT, at=300.0, slower=1.2, script="b" * 64)]
+    missed = misses(a + b)
+    assert missed["300.000"] == pytest.approx(1.2, rel=1e-9)  # from script a's renders alone
+    assert missed["100.000"] == sum(a[0].seconds) / predict(learn(b), a[0])  # from script b's render alone
+    assert set(missed) == {"100.000", "200.000", "300.000"}
+
+
+def test_the_band_is_the_conformal_rank_of_the_misses():
+    ratios = [1.1, 0.9, 1.2, 1 / 1.3, 1.05]
+    assert band_of(ratios) == pytest.approx(0.3)  # n = 5: rank ⌈0.8·6⌉ = 6 > 5, the largest
+    ten = [1.0 + i / 100 for i in range(1, 11)]  # 1.01 … 1.10
+    assert band_of(ten) == pytest.approx(0.09)  # rank ⌈0.8·11⌉ = 9
+    assert band_of([]) == 0.0 and COVERAGE == 0.8
+
+
+def test_a_plans_band_is_what_its_stages_missed_by_together_on_each_render_left_out(prices):
+    """Per render left out, the plan's ¥ per stage weights its rows' misses; the band holds COVERAGE
+    of those totals. A render that measured stages under half the ¥ is not counted."""
+    shipped = Calibration.load(SHIPPED)
+    draft = resolve_profile("draft")
+    keys = {(stage, backend, device) for stage, (backend, device, _) in
+            __import__("pipeline.plan", fromlist=["calibration_keys"]).calibration_keys(draft).items()}
+    missed = {"1.000": 1.5, "2.000": 0.8, "3.000": 1.1}
+    rows = [r.model_copy(update={"renders": 3, "band": 0.5,
+                                 "misses": ({k: v for k, v in missed.items()} if r.stage == "keyframes" else
+                                            {"1.000": 1.0, "2.000": 1.0} if r.stage != "voice" else {"4.000": 9.0})})
+            for r in shipped.rows if (r.stage, r.backend, r.device) in keys]
+    cal = shipped.overlay(rows, cluster=HERE.label, location="(test)")
+    plan = make_plan(load_episode(SHOTLIST), draft, calibration=cal, prices=prices, script_sha256="0" * 64)
+    by_stage = plan.estimate_by_stage()
+    row_of = {s: ("keyframes" if s in ("audit", "plates", "sheets") else s) for s in by_stage}
+    total = sum(by_stage.values())
+    expected = []
+    for rid in ["1.000", "2.000", "3.000", "4.000"]:
+        have = {s: y for s, y in by_stage.items() if rid in next(r for r in rows if r.stage == row_of[s]).misses}
+        if sum(have.values()) >= 0.5 * total:
+            expected.append(sum(y * next(r for r in rows if r.stage == row_of[s]).misses[rid]
+                                for s, y in have.items()) / sum(have.values()))
+    band = estimate_band(plan, cal)
+    assert band.held_out == len(expected) == 2  # render 3 measured only the keyframes, render 4 only voices
+    assert plan_misses({s: (y, next(r for r in rows if r.stage == row_of[s])) for s, y in by_stage.items()}) == \
+        pytest.approx(expected, rel=1e-12)
+    assert band.band == pytest.approx(band_of(expected), rel=1e-9) and band.cluster_yuan == pytest.approx(total)
+    assert "meant to hold 80% of renders" in band.line() and band.summary()["coverage"] == COVERAGE
 
 
 def test_history_keeps_the_newest_window_per_key_back_to_a_refit(tmp_path):
@@ -168,7 +251,7 @@ def test_this_clusters_rows_win_over_the_user_table_which_wins_over_the_shipped_
                                   enc.model_copy(update={"seconds_per_unit_mpx": 8.0, "source": "user"})])
     ClusterHistory(tmp_path / "store", HERE).add([measurements([1.0, 2.0], [0.5, 1.0], at=100.0)])
     layered = cluster_calibration(Calibration.load(SHIPPED, user), str(tmp_path / "store"), HERE)
-    assert layered.row("keyframes", "previz", "cpu").seconds_per_unit_mpx == 0.5  # this cluster's
+    assert layered.row("keyframes", "previz", "cpu").seconds_per_unit_mpx == pytest.approx(0.5, rel=1e-12)  # this cluster's
     assert layered.row("keyframes", "previz", "cpu").renders == 1
     assert layered.row("encode", "x264:veryfast", "cpu").seconds_per_unit_mpx == 8.0  # the user table's
     assert layered.row("storyboard", "previz", "cpu") == shipped.row("storyboard", "previz", "cpu")
@@ -227,17 +310,28 @@ def rendered(out: Path) -> tuple[RenderPlan, Ledger]:
     return plan, Ledger(records=[LedgerRecord(**r) for r in records])
 
 
-def per_key_fits(plan: RenderPlan, ledger: Ledger) -> dict[tuple[str, str, str], tuple[list, tuple[float, float]]]:
-    """(stage, backend, device) → (nodes, fit) of one render's executed nodes."""
+def per_key_fits(plan: RenderPlan, ledger: Ledger) -> dict[tuple[str, str, str], tuple[list, Measurements]]:
+    """(stage, backend, device) → (nodes (work, seconds), the render's measurements) of its executed nodes."""
     out = {}
-    for (stage, backend, device, _), pts in samples(plan, ledger).items():
+    by_key = {m.key: m for m in render_measurements(plan, ledger, fingerprint=HERE, at=1.0)}
+    for (stage, backend, device, unit), pts in samples(plan, ledger).items():
         # every executed node of the stage (the contact sheet, a storyboard node of no shot, has no row of its own)
         # (a shot's lines are one voice sample, by the seconds they speak; the mix and the subtitles are
         # the assembly's, of no shot)
         assert len(pts) == len({(r.stage, r.shot) for r in ledger.records if r.stage == stage and not r.cached
                                 and (r.shot is not None or stage in ("assemble", "mix", "subtitles"))})
-        out[(stage, backend, device)] = (pts, fit([w for w, _ in pts], [s for _, s in pts]))
+        m = by_key[(stage, backend, device, unit)]
+        assert m.units is not None and len(m.units) == len(pts) and m.work == [w for w, _ in pts]
+        out[(stage, backend, device)] = (pts, m)
     return out
+
+
+def refit_history_nodes(store: str, here: Fingerprint, key: tuple[str, str, str]) -> list[tuple[float, float]]:
+    """(work, seconds) of the newest refit of ``key`` in the cluster's history."""
+    recent, _ = ClusterHistory(store, here).recent(WINDOW)
+    [m] = [ms[0] for k, ms in recent.items() if k[:3] == key]
+    assert m.kind == "refit"
+    return list(zip(m.work, m.seconds))
 
 
 def test_a_render_teaches_this_cluster_and_the_next_plan_of_another_script_prices_from_it(
@@ -256,11 +350,12 @@ def test_a_render_teaches_this_cluster_and_the_next_plan_of_another_script_price
     fits_a = per_key_fits(plan_a, ledger_a)
     learned = cluster_calibration(Calibration.load(SHIPPED), store, here)
     assert not learned.ignored and len(fits_a) == 8  # 5 picture stages; voice, mix, subtitles
-    for (stage, backend, device), (pts, (overhead, slope)) in fits_a.items():
+    for (stage, backend, device), (pts, m) in fits_a.items():
         row = learned.row(stage, backend, device)
-        assert (row.overhead_s, row.seconds_per_unit_mpx, row.renders) == (overhead, slope, 1)
-        residual = math.sqrt(sum((overhead + slope * w - s) ** 2 for w, s in pts)) / sum(s for _, s in pts)
-        assert row.band == residual and "fewer than 2 renders" in row.source
+        theta = learn([m])
+        assert (row.overhead_s, row.seconds_per_unit, row.seconds_per_unit_mpx) == pytest.approx(theta, rel=1e-12)
+        assert row.renders == 1 and row.misses == {}
+        assert row.band == pytest.approx(fit_residual(theta, m), rel=1e-12) and "fewer than 2 renders" in row.source
 
     # 3. Plan script B (another script, vertical): every stage is priced from those rows, exactly.
     summary = json.loads(cli("plan", ZH, "--aspect", "9:16", "--json").stdout)
@@ -285,27 +380,36 @@ def test_a_render_teaches_this_cluster_and_the_next_plan_of_another_script_price
     assert f"calibration: this cluster's rows ({here.label}) for every stage: ±{cal['band']:.1%}" in text
     assert "from 1 render fit: no spread across renders yet" in text
 
-    # 4. Render B too: each row is now the median of the two renders' fits, with a spread.
+    # 4. Render B too: each row is now both renders' nodes fitted together, and what it missed by on
+    #    each when fitted without that render's script (two scripts) makes the band.
     cli("render", ZH, "--aspect", "9:16", "--no-progress", "--out", tmp_path / "b")
     fits_b = per_key_fits(*rendered(tmp_path / "b"))
     again = cluster_calibration(Calibration.load(SHIPPED), store, here)
-    for key, (_, fit_a) in fits_a.items():
-        row, fit_b = again.row(*key), fits_b[key][1]
-        assert row.overhead_s == statistics.median([fit_a[0], fit_b[0]])
-        assert row.seconds_per_unit_mpx == statistics.median([fit_a[1], fit_b[1]])
-        assert row.renders == 2 and "median of 2 render fit(s)" in row.source and "spread across renders" in row.source
-    assert estimate_band(plan_b, again).renders == 2
+    for key, (_, m_a) in fits_a.items():
+        row, m_b = again.row(*key), fits_b[key][1]
+        assert (row.overhead_s, row.seconds_per_unit, row.seconds_per_unit_mpx) == pytest.approx(
+            learn([m_b, m_a]), rel=1e-9)
+        assert sorted(row.misses.values()) == pytest.approx(sorted(
+            [sum(m_a.seconds) / predict(learn([m_b]), m_a), sum(m_b.seconds) / predict(learn([m_a]), m_b)]), rel=1e-9)
+        assert row.band == pytest.approx(band_of(list(row.misses.values())), rel=1e-12)
+        assert row.renders == 2 and "2 render(s) fitted together" in row.source and "each without its script" in row.source
+    band_b = estimate_band(plan_b, again)
+    assert band_b.renders == 2 and band_b.held_out == 2
 
     # 5. A deliberate refit from the two MLflow runs: learning starts again from their pooled nodes.
     res = cli("calibrate", "--runs", "2")
     assert "filed the refit as this cluster's learned rows" in res.stdout
     refit = cluster_calibration(Calibration.load(SHIPPED), store, here)
     for key in fits_a:
-        pooled = fits_a[key][0] + fits_b[key][0]
+        m_a, m_b = fits_a[key][1], fits_b[key][1]
+        pooled = m_a.model_copy(update={"work": m_a.work + m_b.work, "units": m_a.units + m_b.units,
+                                        "seconds": m_a.seconds + m_b.seconds})
         row = refit.row(*key)
         # MLflow's ledger table keeps seconds to ~15 significant digits: equal to that precision.
-        assert (row.overhead_s, row.seconds_per_unit_mpx) == pytest.approx(
-            fit([w for w, _ in pooled], [s for _, s in pooled]), rel=1e-9, abs=1e-12)
+        assert sorted(refit_history_nodes(store, here, key)) == pytest.approx(
+            sorted(zip(pooled.work, pooled.seconds)), rel=1e-9, abs=1e-12)
+        assert (row.overhead_s, row.seconds_per_unit, row.seconds_per_unit_mpx) == pytest.approx(
+            learn([pooled]), rel=1e-6, abs=1e-12)
         assert row.renders == 1 and "2 renders, a refit among them" in row.source
 
 
@@ -339,6 +443,7 @@ def test_refit_measurements_pool_runs_per_key(prices):
     [pooled] = refit_measurements([(plan, ledger, "r1"), (plan, ledger, "r2")], fingerprint=HERE, at=6.0)
     assert (pooled.kind, pooled.renders, pooled.runs) == ("refit", 2, ["r1", "r2"])
     assert pooled.work == one.work * 2 and pooled.seconds == one.seconds * 2
+    assert pooled.units == one.units * 2
     row = learned_row([pooled])
-    assert (row.overhead_s, row.seconds_per_unit_mpx) == fit(pooled.work, pooled.seconds)
+    assert (row.overhead_s, row.seconds_per_unit, row.seconds_per_unit_mpx) == learn([pooled])
     assert row.renders == 1 and "2 renders, a refit among them" in row.source
