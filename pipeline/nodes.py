@@ -492,8 +492,13 @@ def assemble_node(plan: RenderPlan, *, ffmpeg: str, work: Work) -> Measured:
             sound = mix.mix(lines, plan.duration_s, d, ffmpeg=ffmpeg, target_lufs=p.loudness_lufs,
                             bed=plan.bed.path if plan.bed else None, bed_db=p.music_db, duck_db=p.duck_db)
             mix_s = time.perf_counter() - t0
-            # 2. Picture, sound and the soft subtitle track in the master.
-            assemble.concat_clips(clips, d / "picture.mp4", ffmpeg=ffmpeg)
+            # 2. Picture (the written dissolves blended on their cuts, as the hand-offs time them), sound
+            #    and the soft subtitle track in the master.
+            cuts = handoffs.cut_dissolves([s.frames for s in plan.shots], [s.shot.transition_out for s in plan.shots],
+                                          p.fps)
+            dissolves = [assemble.Dissolve(k, n) for k, n in cuts.items()]
+            assemble.concat_clips(clips, d / "picture.mp4", ffmpeg=ffmpeg, dissolves=dissolves, fps=p.fps,
+                                  codec=encode.codec_args(fps=p.fps, crf=p.crf, preset=p.x264_preset))
             assemble.write_srt(plan.subtitles, d / "subtitles.srt")
             assemble.mux(d / "picture.mp4", d / "mix.m4a", d / "subtitles.srt" if plan.subtitles else None,
                          d / "episode.mp4", ffmpeg=ffmpeg, language=_language(plan))

@@ -2,6 +2,14 @@
 
 Clips are joined losslessly with ffmpeg's concat demuxer and ``-c copy``; this relies on
 every clip having been encoded with the same codec parameters (see ``stages/encode.py``).
+A written dissolve (``Dissolve``) is drawn here, on the cut: its ``frames`` before the cut and
+after it blend the two shots (ffmpeg's ``xfade``). A clip has no frames beyond its shot (no
+handles), so the outgoing shot's last frame is held under the incoming one's first frames and
+the incoming one's first frame under the outgoing one's last: each shot keeps its own timing,
+every frame outside the window is the cut's, and the episode keeps its length. Only what the
+window needs is encoded again, with the clips' own parameters (``codec``): from the window's
+first frame to the incoming clip's next keyframe (its start, in a clip of one GOP); everything
+else is still a stream copy.
 There is no ffprobe in the shipped ffmpeg, so ``probe`` reads ffmpeg's own stream header
 and counts packets with a stream copy to a null muxer (fast: nothing is decoded).
 """
@@ -9,8 +17,10 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +31,7 @@ import srt
 
 from stages.records import StageError, SubtitleCue
 
-VERSION = "2"  # 2: the master carries the mix (AAC) and a soft subtitle track
+VERSION = "3"  # 2: the master carries the mix (AAC) and a soft subtitle track; 3: written dissolves on screen
 STAGE = "assemble"
 
 
@@ -38,24 +48,67 @@ class VideoInfo:
     pix_fmt: str
 
 
-def concat_clips(clips: list[str | Path], out_path: str | Path, *, ffmpeg: str) -> None:
-    """Join ``clips`` in order into ``out_path`` without re-encoding.
+@dataclass(frozen=True)
+class Dissolve:
+    """A written dissolve on the cut after clip ``after`` (its index): the last ``frames`` of that
+    clip and the first ``frames`` of the next blend (``stages.handoffs.dissolve_frames``)."""
+
+    after: int
+    frames: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One entry of the joined episode: ``clip``'s frames ``first`` to ``end`` (exclusive) copied,
+    or (``clip`` None) the episode's frames ``first`` to ``end`` encoded again for a dissolve."""
+
+    clip: int | None
+    first: int
+    end: int
+
+
+def concat_clips(clips: list[str | Path], out_path: str | Path, *, ffmpeg: str,
+                 dissolves: Sequence[Dissolve] = (), fps: int = 0, codec: Sequence[str] = ()) -> None:
+    """Join ``clips`` in order into ``out_path``, a stream copy except where ``dissolves`` blend
+    two clips: those frames are encoded with ``codec`` (the clips' own ffmpeg output arguments,
+    ``stages.encode.codec_args``) at ``fps``, the clips' rate.
 
     The output appears at ``out_path`` only when ffmpeg succeeded; on failure a StageError
     carries ffmpeg's stderr and nothing is left at or beside ``out_path``.
     """
     if not clips:
         raise ValueError(f"concat_clips: no clips to join into {out_path}")
+    if dissolves and (fps <= 0 or not codec):
+        raise ValueError(f"concat_clips: dissolves into {out_path} need the clips' fps and codec arguments")
     out_path = Path(out_path)
-    # 1. The concat list: absolute paths, single-quoted, with ' written as '\'' (the demuxer's
-    #    quoting rule), so spaces, quotes and non-ASCII names survive.
-    listing = "".join(
-        "file '" + str(Path(c).resolve()).replace("'", "'\\''") + "'\n" for c in clips
-    )
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as work:
+        # 1. What is copied and what is blended: a copy of each whole clip when nothing dissolves.
+        samples = [_samples(c) for c in clips] if dissolves else []
+        pieces = join_plan([n for n, _ in samples], [k for _, k in samples], dissolves) if dissolves else [
+            Piece(i, 0, -1) for i in range(len(clips))]
+        starts = [0]
+        for n, _ in samples:
+            starts.append(starts[-1] + n)
+        # 2. The concat list: absolute paths, single-quoted, with ' written as '\'' (the demuxer's
+        #    quoting rule), so spaces, quotes and non-ASCII names survive; a piece of a clip by its
+        #    in point (a keyframe), out point (half a frame before its end frame) and duration.
+        listing = []
+        for k, piece in enumerate(pieces):
+            if piece.clip is None:
+                path = Path(work) / f"dissolve-{k}.mp4"
+                _blend(clips, starts, dissolves, piece, path, fps=fps, codec=codec, ffmpeg=ffmpeg)
+                listing.append(_entry(path))
+                continue
+            listing.append(_entry(clips[piece.clip]))
+            n = samples[piece.clip][0] if samples else -1
+            if piece.first > 0:
+                listing.append(f"inpoint {piece.first / fps:.9f}\n")
+            if piece.first > 0 or piece.end < n:
+                listing.append(f"outpoint {(piece.end - 0.5) / fps:.9f}\n"
+                               f"duration {(piece.end - piece.first) / fps:.9f}\n")
         list_file = os.path.join(work, "clips.txt")
         tmp = os.path.join(work, "episode.mp4")
-        Path(list_file).write_text(listing, encoding="utf-8")
+        Path(list_file).write_text("".join(listing), encoding="utf-8")
         # 2. Stream copy into a temporary file in the same directory, then move it into place.
         cmd = [
             ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
@@ -71,6 +124,120 @@ def concat_clips(clips: list[str | Path], out_path: str | Path, *, ffmpeg: str) 
                 result.stderr.decode(errors="replace"),
             )
         os.replace(tmp, out_path)
+
+
+def join_plan(frames: list[int], keyframes: list[list[int]], dissolves: Sequence[Dissolve]) -> list[Piece]:
+    """The episode as pieces (pure): each clip copied from its first keyframe after the window of
+    the dissolve into it (its start when none) to the start of the window of the dissolve out of
+    it; the rest (each window, and what follows it up to the next copied keyframe) encoded again.
+    ``frames``: each clip's frame count; ``keyframes``: each clip's keyframe indices."""
+    cuts = {d.after: d.frames for d in dissolves if d.frames > 0}
+    for d in dissolves:
+        if not 0 <= d.after < len(frames) - 1 or 2 * d.frames > min(frames[d.after], frames[d.after + 1]):
+            raise ValueError(f"join_plan: a dissolve of {d.frames} frames each side after clip {d.after} does not "
+                             f"fit the clips ({len(frames)} clips, at most half of either shot)")
+    pieces, at, start = [], 0, 0  # at: the episode frame the pieces so far reach
+    for i, n in enumerate(frames):
+        first = next((k for k in keyframes[i] if k >= cuts[i - 1]), n) if i - 1 in cuts else 0
+        end = n - cuts.get(i, 0)
+        if first < end:
+            if start + first > at:
+                pieces.append(Piece(None, at, start + first))
+            pieces.append(Piece(i, first, end))
+            at = start + end
+        start += n
+    if start > at:
+        pieces.append(Piece(None, at, start))
+    return pieces
+
+
+def _entry(path: str | Path) -> str:
+    return "file '" + str(Path(path).resolve()).replace("'", "'\\''") + "'\n"
+
+
+def _blend(clips: list[str | Path], starts: list[int], dissolves: Sequence[Dissolve], piece: Piece, out: Path, *,
+           fps: int, codec: Sequence[str], ffmpeg: str) -> None:
+    """The episode's frames ``piece.first`` to ``piece.end`` from the clips they fall in: each
+    dissolve an ``xfade`` over its window, the outgoing clip's last frame held past the cut and
+    the incoming clip's first before it (``tpad``), a plain cut a ``concat``; then encoded."""
+    cuts = {d.after: d.frames for d in dissolves if d.frames > 0}
+    k = max(i for i in range(len(clips)) if starts[i] <= piece.first)
+    j = max(i for i in range(len(clips)) if starts[i] < piece.end)
+    # xfade blends from its offset for `duration`, weighting the second input by how far in it is;
+    # starting one frame before the window and ending one after, every frame in the window is a mix:
+    # window frame w of 2d is (w + 1) / (2d + 1) the incoming shot.
+    graph, acc = [], "[0:v]"
+    for m in range(k, j + 1):
+        pad_in = cuts[m - 1] + 1 if m > k and m - 1 in cuts else 0
+        pad_out = cuts[m] + 2 if m < j and m in cuts else 0  # one to spare: xfade reads a pair past its end
+        src = f"[{m - k}:v]"
+        if pad_in or pad_out:
+            graph.append(f"{src}tpad=start_mode=clone:start={pad_in}:stop_mode=clone:stop={pad_out}[p{m}]")
+            src = f"[p{m}]"
+        if m == k:
+            acc = src
+            continue
+        if m - 1 in cuts:
+            d = cuts[m - 1]
+            offset = starts[m] - starts[k] - d - 1
+            graph.append(f"{acc}{src}xfade=transition=fade:duration={(2 * d + 1) / fps:.9f}:"
+                         f"offset={offset / fps:.9f}[x{m}]")
+        else:
+            graph.append(f"{acc}{src}concat=n=2:v=1:a=0[x{m}]")
+        acc = f"[x{m}]"
+    graph.append(f"{acc}trim=start_frame={piece.first - starts[k]}:end_frame={piece.end - starts[k]},"
+                 f"setpts=N/FRAME_RATE/TB[v]")
+    cmd = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y"]
+    for m in range(k, j + 1):
+        cmd += ["-i", str(clips[m])]
+    cmd += ["-filter_complex", ";".join(graph), "-map", "[v]", *codec, str(out)]
+    result = subprocess.run(cmd, capture_output=True)
+    if result.returncode != 0:
+        raise StageError(STAGE, None, f"blending the dissolve at episode frames {piece.first}–{piece.end} failed "
+                         f"(ffmpeg exit {result.returncode}); nothing written", result.stderr.decode(errors="replace"),
+                         transient=result.returncode < 0)
+
+
+def _samples(path: str | Path) -> tuple[int, list[int]]:
+    """(frames, keyframe indices) of an MP4 clip's first track, from its sample tables (``stsz``,
+    ``stss``: no decoding, and only the ``moov`` box is read)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+
+        def boxes(start: int, end: int):
+            pos = start
+            while pos + 8 <= end:
+                f.seek(pos)
+                length, kind = struct.unpack(">I4s", f.read(8))
+                head = 8
+                if length == 1:
+                    length, head = struct.unpack(">Q", f.read(8))[0], 16
+                elif length == 0:
+                    length = end - pos
+                if length < head:
+                    break
+                yield kind, pos + head, pos + length
+                pos += length
+
+        def child(start: int, end: int, *path: bytes) -> tuple[int, int] | None:
+            for name in path:
+                start, end = next(((a, b) for kind, a, b in boxes(start, end) if kind == name), (None, None))
+                if start is None:
+                    return None
+            return start, end
+
+        stbl = child(0, size, b"moov", b"trak", b"mdia", b"minf", b"stbl")
+        stsz = stbl and child(*stbl, b"stsz")
+        if not stsz:
+            raise StageError(STAGE, None, f"{path}: not an MP4 clip with a sample table (no moov/…/stsz box)")
+        f.seek(stsz[0] + 8)
+        (frames,) = struct.unpack(">I", f.read(4))
+        stss = child(*stbl, b"stss")
+        if not stss:  # every sample a keyframe
+            return frames, list(range(frames))
+        f.seek(stss[0] + 4)
+        (count,) = struct.unpack(">I", f.read(4))
+        return frames, [k - 1 for k in struct.unpack(f">{count}I", f.read(4 * count))]
 
 
 def mux(video: str | Path, audio: str | Path, srt_file: str | Path | None, out_path: str | Path, *, ffmpeg: str,

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ffmpeg as ffmpeg_lib
 import numpy as np
@@ -34,6 +35,24 @@ class Clip:
     width: int
     height: int
     fps: int
+
+
+def codec_options(*, fps: int, crf: int, preset: str, threads: int = 1) -> dict[str, Any]:
+    """The output options every clip is encoded with (ffmpeg's names): what lets clips of one
+    episode join with a stream copy. Whatever is encoded between them in the episode (the frames
+    of a dissolve, ``stages.assemble``) uses the same, through ``codec_args``."""
+    return {"format": "mp4", "vcodec": "libx264", "pix_fmt": "yuv420p", "profile": "high", "crf": crf,
+            "preset": preset, "r": fps,
+            "bf": 0,  # no B-frames: no composition offsets, no edit lists, exact concat durations
+            "threads": threads, "movflags": "+faststart", "video_track_timescale": fps * 512,
+            "x264-params": "open-gop=0"}
+
+
+def codec_args(*, fps: int, crf: int, preset: str, threads: int = 1) -> list[str]:
+    """``codec_options`` as ffmpeg output arguments, in the order ffmpeg-python writes them."""
+    options = codec_options(fps=fps, crf=crf, preset=preset, threads=threads)
+    muxer = options.pop("format")  # ffmpeg-python writes it first, as -f
+    return ["-f", muxer] + [a for k in sorted(options) for a in (f"-{k}", str(options[k]))]
 
 
 def encode_clip(
@@ -78,20 +97,7 @@ def encode_clip(
     #    never blocks on a full stderr pipe while we block on its stdin.
     stream = ffmpeg_lib.input(
         "pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps
-    ).output(
-        tmp,
-        format="mp4",
-        vcodec="libx264",
-        pix_fmt="yuv420p",
-        profile="high",
-        crf=crf,
-        preset=preset,
-        r=fps,
-        bf=0,  # no B-frames: no composition offsets, no edit lists, exact concat durations
-        threads=threads,
-        movflags="+faststart",
-        video_track_timescale=fps * 512,
-        **{"x264-params": "open-gop=0"},
+    ).output(tmp, **codec_options(fps=fps, crf=crf, preset=preset, threads=threads)
     ).global_args("-hide_banner", "-nostats", "-loglevel", "error")
     proc = stream.overwrite_output().run_async(cmd=ffmpeg, pipe_stdin=True, pipe_stderr=True)
     stderr_chunks: list[bytes] = []

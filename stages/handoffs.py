@@ -35,7 +35,7 @@ from typing import Any
 
 from stages.records import AudioStem, Record, StageError, SubtitleCue
 
-VERSION = "1"
+VERSION = "2"  # 2: a dissolve's length from dissolve_frames, the same in every hand-off and on screen
 STAGE = "handoffs"
 AUDIO_STEMS = ("dialogue", "music")  # what editors get on audio tracks; "mix" is these two together
 SMPTE_RATES = (24, 25, 30, 48, 50, 60)  # whole-frame rates OpenTimelineIO writes SMPTE timecode for
@@ -68,6 +68,24 @@ def is_dissolve(text: str | None) -> bool:
     return bool(text) and bool(re.search(r"DISSOLVE|叠化|溶解|オーバーラップ", text, re.I))
 
 
+def dissolve_frames(before: int, after: int, fps: int) -> int:
+    """Frames on each side of the cut that a written dissolve blends, between a shot of ``before``
+    frames and one of ``after``: half a second centred on the cut, at most half of either shot
+    (so a shot's dissolves in and out never meet); 0 where a shot is too short (the cut stays).
+    The one rule for the hand-offs' transitions and the episode's picture (``cut_dissolves``)."""
+    return max(0, min(round(fps / 4), before // 2, after // 2))
+
+
+def cut_dissolves(frames: list[int], transitions_out: list[str | None], fps: int) -> dict[int, int]:
+    """Each cut a written dissolve blends, for shots of ``frames`` with ``transitions_out`` written
+    after them: the index of the shot before the cut → ``dissolve_frames``."""
+    out = {}
+    for k, (text, a, b) in enumerate(zip(transitions_out, frames, frames[1:])):
+        if is_dissolve(text) and (half := dissolve_frames(a, b, fps)):
+            out[k] = half
+    return out
+
+
 # --------------------------------------------------------------------------- OpenTimelineIO
 
 
@@ -85,6 +103,7 @@ def build_timeline(shots: list[TimelineClip], cues: list[SubtitleCue], *, title:
     timeline = otio.schema.Timeline(name=title)
     track = otio.schema.Track(name="picture", kind=otio.schema.TrackKind.Video)
     timeline.tracks.append(track)
+    dissolves = cut_dissolves([s.frames for s in shots], [s.transition_out for s in shots], fps)
     cues_by_shot: dict[str, list[SubtitleCue]] = {}
     for cue in cues:
         cues_by_shot.setdefault(cue.shot, []).append(cue)
@@ -110,8 +129,8 @@ def build_timeline(shots: list[TimelineClip], cues: list[SubtitleCue], *, title:
             clip.markers.append(marker)
         track.append(clip)
         # 3. A written dissolve into the next shot, centred on the cut (half a second, at most half of either).
-        if k + 1 < len(shots) and is_dissolve(shot.transition_out):
-            half = max(1, min(round(fps / 4), shot.frames // 2, shots[k + 1].frames // 2))
+        if k in dissolves:
+            half = dissolves[k]
             track.append(otio.schema.Transition(name=shot.transition_out,
                                                 transition_type=otio.schema.TransitionTypes.SMPTE_Dissolve,
                                                 in_offset=frames(half), out_offset=frames(half)))
@@ -199,10 +218,9 @@ def write_jianying_draft(shots: list[TimelineClip], cues: list[SubtitleCue], zip
             start, end = _us(shot.start_frame, fps), _us(shot.start_frame + shot.frames, fps)
             segment = jy.VideoSegment(material, jy.Timerange(start, min(end - start, material.duration)))
             segments.append(segment)
-        for shot, segment, nxt in zip(shots, segments, segments[1:]):
-            if is_dissolve(shot.transition_out):  # JianYing hangs a transition on the segment before the cut
-                segment.add_transition(jy.TransitionType.叠化, duration=min(500_000, segment.duration // 2,
-                                                                              nxt.duration // 2))
+        # A dissolve hangs on the segment before the cut, centred on it.
+        for k, half in cut_dissolves([s.frames for s in shots], [s.transition_out for s in shots], fps).items():
+            segments[k].add_transition(jy.TransitionType.叠化, duration=_us(2 * half, fps))
         for segment in segments:
             script.add_segment(segment, video)
         # 3. Dialogue and music on audio tracks of their own.

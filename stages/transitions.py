@@ -5,8 +5,11 @@ A fade (``FADE IN:``, ``FADE OUT.``, ``FADE TO BLACK``, 淡入, 淡出) is drawn
 first or last ``FADE_S`` seconds ramp from or to black, frame by frame, on the frames as they
 stream into the encoder, so a held drawing fades too and the in-betweener never sees it.
 A cut (``CUT TO:``, ``SMASH CUT TO:``) is what the edit already is. A dissolve (``DISSOLVE
-TO:``) needs the frames of two shots, which are encoded apart; the episode cuts there, and
-the editorial hand-offs carry it as a transition for the editor (``stages.handoffs``).
+TO:``, 叠化) needs the frames of two shots, which are encoded apart: the assembly blends them
+on the cut (``stages.assemble.Dissolve``), for as long as the editorial hand-offs declare it
+(``stages.handoffs.dissolve_frames``, the one rule; the pipeline hands it to both). So a shot's
+clip depends on its fades (``fades``), never on a dissolve: writing one re-assembles the
+episode and draws no shot again.
 """
 from __future__ import annotations
 
@@ -39,12 +42,18 @@ def kind(text: str | None) -> str | None:
     return "cut"
 
 
+def fades(shot: Shot) -> tuple[bool, bool]:
+    """(fades in, fades out): what of the transitions around ``shot`` its own frames show."""
+    fade_in = kind(shot.transition_in) == "fade_in" or kind(shot.transition_out) == "fade_in"
+    fade_out = kind(shot.transition_out) == "fade_out" or kind(shot.transition_in) == "fade_out"
+    return fade_in, fade_out
+
+
 def fade_levels(shot: Shot, frames: int, fps: float) -> np.ndarray | None:
     """Each frame's brightness (1 = as drawn, 0 = black) for the fades around ``shot``, or None
     when it has none. A fade in starts at black on the first frame; a fade out ends at black
     on the last."""
-    fade_in = kind(shot.transition_in) == "fade_in" or kind(shot.transition_out) == "fade_in"
-    fade_out = kind(shot.transition_out) == "fade_out" or kind(shot.transition_in) == "fade_out"
+    fade_in, fade_out = fades(shot)
     if frames < 1 or not (fade_in or fade_out):
         return None
     ramp = max(1, min(round(FADE_S * fps), frames // 2 if fade_in and fade_out else frames))
