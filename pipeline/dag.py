@@ -14,8 +14,10 @@ meanwhile comes back ``taken`` and is a hit.
 
 With a budget (``pipeline.budget.BudgetGuard``) the budget is a cap:
 
-1. the storyboards are admitted together with the contact sheet's reservation, no chain starts
-   before they are done (their actual/estimate ratio is the first thing learned), and the
+1. the storyboards are admitted together with the contact sheet's reservation — with no lesson
+   from this cluster's earlier renders, one panel first, then the others and the voices if they
+   fit at the margin it teaches — no chain starts before they are done (their actual/estimate
+   ratio is the first thing learned), and the
    contact sheet is made as soon as they are — paid from the budget before the chains can use
    it up, so a render that stops for budget delivers it (when the episode is assembled, the
    sheet made early is one panel's worth of extra spend);
@@ -419,6 +421,8 @@ class _Run:
         self.pool = _ActorPool(cluster, plan, work) if kf_entry.actor else None
         self.voice_startups: list[LedgerRecord] = []  # a voice actor's start: billed, not attributed
         self.voice_actors: list[Any] = []
+        self.boards_waiting: list[Node] = []  # panels held until the first one measured this machine
+        self.voiced = False  # the voices were submitted (or found not to fit)
 
     # ---- 1. before any work: model backends load, GPUs exist
     def prepare(self) -> None:
@@ -527,6 +531,13 @@ class _Run:
             return
         if sheet_yuan:
             self.guard.reserve("contact_sheet", sheet_yuan, stage="contact_sheet", learn=False)
+        if self.guard.capped and not self.guard.known("storyboard") and len(boards) > 1:
+            # Learn before widening: one panel measures how far this machine runs from the rows
+            # before the others (and the voices) are admitted at the margin it teaches.
+            boards, self.boards_waiting = boards[:1], boards[1:]
+        self.submit_boards(boards)
+
+    def submit_boards(self, boards: list[Node]) -> None:
         if not boards:
             return
         entry, settings = self.entries["storyboard"]
@@ -537,10 +548,36 @@ class _Run:
             self.submit(n, task.remote(shots[n.id.item], entry=entry, settings=settings, width=p.storyboard_width,
                                        aspect=p.aspect, work=self.work))
 
+    def more_boards(self) -> None:
+        """The panels held back, once the first one has taught the storyboard's margin: all of them
+        if they fit at it, else none (the render stops without a contact sheet, and says so)."""
+        if not self.boards_waiting or self.stopping or any(f.node.stage == "storyboard"
+                                                           for f in self.in_flight.values()):
+            return
+        if not self.guard.known("storyboard"):  # it came back with no lesson (another render made it)
+            first, self.boards_waiting = self.boards_waiting[:1], self.boards_waiting[1:]
+            self.submit_boards(first)
+            return
+        waiting, self.boards_waiting = self.boards_waiting, []
+        if not self.guard.fits_all([(n.estimate_yuan, "storyboard") for n in waiting], keep=self.stop_yuan()):
+            self.stopping = True
+            margin = self.guard.margin_for("storyboard")
+            self.guard.release("contact_sheet")
+            self.out.budget_note = (
+                f"the budget does not cover the storyboard: its first panel ran {self.guard.ratio('storyboard'):.2f}× "
+                f"its estimate, so the other {len(waiting)} cost ¥{sum(n.estimate_yuan for n in waiting) * margin:.5f} "
+                f"at this cluster's margin {margin:.2f}, with ¥{self.guard.spent:.5f} spent; they were not started "
+                "and there is no contact sheet")
+            return
+        self.submit_boards(waiting)
+
     def voices(self) -> None:
         """Every line the schedule says to speak, in one task on the voice backend's resources (it
         builds the backend once), each line its own node; none when the budget does not cover them."""
         lines = self.sched.where("run", "voice")
+        if self.voiced or self.boards_waiting:
+            return  # under a budget the voices wait for the first panel's lesson
+        self.voiced = True
         if not lines or self.stopping:
             return
         if not self.guard.fits_all([(n.estimate_yuan, "voice") for n in lines], keep=self.stop_yuan()):
@@ -594,7 +631,8 @@ class _Run:
         budget, one chain at a time while its stages' ratios are unknown."""
         if self.stopping:
             return
-        if self.guard.capped and any(f.node.stage == "storyboard" for f in self.in_flight.values()):
+        if self.guard.capped and (self.boards_waiting or any(f.node.stage == "storyboard"
+                                                             for f in self.in_flight.values())):
             return  # the storyboard comes first, and teaches the first margin
         batch: list[ShotPlan] = []
         for shot in list(queue):
@@ -846,6 +884,9 @@ class _Run:
                     for ref in ready:
                         flight = self.in_flight.pop(ref)
                         self.take(get(ref, flight.node, 1 if flight.actor is not None else 1 + RETRIES), flight)
+                    if self.boards_waiting:
+                        self.more_boards()
+                        self.voices()
                     if self.guard.capped:
                         self.watch()
                         self.stopping = self.stopping or self.out.cap_reached

@@ -85,8 +85,9 @@ def test_rows_three_times_optimistic_never_pass_the_budget_and_a_resume_stays_in
 
 def test_under_a_budget_the_storyboard_comes_first_and_one_chain_learns_before_the_others_start(
         calibration, prices, tmp_path):
-    """Learn before widening: with no history, the first chain runs alone; the others start
-    only once its keyframes and clip have measured how far this machine runs from the rows.
+    """Learn before widening: with no history, the first panel runs alone, then the other panels
+    and the voices; the first chain runs alone; the others start only once its keyframes and clip
+    have measured how far this machine runs from the rows.
     (Spans are each node's start and end on the worker: an order, not a speed, is asserted.)"""
     plan = make_plan(EPISODE, resolve_profile("draft"), calibration=calibration, prices=prices, script_sha256=SHA)
     result = run(plan, open_store(tmp_path / "store"), prices, budget_yuan=50 * plan.estimated_cost_yuan)
@@ -98,6 +99,9 @@ def test_under_a_budget_the_storyboard_comes_first_and_one_chain_learns_before_t
     assert len(boards) == len(plan.shots) + 1 and len(keyframes) == len(clips) == len(plan.shots)
     assert max(end for _, _, end in boards[:-1]) <= min(keyframes[0][1], boards[-1][1])
     assert keyframes[1][1] >= clips[0][2]  # the second chain waited for the first one's clip
+    # the first panel ran alone, and the others and the voices were admitted at the margin it taught
+    voices = [s for s in spans if s[0] == "voice"]
+    assert voices and boards[0][2] <= min(boards[1][1], voices[0][1])
 
 
 def test_a_budget_the_storyboard_does_not_fit_spends_nothing_and_says_so(calibration, prices, tmp_path):
