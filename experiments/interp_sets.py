@@ -85,8 +85,8 @@ def _bbb_centres(step: int, part: str, per: int) -> list[int]:
     return [allowed[min(len(allowed) - 1, i + step * 3)] for i in idx]
 
 
-def _bbb(per: int) -> list[Triplet]:
-    want = {(step, part): _bbb_centres(step, part, per) for step in STEPS for part in PARTS}
+def _bbb(per: dict[str, int]) -> list[Triplet]:
+    want = {(step, part): _bbb_centres(step, part, per[part]) for step in STEPS for part in PARTS}
     needed = {c + d for (step, _), cs in want.items() for c in cs for d in (-step, 0, step)}
     frames: dict[int, np.ndarray] = {}
     gen = imageio_ffmpeg.read_frames(str(FRAMES / "bbb" / "big_buck_bunny_0_30.webm"))
@@ -103,7 +103,7 @@ def _bbb(per: int) -> list[Triplet]:
             if not np.array_equal(frames[c], frames[c - step]) and not np.array_equal(frames[c], frames[c + step])]
 
 
-def _gif(per: int) -> list[Triplet]:
+def _gif(per: dict[str, int]) -> list[Triplet]:
     path = FRAMES / "cartoon_pigs_in_a_polka" / "pigs_in_a_polka.gif"
     with Image.open(path) as im:
         gif = [np.array(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
@@ -113,7 +113,7 @@ def _gif(per: int) -> list[Triplet]:
             lo, hi = (step, GIF_SPLIT - 1 - step) if part == "tune" else (GIF_SPLIT + step, len(gif) - 1 - step)
             ok = [c for c in range(lo, hi + 1) if not np.array_equal(gif[c], gif[c - step])
                   and not np.array_equal(gif[c], gif[c + step])]
-            for i in _spaced(0, len(ok) - 1, per):
+            for i in _spaced(0, len(ok) - 1, per[part]):
                 c = ok[i]
                 out.append(Triplet("pigs_gif", step, part, f"pigs_gif/{c}k{step}", gif[c - step], gif[c], gif[c + step]))
     return out
@@ -130,9 +130,12 @@ def _sintel() -> list[Triplet]:
     return out
 
 
-def triplets(per: int = 6) -> list[Triplet]:
-    """Every triplet of the sets: ``per`` per source, step and part (Sintel: all it has)."""
-    return _bbb(per) + _gif(max(1, per * 2 // 3)) + _sintel()
+def triplets(per: int = 6, tune_per: int | None = None) -> list[Triplet]:
+    """Every triplet of the sets: ``per`` per source, step and part (the GIF two thirds of it; Sintel:
+    all it has); ``tune_per`` (default ``per``) instead for the tune part, where a denser sample makes
+    the choices less a matter of which few pairs were drawn."""
+    bbb = {"tune": tune_per or per, "report": per}
+    return _bbb(bbb) + _gif({part: max(1, n * 2 // 3) for part, n in bbb.items()}) + _sintel()
 
 
 def groups(items: list[Triplet]) -> dict[tuple[str, str, int], list[Triplet]]:

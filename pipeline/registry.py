@@ -168,7 +168,8 @@ def _adaptive(s: inbetween_adaptive.AdaptiveSettings, *, width: int, height: int
 
     return inbetween_adaptive.AdaptiveInterpolator(
         flow=inbetween.FlowInterpolator(preset=s.preset), rife=rife, crossfade=inbetween.Crossfade(),
-        threshold=s.threshold, fallback=s.fallback, fallback_above=s.fallback_above)
+        threshold=s.threshold, subtle_motion=s.subtle_motion, fallback=s.fallback,
+        fallback_above=s.fallback_above)
 
 
 register(Backend("storyboard", "previz", keyframes.PrevizSettings,

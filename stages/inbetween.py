@@ -425,10 +425,11 @@ class PairConfidence(Record):
     ``score`` is one number in [0, 1] (1: the flow explains the pair): the share of the pair's
     change the flow explains, ``1 - residual / max(unaligned, 1)``, times the consistent share
     ``1 - inconsistent``. Measured on the tune split of ``experiments/interp_sets.py`` (see
-    ``experiments/interp_bench.py``): the pairs where RIFE beats the flow are the ones the flow's
-    alignment explains least (subtle or incoherent change: score below ~0.2), not the ones with the
-    largest motion — on these sets the flow beats RIFE on most wide-step pairs, so ``motion`` and
-    ``spread`` do not enter the score (they are kept as measurements).
+    ``experiments/interp_bench.py``, which prints flow - RIFE binned by ``motion`` and by ``score``):
+    the pairs where RIFE beats the flow are those with subtle motion (``motion`` below ~0.0025: a pixel
+    or two at 640 px, where DIS's patches cost more than they explain), not the ones with the largest
+    motion — the flow beats RIFE on most wide-step pairs, fades and cuts included. So ``motion`` and
+    ``spread`` do not enter the score; the adaptive in-betweener routes by ``motion`` and ``score``.
     """
 
     inconsistent: float

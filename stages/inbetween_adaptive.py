@@ -7,10 +7,18 @@ warp residual): a few ms next to the flow. Then
 * with ``fallback`` "crossfade" or "hold", a pair whose flow is forward-backward inconsistent on
   more than ``fallback_above`` of its pixels (no coherent motion: a cut, a flash, a drawing that
   changes shape between keyframes, which neither the flow nor RIFE can follow) gets the fallback;
-* else confidence (``PairConfidence.score``) ≥ ``threshold``: the flow in-betweens, warped from the
-  flows already computed;
-* below it: RIFE 4.x (``stages.rife``, CPU or GPU), built on the first pair that needs it, so a
-  shot whose pairs are all confident never loads its weights.
+* else RIFE 4.x (``stages.rife``, CPU or GPU) where the flow is not to be trusted with the pair:
+  its confidence (``PairConfidence.score``, the share of the change the flow explains) is below
+  ``threshold``, or its motion is subtle (``PairConfidence.motion``, the 95th percentile of the flow
+  magnitude as a share of the long side, below ``subtle_motion``): there DIS's patches add block
+  artefacts to a change of a pixel or two that RIFE renders cleanly;
+* every other pair is *confident*: the flow in-betweens, warped from the flows already computed.
+
+RIFE is built on the first pair that needs it, so a shot whose pairs are all confident never loads
+its weights. Measured on the tune part of the sets (``experiments/interp_bench.py``): the flow beats
+RIFE on nearly every pair whose motion is large, coherent or not (including fades and cuts, where
+RIFE does worse still), and RIFE wins on subtle motion; hence the rule's two features, both
+thresholds chosen there by the rule the bench prints.
 
 The instance counts its routes (``routes``: pairs per route) and the seconds spent in each method
 (``seconds``; the flow and the confidence are billed to "flow", paid on every pair), which the clip
@@ -34,6 +42,8 @@ from stages.records import Record
 
 ROUTES = ("flow", "rife", "fallback")
 FALLBACKS = ("none", "crossfade", "hold")
+THRESHOLD = 0.0  # the defaults, chosen on the tune split (see AdaptiveSettings)
+SUBTLE_MOTION = 0.0025
 
 
 class AdaptiveSettings(Record):
@@ -41,9 +51,13 @@ class AdaptiveSettings(Record):
 
     PLACEMENT: ClassVar[frozenset[str]] = frozenset({"num_gpus", "gpu_type"})
 
-    # 0.05 and no fallback: chosen on the tune split of experiments/interp_sets.py by the rule the bench
-    # prints (within 1/3 of RIFE's time: the best worst set/step, then the best mean, then the cheapest)
-    threshold: float = Field(0.05, ge=0.0, le=1.0, description="Pairs whose flow confidence is below this go to RIFE.")
+    # threshold, subtle_motion and no fallback: chosen on the tune split of experiments/interp_sets.py by the
+    # rule the bench prints (within 1/3 of RIFE's time: the best worst set/step, then the best mean, then the
+    # cheapest)
+    threshold: float = Field(THRESHOLD, ge=0.0, le=1.0,
+                             description="Pairs whose flow confidence is below this go to RIFE.")
+    subtle_motion: float = Field(SUBTLE_MOTION, ge=0.0, le=1.0, description=(
+        "Pairs whose motion (95th percentile flow magnitude / long side) is below this go to RIFE."))
     fallback: Literal["none", "crossfade", "hold"] = Field(
         "none", description="What pairs with an incoherent flow get instead ('none': the flow or RIFE, by confidence).")
     fallback_above: float = Field(0.4, ge=0.0, le=1.0,
@@ -63,22 +77,24 @@ class AdaptiveInterpolator:
         rife: a RIFE in-betweener, or a no-argument factory of one (called on first need).
         confidence: (a, b, f01, f10) → a record with ``score``; ``pair_confidence`` by default.
         crossfade: the crossfade in-betweener (the "crossfade" fallback).
-        threshold, fallback, fallback_above: see ``AdaptiveSettings``.
+        threshold, subtle_motion, fallback, fallback_above: see ``AdaptiveSettings``.
     """
 
     name = "adaptive"
 
     def __init__(self, *, flow: Any, rife: Callable[..., list[np.ndarray]] | Callable[[], Any],
-                 crossfade: Callable[..., list[np.ndarray]], threshold: float,
+                 crossfade: Callable[..., list[np.ndarray]], threshold: float, subtle_motion: float,
                  confidence: Callable[..., Any] = pair_confidence, fallback: str = "none", fallback_above: float = 0.4,
                  lazy: bool = True):
-        if not 0.0 <= threshold <= 1.0 or not 0.0 <= fallback_above <= 1.0:
-            raise ValueError(f"threshold={threshold}, fallback_above={fallback_above}: must lie in [0, 1]")
+        if not all(0.0 <= x <= 1.0 for x in (threshold, subtle_motion, fallback_above)):
+            raise ValueError(f"threshold={threshold}, subtle_motion={subtle_motion}, fallback_above={fallback_above}: "
+                             "must lie in [0, 1]")
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback={fallback!r}: known fallbacks are {', '.join(FALLBACKS)}")
         self.flow, self.confidence, self.crossfade = flow, confidence, crossfade
         self._rife, self._rife_factory = (None, rife) if lazy else (rife, None)
-        self.threshold, self.fallback, self.fallback_above = threshold, fallback, fallback_above
+        self.threshold, self.subtle_motion = threshold, subtle_motion
+        self.fallback, self.fallback_above = fallback, fallback_above
         self.routes = {r: 0 for r in ROUTES}
         self.seconds = {r: 0.0 for r in ROUTES}
         self.scores: list[float] = []  # each pair's confidence, in call order
@@ -94,7 +110,9 @@ class AdaptiveInterpolator:
         """Which route a pair of this ``confidence`` takes: a pure function of it."""
         if self.fallback != "none" and confidence.inconsistent > self.fallback_above:
             return "fallback"
-        return "flow" if confidence.score >= self.threshold else "rife"
+        if confidence.score < self.threshold or confidence.motion < self.subtle_motion:
+            return "rife"
+        return "flow"
 
     def __call__(self, a: np.ndarray, b: np.ndarray, ts: list[float]) -> list[np.ndarray]:
         check_pair(a, b, ts)

@@ -1,6 +1,13 @@
-"""Adaptive in-betweening on the real flow, the real RIFE 4.x weights and a real render: routing by the
-flow's confidence, deterministic; a confident pair never runs RIFE; large motion does; the ledger and
-the quality record agree on the routes."""
+"""Adaptive in-betweening on the real flow, the real RIFE 4.x weights and a real render.
+
+The rule (``AdaptiveInterpolator.route``, thresholds chosen on the tune split of the bench): a pair goes to
+RIFE where its motion is subtle (``motion < subtle_motion``) or its flow explains it poorly (``score <
+threshold``); every other pair is *confident* and stays with the flow. On the tune data the flow beats RIFE
+on large motion, so a large synthetic motion goes to RIFE only through the score (below a threshold that
+asks for it), and a subtle motion goes there by default. Tested: routing is deterministic and a pure
+function of the confidence; a confident pair never runs RIFE; a subtle-motion pair and (with a threshold
+above its score) a large synthetic motion do, and get RIFE's own output; the ledger and the quality record
+agree on the routes."""
 from __future__ import annotations
 
 import json
@@ -20,7 +27,9 @@ from tests.conftest import FRAMES, REPO, SHARED_DATA, read_rgb
 WEIGHTS = SHARED_DATA / "weights" / "rife" / "flownet.pkl"
 needs_weights = pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"RIFE weights absent: {WEIGHTS}")
 THRESHOLD = AdaptiveSettings.model_fields["threshold"].default
+SUBTLE = AdaptiveSettings.model_fields["subtle_motion"].default
 MIXED_THRESHOLD = 0.2
+LARGE_MOTION_THRESHOLD = 0.05  # above big_motion()'s score (0.016): the score route takes it
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +50,21 @@ def forward_passes(rife) -> list[int]:
 
 def adaptive(rife, **kw) -> AdaptiveInterpolator:
     return AdaptiveInterpolator(flow=FlowInterpolator(), rife=rife, crossfade=Crossfade(), lazy=False,
-                                threshold=kw.pop("threshold", THRESHOLD), **kw)
+                                threshold=kw.pop("threshold", THRESHOLD), subtle_motion=kw.pop("subtle_motion", SUBTLE), **kw)
 
 
 def slow_pan() -> tuple[np.ndarray, np.ndarray]:
     """Real consecutive frames of a slow pan (Big Buck Bunny 119 → 121), at 320×180."""
     a, _, b = (read_rgb(p) for p in sorted((FRAMES / "bbb" / "triplet_f0120").glob("*.png")))
     return tuple(cv2.resize(x, (320, 180), interpolation=cv2.INTER_AREA) for x in (a, b))
+
+
+def subtle_motion() -> tuple[np.ndarray, np.ndarray]:
+    """The slow pan's first frame and itself moved by a third of a pixel, its light 1% brighter (320×180)."""
+    a, _ = slow_pan()
+    m = np.float32([[1, 0, 1 / 3], [0, 1, 1 / 6]])
+    b = cv2.warpAffine(a, m, (a.shape[1], a.shape[0]), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    return a, cv2.convertScaleAbs(b, alpha=1.01)
 
 
 def big_motion() -> tuple[np.ndarray, np.ndarray]:
@@ -65,10 +82,13 @@ def big_motion() -> tuple[np.ndarray, np.ndarray]:
     return out[0], out[1]
 
 
-def test_the_confidence_separates_a_slow_pan_from_large_motion():
+def test_the_confidence_separates_a_slow_pan_a_subtle_motion_and_large_motion():
     fi = FlowInterpolator()
-    calm, wild = (pair_confidence(a, b, *fi.flows(a, b)) for a, b in (slow_pan(), big_motion()))
-    assert calm.score >= THRESHOLD > wild.score
+    calm, subtle, wild = (pair_confidence(a, b, *fi.flows(a, b)) for a, b in (slow_pan(), subtle_motion(), big_motion()))
+    assert calm.score >= THRESHOLD and calm.motion >= SUBTLE  # confident: the flow's
+    assert subtle.motion < SUBTLE <= calm.motion  # subtle: RIFE's
+    assert wild.score >= THRESHOLD and wild.motion >= SUBTLE > 0  # large motion: the flow's by default
+    assert wild.score < LARGE_MOTION_THRESHOLD <= calm.score  # ... RIFE's with a threshold above its score
     assert wild.motion > 3 * calm.motion and wild.inconsistent > 10 * calm.inconsistent
     assert wild.residual / wild.unaligned > 3 * calm.residual / calm.unaligned  # the flow explains little of it
     assert 0.0 < wild.score < calm.score <= 1.0
@@ -87,10 +107,12 @@ def test_a_confident_pair_never_runs_rife_and_matches_the_flow_exactly(rife):
 
 
 @needs_weights
-def test_large_motion_goes_to_rife_and_is_rifes_output(rife):
+@pytest.mark.parametrize("pair, kw", [(subtle_motion, {}), (big_motion, {"threshold": LARGE_MOTION_THRESHOLD})],
+                         ids=["subtle motion, default rule", "large motion, score below the threshold"])
+def test_subtle_motion_and_large_motion_below_the_threshold_go_to_rife_and_get_rifes_output(rife, pair, kw):
     calls = forward_passes(rife)
-    a, b = big_motion()
-    ad = adaptive(rife)
+    a, b = pair()
+    ad = adaptive(rife, **kw)
     out = ad(a, b, [0.5])
     assert ad.routes == {"flow": 0, "rife": 1, "fallback": 0} and len(calls) == 1
     assert ad.seconds["rife"] > 0 and ad.seconds["flow"] > 0  # the flow and its judgement were paid too
@@ -98,25 +120,37 @@ def test_large_motion_goes_to_rife_and_is_rifes_output(rife):
 
 
 @needs_weights
+def test_large_motion_stays_with_the_flow_under_the_default_rule(rife):
+    """The tune data's finding: the flow beats RIFE on large motion, so by default it keeps it."""
+    calls = forward_passes(rife)
+    a, b = big_motion()
+    ad = adaptive(rife)
+    assert np.array_equal(ad(a, b, [0.5])[0], FlowInterpolator()(a, b, [0.5])[0])
+    assert ad.routes == {"flow": 1, "rife": 0, "fallback": 0} and calls == []
+
+
+@needs_weights
 def test_routing_is_deterministic_and_a_pure_function_of_the_score(rife):
-    pairs = [slow_pan(), big_motion(), slow_pan()[::-1], big_motion()[::-1]]
+    pairs = [slow_pan(), subtle_motion(), big_motion(), slow_pan()[::-1], subtle_motion()[::-1], big_motion()[::-1]]
     runs = []
     for _ in range(2):
         ad = adaptive(rife)
         outs = [ad(a, b, [0.5])[0] for a, b in pairs]
         runs.append((ad.scores, dict(ad.routes), outs))
     (s0, r0, o0), (s1, r1, o1) = runs
-    assert s0 == s1 and r0 == r1 == {"flow": 2, "rife": 2, "fallback": 0}
+    assert s0 == s1 and r0 == r1 == {"flow": 4, "rife": 2, "fallback": 0}
     assert all(np.array_equal(x, y) for x, y in zip(o0, o1))
-    # the route is a function of the confidence alone: the score against the threshold, and with a
-    # fallback the inconsistent share against its bound first
-    ad = adaptive(rife, fallback="crossfade", fallback_above=0.5)
+    # the route is a function of the confidence alone: with a fallback the inconsistent share against its
+    # bound first, then RIFE where the motion is subtle or the score is below the threshold
+    ad = adaptive(rife, fallback="crossfade", fallback_above=0.5, threshold=0.05)
     c = dict(inconsistent=0.1, motion=0.5, spread=0.5, residual=1.0, unaligned=10.0)  # score 0.81
     assert ad.route(PairConfidence(**c)) == "flow"
     assert ad.route(PairConfidence(**{**c, "residual": 9.8})) == "rife"  # score 0.018
+    assert ad.route(PairConfidence(**{**c, "motion": SUBTLE / 2})) == "rife"
     assert ad.route(PairConfidence(**{**c, "inconsistent": 0.6})) == "fallback"
     assert adaptive(rife).route(PairConfidence(**{**c, "inconsistent": 0.6})) == "flow"  # no fallback: score 0.36
     assert adaptive(rife, threshold=0.5).route(PairConfidence(**{**c, "inconsistent": 0.6})) == "rife"
+    assert adaptive(rife, subtle_motion=0.0).route(PairConfidence(**{**c, "motion": 0.0})) == "flow"  # score 0.81
 
 
 @needs_weights
@@ -133,13 +167,15 @@ def test_the_fallback_takes_pairs_below_its_floor(rife):
 def test_a_hold_is_copied_without_rife_and_bad_settings_are_refused():
     a, _ = slow_pan()
     ad = AdaptiveInterpolator(flow=FlowInterpolator(), rife=lambda: pytest.fail("RIFE built for a hold"),
-                              crossfade=Crossfade(), threshold=1.0)
+                              crossfade=Crossfade(), threshold=1.0, subtle_motion=SUBTLE)
     assert all(np.array_equal(o, a) for o in ad(a, a.copy(), [0.5, 0.75]))
     assert ad.routes["flow"] == 1 and ad.scores == []
     with pytest.raises(ValueError, match="fallback"):
-        AdaptiveInterpolator(flow=None, rife=None, crossfade=None, threshold=0.5, fallback="blur")
+        AdaptiveInterpolator(flow=None, rife=None, crossfade=None, threshold=0.5, subtle_motion=0.0, fallback="blur")
     with pytest.raises(ValueError, match="threshold"):
-        AdaptiveInterpolator(flow=None, rife=None, crossfade=None, threshold=1.5)
+        AdaptiveInterpolator(flow=None, rife=None, crossfade=None, threshold=1.5, subtle_motion=0.0)
+    with pytest.raises(ValueError, match="subtle_motion"):
+        AdaptiveInterpolator(flow=None, rife=None, crossfade=None, threshold=0.0, subtle_motion=-0.1)
 
 
 def test_the_registry_entry_builds_rife_only_when_a_pair_needs_it():
@@ -216,7 +252,7 @@ def test_the_clip_node_bills_one_row_per_method_used_and_the_rest_of_the_stream_
     from pipeline.registry import Resources
 
     ad = adaptive(rife)
-    for a, b in (slow_pan(), big_motion()):
+    for a, b in (slow_pan(), subtle_motion()):
         ad(a, b, [0.5])
     total = sum(ad.seconds.values()) + 0.25  # the stream's own time: holds, repeats
     rows = inbetween_timings(ad, total, Resources())
