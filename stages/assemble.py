@@ -187,9 +187,10 @@ def _blend(clips: list[str | Path], starts: list[int], dissolves: Sequence[Disso
         acc = f"[x{m}]"
     graph.append(f"{acc}trim=start_frame={piece.first - starts[k]}:end_frame={piece.end - starts[k]},"
                  f"setpts=N/FRAME_RATE/TB[v]")
-    cmd = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y"]
+    # one thread throughout, as the clips were encoded: the assembly node holds one core
+    cmd = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-filter_complex_threads", "1"]
     for m in range(k, j + 1):
-        cmd += ["-i", str(clips[m])]
+        cmd += ["-threads", "1", "-i", str(clips[m])]
     cmd += ["-filter_complex", ";".join(graph), "-map", "[v]", *codec, str(out)]
     result = subprocess.run(cmd, capture_output=True)
     if result.returncode != 0:
