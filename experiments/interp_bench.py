@@ -305,11 +305,7 @@ def sweep_lines(tune: list[dict], groups: dict, args, metrics: dict[str, float])
         for thr in SWEEP_THRESHOLDS:
             cells = []
             for sub in SWEEP_SUBTLE:
-                def pick(r):
-                    c = r["conf"]
-                    if above is not None and c.inconsistent > above:
-                        return "crossfade"
-                    return "rife" if c.score < thr or c.motion < sub else "flow"
+                pick = _router(above, thr, sub)
                 worst = min(np.mean([r[pick(r)][0] - r["rife"][0] for r in rows]) for rows in tune_groups)
                 gap = np.mean([r[pick(r)][0] - r["rife"][0] for r in tune])
                 ratio = np.mean([r["flow"][2] + (r[pick(r)][2] if pick(r) != "flow" else 0.0) for r in tune]) / rife_s
@@ -327,7 +323,25 @@ def sweep_lines(tune: list[dict], groups: dict, args, metrics: dict[str, float])
                  f"(worst {worst:+.2f} dB, mean {gap:+.2f} dB, {ratio:.2f}x RIFE's time); this run used threshold "
                  f"{args.threshold}, subtle_motion {args.subtle_motion}")
     metrics["chosen_threshold"], metrics["chosen_subtle_motion"] = thr, sub
+    if (above, thr, sub) != (None, args.threshold, args.subtle_motion):  # the report part as the choice would route it
+        pick, cells = _router(above, thr, sub), []
+        for (part, name, step), rows in sorted(groups.items(), key=lambda kv: (kv[0][1] == "all", kv[0])):
+            if part == "report":
+                gap = np.mean([r[pick(r)][0] - r["rife"][0] for r in rows])
+                cells.append(f"{name} k={step} {gap:+.2f}" if step else f"all {gap:+.2f}")
+        lines.append("report part with the tune's choice (recombined), adaptive - RIFE dB: " + ", ".join(cells))
     return lines
+
+
+def _router(above: float | None, thr: float, sub: float):
+    """The route a setting gives a measured triplet: the fallback (crossfade) above ``above``'s inconsistent share,
+    RIFE where the score is below ``thr`` or the motion below ``sub``, else the flow."""
+    def pick(r: dict) -> str:
+        c = r["conf"]
+        if above is not None and c.inconsistent > above:
+            return "crossfade"
+        return "rife" if c.score < thr or c.motion < sub else "flow"
+    return pick
 
 
 # --------------------------------------------------------------------------- main
