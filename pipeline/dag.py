@@ -95,8 +95,10 @@ class Cluster:
     """
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None,
-                 start_timeout_s: float = START_TIMEOUT_S, init_options: dict[str, Any] | None = None):
+                 start_timeout_s: float = START_TIMEOUT_S, init_options: dict[str, Any] | None = None,
+                 store: str | None = None):
         self.address, self.num_cpus, self.init_seconds, self.started = address, num_cpus, 0.0, False
+        self.store = store  # the artifact store's URL: a cluster joined must see it from every node
         self.start_timeout_s = start_timeout_s
         self.init_options = dict(init_options or {})  # more ``ray.init`` arguments for a local cluster
         self._keeper: threading.Event | None = None
@@ -115,6 +117,10 @@ class Cluster:
                 self._bounded(ray, self._connect_options(),
                               f"the Ray cluster at RAY_ADDRESS={self.address} could not be joined",
                               "(unset RAY_ADDRESS to render on a local cluster)")
+                alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+                if self.store is not None and (problem := store_reach_problem(self.store, alive)):
+                    ray.shutdown()
+                    raise AnimError(problem)
             else:
                 options = {"address": "local", "num_cpus": self.num_cpus, "include_dashboard": False,
                            "logging_level": "WARNING", "log_to_driver": False, **self.init_options}
@@ -248,6 +254,18 @@ def _end_new_processes(before: set[int], settle_s: float = 2.0) -> None:
         if time.monotonic() > deadline:
             return
         time.sleep(0.1)  # an abandoned start may still be starting one
+
+
+def store_reach_problem(store: str, alive_nodes: int) -> str | None:
+    """Why a render on a cluster of ``alive_nodes`` cannot use ``store``, or None: with more than
+    one node, a local folder is refused, since the other nodes would write their artifacts where
+    the driver cannot read them (and lose them with the node)."""
+    store = str(store)
+    if alive_nodes > 1 and ("://" not in store or store.startswith("file://")):
+        return (f"store {store}: a local folder, but the Ray cluster has {alive_nodes} nodes and the others "
+                "cannot see it; set ANIM_STORE to an object store URL every node reaches (s3://…, oss://…); "
+                "nothing rendered")
+    return None
 
 
 def _check_reachable(address: str) -> None:

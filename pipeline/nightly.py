@@ -326,21 +326,9 @@ class InProcess:
         self.prices = PriceCatalog.load(settings.prices, usd_cny=settings.usd_cny, tier=settings.price_tier,
                                         provider=settings.price_provider)
         self.store = open_settings_store(settings)
-        self.cluster = Cluster(settings.ray_address, settings.num_cpus)
+        # joining a cluster refuses a store its other nodes cannot see (``dag.Cluster.start``)
+        self.cluster = Cluster(settings.ray_address, settings.num_cpus, store=settings.store)
         self.ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
-        self._reach_checked = False
-
-    def _check_reach(self) -> None:
-        """Start (or join) the cluster once, and refuse a store its other nodes cannot see."""
-        if self._reach_checked:
-            return
-        self.cluster.start()
-        import ray  # the cluster is up: only its node list is read
-
-        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
-        if problem := store_reach_problem(self.settings.store, alive):
-            raise NightlyError(problem)
-        self._reach_checked = True
 
     def render(self, item: Tonight, budget_yuan: float | None, night: str, series: Series,
                previous: dict[str, dict]) -> Row:
@@ -351,7 +339,7 @@ class InProcess:
         from pipeline.render import render, speak
 
         settings, store = self.settings, self.store
-        self._check_reach()
+        self.cluster.start()
         saved = 0.0  # until the render says which nodes it found in the store
         try:
             check_out_dir(item.out_dir)
@@ -478,18 +466,6 @@ def exit_code(rows: Iterable[Row]) -> int:
     if statuses & {"stopped", "waiting"}:
         return EXIT_STOPPED
     return EXIT_DONE
-
-
-def store_reach_problem(store: str, alive_nodes: int) -> str | None:
-    """Why a render on a cluster of ``alive_nodes`` cannot use ``store``, or None: with more than
-    one node, a local folder is refused, since the other nodes would write their artifacts where
-    the driver cannot read them (and lose them with the node)."""
-    store = str(store)
-    if alive_nodes > 1 and ("://" not in store or store.startswith("file://")):
-        return (f"store {store}: a local folder, but the Ray cluster has {alive_nodes} nodes and the others "
-                "cannot see it; set ANIM_STORE to an object store URL every node reaches (s3://…, oss://…); "
-                "nothing rendered")
-    return None
 
 
 def run_night(series: Series, settings, *, now: datetime, book: "NightBook", server: str | None = None,

@@ -213,7 +213,7 @@ def test_the_service_loop_neither_skips_nor_repeats_a_night_across_restarts(tmp_
 
 
 def test_a_store_other_nodes_cannot_see_is_refused_on_a_multi_node_cluster():
-    from pipeline.nightly import store_reach_problem
+    from pipeline.dag import store_reach_problem  # asked by dag.Cluster.start of every render that joins a cluster
 
     assert store_reach_problem("/var/anim/store", 1) is None  # one machine: a local folder is right
     assert store_reach_problem("s3://studio/store", 4) is None
