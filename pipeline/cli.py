@@ -23,7 +23,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -336,7 +336,7 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
         check_out_dir(out_dir or default_out_dir(script, profile, rplan.profile.aspect), create_parents=out_dir is None)
         store = _open_store(settings)
         # The voices first (cheap, billed): the cut follows them.
-        cluster = Cluster(settings.ray_address, settings.num_cpus)
+        cluster = Cluster(settings.ray_address, settings.num_cpus, store=settings.store)
         spoken = speak(rplan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(), cluster=cluster)
         rplan = _voiced(settings, episode, prices, rplan, store)
         gate = gate_state(open_approvals(settings.approvals), rplan, gate_on(rplan.profile, approval_gate))
@@ -345,13 +345,13 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
         live = tracking.RenderRun(settings.tracking_uri, rplan, series=episode.title_page.get("series"),
                                   script=script, tags={"cluster": settings.ray_address or "local", **gate.tags()},
                                   budget_yuan=budget_yuan, spool=tracking.Spool(store.url), store=store)
-        live.start()
+        live.start(background=True)  # MLflow's start-up overlaps the render
     except AnimError as exc:
         raise _fail(exc, debug=ctx.obj.debug)
     out_dir = out_dir or default_out_dir(script, profile, rplan.profile.aspect)
 
     # 2. Render, with a progress bar of shots and yuan (and the JSON lines of --progress-file).
-    feed = _ProgressFeed(progress_file, len(rplan.shots), live.run_id)
+    feed = _ProgressFeed(progress_file, len(rplan.shots), lambda: live.run_id)
     with _progress(rplan, progress) as on_progress:
         try:
             result = run_render(rplan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(),
@@ -382,6 +382,7 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
                                       quality=result.quality, artifacts=written, documents=documents,
                                       store_keys=[rplan.assemble_key, rplan.contact_sheet_key]))
     run_id = tracked.run_id
+    feed.end(run_id)
     # 4. Tell the producer.
     _report(rplan, result, metrics, written, budget_yuan)
     lost = _tracking_note(tracked, settings.tracking_uri, out_dir)
@@ -418,8 +419,8 @@ class _ProgressFeed:
     (shots done, ¥ so far), each with the shot count and the MLflow run; a line is flushed as it
     is written. Never stops a render: a write that fails turns the feed off."""
 
-    def __init__(self, path: Path | None, shots_total: int, run_id: str | None):
-        self.base = {"shots_total": shots_total, "run_id": run_id}
+    def __init__(self, path: Path | None, shots_total: int, run_id: Callable[[], str | None]):
+        self.shots_total, self.run_id = shots_total, run_id  # the run opens while the render goes on
         self.file = None
         if path is not None:
             try:
@@ -432,9 +433,14 @@ class _ProgressFeed:
         if self.file is None:
             return
         try:
-            self.file.write(json.dumps({"t": round(time.time(), 3), **self.base, **fields}) + "\n")
+            self.file.write(json.dumps({"t": round(time.time(), 3), "shots_total": self.shots_total,
+                                        "run_id": self.run_id(), **fields}) + "\n")
         except (OSError, ValueError):
             self.file = None
+
+    def end(self, run_id: str | None) -> None:
+        """The render's outputs are published and its record logged (``run_id``: its MLflow run)."""
+        self._write(event="end", stage="published", run_id=run_id)
 
     def on_node(self, node, rows) -> None:
         self._write(event="node", stage=node.stage, shot=getattr(node, "shot", None),

@@ -40,7 +40,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -546,9 +546,9 @@ class _Writer(threading.Thread):
     this thread logs them in batches and beats the heartbeat. After its first failure it logs
     nothing more (the render's record still reaches MLflow through the spool)."""
 
-    def __init__(self, mlflow_client, run_id: str):
+    def __init__(self, mlflow_client, run_id: str | None, opener: Callable[[], tuple[Any, str]] | None = None):
         super().__init__(name="mlflow-live-run", daemon=True)
-        self.client, self.run_id = mlflow_client, run_id
+        self.client, self.run_id, self.opener = mlflow_client, run_id, opener
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.error: str | None = None
 
@@ -567,6 +567,11 @@ class _Writer(threading.Thread):
     def run(self) -> None:
         from mlflow.entities import Metric, RunTag
 
+        if self.opener is not None:  # open the run here, while the render goes on (``start(background=True)``)
+            try:
+                self.client, self.run_id = self.opener()
+            except Exception as exc:  # noqa: BLE001 - the render's record still reaches MLflow through the spool
+                self.error = summary(exc)
         beat = time.time()
         running = True
         while running:
@@ -644,8 +649,20 @@ class RenderRun:
         return f"{self.plan.title} [{self.plan.profile.name}]"
 
     # ---- 1. the start: the plan and the estimate first
-    def start(self, *, log_plan: bool = True) -> None:
+    def start(self, *, log_plan: bool = True, background: bool = False) -> None:
+        """Open the run (RUNNING, the plan and the estimate first). ``background``: open it on the
+        live-logging thread while the caller goes on rendering (MLflow's start-up, seconds on a
+        SQLite file, then overlaps the render instead of delaying it); metrics queued meanwhile are
+        logged once it is open, and ``run_id`` is set then. A bad URI raises here either way."""
         check_uri(self.uri)
+        if background:
+            def opener():
+                self._open(log_plan=log_plan)
+                return self.client, self.run_id
+
+            self._writer = _Writer(None, None, opener)
+            self._writer.start()
+            return
         try:
             self._open(log_plan=log_plan)
         except Exception as exc:
@@ -706,6 +723,8 @@ class RenderRun:
                 self.error, self._failed_at = error, time.monotonic()
             if self._writer.is_alive():
                 self.client = None  # still in use by a blocked thread: do not share it
+                if self._writer.opener is not None and self._writer.run_id is None:
+                    self.run_id = None  # still opening: whatever it opens, the spool's record is the render's
             self._writer = None
 
     # ---- 3. the end

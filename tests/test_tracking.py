@@ -189,6 +189,30 @@ def test_a_live_run_opens_running_takes_shots_as_they_finish_and_ends_with_its_r
     assert (row["episode_spent_yuan"], row["budget_yuan"]) == (0.25, 0.5)
 
 
+def test_a_run_opened_in_the_background_keeps_what_arrived_before_it_was_open(where, plan):
+    """``start(background=True)`` (what ``anim render`` does): the render goes on while MLflow starts;
+    progress reported before the run exists is logged once it does, and the run is RUNNING until the end."""
+    from pipeline import tracking
+
+    uri = str(where["uri"])
+    live = tracking.RenderRun(uri, plan, spool=tracking.Spool(where["store"]))
+    live.start(background=True)
+    for done in range(1, len(plan.shots) + 1):  # at once: the run is very likely not open yet
+        live.on_progress(done, len(plan.shots), 0.001 * done)
+    deadline = time.monotonic() + 120
+    while live.run_id is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(live.run_id)
+    assert run.info.status == "RUNNING" and "plan.json" in {a.path for a in client.list_artifacts(live.run_id)}
+    ledger = ledger_of(plan)
+    out = live.finish(live.record(ledger=ledger, metrics={"cost_yuan": ledger.total_yuan}, stopped=None))
+    assert out.run_id == live.run_id and out.error is None
+    steps = sorted(m.step for m in client.get_metric_history(live.run_id, "shots_done"))
+    assert steps[:len(plan.shots)] == list(range(1, len(plan.shots) + 1))
+    assert client.get_run(live.run_id).info.status == "FINISHED"
+
+
 def test_a_render_that_fails_ends_its_run_failed_with_the_error(where, plan):
     from pipeline import tracking
 
