@@ -242,7 +242,8 @@ class Settings(Record):
     service_host: str = Field("127.0.0.1", description="Where `anim serve` listens; beyond loopback only with "
                               "accounts configured.")
     service_port: int = Field(8765, ge=1, le=65535)
-    service_max_renders: int | None = Field(None, ge=1, description="Renders at once; None = the cluster's CPUs.")
+    service_max_renders: int | None = Field(None, ge=1, description="Renders at once, no more; None = one per "
+                                            "CPU of the cluster, and up to twice that while a CPU slot is idle.")
     service_series: str | None = Field(None, description="Series manifests (*.toml) whose schedules the service "
                                        "runs itself (pipeline.service.schedules); None = <service_data>/series.")
     config_files: list[str] = Field(default_factory=list, description="Config files read, lowest first.")

@@ -11,6 +11,7 @@ dedup of two jobs of one script, and (slow) a SIGKILLed service and a SIGKILLed 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -71,7 +72,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from pipeline.service.cluster import local_endpoint, stop_local_head
+    from pipeline.service.cluster import JobsEndpoint, local_endpoint, stop_local_head
 
     root = tmp_path_factory.mktemp("service")
     env = isolated_env(root, ANIM_SERVICE_MAX_RENDERS="2")
@@ -94,6 +95,11 @@ def stack(tmp_path_factory):
         s.kill()
     finally:
         stop_local_head(endpoint)
+        now = json.loads((root / "data" / "ray" / "head.json").read_text())
+        if now["pgid"] != endpoint.pgid:  # the head the service started in place of a killed one
+            stop_local_head(JobsEndpoint(now["dashboard_url"], None, local=True, pgid=now["pgid"],
+                                         temp_dir=now.get("temp_dir")))
+    assert endpoint.temp_dir and not Path(endpoint.temp_dir).exists()  # its session folder went with it
 
 
 def wait_for(predicate, timeout_s: float = 180, what: str = "condition", poll_s: float = 0.2):
@@ -371,6 +377,23 @@ def test_batch_is_all_or_nothing_and_queue_bounds_renders(stack):
     assert peak == 2
 
 
+def test_the_queue_policy_reads_the_clusters_cpu_slots_and_a_setting_fixes_it(stack):
+    """Extra renders are admitted only into an idle CPU slot, read from the head's dashboard."""
+    from pipeline.config import resolve_settings
+    from pipeline.service.app import queue_policy
+    from pipeline.service.cluster import JobsEndpoint, Load
+    from pipeline.service.jobs import QueuePolicy
+
+    load = stack.endpoint.load()
+    assert load is not None and load.cpus == 2 and 0 <= load.cpus_used <= 2
+    assert JobsEndpoint("http://127.0.0.1:9", None, local=True).load() is None  # no dashboard: unknown
+    assert Load(1.0, 2.0, pending=False).idle and not Load(2.0, 2.0, pending=False).idle
+    assert not Load(0.0, 2.0, pending=True).idle  # work waiting for a GPU, say: no extra driver
+    assert queue_policy(resolve_settings(env=stack.env), stack.endpoint) == QueuePolicy(2, 2)  # the setting
+    unset = {k: v for k, v in stack.env.items() if k != "ANIM_SERVICE_MAX_RENDERS"}
+    assert queue_policy(resolve_settings(env=unset, num_cpus=2), stack.endpoint) == QueuePolicy(2, 4)
+
+
 def test_two_jobs_of_one_script_compute_each_node_once(stack):
     script = stack.script("twice.yaml", tiny_script("twice", shots=2))
     with stack.client("alice") as alice, stack.client("bob") as bob:
@@ -419,6 +442,35 @@ def test_killed_driver_is_resubmitted_and_resumes_from_the_store(stack):
         done = c.wait(job["id"], timeout_s=240)
     assert done["status"] == "succeeded", done
     assert done["attempt"] == 2 and done["submission_id"] == f"anim-{job['id']}-2"
+    assert billed_twice(stack, script) == 0
+    # ¥ so far is the job's across both attempts: what the killed driver paid for, then the rest
+    first = [json.loads(line).get("spent_yuan") for line in progress.read_text().splitlines() if line.endswith("}")]
+    paid_first = max(v for v in first if v is not None)
+    assert paid_first > 0 and done["progress"]["spent_yuan"] >= paid_first
+
+
+def test_a_local_head_that_dies_is_replaced_and_its_job_resumes_there(stack):
+    """The whole head killed mid-render (its node lost): the service starts a new head once the old
+    one has not worked for HEAD_DEAD_S, and the job, unknown to the new head, resumes there as a new
+    attempt, paying for no node twice. (Last in the module: the stack's head is a new one after it.)"""
+    script = stack.script("head.yaml", tiny_script("head", shots=4))
+    record = stack.root / "data" / "ray" / "head.json"
+    with stack.client() as c:
+        job = c.submit(script)
+        progress = stack.root / "data" / "jobs" / str(job["id"]) / "progress-1.jsonl"
+
+        def shot_done():
+            lines = progress.read_text().splitlines() if progress.exists() else []
+            return any(json.loads(line).get("shots_done", 0) >= 1 for line in lines if line.endswith("}"))
+
+        wait_for(shot_done, 120, "a first finished shot", poll_s=0.05)
+        old = json.loads(record.read_text())
+        os.killpg(old["pgid"], signal.SIGKILL)
+        done = c.wait(job["id"], timeout_s=480)
+    new = json.loads(record.read_text())
+    assert new["pgid"] != old["pgid"] and new["dashboard_url"] != old["dashboard_url"]
+    assert done["status"] == "succeeded", done
+    assert done["attempt"] >= 2 and done["submission_id"] == f"anim-{job['id']}-{done['attempt']}"
     assert billed_twice(stack, script) == 0
 
 

@@ -8,6 +8,7 @@ a producer sees only their own jobs (another's is a 404, as if it did not exist)
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -23,9 +24,9 @@ from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.service import auth, schedules
-from pipeline.service.cluster import JobsEndpoint, local_endpoint, studio_endpoint
+from pipeline.service.cluster import JobsEndpoint, local_endpoint, start_local_head, studio_endpoint
 from pipeline.service.db import ACTIVE, STATUSES, TERMINAL, Job, ServiceError, User, open_database
-from pipeline.service.jobs import MAX_UPLOAD_BYTES, JobService, Planned, Upload, loop
+from pipeline.service.jobs import MAX_UPLOAD_BYTES, JobService, Planned, QueuePolicy, Upload, loop
 
 COOKIE = "anim_session"
 CSRF_HEADER = ("x-anim", "1")  # the web page sends it on every change (pipeline/service/web.py)
@@ -33,11 +34,13 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 MAX_BATCH = 50
 
 
-def default_max_renders(settings, endpoint: JobsEndpoint) -> int:
-    """The setting, else the local head's CPUs (one render per core keeps them busy), else 4."""
+def queue_policy(settings, endpoint: JobsEndpoint) -> QueuePolicy:
+    """``service_max_renders`` when set (that many at once, no more); else one render per CPU of the
+    local head (4 on a studio cluster) and, while the cluster has an idle CPU slot, up to twice that."""
     if settings.service_max_renders:
-        return settings.service_max_renders
-    return (settings.num_cpus or os.cpu_count() or 1) if endpoint.local else 4
+        return QueuePolicy.fixed(settings.service_max_renders)
+    base = (settings.num_cpus or os.cpu_count() or 1) if endpoint.local else 4
+    return QueuePolicy(base, 2 * base)
 
 
 def create_app(settings, *, endpoint: JobsEndpoint | None = None, dispatch: bool = True) -> FastAPI:
@@ -50,7 +53,10 @@ def create_app(settings, *, endpoint: JobsEndpoint | None = None, dispatch: bool
         sessions = open_database(settings.service_db_url)
         ep = endpoint or (studio_endpoint(settings.ray_address) if settings.ray_address else
                           local_endpoint(_data(settings), settings.num_cpus))
-        service = JobService(settings, sessions, ep, default_max_renders(settings, ep))
+        # a local head of the service's own is replaced if it dies while the service runs
+        new_head = None if endpoint is not None or settings.ray_address else (
+            lambda: start_local_head(_data(settings) / "ray", settings.num_cpus))
+        service = JobService(settings, sessions, ep, queue_policy(settings, ep), new_head=new_head)
         app.state.service = service
         stop = threading.Event()
         # what a render run by the service itself imports, loaded now rather than on the first no-op
@@ -235,11 +241,15 @@ def _api():
         with svc.sessions() as db:
             _job(db, user, job_id)
 
-        def stream():
+        def look() -> dict:
+            with svc.sessions() as db:
+                return svc.view(db, db.get(Job, job_id))
+
+        async def stream():
+            # async: a watching page holds no worker thread between looks (only the look itself runs in one)
             last, sent_at = None, 0.0
-            while True:
-                with svc.sessions() as db:
-                    view = svc.view(db, db.get(Job, job_id))
+            while not await request.is_disconnected():
+                view = await asyncio.to_thread(look)
                 text = json.dumps(view, ensure_ascii=False)
                 now = time.monotonic()
                 if text != last or (view["status"] in ACTIVE and now - sent_at >= 1.0):
@@ -247,7 +257,7 @@ def _api():
                     last, sent_at = text, now
                 if view["status"] in TERMINAL:
                     return
-                time.sleep(0.25)
+                await asyncio.sleep(0.25)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +39,7 @@ class JobsEndpoint:
     token: str | None
     local: bool  # a head this service started (the code travels by PYTHONPATH, not py_modules)
     pgid: int | None = None  # the local head's process group
+    temp_dir: str | None = None  # the local head's Ray session folder, removed when it stops
 
     def client(self):
         from ray.job_submission import JobSubmissionClient
@@ -49,12 +51,41 @@ class JobsEndpoint:
             raise ClusterError(f"the Ray Jobs API at {self.dashboard_url} did not answer: "
                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
+    def load(self, timeout_s: float = 2.0) -> "Load | None":
+        """What the cluster's CPUs are doing now, from the dashboard's autoscaler view (refreshed about
+        every second); None when the dashboard does not say (the queue then admits no extra render)."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            reply = httpx.get(f"{self.dashboard_url}/api/cluster_status", headers=headers, timeout=timeout_s)
+            report = reply.json()["data"]["clusterStatus"]["loadMetricsReport"]
+            used, total = report["usage"].get("CPU", [0.0, 0.0])
+            pending = bool(report.get("resourceDemand") or report.get("pgDemand") or report.get("requestDemand"))
+        except Exception:  # noqa: BLE001 - unreachable, refused, an older Ray's layout: unknown
+            return None
+        return Load(cpus_used=float(used), cpus=float(total), pending=pending)
+
     def alive(self) -> bool:
         try:
             self.client().list_jobs()
             return True
         except Exception:  # noqa: BLE001 - anything but an answer means not usable
             return False
+
+
+@dataclass(frozen=True)
+class Load:
+    """The cluster's CPUs in use by tasks and actors, its CPUs, and whether work waits for resources."""
+
+    cpus_used: float
+    cpus: float
+    pending: bool
+
+    @property
+    def idle(self) -> bool:
+        """A CPU slot free and nothing waiting for one: another render would start work at once."""
+        return not self.pending and self.cpus_used < self.cpus
 
 
 def free_ports(n: int) -> list[int]:
@@ -84,11 +115,14 @@ def local_endpoint(data_dir: Path, num_cpus: int | None = None) -> JobsEndpoint:
     if record.is_file():
         try:
             known = json.loads(record.read_text())
-            endpoint = JobsEndpoint(known["dashboard_url"], _token(ray_dir), local=True, pgid=known.get("pgid"))
+            endpoint = JobsEndpoint(known["dashboard_url"], _token(ray_dir), local=True, pgid=known.get("pgid"),
+                                    temp_dir=known.get("temp_dir"))
         except (ValueError, KeyError, OSError):
             endpoint = None
         if endpoint is not None and endpoint.alive():
             return endpoint
+        if endpoint is not None:  # a head that died with its service: what it left in /tmp goes
+            _remove_session_dir(endpoint.temp_dir)
     return start_local_head(ray_dir, num_cpus)
 
 
@@ -127,7 +161,8 @@ def start_local_head(ray_dir: Path, num_cpus: int | None = None, timeout_s: floa
     with log.open("wb") as out:
         head = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=head_env(token), cwd=ray_dir,
                                 start_new_session=True)
-    endpoint = JobsEndpoint(f"http://127.0.0.1:{dashboard}", token, local=True, pgid=head.pid)
+    endpoint = JobsEndpoint(f"http://127.0.0.1:{dashboard}", token, local=True, pgid=head.pid,
+                            temp_dir=str(temp_dir))
     deadline = time.monotonic() + timeout_s
     while True:
         if head.poll() is not None:
@@ -168,6 +203,13 @@ def stop_local_head(endpoint: JobsEndpoint, grace_s: float = 60) -> None:
             pass
         time.sleep(0.2)
     signal_group(signal.SIGKILL)
+    _remove_session_dir(endpoint.temp_dir)
+
+
+def _remove_session_dir(temp_dir: str | None) -> None:
+    """Remove a stopped local head's session folder — only one this module made (``/tmp/anim-ray-*``)."""
+    if temp_dir and Path(temp_dir).parent == Path("/tmp") and Path(temp_dir).name.startswith("anim-ray-"):
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _last_line(path: Path) -> str:

@@ -36,7 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -48,6 +48,28 @@ from stages.records import AnimError
 MAX_UPLOAD_BYTES = 1_000_000  # a 2-hour feature screenplay is about 250 KB
 MAX_RESTARTS = 3  # attempts made because a driver died, per phase, before the job fails
 EXIT_BUDGET = 3  # ``anim render``: stopped for budget or approval (pipeline/cli.py)
+
+
+STARTING_S = 60.0  # a render admitted this long ago counts as started even if its progress file says nothing
+HEAD_CHECK_S = 5.0  # how often the dispatcher asks whether the local head still works
+HEAD_DEAD_S = 60.0  # a local head that has not worked this long is replaced (a loaded one answers slowly)
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """How many renders run at once: ``base`` always, and up to ``ceiling`` while the cluster has
+    a CPU slot idle and nothing waits for one. A render's driver holds no Ray slot, and its own
+    graph leaves slots idle while it starts (imports, connecting, its voices) and in its serial
+    tail (assembly, mix, burn-in); another render's nodes fill them. Extra renders are admitted
+    one at a time: the next only once the last has begun its frame graph (the first line of its
+    progress file), so the idle slots of a start-up do not admit a crowd of drivers."""
+
+    base: int
+    ceiling: int
+
+    @classmethod
+    def fixed(cls, renders: int) -> "QueuePolicy":
+        return cls(renders, renders)
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -99,9 +121,13 @@ class Planned:
 class JobService:
     """The queue and its reconciliation against Ray; one per service process."""
 
-    def __init__(self, settings, sessions: sessionmaker, endpoint: JobsEndpoint, max_renders: int):
+    def __init__(self, settings, sessions: sessionmaker, endpoint: JobsEndpoint, policy: QueuePolicy,
+                 new_head: Callable[[], JobsEndpoint] | None = None):
         self.settings, self.sessions, self.endpoint = settings, sessions, endpoint
-        self.max_renders = max_renders
+        self.policy = policy
+        self.new_head = new_head  # starts a local head in place of one that died (None: the studio's cluster)
+        self._head_seen = self._head_checked = time.monotonic()
+        self._admitted: dict[int, float] = {}  # job -> when its current attempt was admitted (monotonic)
         self.data = Path(settings.service_data).expanduser().absolute()
         self.lock = threading.RLock()  # job state changes: the API's threads and the dispatcher
         self._ray = None
@@ -123,8 +149,8 @@ class JobService:
     def out_dir(self, job: Job) -> Path:
         return self.job_dir(job.id) / "out"
 
-    def progress_path(self, job: Job) -> Path:
-        return self.job_dir(job.id) / f"progress-{job.attempt}.jsonl"
+    def progress_path(self, job: Job, attempt: int | None = None) -> Path:
+        return self.job_dir(job.id) / f"progress-{job.attempt if attempt is None else attempt}.jsonl"
 
     # ------------------------------------------------------------------ 1. uploads and plans
 
@@ -190,16 +216,58 @@ class JobService:
     def tick(self) -> None:
         """One pass: reconcile every job that may have a Ray job, then start queued ones while the
         queue policy allows. Run at start-up (the reconciliation) and every half second."""
+        self.watch_head()
         with self.lock, self.sessions() as db:
             for job in db.scalars(select(Job).where(Job.status.in_(ACTIVE)).order_by(Job.id)):
                 self._follow(db, job)
-            running = len(list(db.scalars(select(Job.id).where(Job.status.in_(ACTIVE)))))
+            active = list(db.scalars(select(Job).where(Job.status.in_(ACTIVE))))
+            running, starting = len(active), any(self._starting(job) for job in active)
             for job in db.scalars(select(Job).where(Job.status == "queued").order_by(Job.id)):
-                if running >= self.max_renders:
+                if running >= self.policy.ceiling:
                     break
-                self._start_attempt(db, job, "planning" if job.phase == "storyboard" else "rendering",
-                                    "admitted by the queue")
+                note = "admitted by the queue"
+                if running >= self.policy.base:  # an extra render: only into an idle slot, one at a time
+                    load = None if starting else self.endpoint.load()
+                    if load is None or not load.idle:
+                        break
+                    note += f" (a CPU slot idle: {load.cpus_used:g} of {load.cpus:g} in use)"
+                    starting = True
+                self._start_attempt(db, job, "planning" if job.phase == "storyboard" else "rendering", note)
                 running += 1
+
+    def _starting(self, job: Job) -> bool:
+        """Admitted lately and not yet at its frame graph (no line in its progress file)."""
+        since = self._admitted.get(job.id)
+        if since is None or time.monotonic() - since > STARTING_S:
+            return False
+        return "started" not in self._progress(job)
+
+    def watch_head(self, now: float | None = None) -> bool:
+        """Replace a local head that no longer works — its Jobs API or GCS gone, or no node left to
+        run on (a raylet killed) — for ``HEAD_DEAD_S``: what is left of its processes is stopped and
+        a new head started. The Ray jobs it held are unknown to the new one, so the next tick submits
+        each as a new attempt, which resumes from the store. True when it replaced the head."""
+        from pipeline.service.cluster import stop_local_head
+
+        now = time.monotonic() if now is None else now
+        if self.new_head is None or now - self._head_checked < HEAD_CHECK_S:
+            return False
+        self._head_checked = now
+        load = self.endpoint.load(timeout_s=10.0)
+        if load is not None and load.cpus > 0:
+            self._head_seen = now
+            return False
+        if now - self._head_seen < HEAD_DEAD_S:
+            return False
+        import logging
+
+        logging.getLogger("anim.service").warning(
+            "the local Ray head at %s has not worked for %.0f s: replacing it", self.endpoint.dashboard_url,
+            now - self._head_seen)
+        stop_local_head(self.endpoint, grace_s=10)
+        self.endpoint, self._ray = self.new_head(), None
+        self._head_seen = self._head_checked = time.monotonic()
+        return True
 
     def reconcile_cancelled(self) -> None:
         """At start-up: a job cancelled while its Ray job still ran (the service died between the
@@ -219,6 +287,7 @@ class JobService:
 
     def _start_attempt(self, db: Session, job: Job, status: str, note: str, *, warm: bool = True) -> None:
         attempt = job.attempt + 1
+        self._admitted[job.id] = time.monotonic()
         here = warm and self._all_in_store(job)
         self._set(db, job, status, note + ("; every node in the store: rendered by the service" if here else ""),
                   attempt=attempt, submission_id=f"anim-{job.id}-{attempt}", submitted=False,
@@ -240,10 +309,13 @@ class JobService:
         try:
             plan = self.plan_of(job)
             approvals = self.gate(job).approvals if job.approval_gate else None
-            sched = schedule(plan, open_store(self.settings.store), approvals=approvals)
+            store = open_store(self.settings.store)
+            sched = schedule(plan, store, approvals=approvals)
+            # under a budget the contact sheet is always published: one not stored yet is a node to run
+            sheet_missing = job.budget_yuan is not None and store.get(plan.contact_sheet_key) is None
         except Exception:  # noqa: BLE001 - anything unclear goes to Ray, which reports it properly
             return False
-        return not sched.where("run") and not sched.held_shots()
+        return not sched.where("run") and not sched.held_shots() and not sheet_missing
 
     def log_path(self, job: Job) -> Path:
         return self.job_dir(job.id) / f"attempt-{job.attempt}.log"
@@ -456,11 +528,11 @@ class JobService:
 
     # ------------------------------------------------------------------ 4. what producers see
 
-    def _progress(self, job: Job) -> dict:
-        """The last values of the current attempt's progress file."""
+    def _progress(self, job: Job, attempt: int | None = None) -> dict:
+        """The last values of the current attempt's progress file (or of ``attempt``'s)."""
         state: dict = {}
         try:
-            lines = self.progress_path(job).read_text(encoding="utf-8").splitlines()
+            lines = self.progress_path(job, attempt).read_text(encoding="utf-8").splitlines()
         except OSError:
             return state
         for line in lines:
@@ -472,7 +544,8 @@ class JobService:
                 state["started"] = rec["t"]
             if rec.get("stage") and rec.get("event") != "progress":
                 state["stage"] = rec["stage"]
-            state.update({k: rec[k] for k in ("shots_done", "spent_yuan", "run_id", "shots_total") if k in rec})
+            state.update({k: rec[k] for k in ("shots_done", "spent_yuan", "run_id", "shots_total")
+                          if rec.get(k) is not None})  # the run id arrives once MLflow has opened the run
             state["t"] = rec["t"]
         return state
 
@@ -488,8 +561,11 @@ class JobService:
         stage = {"queued": "queued", "awaiting_approval": "approval"}.get(job.status, p.get("stage"))
         if job.status in TERMINAL:
             stage = job.status
-        return {"stage": stage, "shots_done": done, "shots_total": total, "spent_yuan": p.get("spent_yuan", 0.0),
-                "eta_s": eta, "updated_at": p.get("t")}
+        # ¥ so far is the job's: earlier attempts' spend (the storyboard's, a dead driver's) and this one's
+        # (an attempt resumes from the store, so what an earlier one paid for is never paid again)
+        before = sum(self._progress(job, a).get("spent_yuan", 0.0) for a in range(1, job.attempt))
+        return {"stage": stage, "shots_done": done, "shots_total": total,
+                "spent_yuan": before + p.get("spent_yuan", 0.0), "eta_s": eta, "updated_at": p.get("t")}
 
     def files(self, job: Job) -> list[str]:
         """What the render published: plain files in the job's out folder."""
