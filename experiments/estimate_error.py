@@ -206,6 +206,9 @@ class Case:
     ratio: dict[str, float]  # way -> total estimate / measured
     band: dict[str, float | None]  # before / after -> ± fraction
     hit: dict[str, bool | None]  # before / after -> measured total inside the band
+    load: str = "?"
+    stages: dict[str, tuple[float, float, float]] | None = None  # stage -> (measured ¥, before/meas, after/meas)
+    shape: str = ""  # shots, frames, lines, size
 
 
 def compare(r: Rendered, cals: dict[str, Calibration], prices: PriceCatalog) -> Case:
@@ -232,7 +235,11 @@ def compare(r: Rendered, cals: dict[str, Calibration], prices: PriceCatalog) -> 
         print(f"{w} band ±{fmt(bands[w], '.1%')}: the measured total is "
               f"{ {True: 'inside', False: 'OUTSIDE', None: '—'}[hits[w]] } it")
     print(f"after: {after_band.line().removeprefix('calibration: ')}")
-    return Case(r.name, bool(control), {w: totals[w] / m for w in WAYS}, bands, hits)
+    per_stage = {st: (meas[st], est["before"].get(st, 0.0) / meas[st], est["after"].get(st, 0.0) / meas[st])
+                 for st in stages if meas.get(st, 0.0) > 0}
+    a = plans["after"]
+    shape = f"{len(a.shots)} shots, {a.total_frames} frames, {len(a.voices)} lines, {a.width}x{a.height}"
+    return Case(r.name, bool(control), {w: totals[w] / m for w in WAYS}, bands, hits, r.load, per_stage, shape)
 
 
 def summary(cases: list[Case]) -> None:
@@ -257,12 +264,41 @@ def summary(cases: list[Case]) -> None:
     for label, f in rows.items():
         print(f"  {label:42s}" + "".join(f"{f(w):>9.2f}" if not label.startswith("cases") else f"{f(w):>8d}/{len(held)}"
                                           for w in WAYS))
+    structure(cases)
     for w in ("before", "after"):
         got = [c.hit[w] for c in held if c.hit[w] is not None]
         widths = [c.band[w] for c in held if c.band[w] is not None]
         meant = f" (meant to hold {COVERAGE:.0%})" if w == "after" else ""
         print(f"  band {w}: holds the measured total in {sum(got)} of {len(got)} cases{meant}; median width "
               f"±{fmt(statistics.median(widths) if widths else None, '.0%')}")
+
+
+def structure(cases: list[Case]) -> None:
+    """What is left once the machine's speed at the time is taken out: each stage's ratio over its
+    render's total ratio (1.00: the stage is off exactly as much as the whole render), and how far
+    the totals follow the load average."""
+    print("  per stage, relative to its render's total (before → after; 1.00 = off no more than the render):")
+    for c in cases:
+        rel = "  ".join(f"{st} {b / c.ratio['before']:.2f}→{a / c.ratio['after']:.2f}"
+                        for st, (_, b, a) in (c.stages or {}).items())
+        print(f"    {c.name + (' (control)' if c.control else ''):40s} load {c.load:>6s} [{c.shape}]  {rel}")
+    for w in ("before", "after"):
+        spread = [abs(math.log(a / c.ratio[w])) for c in cases for st, (m, b, a2) in (c.stages or {}).items()
+                  for a in [b if w == "before" else a2] if a > 0]
+        weights = [m for c in cases for st, (m, _, _) in (c.stages or {}).items()]
+        if spread:
+            typical = math.exp(sum(x * y for x, y in zip(spread, weights)) / sum(weights))
+            print(f"  {w}: a stage is typically {typical:.2f}× off its render's total (¥-weighted exp mean |log|)")
+    pts = [(math.log(float(c.load)), math.log(c.ratio["after"])) for c in cases if c.load.replace(".", "").isdigit()]
+    if len(pts) >= 3:
+        xs, ys = zip(*pts)
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        sxy = sum((x - mx) * (y - my) for x, y in pts)
+        sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+        if sxx > 0 and syy > 0:
+            print(f"  load: log(after estimate/measured) against log(load average) over {len(pts)} renders: "
+                  f"r = {sxy / math.sqrt(sxx * syy):.2f}, slope {sxy / sxx:.2f} (r² {sxy ** 2 / (sxx * syy):.0%} of "
+                  "the spread is the machine's load)")
 
 
 def main() -> None:

@@ -68,12 +68,14 @@ def work_of(plan: RenderPlan) -> dict[tuple[str, str | None], float]:
 
 def units_of(plan: RenderPlan) -> dict[tuple[str, str | None], float]:
     """(stage, shot) → the units of each node's work (keyframes, in-betweens, frames; one panel,
-    one mix, one voice sample per shot): its work is units × megapixels (or seconds) per unit."""
+    one mix; a shot's voice sample, its lines): its work is units × megapixels (or seconds) per unit.
+    A voice sample counts its lines, since the plan prices each line as a node of its own: what
+    every line costs whatever its length is the per-unit cost."""
     p = plan.profile
     units: dict[tuple[str, str | None], float] = {("assemble", None): plan.total_frames, ("mix", None): 1.0,
                                                   ("subtitles", None): plan.total_frames}
     for v in plan.voices:
-        units[("voice", v.line.shot)] = 1.0
+        units[("voice", v.line.shot)] = units.get(("voice", v.line.shot), 0.0) + 1.0
     for s in plan.shots:
         for stage, (n, _) in shot_work(p, s.frames, s.drawings, s.keyframes).items():
             units[(stage, s.shot.id)] = n

@@ -182,3 +182,51 @@ def test_a_node_running_when_the_cap_is_reached_is_cancelled_and_billed_for_the_
     assert all(0 < n.yuan < nap_yuan for n in notes)  # stopped part-way through its nap
     assert all(current(store, n.key) is None for n in notes)
     assert result.episode_spent_yuan == pytest.approx(boards.episode_spent_yuan + result.ledger.total_yuan)
+
+
+# --------------------------------------------------------------------------- learn before widening: the storyboard
+
+
+class NapBoardSettings(Record):
+    nap_s: float = 0.5
+
+
+class NapBoard:
+    """A flat panel after a nap: a storyboard backend far slower than its calibration row says."""
+
+    def __init__(self, *, width: int, aspect: str, nap_s: float):
+        self.width, self.height, self.nap_s = width, round(width * (9 / 16 if aspect == "16:9" else 16 / 9)), nap_s
+
+    def __call__(self, scene) -> np.ndarray:
+        time.sleep(self.nap_s)
+        return np.full((self.height, self.width, 3), 200, np.uint8)
+
+
+@pytest.fixture
+def napboard():
+    entry = registry.register(registry.Backend(
+        "storyboard", "napboard", NapBoardSettings,
+        build=lambda s, *, width, aspect: NapBoard(width=width, aspect=aspect, nap_s=s.nap_s),
+        calibration=lambda s: "napboard"), replace=True)
+    yield entry
+    registry.unregister("storyboard", "napboard")
+
+
+def test_a_storyboard_the_first_panel_shows_the_budget_cannot_cover_is_not_started(napboard, calibration, prices,
+                                                                                      tmp_path):
+    """Its row says a panel is nearly free; the first panel, run alone, shows it is not: the other
+    panels are never started, and the budget holds (no contact sheet: the storyboard did not fit)."""
+    row = CalibrationRow(stage="storyboard", backend="napboard", device="cpu", unit="panel", overhead_s=0.0,
+                         seconds_per_unit_mpx=0.001, source="test: the napboard backend, far slower than this row",
+                         measured_at="")
+    plan = make_plan(EPISODE, Profile(name="napboard", storyboard="napboard", audit=False), calibration=Calibration(rows=[*calibration.rows, row], paths=[]),
+                     prices=prices, script_sha256=SHA)
+    nap_yuan = prices.cost(NapBoardSettings().nap_s, "cpu", 1.0)
+    budget = 2.5 * nap_yuan  # one panel's nap fits; five do not
+    result = run(plan, open_store(tmp_path / "store"), prices, budget_yuan=budget)
+    assert_within_cap(result, budget)
+    assert result.stopped == "budget" and "storyboard.png" not in result.outputs
+    boards = [r for r in result.ledger.records if r.stage == "storyboard" and not r.cached]
+    assert len(boards) == 1  # the first panel alone: the others were never started
+    if not result.cap_reached:  # it finished inside the budget, and taught the margin
+        assert "its first panel ran" in result.budget_note
