@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from stages import inbetween, inbetween_adaptive, keyframes, storyboard, voice
+from stages import inbetween, inbetween_adaptive, keyframes, storyboard, voice, voice_qwen
 from stages.records import ProfileError, Record
 
 STAGES = ("storyboard", "keyframes", "inbetween", "voice")
@@ -76,7 +76,8 @@ class Backend:
     def key_params(self, settings: Record) -> dict[str, Any]:
         """What enters the content key of this backend's output: its name and every setting that
         changes pixels (a GPU device counts as 'cuda' whatever its index)."""
-        params = settings.model_dump(mode="json", exclude=set(self.placement))
+        # ``content_key`` lets a setting that names a file enter as its content (voice_qwen's references).
+        params = settings.model_dump(mode="json", exclude=set(self.placement), context={"content_key": True})
         if isinstance(params.get("device"), str):
             params["device"] = params["device"].split(":", 1)[0]
         return {"backend": self.name, **params}
@@ -215,3 +216,16 @@ def _neural_resources(s: voice.NeuralVoiceSettings) -> Resources:
 
 register(Backend("voice", "neural", voice.NeuralVoiceSettings, build=_neural, calibration=lambda s: "neural:vits",
                  resources=_neural_resources, placement=voice.NeuralVoiceSettings.PLACEMENT, actor=True))
+
+
+def _vibevoice(settings: voice_qwen.VibeVoiceSettings, **_: Any) -> Any:
+    return voice_qwen.VibeVoiceTTS(settings=settings)  # torch and transformers are imported when it is built
+
+
+def _vibevoice_resources(s: voice_qwen.VibeVoiceSettings) -> Resources:
+    return Resources(gpus=s.num_gpus, gpu_type=s.gpu_type) if _on_gpu(s.device) and s.num_gpus else Resources()
+
+
+register(Backend("voice", "vibevoice", voice_qwen.VibeVoiceSettings, build=_vibevoice,
+                 calibration=lambda s: "vibevoice", resources=_vibevoice_resources,
+                 placement=voice_qwen.VibeVoiceSettings.PLACEMENT, actor=True))
