@@ -157,36 +157,46 @@ def _entry(path: str | Path) -> str:
 
 def _blend(clips: list[str | Path], starts: list[int], dissolves: Sequence[Dissolve], piece: Piece, out: Path, *,
            fps: int, codec: Sequence[str], ffmpeg: str) -> None:
-    """The episode's frames ``piece.first`` to ``piece.end`` from the clips they fall in: each
-    dissolve an ``xfade`` over its window, the outgoing clip's last frame held past the cut and
-    the incoming clip's first before it (``tpad``), a plain cut a ``concat``; then encoded."""
+    """The episode's frames ``piece.first`` to ``piece.end`` from the clips they fall in, then encoded:
+    each clip's own frames as they are, each dissolve's window an ``xfade`` of the outgoing clip's
+    last frames (its last frame held past the cut, ``tpad``) and the incoming one's first (its first
+    held before it), joined with ``concat``. Only the window's frames leave yuv420p (xfade works in
+    4:4:4): the others are the clips' decoded pictures, untouched."""
     cuts = {d.after: d.frames for d in dissolves if d.frames > 0}
     k = max(i for i in range(len(clips)) if starts[i] <= piece.first)
     j = max(i for i in range(len(clips)) if starts[i] < piece.end)
-    # xfade blends from its offset for `duration`, weighting the second input by how far in it is;
-    # starting one frame before the window and ending one after, every frame in the window is a mix:
-    # window frame w of 2d is (w + 1) / (2d + 1) the incoming shot.
-    graph, acc = [], "[0:v]"
+    parts: list[tuple[int, str]] = []  # (input, filter chain) of each segment, in order
     for m in range(k, j + 1):
-        pad_in = cuts[m - 1] + 1 if m > k and m - 1 in cuts else 0
-        pad_out = cuts[m] + 2 if m < j and m in cuts else 0  # one to spare: xfade reads a pair past its end
-        src = f"[{m - k}:v]"
-        if pad_in or pad_out:
-            graph.append(f"{src}tpad=start_mode=clone:start={pad_in}:stop_mode=clone:stop={pad_out}[p{m}]")
-            src = f"[p{m}]"
-        if m == k:
-            acc = src
-            continue
-        if m - 1 in cuts:
-            d = cuts[m - 1]
-            offset = starts[m] - starts[k] - d - 1
-            graph.append(f"{acc}{src}xfade=transition=fade:duration={(2 * d + 1) / fps:.9f}:"
-                         f"offset={offset / fps:.9f}[x{m}]")
+        n = starts[m + 1] - starts[m]
+        lo = piece.first - starts[k] if m == k else (cuts[m - 1] if m - 1 in cuts else 0)
+        hi = n - cuts[m] if m < j and m in cuts else (piece.end - starts[j] if m == j else n)
+        if lo < hi:
+            parts.append((m, f"trim=start_frame={lo}:end_frame={hi},setpts=PTS-STARTPTS"))
+        if m < j and m in cuts:
+            parts.append((m, f"window{m}"))
+    graph, inputs = [], {m: [] for m in range(k, j + 1)}
+    for index, (m, _) in enumerate(parts):
+        inputs[m].append(index)
+        if parts[index][1] == f"window{m}":
+            inputs[m + 1].append(index)
+    for m, uses in inputs.items():  # each clip decoded once, split to every segment that shows it
+        graph.append(f"[{m - k}:v]split={len(uses)}" + "".join(f"[c{m}s{u}]" for u in uses))
+    segments = []
+    for index, (m, chain) in enumerate(parts):
+        if chain != f"window{m}":
+            graph.append(f"[c{m}s{index}]{chain}[s{index}]")
         else:
-            graph.append(f"{acc}{src}concat=n=2:v=1:a=0[x{m}]")
-        acc = f"[x{m}]"
-    graph.append(f"{acc}trim=start_frame={piece.first - starts[k]}:end_frame={piece.end - starts[k]},"
-                 f"setpts=N/FRAME_RATE/TB[v]")
+            # xfade from the frame before the window to the one after it: window frame w of 2d is
+            # (w + 1) / (2d + 1) the incoming shot; each side padded past what xfade reads
+            d, n = cuts[m], starts[m + 1] - starts[m]
+            graph.append(f"[c{m}s{index}]trim=start_frame={n - d - 1},setpts=PTS-STARTPTS,"
+                         f"tpad=stop_mode=clone:stop={d + 2}[a{index}]")
+            graph.append(f"[c{m + 1}s{index}]trim=end_frame={d + 2},setpts=PTS-STARTPTS,"
+                         f"tpad=start_mode=clone:start={d + 1}:stop_mode=clone:stop=2[b{index}]")
+            graph.append(f"[a{index}][b{index}]xfade=transition=fade:duration={(2 * d + 1) / fps:.9f}:offset=0,"
+                         f"trim=start_frame=1:end_frame={2 * d + 1},format=yuv420p,setpts=PTS-STARTPTS[s{index}]")
+        segments.append(f"[s{index}]")
+    graph.append("".join(segments) + f"concat=n={len(segments)}:v=1:a=0,setpts=N/FRAME_RATE/TB[v]")
     # one thread throughout, as the clips were encoded: the assembly node holds one core
     cmd = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-filter_complex_threads", "1"]
     for m in range(k, j + 1):
