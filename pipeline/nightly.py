@@ -18,7 +18,11 @@ A night, as numbered steps (``run_night``):
 Which nights ran is kept in a small SQL table of its own (``NightBook``; setting ``nights``,
 ``ANIM_NIGHTS``: a SQLite file by default, a database URL for the service): a night is claimed
 by inserting its row before anything is rendered, and the row is unique per series and night,
-so a night never runs twice, whoever asks. ``run_due`` is what the render service calls from
+so a night never runs twice, whoever asks. Its runner beats a heartbeat while it runs; a night
+left running by a runner that died (a killed service or cron job) is taken over by the next
+runner while it is still the latest night and resumed — what was rendered is in the store and
+costs nothing, and jobs it had queued at the service come back by their Idempotency-Key — or
+recorded failed ("interrupted") once a later night has begun. ``run_due`` is what the render service calls from
 its loop: which nights are due at ``now``, with missed nights handled by the manifest's policy.
 
 Exit codes a scheduler can act on (``exit_code``): 0 every picked episode delivered (or nothing
@@ -28,8 +32,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import threading
+import time
+import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
@@ -38,6 +47,8 @@ from stages.records import AnimError
 
 Status = Literal["rendered", "unchanged", "failed", "stopped", "waiting"]
 EXIT_DONE, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
+BEAT_S = 30.0  # a running night's runner says it is alive this often
+STALE_S = 180.0  # a running night whose runner has been silent this long is taken over (resumed)
 
 
 class NightlyError(AnimError):
@@ -404,13 +415,18 @@ class ViaService:
         self.jobs: dict[str, int] = {}
         self.store = None
 
-    def submit_all(self, items: list[Tonight], budgets: dict[str, float | None], series: Series) -> dict[str, str]:
-        """Submit every admitted delivery up front (the service queues them); returns the refusals."""
+    def submit_all(self, items: list[Tonight], budgets: dict[str, float | None], series: Series,
+                   night: str = "") -> dict[str, str]:
+        """Submit every admitted delivery up front (the service queues them); returns the refusals.
+        Each submission's Idempotency-Key names the series, night and delivery: a resumed night gets
+        the jobs its first runner queued back instead of queueing them again."""
         refused = {}
         for item in items:
+            key = "night-" + hashlib.sha256(f"{series.name}\n{night}\n{item.key}".encode()).hexdigest()[:32]
             try:
                 job = self.client.submit(item.episode.script, profile=item.delivery.profile,
-                                         aspect=item.delivery.aspect, budget_yuan=budgets[item.key], series=series.name)
+                                         aspect=item.delivery.aspect, budget_yuan=budgets[item.key], series=series.name,
+                                         key=key if night else None)
                 self.jobs[item.key] = int(job["id"])
             except AnimError as exc:
                 refused[item.key] = _line(exc)
@@ -476,31 +492,62 @@ def run_night(series: Series, settings, *, now: datetime, book: "NightBook", ser
     from pipeline import nightly_report
 
     night = night_key(series, now)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     last = book.get(series.name, night)
-    if last is None:
+    resumed = last is not None and book.stale(series.name, night, now)
+    if last is None or resumed:
         previous = book.previous_rows(series.name, night)
         tonight = plan_night(series, settings, now=now, previous=previous)
-    if last is not None or not book.claim(series.name, night, now):  # the claim: one row per night
+    taken = book.take_over(series.name, night, owner, now) if resumed else (
+        last is None and book.claim(series.name, night, now, owner=owner))  # the claim: one row per night
+    if not taken:
         last = book.get(series.name, night)
         return NightResult(series.name, night, [], EXIT_DONE, ran=False,
                            note=f"night {night} of {series.name} is already {last['state'] if last else 'claimed'}"
                                 f"{'' if not last or not last['finished_at'] else ' (' + last['finished_at'] + ')'}"
                                 "; nothing run")
+    if resumed:
+        on_line(f"resuming night {night} of {series.name}: its runner stopped; what it rendered is in the store")
+    beating = _Heartbeat(book, series.name, night, owner, now)
     try:
-        rows = _render(tonight, settings, previous, server=server, token=token, on_line=on_line)
+        rows = _render(tonight, settings, previous, server=server, token=token, on_line=on_line, night=night)
         code = exit_code(rows)
         run_id, report, untracked = nightly_report.publish_night(series, night, rows, settings.tracking_uri, now=now)
     except BaseException as exc:
+        beating.stop()
         book.finish(series.name, night, "failed", [], EXIT_FAILED, datetime.now(timezone.utc), note=_line(exc))
         raise
+    beating.stop()
     book.finish(series.name, night, {0: "done", 1: "failed", 3: "stopped"}[code], rows, code,
                 datetime.now(timezone.utc))
     return NightResult(series.name, night, rows, code, run_id, report,
                        note=f"MLflow did not take the night's run: {untracked}" if untracked else "")
 
 
+class _Heartbeat(threading.Thread):
+    """Beats a running night's claim every ``BEAT_S`` on the night's clock (``now`` plus the time
+    since), so a runner that dies leaves a beat that grows stale."""
+
+    def __init__(self, book: "NightBook", series: str, night: str, owner: str, now: datetime):
+        super().__init__(name=f"night-beat-{night}", daemon=True)
+        self.book, self.series, self.night, self.owner = book, series, night, owner
+        self.now, self.t0, self.stopped = now, time.monotonic(), threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.stopped.wait(BEAT_S):
+            try:
+                self.book.beat(self.series, self.night, self.owner,
+                               self.now + timedelta(seconds=time.monotonic() - self.t0))
+            except AnimError:
+                pass  # the records are unreachable for now: the next beat tries again
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
 def _render(tonight: NightPlan, settings, previous: dict[str, dict], *, server: str | None, token: str | None,
-            on_line: Callable[[str], None]) -> list[Row]:
+            on_line: Callable[[str], None], night: str = "") -> list[Row]:
     """Step 4: render (or submit and wait for) every admitted delivery; rows for every delivery."""
     series = tonight.series
     rows: dict[str, Row] = {}
@@ -512,7 +559,7 @@ def _render(tonight: NightPlan, settings, previous: dict[str, dict], *, server: 
     # The admission used estimates; a cap per render keeps actual spend within the night's.
     for item in tonight.admitted:
         budgets[item.key] = series.budget_for(item.episode)
-    refused = renderer.submit_all(tonight.admitted, budgets, series) if isinstance(renderer, ViaService) else {}
+    refused = renderer.submit_all(tonight.admitted, budgets, series, night) if isinstance(renderer, ViaService) else {}
     spent = 0.0
     for item in tonight.admitted:
         if item.key in refused:
@@ -580,6 +627,13 @@ class NightBook:
             sa.Column("rows", sa.Text, nullable=False, default="[]"),
             sa.Column("note", sa.Text, nullable=False, default=""),
             sa.UniqueConstraint("series", "night", name="one_row_per_night"))
+        # who runs a running night, and when it last said so: a night whose runner died is taken over
+        self._claims = sa.Table(
+            "nightly_claims", meta,
+            sa.Column("series", sa.String(200), primary_key=True),
+            sa.Column("night", sa.String(40), primary_key=True),
+            sa.Column("owner", sa.String(200), nullable=False),
+            sa.Column("beat_at", sa.String(40), nullable=False))
         self._series = sa.Table(
             "nightly_series", meta,
             sa.Column("series", sa.String(200), primary_key=True),
@@ -609,15 +663,60 @@ class NightBook:
         except self._sa.exc.SQLAlchemyError as exc:
             raise NightlyError(f"night records {self.location}: {_reason(exc)}") from None
 
-    def claim(self, series: str, night: str, now: datetime, state: str = "running", note: str = "") -> bool:
-        """Insert the night's row; False when it already has one (it ran, runs, or was missed)."""
+    def claim(self, series: str, night: str, now: datetime, state: str = "running", note: str = "",
+              owner: str = "") -> bool:
+        """Insert the night's row (and, running, who runs it); False when it already has one (it ran,
+        runs, or was missed)."""
         row = {"series": series, "night": night, "state": state, "claimed_at": _iso(now), "rows": "[]", "note": note,
                **({"finished_at": _iso(now)} if state != "running" else {})}
+
+        def insert(conn):
+            conn.execute(self._nights.insert(), [row])
+            if state == "running":
+                conn.execute(self._claims.insert(), [{"series": series, "night": night, "owner": owner or "?",
+                                                      "beat_at": _iso(now)}])
         try:
-            self._run(lambda conn: conn.execute(self._nights.insert(), [row]))
+            self._run(insert)
         except self._sa.exc.IntegrityError:
             return False
         return True
+
+    def beat(self, series: str, night: str, owner: str, now: datetime) -> None:
+        """The runner of a running night says it is alive."""
+        c = self._claims
+        self._run(lambda conn: conn.execute(c.update().where(c.c.series == series, c.c.night == night,
+                                                             c.c.owner == owner).values(beat_at=_iso(now))))
+
+    def stale(self, series: str, night: str, now: datetime, after_s: float = STALE_S) -> bool:
+        """Whether ``night`` is recorded running and its runner has not beaten for ``after_s``."""
+        c = self._claims
+        rec = self.get(series, night)
+        if rec is None or rec["state"] != "running":
+            return False
+        claim = self._run(lambda conn: conn.execute(c.select().where(c.c.series == series, c.c.night == night))
+                          .mappings().first())
+        beat = datetime.fromisoformat(claim["beat_at"] if claim else rec["claimed_at"])
+        return (now - beat).total_seconds() > after_s
+
+    def take_over(self, series: str, night: str, owner: str, now: datetime, after_s: float = STALE_S) -> bool:
+        """Become the runner of a running night whose runner stopped beating; True for exactly one
+        of several processes that try at once (the update is conditional on the beat it saw)."""
+        c = self._claims
+        if not self.stale(series, night, now, after_s):
+            return False
+        claim = self._run(lambda conn: conn.execute(c.select().where(c.c.series == series, c.c.night == night))
+                          .mappings().first())
+        if claim is None:  # recorded before runners were: claim it now
+            try:
+                self._run(lambda conn: conn.execute(c.insert(), [{"series": series, "night": night, "owner": owner,
+                                                                  "beat_at": _iso(now)}]))
+                return True
+            except self._sa.exc.IntegrityError:
+                return False
+        done = self._run(lambda conn: conn.execute(
+            c.update().where(c.c.series == series, c.c.night == night, c.c.owner == claim["owner"],
+                             c.c.beat_at == claim["beat_at"]).values(owner=owner, beat_at=_iso(now))))
+        return done.rowcount == 1
 
     def finish(self, series: str, night: str, state: str, rows: list[Row], code: int, now: datetime,
                note: str = "") -> None:
@@ -684,9 +783,18 @@ def due_nights(series: Series, book: NightBook, now: datetime) -> list[str]:
     if spec is None:
         return []
     since = book.registered(series.name, now)
-    recorded = [datetime.fromisoformat(r["night"]) for r in book.nights(series.name) if "T" in r["night"]]
+    nights = [r for r in book.nights(series.name) if "T" in r["night"]]
+    recorded = [datetime.fromisoformat(r["night"]) for r in nights]
     after = max([since, *recorded])
     starts = nights_between(spec, after, now)
+    # A night left running by a runner that died (a killed service or cron job): resumed while it is
+    # still the latest night (everything it rendered is in the store), else recorded as interrupted.
+    for rec in nights:
+        if rec["state"] == "running" and book.stale(series.name, rec["night"], now):
+            if not starts and rec["night"] == nights[-1]["night"]:
+                return [rec["night"]]
+            book.finish(series.name, rec["night"], "failed", [], EXIT_FAILED, now,
+                        note="interrupted: its runner stopped and a later night began")
     if not starts:
         return []
     *missed, latest = starts

@@ -212,6 +212,44 @@ def test_the_service_loop_neither_skips_nor_repeats_a_night_across_restarts(tmp_
     assert due(t(7, 3) + timedelta(seconds=30)) == []
 
 
+def test_a_night_whose_runner_died_is_resumed_once_while_it_is_the_latest_else_recorded_interrupted(tmp_path):
+    """A killed service or cron job leaves its night "running" with a beat that grows stale. Within
+    that night the next runner takes it over and finishes it (once); found only after a later night
+    began, it is recorded failed ("interrupted") and the later night runs. (Cap ¥0: nothing renders;
+    which nights run is what is tested.)"""
+    manifest = make_series(tmp_path, cap=0.0)
+    settings = settings_for(tmp_path)
+    db = tmp_path / "nights.db"
+    name = load_series(manifest).name
+    t = lambda day, hour, minute=0: datetime(2026, 12, day, hour, minute, tzinfo=UTC)  # noqa: E731
+
+    def due(now):
+        return [(r.night, r.exit_code) for r in run_due([manifest], settings, now=now, book=NightBook(db)) if r.ran]
+
+    book = NightBook(db)
+    book.registered(name, t(1, 12))
+    # 1. A runner claimed the 12-02 night at 02:31 and died without a beat.
+    night = "2026-12-02T02:30+00:00"
+    assert book.claim(name, night, t(2, 2, 31), owner="gone:1:x")
+    assert due(t(2, 2, 33)) == []  # two minutes: it may still be working
+    assert due(t(2, 2, 41)) == [(night, EXIT_STOPPED)]  # ten: taken over and finished
+    assert NightBook(db).get(name, night)["state"] == "stopped"
+    assert due(t(2, 2, 45)) == []  # once
+    # 2. Left running on 12-03 and found the next night: interrupted; the 12-04 night runs.
+    assert book.claim(name, "2026-12-03T02:30+00:00", t(3, 2, 31), owner="gone:2:y")
+    assert due(t(4, 3)) == [("2026-12-04T02:30+00:00", EXIT_STOPPED)]
+    record = NightBook(db).get(name, "2026-12-03T02:30+00:00")
+    assert record["state"] == "failed" and "interrupted" in record["note"]
+    # 3. Two runners that find one stale night at once: exactly one takes it over.
+    assert book.claim(name, "2026-12-05T02:30+00:00", t(5, 2, 31), owner="gone:3:z")
+    first, second = NightBook(db), NightBook(db)
+    assert first.take_over(name, "2026-12-05T02:30+00:00", "a", t(5, 3))
+    assert not second.take_over(name, "2026-12-05T02:30+00:00", "b", t(5, 3))
+    # and a beat keeps a running night its runner's
+    first.beat(name, "2026-12-05T02:30+00:00", "a", t(5, 3, 10))
+    assert not NightBook(db).stale(name, "2026-12-05T02:30+00:00", t(5, 3, 12))
+
+
 def test_a_store_other_nodes_cannot_see_is_refused_on_a_multi_node_cluster():
     from pipeline.dag import store_reach_problem  # asked by dag.Cluster.start of every render that joins a cluster
 

@@ -275,6 +275,27 @@ def test_upload_names_and_file_names_cannot_reach_outside(stack):
         c.post(f"/api/jobs/{job['id']}/cancel")
 
 
+def test_a_submission_sent_again_with_its_idempotency_key_queues_nothing(stack):
+    """A client retrying after a timeout (or a resumed nightly) sends its key again: the jobs the first
+    request queued come back, status 200; the key is the producer's own."""
+    one = stack.script("key-one.yaml", tiny_script("key-one", shots=1))
+    two = stack.script("key-two.yaml", tiny_script("key-two", shots=1))
+    with stack.client("alice") as alice, stack.client("bob") as bob:
+        first = alice.submit(one, key="retry-1")
+        before = len(alice.jobs())
+        again = alice.http.post("/api/jobs", files=[("script", ("one.yaml", one.read_bytes()))],
+                                data={"profile": "draft"}, headers={"Idempotency-Key": "retry-1"})
+        assert again.status_code == 200 and again.json()["id"] == first["id"] and len(alice.jobs()) == before
+        batch = alice.submit([one, two], key="night-7")
+        assert [j["id"] for j in alice.submit([one, two], key="night-7")["jobs"]] == [j["id"] for j in batch["jobs"]]
+        other = bob.submit(one, key="retry-1")  # another producer's key space
+        assert other["id"] != first["id"]
+        with pytest.raises(ServiceError, match="Idempotency-Key"):
+            alice.submit(one, key="x" * 200)
+        for c, j in [(alice, first), (alice, batch["jobs"][0]), (alice, batch["jobs"][1]), (bob, other)]:
+            c.cancel(j["id"])
+
+
 # ---------------------------------------------------------------------- Ray Jobs
 
 

@@ -16,7 +16,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Optional
 
-from fastapi import Depends, FastAPI, File, Form, Request, Response, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
@@ -197,16 +197,28 @@ def _api():
         return planned.summary(budget_yuan)
 
     @api.post("/jobs", status_code=201)
-    def submit(request: Request, script: list[UploadFile] = File(...), profile: str = Form("draft"),
-               aspect: Optional[str] = Form(None), budget_yuan: Optional[float] = Form(None),
+    def submit(request: Request, response: Response, script: list[UploadFile] = File(...),
+               profile: str = Form("draft"), aspect: Optional[str] = Form(None), budget_yuan: Optional[float] = Form(None),
                series: Optional[str] = Form(None), approval_gate: Optional[bool] = Form(None),
-               batch_budget_yuan: Optional[float] = Form(None), user: User = Depends(current_user)):
+               batch_budget_yuan: Optional[float] = Form(None), user: User = Depends(current_user),
+               idempotency_key: Optional[str] = Header(None)):
+        """Queue the scripts. A client that may send a submission twice (a retry after a timeout, a
+        nightly resumed) names it with an ``Idempotency-Key`` header: a repeat returns the jobs the
+        first one queued (status 200) and queues nothing."""
         svc = service_of(request)
+        key = (idempotency_key or "").strip() or None
+        if key is not None and (len(key) > 180 or not key.isprintable()):
+            raise ServiceError("Idempotency-Key: at most 180 printable characters", 422)
         if len(script) > MAX_BATCH:
             raise ServiceError(f"{len(script)} scripts in one batch; at most {MAX_BATCH}", 413)
-        planned: list[Planned] = [svc.check(_read(f), profile, aspect or None, approval_gate) for f in script]
-        jobs = svc.create(user, planned, budget_yuan=budget_yuan, series=(series or "").strip(),
-                          batch_budget_yuan=batch_budget_yuan)
+        with svc.sessions() as db:
+            jobs, new = svc.repeated(db, user, key), False
+        if not jobs:  # (``create`` asks again under the queue's lock: two repeats at once queue once)
+            planned: list[Planned] = [svc.check(_read(f), profile, aspect or None, approval_gate) for f in script]
+            jobs, new = svc.create(user, planned, budget_yuan=budget_yuan, series=(series or "").strip(),
+                                   batch_budget_yuan=batch_budget_yuan, client_key=key)
+        if not new:
+            response.status_code = 200
         with svc.sessions() as db:
             views = [svc.view(db, db.get(Job, j.id)) for j in jobs]
         return views[0] if len(views) == 1 else {"jobs": views}

@@ -60,13 +60,15 @@ class ServiceClient:
 
     def submit(self, script: str | Path | list[str | Path], profile: str = "draft", aspect: str | None = None,
                budget_yuan: float | None = None, series: str | None = None, approval_gate: bool | None = None,
-               batch_budget_yuan: float | None = None) -> dict:
-        """One job (a dict), or for a list of scripts a batch (``{"jobs": [...]}``), all or nothing."""
+               batch_budget_yuan: float | None = None, key: str | None = None) -> dict:
+        """One job (a dict), or for a list of scripts a batch (``{"jobs": [...]}``), all or nothing.
+        ``key``: an Idempotency-Key — sending the same submission again returns its jobs, queues none."""
         paths = [Path(p) for p in (script if isinstance(script, list) else [script])]
         files = [("script", (p.name, p.read_bytes())) for p in paths]
         data = self._form(profile, aspect, budget_yuan, series=series, approval_gate=approval_gate,
                           batch_budget_yuan=batch_budget_yuan)
-        return self._call("POST", "/api/jobs", data=data, files=files).json()
+        headers = {"Idempotency-Key": key} if key else None
+        return self._call("POST", "/api/jobs", data=data, files=files, headers=headers).json()
 
     def jobs(self, series: str | None = None, status: str | None = None, producer: str | None = None) -> list[dict]:
         params = {k: v for k, v in (("series", series), ("status", status), ("producer", producer)) if v}

@@ -181,10 +181,19 @@ class JobService:
 
         return _prepare(self.settings, path, profile, aspect)[3]
 
+    def repeated(self, db: Session, user: User, client_key: str | None) -> list[Job]:
+        """The jobs an earlier submission of ``user`` with this Idempotency-Key queued (none if no such)."""
+        if not client_key:
+            return []
+        return list(db.scalars(select(Job).where(Job.producer_id == user.id, Job.client_key.like(f"{client_key}#%"))
+                               .order_by(Job.id)))
+
     def create(self, user: User, planned: list[Planned], *, budget_yuan: float | None, series: str = "",
-               batch_budget_yuan: float | None = None) -> list[Job]:
+               batch_budget_yuan: float | None = None, client_key: str | None = None) -> tuple[list[Job], bool]:
         """Queue one job per checked upload — all of them or none: a batch whose estimates together
-        pass ``batch_budget_yuan`` is refused whole."""
+        pass ``batch_budget_yuan`` is refused whole. With ``client_key`` (the request's
+        Idempotency-Key) a repeat of a submission returns the jobs it queued and queues nothing; the
+        flag says whether these jobs are new."""
         if budget_yuan is not None and budget_yuan < 0:
             raise ServiceError("budget_yuan cannot be negative", 422)
         total = sum(p.plan.estimated_cost_yuan for p in planned)
@@ -193,15 +202,18 @@ class JobService:
                                f"its budget ¥{batch_budget_yuan:.4f}; nothing was queued", 422)
         batch = uuid.uuid4().hex[:12] if len(planned) > 1 else None
         with self.lock, self.sessions() as db:
+            if before := self.repeated(db, user, client_key):
+                return before, False
             jobs = []
-            for p in planned:
+            for n, p in enumerate(planned):
                 series_name = series or p.plan.title
                 job = Job(producer_id=user.id, series=series_name[:200], script_name=p.upload.display_name,
                           title=p.plan.title[:255],
                           script_ext=p.upload.ext, profile=p.profile, aspect=p.aspect, budget_yuan=budget_yuan,
                           estimate_yuan=p.plan.estimated_cost_yuan, shots_total=len(p.plan.shots),
                           approval_gate=p.gate, batch=batch, status="queued",
-                          phase="storyboard" if p.gate else "render")
+                          phase="storyboard" if p.gate else "render",
+                          client_key=f"{client_key}#{n}" if client_key else None)
                 db.add(job)
                 db.flush()
                 self.job_dir(job.id).mkdir(parents=True, exist_ok=True)
@@ -209,7 +221,7 @@ class JobService:
                 db.add(JobEvent(job_id=job.id, status="queued", attempt=0, note=f"submitted by {user.username}"))
                 jobs.append(job)
             db.commit()
-        return jobs
+        return jobs, True
 
     # ------------------------------------------------------------------ 2. the dispatcher
 
