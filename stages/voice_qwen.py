@@ -139,6 +139,9 @@ class VibeVoiceTTS:
             if not path.is_file():
                 raise StageError(STAGE, line.shot, f"line {line.index + 1} ({line.character}): reference recording "
                                  f"{path} not found")
+            if hashlib.sha256(path.read_bytes()).hexdigest() != voice.sha256:  # the key holds what was read
+                raise StageError(STAGE, line.shot, f"line {line.index + 1} ({line.character}): reference recording "
+                                 f"{path} changed since the profile was read; plan and render again")
             samples, rate = read_wav(path)
             x = samples.astype(np.float32) / 32768.0
             if rate != self.sample_rate:

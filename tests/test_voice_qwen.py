@@ -258,5 +258,10 @@ def test_a_backend_that_cannot_load_stops_the_render_with_one_line(tmp_path, loc
     assert "\n" not in str(err.value)
 
 
-def test_the_reference_hash_is_the_files_content(refs):
+def test_the_reference_hash_is_the_files_content_and_a_changed_file_is_refused(model, refs, tmp_path):
     assert ClonedVoice(reference=str(refs["low"])).sha256 == hashlib.sha256(refs["low"].read_bytes()).hexdigest()
+    changing = shutil.copyfile(refs["low"], tmp_path / "changing.wav")
+    tts = VibeVoiceTTS(settings=_settings(model, AYA=ClonedVoice(reference=str(changing))))
+    shutil.copyfile(refs["high"], changing)  # re-recorded after the plan's keys were made
+    with pytest.raises(StageError, match=f"reference recording {changing} changed since the profile was read"):
+        tts.synthesize(AYA)
