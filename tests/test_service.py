@@ -230,14 +230,16 @@ def test_lifecycle_to_a_downloaded_episode(stack, tmp_path):
 
 
 def test_no_op_rerender_runs_in_the_warm_service(stack, tmp_path):
-    """Every node in the store: the service renders it itself, no Ray job, same outputs. (Without
-    a budget: with one, the executor asks the cluster what stopping would cost even when nothing
-    runs, and the job goes to Ray as its next attempt.)"""
+    """Every node in the store: the service renders it itself, no Ray job, same outputs — with a
+    budget too (the lifecycle's budgeted render stored the contact sheet a budget always publishes)."""
     with stack.client() as c:
         first = next(j for j in c.jobs(status="succeeded") if j["script_name"] == "life.yaml")
         again = c.wait(c.submit(stack.root / "life.yaml", series="测试系列")["id"], timeout_s=120)
         assert again["status"] == "succeeded" and again["runner"] == "service", c.logs(again["id"])
         assert again["progress"]["spent_yuan"] == 0 and "episode:" in c.logs(again["id"])
+        budgeted = c.wait(c.submit(stack.root / "life.yaml", series="测试系列", budget_yuan=5.0)["id"], timeout_s=120)
+        assert budgeted["status"] == "succeeded" and budgeted["runner"] == "service", c.logs(budgeted["id"])
+        assert again["mlflow_open"].startswith("mlflow ui --backend-store-uri sqlite:///")
         a = c.download(first["id"], "episode.mp4", tmp_path / "first.mp4")
         b = c.download(again["id"], "episode.mp4", tmp_path / "again.mp4")
     assert a.read_bytes() == b.read_bytes()

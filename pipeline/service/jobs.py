@@ -630,6 +630,8 @@ class JobService:
         uri = self.settings.tracking_uri
         url = (f"{uri.rstrip('/')}/#/runs/{job.mlflow_run_id}" if job.mlflow_run_id and uri.startswith("http")
                else None)
+        # a tracking file has no page to link to: how to open it (the run id says which run)
+        opener = (f"mlflow ui --backend-store-uri {uri}" if job.mlflow_run_id and not url else None)
         return {"id": job.id, "producer": producer.username if producer else None, "series": job.series,
                 "script_name": job.script_name, "title": job.title, "profile": job.profile, "aspect": job.aspect,
                 "budget_yuan": job.budget_yuan, "estimate_yuan": job.estimate_yuan, "status": job.status,
@@ -637,7 +639,7 @@ class JobService:
                 "approval_gate": job.approval_gate, "batch": job.batch, "runner": job.runner,
                 "created_at": job.created_at.isoformat(), "updated_at": job.updated_at.isoformat(),
                 "error": job.error, "progress": self.progress(job), "mlflow_run_id": job.mlflow_run_id,
-                "mlflow_run_url": url, "files": self.files(job)}
+                "mlflow_run_url": url, "mlflow_open": opener, "files": self.files(job)}
 
 
 _HERE = threading.Lock()  # one in-process render at a time: it redirects this process's output

@@ -22,8 +22,9 @@ const anim = (() => {
   }
 
   // fetch against the service's /api with the session cookie; changes carry the CSRF header.
-  async function api(path, {method = "GET", form = null, json = undefined, text = false, login = true} = {}) {
-    const opts = {method, credentials: "same-origin", headers: {}};
+  async function api(path, {method = "GET", form = null, json = undefined, text = false, login = true,
+                            headers = {}} = {}) {
+    const opts = {method, credentials: "same-origin", headers: {...headers}};
     if (method !== "GET") Object.assign(opts.headers, csrf);
     if (form) opts.body = form;
     if (json !== undefined) { opts.headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(json); }

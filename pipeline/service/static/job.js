@@ -54,6 +54,11 @@ document.addEventListener("DOMContentLoaded", () => {
     const ml = document.getElementById("mlflow-link");
     ml.hidden = !j.mlflow_run_url;
     if (j.mlflow_run_url) ml.href = j.mlflow_run_url;
+    document.getElementById("mlflow-open").hidden = !j.mlflow_open;
+    if (j.mlflow_open) {
+      anim.setText("mlflow-run", j.mlflow_run_id);
+      anim.setText("mlflow-cmd", j.mlflow_open);
+    }
 
     const files = j.files || [];
     document.getElementById("files-card").hidden = files.length === 0;

@@ -69,6 +69,9 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   }
 
+  let submission = null;  // the Idempotency-Key of the submission being sent; a changed form is a new one
+  form.addEventListener("input", () => { submission = null; });
+  form.addEventListener("change", () => { submission = null; });
   for (const id of ["script", "profile", "aspect", "budget"])
     document.getElementById(id).addEventListener("change", estimate);
   document.getElementById("estimate-btn").addEventListener("click", estimate);
@@ -77,8 +80,12 @@ document.addEventListener("DOMContentLoaded", () => {
     ev.preventDefault();
     if (planned !== key()) { await estimate(); return; }
     submitBtn.disabled = true;
+    // one key per submission of this form: a second click or a retry after a lost answer queues nothing more
+    submission = submission || (window.crypto && crypto.randomUUID ? crypto.randomUUID()
+                                : Date.now().toString(36) + Math.random().toString(36).slice(2));
     try {
-      const job = await anim.api("/api/jobs", {method: "POST", form: fields({withJobFields: true})});
+      const job = await anim.api("/api/jobs", {method: "POST", form: fields({withJobFields: true}),
+                                               headers: {"Idempotency-Key": "page-" + submission}});
       location.assign("/jobs/" + encodeURIComponent(job.id));
     } catch (e) {
       anim.setText("new-error", e.message);
