@@ -41,7 +41,7 @@ episodes: setup
 	$(BIN)/anim render examples/episode_zh.fountain --profile $(PROFILE) --aspect 9:16
 
 test: setup-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 bench: setup
 	$(BIN)/python experiments/bench_render.py
