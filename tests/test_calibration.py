@@ -405,11 +405,12 @@ def test_a_render_teaches_this_cluster_and_the_next_plan_of_another_script_price
         pooled = m_a.model_copy(update={"work": m_a.work + m_b.work, "units": m_a.units + m_b.units,
                                         "seconds": m_a.seconds + m_b.seconds})
         row = refit.row(*key)
-        # MLflow's ledger table keeps seconds to ~15 significant digits: equal to that precision.
-        assert sorted(refit_history_nodes(store, here, key)) == pytest.approx(
-            sorted(zip(pooled.work, pooled.seconds)), rel=1e-9, abs=1e-12)
+        # What MLflow keeps of the plan and the ledger is rounded (work to ~9 significant digits): equal to that.
+        got, want = sorted(refit_history_nodes(store, here, key)), sorted(zip(pooled.work, pooled.seconds))
+        assert [x for pair in got for x in pair] == pytest.approx([x for pair in want for x in pair], rel=1e-6,
+                                                                  abs=1e-12)
         assert (row.overhead_s, row.seconds_per_unit, row.seconds_per_unit_mpx) == pytest.approx(
-            learn([pooled]), rel=1e-6, abs=1e-12)
+            learn([pooled]), rel=1e-4, abs=1e-9)
         assert row.renders == 1 and "2 renders, a refit among them" in row.source
 
 
