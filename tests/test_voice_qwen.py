@@ -265,3 +265,12 @@ def test_the_reference_hash_is_the_files_content_and_a_changed_file_is_refused(m
     shutil.copyfile(refs["high"], changing)  # re-recorded after the plan's keys were made
     with pytest.raises(StageError, match=f"reference recording {changing} changed since the profile was read"):
         tts.synthesize(AYA)
+
+
+def test_the_example_profile_is_valid_and_prices_the_voice_on_its_gpu(calibration, prices):
+    from tests.conftest import REPO
+
+    profile = resolve_profile(str(REPO / "examples" / "profiles" / "draft_vibevoice_gpu.toml"))
+    assert profile.voice == "vibevoice" and profile.resources("voice").resource == "gpu:H200"
+    plan = make_plan(_episode(), profile, calibration=calibration, prices=prices, script_sha256="0" * 64)
+    assert len(plan.voices) == 2 and all(v.estimate_yuan > 0 for v in plan.voices)
