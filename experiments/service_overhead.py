@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -32,6 +33,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,14 +85,64 @@ def busy_seconds(data_dir: Path, job_id: int) -> float:
     return sum(r["seconds"] * r["units"] for r in cost["records"] if not r["cached"] and r["resource"] == "cpu")
 
 
-def queued_batch(client: ServiceClient, root: Path, script: Path, n: int, tag: str) -> dict:
-    """``n`` new episodes submitted as one batch; wall to the last one done, node core-seconds, and
-    the most renders the job table had active at once (from each job's events)."""
+class CpuSampler(threading.Thread):
+    """CPU seconds the head's processes used while it runs, by kind: Ray workers running nodes
+    (``ray::`` processes), render drivers (``pipeline render``), and Ray's own (GCS, raylet, dashboard,
+    job supervisors). Every process in the head's process group is sampled twice a second; one that
+    ends between two samples loses at most its last half second."""
+
+    def __init__(self, pgid: int, marker: str):
+        super().__init__(daemon=True)
+        self.pgid, self.marker, self.stop, self.last = pgid, marker, threading.Event(), {}
+
+    @staticmethod
+    def kind(cmdline: list[str]) -> str:
+        text = " ".join(cmdline)
+        if "pipeline render" in text:
+            return "drivers"
+        return "nodes" if text.startswith("ray::") and "JobSupervisor" not in text else "ray"
+
+    def sample(self) -> None:
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                text = " ".join(p.info["cmdline"] or [])
+                # the head's process group, and render drivers of this run (a session of their own)
+                if os.getpgid(p.pid) != self.pgid and not ("pipeline render" in text and self.marker in text):
+                    continue
+                t = p.cpu_times()
+                self.last[(p.pid, p.create_time())] = (self.kind(p.info["cmdline"] or []), t.user + t.system)
+            except (psutil.Error, ProcessLookupError, OSError):
+                continue
+
+    def run(self) -> None:
+        self.sample()
+        self.first = dict(self.last)
+        while not self.stop.wait(0.5):
+            self.sample()
+
+    def seconds(self) -> dict[str, float]:
+        self.stop.set()
+        self.join()
+        self.sample()
+        used: dict[str, float] = Counter()
+        for key, (kind, cpu) in self.last.items():
+            used[kind] += cpu - self.first.get(key, (kind, 0.0))[1]
+        return dict(used)
+
+
+def queued_batch(client: ServiceClient, root: Path, script: Path, n: int, tag: str, pgid: int | None = None) -> dict:
+    """``n`` new episodes submitted as one batch; wall to the last one done, node core-seconds, the
+    most renders the job table had active at once (from each job's events), and the CPU seconds the
+    head's processes used meanwhile, by kind."""
     batch = [variant(script, f"queued-{tag}{i}", root) for i in range(n)]
+    sampler = CpuSampler(pgid, str(root)) if pgid else None
+    if sampler:
+        sampler.start()
     t0 = time.perf_counter()
     made = client.submit(batch)["jobs"]
     done = [client.wait(j["id"], timeout_s=3600, poll_s=0.1) for j in made]
     wall = time.perf_counter() - t0
+    cpu = sampler.seconds() if sampler else {}
     busy = sum(busy_seconds(root / "data", j["id"]) for j in done)
     ids = {j["id"] for j in done}
     with sqlite3.connect(root / "data" / "service.db") as db:  # the job table's events, in order
@@ -101,7 +153,8 @@ def queued_batch(client: ServiceClient, root: Path, script: Path, n: int, tag: s
             (active.add if status in ("planning", "rendering") else active.discard)(job_id)
             most = max(most, len(active))
     return {"episodes": n, "wall_s": wall, "busy_core_s": busy, "busy_share": busy / (2 * wall), "most_at_once": most,
-            "succeeded": sum(j["status"] == "succeeded" for j in done)}
+            "succeeded": sum(j["status"] == "succeeded" for j in done), "cpu_s": cpu,
+            "cpu_share": {k: v / (2 * wall) for k, v in cpu.items()}}
 
 
 def main() -> None:
@@ -130,7 +183,7 @@ def main() -> None:
             noop_direct = direct_render(direct_env, script, root / "direct-again")
             results["noop"] = {"service_s": noop_service, "direct_cli_s": noop_direct, "runner": job["runner"]}
             # 3. six queued episodes on two cores, one batch: first with two at once, fixed
-            results["queued_fixed"] = queued_batch(mei, root, args.script, queued, "fixed")
+            results["queued_fixed"] = queued_batch(mei, root, args.script, queued, "fixed", head.pgid)
             # 4. concurrent submissions from three users
             small = [variant(args.script, f"burst{i}", root, shots=1) for i in range(concurrent)]
             clients = {name: ServiceClient(service.url, tok) for name, tok in tokens.items()}
@@ -167,7 +220,7 @@ def main() -> None:
         default_env = {k: v for k, v in env.items() if k != "ANIM_SERVICE_MAX_RENDERS"}
         with ServiceProcess(default_env, log=root / "serve-default.log") as service:
             results["queued"] = queued_batch(ServiceClient(service.url, tokens["mei"]), root, args.script, queued,
-                                             "default")
+                                             "default", head.pgid)
     finally:
         stop_local_head(head)
     o, n, q, c = results["overhead"], results["noop"], results["queued"], results["concurrent"]
@@ -180,6 +233,11 @@ def main() -> None:
           f"{q['wall_s']:.1f} s, cores busy {q['busy_core_s']:.1f} core-s = {q['busy_share']:.0%} of the wall "
           f"(target ≥ 85 %), at most {q['most_at_once']} at once; fixed two at once: {f['succeeded']} in "
           f"{f['wall_s']:.1f} s, {f['busy_share']:.0%} busy; wall ratio default/fixed {q['wall_s'] / f['wall_s']:.2f}")
+    for name, r in (("default", q), ("fixed two", f)):
+        share = r["cpu_share"]
+        print(f"   {name}: the head's processes used {sum(share.values()):.0%} of the 2 cores' time: nodes "
+              f"{share.get('nodes', 0):.0%}, render drivers {share.get('drivers', 0):.0%}, Ray itself "
+              f"{share.get('ray', 0):.0%} (CPU seconds sampled; the rest idle or other users of the machine)")
     print(f"4. {c['submitted']} concurrent submissions from 3 users: {c['accepted']} accepted, {c['finished']} finished, "
           f"{c['lost']} lost, {c['duplicated']} duplicated; refused: {c['refused'] or 'none'}")
     print(json.dumps(results))
