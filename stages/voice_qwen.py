@@ -163,7 +163,9 @@ class VibeVoiceTTS:
             content.append({"type": "audio", "audio": self.reference(own, line)})
         conversation = [{"role": str(speaker_of(line.character, own)), "content": content}]
         inputs = self.processor.apply_chat_template(conversation, tokenize=True, return_dict=True,
-                                                    return_tensors="pt").to(self.model.device)
+                                                    return_tensors="pt")
+        # The reference's samples in the model's dtype (a bfloat16 model's first convolution refuses float32).
+        inputs = inputs.to(self.model.device, dtype=self.model.dtype)
         # 2. Generate, seeded from the line; the global RNG is left as it was.
         seed = int.from_bytes(hashlib.sha256(f"{line.character}\n{line.text}".encode()).digest()[:8], "big") >> 1
         devices = [self.model.device] if self.model.device.type == "cuda" else []

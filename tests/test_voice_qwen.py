@@ -274,3 +274,11 @@ def test_the_example_profile_is_valid_and_prices_the_voice_on_its_gpu(calibratio
     assert profile.voice == "vibevoice" and profile.resources("voice").resource == "gpu:H200"
     plan = make_plan(_episode(), profile, calibration=calibration, prices=prices, script_sha256="0" * 64)
     assert len(plan.voices) == 2 and all(v.estimate_yuan > 0 for v in plan.voices)
+
+
+def test_a_half_precision_model_clones_from_a_float_recording(model, refs):
+    """Production runs the model in bfloat16; the reference's samples must follow its dtype."""
+    settings = _settings(model, AYA=ClonedVoice(reference=str(refs["low"]))).model_copy(
+        update={"dtype": "bfloat16", "max_line_s": 0.2})
+    samples = VibeVoiceTTS(settings=settings).synthesize(AYA)
+    assert len(samples) == -(-int(0.2 * 24000) // HOP) * HOP and np.abs(samples).max() > 1000
