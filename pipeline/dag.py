@@ -843,7 +843,9 @@ class _Run:
             return False
         if all(NodeId("clip", s.shot.id) in self.out.done for s in self.plan.shots) and A not in self.refs \
                 and all(NodeId("voice", v.id) in self.out.done for v in self.plan.voices) and not self.stopping:
-            if self.guard.fits(self.plan.assemble_estimate_yuan, "assemble", keep=self.stop_yuan()):
+            # a stored assembly costs nothing: no budget question, and no cluster started to ask it
+            if self.store.get(self.plan.assemble_key) is not None or self.guard.fits(
+                    self.plan.assemble_estimate_yuan, "assemble", keep=self.stop_yuan()):
                 return self.episode_level(A)
             self.out.budget_note = self.out.budget_note or "the budget does not cover the assembly"
         if C in self.out.done:
