@@ -33,8 +33,10 @@ from stages.voice import STAGE, measure, read_wav, write_wav
 VERSION = "1"
 SPEAKERS = 4  # the script's speakers: "Speaker 0" … "Speaker 3"
 # What a local VibeVoice checkpoint directory holds besides its weights (save_pretrained of the
-# model and of its processor).
-_FILES = ("config.json", "processor_config.json", "tokenizer_config.json")
+# model and of its processor), each as any one of the names transformers writes.
+_FILES = {"config.json": ("config.json",),
+          "processor_config.json": ("processor_config.json", "preprocessor_config.json"),
+          "tokenizer files": ("tokenizer.json", "tokenizer_config.json", "vocab.json")}
 
 
 class ClonedVoice(Record):
@@ -102,7 +104,7 @@ class VibeVoiceTTS:
         # 1. The directory: present and complete, or one line naming it.
         self.settings, self._torch = settings, torch
         path = Path(settings.model).expanduser()
-        missing = [n for n in _FILES if not (path / n).is_file()]
+        missing = [what for what, names in _FILES.items() if not any((path / n).is_file() for n in names)]
         if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
             missing.append("weights (*.safetensors)")
         if missing:

@@ -201,7 +201,7 @@ def test_absent_or_incomplete_weights_are_one_error_naming_the_path(model, tmp_p
     partial.mkdir()
     shutil.copyfile(model / "config.json", partial / "config.json")
     with pytest.raises(StageError, match=f"VibeVoice model incomplete \\(no processor_config.json, "
-                                         f"tokenizer_config.json, weights \\(\\*.safetensors\\)\\) at {partial}") as err:
+                                         f"tokenizer files, weights \\(\\*.safetensors\\)\\) at {partial}") as err:
         VibeVoiceTTS(settings=_settings(partial))
     assert "\n" not in str(err.value)
 
