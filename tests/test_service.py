@@ -102,6 +102,12 @@ def stack(tmp_path_factory):
     assert endpoint.temp_dir and not Path(endpoint.temp_dir).exists()  # its session folder went with it
 
 
+def shot_done(progress: Path) -> bool:
+    """Whether a render's progress file says a first shot is finished."""
+    lines = progress.read_text().splitlines() if progress.exists() else []
+    return any(json.loads(line).get("shots_done", 0) >= 1 for line in lines if line.endswith("}"))
+
+
 def wait_for(predicate, timeout_s: float = 180, what: str = "condition", poll_s: float = 0.2):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -453,12 +459,7 @@ def test_killed_driver_is_resubmitted_and_resumes_from_the_store(stack):
     with stack.client() as c:
         job = c.submit(script)
         progress = stack.root / "data" / "jobs" / str(job["id"]) / "progress-1.jsonl"
-
-        def shot_done():
-            lines = progress.read_text().splitlines() if progress.exists() else []
-            return any(json.loads(line).get("shots_done", 0) >= 1 for line in lines if line.endswith("}"))
-
-        wait_for(shot_done, 120, "a first finished shot", poll_s=0.05)
+        wait_for(lambda: shot_done(progress), 120, "a first finished shot", poll_s=0.05)
         drivers = [p for p in psutil.process_iter(["cmdline"]) if str(progress) in (p.info["cmdline"] or [])]
         assert len(drivers) == 1
         drivers[0].send_signal(signal.SIGKILL)
@@ -481,12 +482,7 @@ def test_a_local_head_that_dies_is_replaced_and_its_job_resumes_there(stack):
     with stack.client() as c:
         job = c.submit(script)
         progress = stack.root / "data" / "jobs" / str(job["id"]) / "progress-1.jsonl"
-
-        def shot_done():
-            lines = progress.read_text().splitlines() if progress.exists() else []
-            return any(json.loads(line).get("shots_done", 0) >= 1 for line in lines if line.endswith("}"))
-
-        wait_for(shot_done, 120, "a first finished shot", poll_s=0.05)
+        wait_for(lambda: shot_done(progress), 120, "a first finished shot", poll_s=0.05)
         old = json.loads(record.read_text())
         os.killpg(old["pgid"], signal.SIGKILL)
         done = c.wait(job["id"], timeout_s=480)
