@@ -189,8 +189,10 @@ def fit_nodes(units: list[float] | None, work: list[float], seconds: list[float]
     The slope on work comes first; the overhead and then the per-unit cost join it only with at
     least ``MIN_NODES`` nodes and where the nodes tell them apart (a column that adds no rank — every
     node one unit, or every unit the same megapixels — is left out; ``units=None`` has no per-unit
-    column). Non-negative by trying each subset of those columns and keeping the feasible one
-    with the least weighted squared error: exact and deterministic."""
+    column). Non-negative by trying each subset of those columns that keeps the slope on work (the
+    work always costs: a fit that prices a stage by its overhead alone follows noise) and keeping the
+    feasible one with the least weighted squared error; the slope alone through the origin is always
+    feasible. Exact and deterministic."""
     y, w = np.asarray(seconds, float), np.sqrt(np.asarray(weights if weights is not None else [1.0] * len(seconds), float))
     columns = {2: np.asarray(work, float)}
     if len(y) >= MIN_NODES:
@@ -204,8 +206,11 @@ def fit_nodes(units: list[float] | None, work: list[float], seconds: list[float]
         if norms.min() > 0 and np.linalg.matrix_rank(trial / norms) == len(chosen) + 1:
             chosen.append(i)
     best: tuple[float, Theta] | None = None
-    for size in range(len(chosen), 0, -1):
-        for subset in _subsets(chosen, size):
+    optional = [j for j in chosen if j != 2]
+    for size in range(len(optional), -1, -1):
+        for subset in ([2, *extra] if 2 in chosen else extra for extra in _subsets(optional, size)):
+            if not subset:
+                continue
             a = np.column_stack([columns[j] for j in subset]) * w[:, None]
             coef = np.linalg.lstsq(a, y * w, rcond=None)[0]
             if (coef < 0).any():
