@@ -739,6 +739,8 @@ class _Run:
             self.out.cap_reached = True
             self.cancel(list(self.in_flight))
             return
+        if not running and self.guard.over():
+            self.out.cap_reached = True  # a node finished past the budget between two looks: nothing more starts
         for ref in reversed(list(self.in_flight)):  # not started yet: free to drop, latest first
             if not self.guard.overcommitted():
                 break
@@ -932,7 +934,9 @@ class _Run:
             sheet = "" if self.out.finish == NodeId("contact_sheet") else (
                 "; the storyboard was not finished, so there is no contact sheet")
             self.out.budget_note = self.out.budget_note or (
-                f"the budget cap stopped {len(self.out.cancelled)} running node(s), their partial time billed{sheet}")
+                f"the budget cap stopped {len(self.out.cancelled)} running node(s), their partial time billed{sheet}"
+                if self.out.cancelled else
+                f"the budget was reached by a node that finished past its estimate; nothing more was started{sheet}")
         self.out.cluster = self.cluster.resources()
         self.out.ray_init_seconds = 0.0 if self.ray_was_up else self.cluster.init_seconds  # this render's start only
         self.out.startups = (list(self.pool.startups) if self.pool is not None else []) + self.voice_startups
