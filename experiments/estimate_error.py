@@ -3,7 +3,7 @@ rows as they were learned before (per-render fits, their median) and as they are
 (``pipeline.calibrate``: every render's nodes fitted together), side by side, with each one's band.
 
     .venv/bin/python experiments/estimate_error.py [--fit examples/episode_en.fountain]
-        [--fit-repeats 2] [--held-out SCRIPT ...] [--profile draft --profile standard]
+        [--fit-repeats 3] [--held-out SCRIPT ...] [--profile draft --profile standard]
         [--aspect 16:9 --aspect 9:16] [--fit-aspect 16:9 ...] [--save DIR | --load DIR] [--no-mlflow]
 
 In one run, on one local Ray cluster, every render into an empty store (every node runs):
@@ -20,7 +20,7 @@ Then every held-out render is estimated three ways from the same fit renders —
 table a cluster that never rendered prices from), **before** (the previous learning: each render
 fitted on its own, through the origin below 8 nodes, the median of those fits; band: the larger
 of the fit residuals and the spread across renders) and **after** (``cluster_calibration`` now:
-pooled fit of overhead, per-unit and per-unit·Mpx cost, renders scaled to the median level; band:
+pooled fit of overhead, per-unit and per-unit·Mpx cost, a render 1.5× off the median left out; band:
 what the rows missed by on fit renders left out, meant to hold ``COVERAGE`` of renders) — and
 each estimate / measured ratio is printed per stage and in total (1.00 = exact, 0.74 = 26%
 short), with whether the measured total lies inside each band. The summary gives each case's
@@ -304,7 +304,7 @@ def structure(cases: list[Case]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fit", type=Path, default=FIT, help="the script this cluster learns from [episode_en]")
-    ap.add_argument("--fit-repeats", type=int, default=2, help="renders of the fit script per profile and aspect [2]")
+    ap.add_argument("--fit-repeats", type=int, default=3, help="renders of the fit script per profile and aspect [3]")
     ap.add_argument("--held-out", type=Path, action="append", help="a script to measure (repeatable) "
                     "[shotlist.yaml, episode_zh.fountain, shared afterwriting_jp.fountain]")
     ap.add_argument("--profile", action="append", help="profile (repeatable) [draft, standard]")

@@ -2,8 +2,9 @@
 
 For every executed (not cached) ledger row, the plan says how much work the node did
 (units × megapixels: keyframes drawn, in-betweens made, frames encoded …) and which
-calibration key prices it. Per key, ``seconds = overhead + work × k`` is fitted by least
-squares (overhead ≥ 0; through the origin with fewer than 8 nodes or when the fit goes negative).
+calibration key prices it. A deliberate refit fits ``seconds = overhead + work × k`` per key by
+least squares (``fit``: overhead ≥ 0; through the origin with fewer than 8 nodes or when the fit
+goes negative); this cluster's rows fit a per-unit cost beside them (``fit_nodes``).
 
 Two ways rows are made:
 
@@ -11,9 +12,9 @@ Two ways rows are made:
   files its executed nodes per key in the cluster's history (``pipeline.calibration.ClusterHistory``,
   in the artifact store), each with its units and its work. ``cluster_calibration`` fits the
   nodes of the key's last ``WINDOW`` renders together (``learn``): a fixed overhead per node,
-  a fixed cost per unit and a cost per unit·Mpx, each render scaled to the median render's
-  level first, so one render on a loaded machine cannot drag the row and every render weighs
-  the same whatever its size. Pooled, a key's nodes from draft and standard, 16:9 and 9:16 tell
+  a fixed cost per unit and a cost per unit·Mpx, every render weighing the same whatever its
+  size, and a render priced more than ``OUTLIER`` times off the median render (a loaded machine)
+  left out, so it cannot drag the row. Pooled, a key's nodes from draft and standard, 16:9 and 9:16 tell
   the overhead from the slope, and the pixels from the units, which one render's few nodes
   cannot (it folded the overhead into the slope). Each row carries what it missed by on the
   renders left out of its fit (``misses``) and the band they give (``learned_row``).
@@ -28,6 +29,7 @@ import math
 import statistics
 import time
 from collections import defaultdict
+from itertools import combinations
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -225,8 +227,6 @@ def fit_nodes(units: list[float] | None, work: list[float], seconds: list[float]
 
 
 def _subsets(items: list[int], size: int) -> list[list[int]]:
-    from itertools import combinations
-
     return [list(c) for c in combinations(items, size)]
 
 
