@@ -9,7 +9,9 @@ is drawn:
 
 * ``service`` — SIGKILL ``anim serve``, start it again (it reconciles the table with Ray's jobs);
 * ``driver``  — SIGKILL a running job's ``anim render`` (the service resubmits a new attempt);
-* ``worker``  — SIGKILL a busy Ray worker of the head (Ray retries the task).
+* ``worker``  — SIGKILL a busy Ray worker of the head (Ray retries the task);
+* ``head``    — SIGKILL the whole Ray head, its node lost (``--heads``, once by default): the service
+  replaces a head that has not worked for a minute and resubmits its jobs as new attempts.
 
 Printed: jobs submitted / finished / lost / duplicated (a job with two succeeded Ray
 submissions), nodes billed twice (a content key with two finished spend notes), outputs identical
@@ -42,7 +44,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 from pipeline.config import resolve_settings  # noqa: E402
 from pipeline.ledger import episode_ledger  # noqa: E402
 from pipeline.service.client import ServiceClient  # noqa: E402
-from pipeline.service.cluster import local_endpoint, stop_local_head  # noqa: E402
+from pipeline.service.cluster import JobsEndpoint, local_endpoint, stop_local_head  # noqa: E402
 from pipeline.service.db import TERMINAL  # noqa: E402
 from pipeline.service.process import ServiceProcess, add_account, isolated_env  # noqa: E402
 from pipeline.store import open_store  # noqa: E402
@@ -83,6 +85,13 @@ def busy_workers(head_pgid: int) -> list[psutil.Process]:
     return out
 
 
+def current_head(data: Path) -> JobsEndpoint:
+    """The head the service uses now (it records a head it starts in place of a dead one)."""
+    rec = json.loads((data / "ray" / "head.json").read_text())
+    return JobsEndpoint(rec["dashboard_url"], (data / "ray" / "token").read_text().strip(), local=True,
+                        pgid=rec["pgid"], temp_dir=rec.get("temp_dir"))
+
+
 def billed_twice(env: dict, script: Path) -> int:
     from pipeline.cli import _prepare
 
@@ -98,6 +107,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--script", type=Path, default=REPO / "examples" / "shotlist.yaml")
     ap.add_argument("--every", type=float, default=4.0, help="Seconds between disturbances (mean).")
+    ap.add_argument("--heads", type=int, default=1, help="How many times the whole head is killed.")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="anim-service-chaos-"))
@@ -126,7 +136,7 @@ def main() -> None:
             view = admin_view()
             if all(view.get(jid, {}).get("status") in TERMINAL for _, jid, _ in jobs):
                 break
-            kind = rng.choice(("service", "driver", "worker"))
+            kind = rng.choice(("service", "driver", "worker") + (("head",) if killed["head"] < args.heads else ()))
             if kind == "service":
                 service.kill()
                 time.sleep(rng.uniform(0.5, 3))
@@ -135,7 +145,10 @@ def main() -> None:
             elif kind == "driver" and (found := drivers(root / "data")):
                 rng.choice(found).send_signal(signal.SIGKILL)
                 killed["driver"] += 1
-            elif kind == "worker" and (found := busy_workers(head.pgid)):
+            elif kind == "head" and drivers(root / "data"):
+                os.killpg(current_head(root / "data").pgid, signal.SIGKILL)
+                killed["head"] += 1
+            elif kind == "worker" and (found := busy_workers(current_head(root / "data").pgid)):
                 try:
                     rng.choice(found).send_signal(signal.SIGKILL)
                     killed["worker"] += 1
@@ -143,7 +156,9 @@ def main() -> None:
                     pass
         view = admin_view()
         # 3. Judge.
-        ray_ok = Counter(j.metadata.get("job") for j in head.client().list_jobs() if str(j.status).endswith("SUCCEEDED"))
+        # (a head killed takes its job list with it: Ray's view covers the jobs since the last one started)
+        ray_ok = Counter(j.metadata.get("job") for j in current_head(root / "data").client().list_jobs()
+                         if str(j.status).endswith("SUCCEEDED"))
         finished = [jid for _, jid, _ in jobs if view.get(jid, {}).get("status") == "succeeded"]
         lost = [jid for _, jid, _ in jobs if jid not in view or view[jid]["status"] != "succeeded"]
         duplicated = [jid for _, jid, _ in jobs if ray_ok[str(jid)] > 1]
@@ -153,11 +168,15 @@ def main() -> None:
         attempts = {jid: view[jid]["attempt"] for _, jid, _ in jobs if jid in view}
         service.kill()
     finally:
+        last = current_head(root / "data")
         stop_local_head(head)
+        if last.pgid != head.pgid:
+            stop_local_head(last)
     print(f"jobs submitted {len(jobs)}, finished {len(finished)}, lost {len(lost)} {lost or ''}, duplicated "
           f"{len(duplicated)}; nodes billed twice {twice}; outputs identical to the undisturbed renders "
           f"{identical}/{len(finished)}")
-    print(f"killed: service {killed['service']}, driver {killed['driver']}, worker {killed['worker']}; "
+    print(f"killed: service {killed['service']}, driver {killed['driver']}, worker {killed['worker']}, "
+          f"head {killed['head']}; "
           f"attempts per job {attempts}")
     for jid in lost:
         print(f"  job {jid}: {view.get(jid, {}).get('status')}: {view.get(jid, {}).get('error')}")

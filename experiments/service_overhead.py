@@ -88,7 +88,7 @@ def busy_seconds(data_dir: Path, job_id: int) -> float:
 class CpuSampler(threading.Thread):
     """CPU seconds the head's processes used while it runs, by kind: Ray workers running nodes
     (``ray::`` processes), render drivers (``pipeline render``), and Ray's own (GCS, raylet, dashboard,
-    job supervisors). Every process in the head's process group is sampled twice a second; one that
+    job supervisors). Every process in the head's session is sampled twice a second; one that
     ends between two samples loses at most its last half second."""
 
     def __init__(self, pgid: int, marker: str):
@@ -107,7 +107,7 @@ class CpuSampler(threading.Thread):
             try:
                 text = " ".join(p.info["cmdline"] or [])
                 # the head's process group, and render drivers of this run (a session of their own)
-                if os.getpgid(p.pid) != self.pgid and not ("pipeline render" in text and self.marker in text):
+                if os.getsid(p.pid) != self.pgid and not ("pipeline render" in text and self.marker in text):
                     continue
                 t = p.cpu_times()
                 self.last[(p.pid, p.create_time())] = (self.kind(p.info["cmdline"] or []), t.user + t.system)

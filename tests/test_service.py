@@ -30,13 +30,15 @@ from pipeline.service.process import ServiceProcess, add_account, isolated_env
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_script(tag: str, shots: int = 2, seconds: float = 1.0) -> str:
+def tiny_script(tag: str, shots: int = 2, seconds: float = 1.0, line: str | None = None) -> str:
+    """A shot list of ``shots`` short shots; ``line``: Mei says it in the first (a voice node)."""
     lines = [f"title: 服务测试 {tag}", "characters: [MEI, KAI]", "scenes:", "  - heading: EXT. RIVERBANK - DUSK",
              "    location: RIVERBANK", "    time_of_day: DUSK", "    shots:"]
     for i in range(shots):
         who = "[MEI]" if i % 2 == 0 else "[KAI, MEI]"
+        said = f", dialogue: [{{character: MEI, text: '{line}'}}]" if line and i == 0 else ""
         lines.append(f"      - {{duration: {seconds}, camera: medium, characters: {who}, "
-                     f"action: 'Mei lights lantern {i} for {tag}.'}}")
+                     f"action: 'Mei lights lantern {i} for {tag}.'{said}}}")
     return "\n".join(lines) + "\n"
 
 
@@ -203,7 +205,7 @@ def test_plan_estimate_and_chinese_title(stack):
 
 
 def test_lifecycle_to_a_downloaded_episode(stack, tmp_path):
-    script = stack.script("life.yaml", tiny_script("life"))
+    script = stack.script("life.yaml", tiny_script("life", line="灯笼亮了。"))  # spoken: the no-op test needs a voice
     with stack.client() as c:
         job = c.submit(script, budget_yuan=5.0, series="测试系列")
         assert job["status"] in ("queued", "rendering") and job["producer"] == "alice"

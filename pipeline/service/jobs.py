@@ -313,15 +313,18 @@ class JobService:
 
     def _all_in_store(self, job: Job) -> bool:
         """Whether the render of ``job`` would run no node (every one a hit, none held back)."""
+        from pipeline.cli import _prepare, _voiced
         from pipeline.schedule import schedule
         from pipeline.store import open_store
 
         if job.phase != "render":
             return False
         try:
-            plan = self.plan_of(job)
-            approvals = self.gate(job).approvals if job.approval_gate else None
             store = open_store(self.settings.store)
+            # timed as the render will time it: by the voices in the store (the cut follows the voice)
+            settings, episode, prices, plan = _prepare(self.settings, self.script_path(job), job.profile, job.aspect)
+            plan = _voiced(settings, episode, prices, plan, store)
+            approvals = self.gate(job).approvals if job.approval_gate else None
             sched = schedule(plan, store, approvals=approvals)
             # under a budget the contact sheet is always published: one not stored yet is a node to run
             sheet_missing = job.budget_yuan is not None and store.get(plan.contact_sheet_key) is None
