@@ -321,6 +321,7 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
     from pipeline.approvals import gate_on, gate_state, open_approvals, preview_clips
     from pipeline.dag import Cluster
     from pipeline.publish import check_out_dir, default_out_dir, publish
+    from pipeline.ledger import episode_ledger
     from pipeline.render import render as run_render
     from pipeline.render import speak
 
@@ -337,7 +338,10 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
         store = _open_store(settings)
         # The voices first (cheap, billed): the cut follows them.
         cluster = Cluster(settings.ray_address, settings.num_cpus, store=settings.store)
-        spoken = speak(rplan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(), cluster=cluster)
+        spent = episode_ledger(rplan, store).total_yuan if budget_yuan is not None and budget_scope == "episode" \
+            else 0.0  # the voices are spoken under the cap too
+        spoken = speak(rplan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(), cluster=cluster,
+                       budget_yuan=budget_yuan, spent_yuan=spent)
         rplan = _voiced(settings, episode, prices, rplan, store)
         gate = gate_state(open_approvals(settings.approvals), rplan, gate_on(rplan.profile, approval_gate))
         # The MLflow run opens now (RUNNING; plan and estimate first). Only a tracking URI the

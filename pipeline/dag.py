@@ -534,7 +534,8 @@ class _Run:
         boards = self.sched.where("run", "storyboard")
         # Reserved even when the schedule ends with the episode: the cap may stop the chains.
         sheet_yuan = contact_sheet_estimate(self.plan) if (
-            self.guard.capped and self.store.get(self.plan.contact_sheet_key) is None) else 0.0
+            self.guard.capped and self.store.get(self.plan.contact_sheet_key) is None
+            and any(n.id.stage == "storyboard" for n in self.sched.nodes)) else 0.0  # (not the voices' phase)
         if not boards and not sheet_yuan:
             return
         if not self.guard.fits_all([(n.estimate_yuan, "storyboard") for n in boards]

@@ -346,6 +346,7 @@ class InProcess:
         from pipeline import tracking
         from pipeline.approvals import gate_state, open_approvals, preview_clips
         from pipeline.cli import _learn, _money, _voiced
+        from pipeline.ledger import episode_ledger
         from pipeline.publish import check_out_dir, publish
         from pipeline.render import render, speak
 
@@ -356,7 +357,9 @@ class InProcess:
             check_out_dir(item.out_dir)
             # As `anim render` does it: the voices first (cheap, billed), then the cut timed by them.
             new_voices = frozenset(v.key for v in item.plan.voices if store.get(v.key) is None)
-            spoken = speak(item.plan, store=store, prices=self.prices, ffmpeg=self.ffmpeg, cluster=self.cluster)
+            spent = episode_ledger(item.plan, store).total_yuan if budget_yuan is not None else 0.0
+            spoken = speak(item.plan, store=store, prices=self.prices, ffmpeg=self.ffmpeg, cluster=self.cluster,
+                           budget_yuan=budget_yuan, spent_yuan=spent)  # under the episode's cap, as the rest
             rplan = _voiced(settings, item.script, self.prices, item.plan, store)
             if item.gate.gate:
                 item.gate = gate_state(open_approvals(settings.approvals), rplan, True)

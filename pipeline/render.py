@@ -96,14 +96,15 @@ def music_bed(episode: Episode, profile: Profile) -> Bed | None:
 
 
 def speak(plan: RenderPlan, *, store: Store, prices: PriceCatalog, ffmpeg: str, cluster: dag.Cluster,
-          work: Work | None = None) -> dag.Execution:
+          work: Work | None = None, budget_yuan: float | None = None, spent_yuan: float = 0.0) -> dag.Execution:
     """Run the plan's voice nodes (those not in the store): a render speaks first, then plans its
-    frames with the measured times (``stored_speech``). Billed like every node; pass the result
-    to ``render(spoken=…)`` so this render's ledger carries it."""
+    frames with the measured times (``stored_speech``). Billed like every node, under the render's
+    cap (``budget_yuan``, with ``spent_yuan`` already spent: the voices are not spoken when they do
+    not fit); pass the result to ``render(spoken=…)`` so this render's ledger carries it."""
     work = work or Work(store=store.url, holder=uuid.uuid4().hex[:12], prices=prices)
     t0 = time.perf_counter()
     spoken = dag.execute(plan, voice_schedule(plan, store), store=store, prices=prices, ffmpeg=ffmpeg,
-                         cluster=cluster, work=work)
+                         cluster=cluster, work=work, budget_yuan=budget_yuan, spent_yuan=spent_yuan)
     spoken.wall_seconds = time.perf_counter() - t0
     return spoken
 
@@ -129,7 +130,8 @@ def render(plan: RenderPlan, *, store: Store, prices: PriceCatalog, ffmpeg: str,
     t_start, started = time.perf_counter(), time.time()
     # 1. What the episode has spent so far, and how far from the rows its nodes ran on this cluster.
     before = episode_ledger(plan, store)
-    spent = before.total_yuan if budget_scope == "episode" else 0.0
+    voiced = sum(r.yuan for r in spoken.records if not r.cached) if spoken is not None else 0.0  # paid just now
+    spent = before.total_yuan if budget_scope == "episode" else voiced
     sched = schedule(plan, store, approvals=approvals, stop_after=stop_after, budget_yuan=budget_yuan,
                      margin=budget_margin, spent_yuan=spent)
     # 2. Execute under this render's id (its leases and spend notes).
@@ -146,7 +148,7 @@ def render(plan: RenderPlan, *, store: Store, prices: PriceCatalog, ffmpeg: str,
         t_start, started = t_start - spoken.wall_seconds, started - spoken.wall_seconds  # the render began there
     result = _result(plan, sched, ran, store, wall=time.perf_counter() - t_start, started=started)
     # 3. The episode's spend now, as the store records it.
-    result.render_id, result.spent_before_yuan = work.holder, before.total_yuan
+    result.render_id, result.spent_before_yuan = work.holder, before.total_yuan - voiced
     result.episode_spent_yuan = episode_ledger(plan, store).total_yuan
     result.budget_yuan, result.budget_scope = budget_yuan, budget_scope
     # 4. What a cloud bills for it: the cluster's machines, itemised, with the attributed beside it.

@@ -232,3 +232,27 @@ def test_a_storyboard_the_first_panel_shows_the_budget_cannot_cover_is_not_start
     assert len(boards) == 1  # the first panel alone: the others were never started
     if not result.cap_reached:  # it finished inside the budget, and taught the margin
         assert "its first panel ran" in result.budget_note
+
+
+def test_the_voices_spoken_before_the_frames_keep_to_the_cap(calibration, prices, tmp_path):
+    """``anim render`` speaks first (the cut follows the voice): under a budget the voices are spoken
+    only when they fit, and what they cost counts against a render-scoped cap too."""
+    from pipeline.dag import Cluster
+    from pipeline.render import speak
+
+    plan = make_plan(EPISODE, resolve_profile("draft"), calibration=calibration, prices=prices, script_sha256=SHA)
+    assert plan.voices
+    voices_yuan = sum(v.estimate_yuan for v in plan.voices)
+    store = open_store(tmp_path / "store")
+    # 1. A budget below the voices: nothing is spoken, and the render says so and spends nothing.
+    silent = speak(plan, store=store, prices=prices, ffmpeg=FFMPEG, cluster=Cluster(), budget_yuan=voices_yuan / 10)
+    assert not [r for r in silent.records if r.stage == "voice" and not r.cached]
+    assert "voices" in (silent.budget_note or "") and episode_ledger(plan, store).total_yuan == 0.0
+    # 2. Spoken under a render-scoped cap: the frames' guard starts from what the voices cost.
+    budget = 10 * plan.estimated_cost_yuan
+    spoken = speak(plan, store=store, prices=prices, ffmpeg=FFMPEG, cluster=Cluster(), budget_yuan=budget)
+    paid = sum(r.yuan for r in spoken.records if not r.cached)
+    assert paid > 0
+    result = run(plan, store, prices, budget_yuan=budget, budget_scope="render", spoken=spoken)
+    assert result.budget_spent_yuan == pytest.approx(result.ledger.total_yuan) and result.budget_spent_yuan >= paid
+    assert result.spent_before_yuan == pytest.approx(0.0, abs=1e-12)  # the voices are this render's, not earlier
