@@ -15,9 +15,10 @@
    succeeded Ray submissions, or two jobs for one submission).
 
 Everything real: a Ray head this script starts and stops, ``anim serve`` as its own process,
-SQLite job table and MLflow file, ffmpeg. ``--quick`` shrinks 3 and 4 (3 episodes, 6 submissions).
+SQLite job table and MLflow file, ffmpeg. ``--quick`` shrinks 3 and 4 (3 episodes, 6 submissions);
+``--queued-only`` runs 3 alone.
 
-    .venv/bin/python experiments/service_overhead.py [--script examples/shotlist.yaml] [--quick]
+    .venv/bin/python experiments/service_overhead.py [--script examples/shotlist.yaml] [--quick] [--queued-only]
 """
 from __future__ import annotations
 
@@ -161,6 +162,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--script", type=Path, default=REPO / "examples" / "shotlist.yaml")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--queued-only", action="store_true", help="Only 3: the queued batch under both policies.")
     args = ap.parse_args()
     queued, concurrent = (3, 6) if args.quick else (6, 20)
     root = Path(tempfile.mkdtemp(prefix="anim-service-overhead-"))
@@ -171,51 +173,55 @@ def main() -> None:
         tokens = {name: add_account(env, name) for name in ("mei", "kai", "lin")}
         with ServiceProcess(env, log=root / "serve.log") as service:
             mei = ServiceClient(service.url, tokens["mei"])
-            # 1. the same episode, direct and through the service, each on an empty store
-            script = variant(args.script, "overhead", root)
-            direct_env = {**env, "ANIM_STORE": str(root / "store-direct")}
-            direct = direct_render(direct_env, script, root / "direct")
-            served, _ = through_service(mei, script)
-            results["overhead"] = {"direct_s": direct, "service_s": served, "ratio": served / direct}
-            # 2. the no-op, twice each (the first warm-up excluded)
-            through_service(mei, script)
-            noop_service, job = through_service(mei, script)
-            noop_direct = direct_render(direct_env, script, root / "direct-again")
-            results["noop"] = {"service_s": noop_service, "direct_cli_s": noop_direct, "runner": job["runner"]}
+            if not args.queued_only:
+                # 1. the same episode, direct and through the service, each on an empty store
+                script = variant(args.script, "overhead", root)
+                direct_env = {**env, "ANIM_STORE": str(root / "store-direct")}
+                direct = direct_render(direct_env, script, root / "direct")
+                served, _ = through_service(mei, script)
+                results["overhead"] = {"direct_s": direct, "service_s": served, "ratio": served / direct}
+                # 2. the no-op, twice each (the first warm-up excluded)
+                through_service(mei, script)
+                noop_service, job = through_service(mei, script)
+                noop_direct = direct_render(direct_env, script, root / "direct-again")
+                results["noop"] = {"service_s": noop_service, "direct_cli_s": noop_direct, "runner": job["runner"]}
+            else:  # a warm-up render: the head's workers and caches as parts 1 and 2 would leave them
+                through_service(mei, variant(args.script, "warm-up", root))
             # 3. six queued episodes on two cores, one batch: first with two at once, fixed
             results["queued_fixed"] = queued_batch(mei, root, args.script, queued, "fixed", head.pgid)
-            # 4. concurrent submissions from three users
-            small = [variant(args.script, f"burst{i}", root, shots=1) for i in range(concurrent)]
-            clients = {name: ServiceClient(service.url, tok) for name, tok in tokens.items()}
-            accepted, refused, lock, gate = [], [], threading.Lock(), threading.Barrier(concurrent)
+            if not args.queued_only:
+                # 4. concurrent submissions from three users
+                small = [variant(args.script, f"burst{i}", root, shots=1) for i in range(concurrent)]
+                clients = {name: ServiceClient(service.url, tok) for name, tok in tokens.items()}
+                accepted, refused, lock, gate = [], [], threading.Lock(), threading.Barrier(concurrent)
 
-            def one(i: int) -> None:
-                client = clients[list(clients)[i % 3]]
-                gate.wait()
-                try:
-                    job = client.submit(small[i])
-                    with lock:
-                        accepted.append((list(clients)[i % 3], job["id"]))
-                except ServiceError as exc:
-                    with lock:
-                        refused.append(str(exc))
+                def one(i: int) -> None:
+                    client = clients[list(clients)[i % 3]]
+                    gate.wait()
+                    try:
+                        job = client.submit(small[i])
+                        with lock:
+                            accepted.append((list(clients)[i % 3], job["id"]))
+                    except ServiceError as exc:
+                        with lock:
+                            refused.append(str(exc))
 
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(concurrent)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            finished = [clients[user].wait(jid, timeout_s=3600, poll_s=0.2) for user, jid in accepted]
-            listed = {j["id"] for c in clients.values() for j in c.jobs()}
-            ray_ok = Counter(j.metadata.get("job") for j in head.client().list_jobs()
-                             if str(j.status).endswith("SUCCEEDED"))
-            results["concurrent"] = {
-                "submitted": concurrent, "accepted": len(accepted), "refused": refused,
-                "finished": sum(j["status"] == "succeeded" for j in finished),
-                "lost": sum(1 for _, jid in accepted if jid not in listed) +
-                        sum(j["status"] != "succeeded" for j in finished),
-                "duplicated": sum(1 for _, jid in accepted if ray_ok[str(jid)] > 1) +
-                              (len(accepted) - len({jid for _, jid in accepted}))}
+                threads = [threading.Thread(target=one, args=(i,)) for i in range(concurrent)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                finished = [clients[user].wait(jid, timeout_s=3600, poll_s=0.2) for user, jid in accepted]
+                listed = {j["id"] for c in clients.values() for j in c.jobs()}
+                ray_ok = Counter(j.metadata.get("job") for j in head.client().list_jobs()
+                                 if str(j.status).endswith("SUCCEEDED"))
+                results["concurrent"] = {
+                    "submitted": concurrent, "accepted": len(accepted), "refused": refused,
+                    "finished": sum(j["status"] == "succeeded" for j in finished),
+                    "lost": sum(1 for _, jid in accepted if jid not in listed) +
+                            sum(j["status"] != "succeeded" for j in finished),
+                    "duplicated": sum(1 for _, jid in accepted if ray_ok[str(jid)] > 1) +
+                                  (len(accepted) - len({jid for _, jid in accepted}))}
         # 3'. the same batch size under the default queue policy (the same head and data, a new service)
         default_env = {k: v for k, v in env.items() if k != "ANIM_SERVICE_MAX_RENDERS"}
         with ServiceProcess(default_env, log=root / "serve-default.log") as service:
@@ -223,12 +229,13 @@ def main() -> None:
                                              "default", head.pgid)
     finally:
         stop_local_head(head)
-    o, n, q, c = results["overhead"], results["noop"], results["queued"], results["concurrent"]
-    f = results["queued_fixed"]
-    print(f"1. one episode ({args.script.name}): direct anim render {o['direct_s']:.1f} s, through the service "
-          f"{o['service_s']:.1f} s: {o['ratio'] - 1:+.0%} (target ≤ +10 %)")
-    print(f"2. no-op re-render through the warm service {n['service_s']:.2f} s (runner {n['runner']}; target ≤ 2 s); "
-          f"direct anim render of the same no-op {n['direct_cli_s']:.1f} s")
+    q, f = results["queued"], results["queued_fixed"]
+    if not args.queued_only:
+        o, n = results["overhead"], results["noop"]
+        print(f"1. one episode ({args.script.name}): direct anim render {o['direct_s']:.1f} s, through the service "
+              f"{o['service_s']:.1f} s: {o['ratio'] - 1:+.0%} (target ≤ +10 %)")
+        print(f"2. no-op re-render through the warm service {n['service_s']:.2f} s (runner {n['runner']}; "
+              f"target ≤ 2 s); direct anim render of the same no-op {n['direct_cli_s']:.1f} s")
     print(f"3. {q['episodes']} queued episodes on 2 cores, default queue policy: {q['succeeded']} succeeded in "
           f"{q['wall_s']:.1f} s, cores busy {q['busy_core_s']:.1f} core-s = {q['busy_share']:.0%} of the wall "
           f"(target ≥ 85 %), at most {q['most_at_once']} at once; fixed two at once: {f['succeeded']} in "
@@ -238,8 +245,10 @@ def main() -> None:
         print(f"   {name}: the head's processes used {sum(share.values()):.0%} of the 2 cores' time: nodes "
               f"{share.get('nodes', 0):.0%}, render drivers {share.get('drivers', 0):.0%}, Ray itself "
               f"{share.get('ray', 0):.0%} (CPU seconds sampled; the rest idle or other users of the machine)")
-    print(f"4. {c['submitted']} concurrent submissions from 3 users: {c['accepted']} accepted, {c['finished']} finished, "
-          f"{c['lost']} lost, {c['duplicated']} duplicated; refused: {c['refused'] or 'none'}")
+    if not args.queued_only:
+        c = results["concurrent"]
+        print(f"4. {c['submitted']} concurrent submissions from 3 users: {c['accepted']} accepted, {c['finished']} "
+              f"finished, {c['lost']} lost, {c['duplicated']} duplicated; refused: {c['refused'] or 'none'}")
     print(json.dumps(results))
 
 

@@ -420,6 +420,8 @@ def test_the_queue_policy_reads_the_clusters_cpu_slots_and_a_setting_fixes_it(st
     assert JobsEndpoint("http://127.0.0.1:9", None, local=True).load() is None  # no dashboard: unknown
     assert Load(1.0, 2.0, pending=False).idle and not Load(2.0, 2.0, pending=False).idle
     assert not Load(0.0, 2.0, pending=True).idle  # work waiting for a GPU, say: no extra driver
+    assert not Load(1.0, 2.0, pending=False, cpu_busy=0.9).idle  # slots free, processors not: drivers use them
+    assert load.cpu_busy is not None and 0.0 <= load.cpu_busy <= 1.0
     assert queue_policy(resolve_settings(env=stack.env), stack.endpoint) == QueuePolicy(2, 2)  # the setting
     unset = {k: v for k, v in stack.env.items() if k != "ANIM_SERVICE_MAX_RENDERS"}
     assert queue_policy(resolve_settings(env=unset, num_cpus=2), stack.endpoint) == QueuePolicy(2, 4)

@@ -25,6 +25,7 @@ from pathlib import Path
 from stages.records import AnimError
 
 START_TIMEOUT_S = 180.0
+IDLE_CPU_BUSY = 0.7  # processors busier than this take no extra render, whatever the slots say
 
 
 class ClusterError(AnimError):
@@ -64,7 +65,14 @@ class JobsEndpoint:
             pending = bool(report.get("resourceDemand") or report.get("pgDemand") or report.get("requestDemand"))
         except Exception:  # noqa: BLE001 - unreachable, refused, an older Ray's layout: unknown
             return None
-        return Load(cpus_used=float(used), cpus=float(total), pending=pending)
+        try:  # what the machines' processors really do (drivers and Ray's own processes hold no slot)
+            nodes = httpx.get(f"{self.dashboard_url}/nodes?view=summary", headers=headers,
+                              timeout=timeout_s).json()["data"]["summary"]
+            percents = [float(n["cpu"]) for n in nodes if isinstance(n.get("cpu"), (int, float))]
+            busy = sum(percents) / len(percents) / 100.0 if percents else None
+        except Exception:  # noqa: BLE001 - the slots alone then decide
+            busy = None
+        return Load(cpus_used=float(used), cpus=float(total), pending=pending, cpu_busy=busy)
 
     def alive(self) -> bool:
         try:
@@ -81,11 +89,15 @@ class Load:
     cpus_used: float
     cpus: float
     pending: bool
+    cpu_busy: float | None = None  # the nodes' processors, 0…1 (mean), as the dashboard measures them
 
     @property
     def idle(self) -> bool:
-        """A CPU slot free and nothing waiting for one: another render would start work at once."""
-        return not self.pending and self.cpus_used < self.cpus
+        """A CPU slot free, nothing waiting for one, and processors with room: another render would
+        start work at once without slowing the ones running (a render's driver and Ray's own
+        processes use processors that no slot accounts for)."""
+        room = self.cpu_busy is None or self.cpu_busy < IDLE_CPU_BUSY
+        return not self.pending and self.cpus_used < self.cpus and room
 
 
 def free_ports(n: int) -> list[int]:

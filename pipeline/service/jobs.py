@@ -58,11 +58,13 @@ HEAD_DEAD_S = 60.0  # a local head that has not worked this long is replaced (a 
 @dataclass(frozen=True)
 class QueuePolicy:
     """How many renders run at once: ``base`` always, and up to ``ceiling`` while the cluster has
-    a CPU slot idle and nothing waits for one. A render's driver holds no Ray slot, and its own
+    a CPU slot idle, nothing waits for one and its processors have room (``Load.idle``). A render's
     graph leaves slots idle while it starts (imports, connecting, its voices) and in its serial
-    tail (assembly, mix, burn-in); another render's nodes fill them. Extra renders are admitted
-    one at a time: the next only once the last has begun its frame graph (the first line of its
-    progress file), so the idle slots of a start-up do not admit a crowd of drivers."""
+    tail (assembly, mix, burn-in); another render's nodes can fill them — but a driver and Ray's
+    own processes use processors no slot accounts for, so on a small machine whose processors are
+    busy anyway no extra render is admitted. Extra renders come one at a time: the next only once
+    the last has begun its frame graph (the first line of its progress file), so the idle slots of
+    a start-up do not admit a crowd of drivers."""
 
     base: int
     ceiling: int
@@ -242,7 +244,8 @@ class JobService:
                     load = None if starting else self.endpoint.load()
                     if load is None or not load.idle:
                         break
-                    note += f" (a CPU slot idle: {load.cpus_used:g} of {load.cpus:g} in use)"
+                    busy = "" if load.cpu_busy is None else f", processors {load.cpu_busy:.0%} busy"
+                    note += f" (a CPU slot idle: {load.cpus_used:g} of {load.cpus:g} in use{busy})"
                     starting = True
                 self._start_attempt(db, job, "planning" if job.phase == "storyboard" else "rendering", note)
                 running += 1
