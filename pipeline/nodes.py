@@ -422,7 +422,7 @@ def voice_node(lines: list[VoicePlan], *, entry: Backend, settings: Any, work: W
     ``speaker``) is built once, when the first line this render must speak is claimed (its build
     billed to that line). One ``Measured`` per line (a bare one for one line, as Ray's
     ``num_returns`` expects)."""
-    held, build_s = entry.resources(settings), 0.0
+    held = entry.resources(settings)
     out: list[Measured] = []
     for v in lines:
         node = NodeId("voice", v.id)
@@ -430,15 +430,12 @@ def voice_node(lines: list[VoicePlan], *, entry: Backend, settings: Any, work: W
             if claim.taken:
                 out.append(measured(claim))
                 continue
-            if speaker is None:
-                t0 = time.perf_counter()
+            if speaker is None:  # built inside the first claim: its time is in that line's elapsed
                 speaker = entry.build(settings)
-                build_s = time.perf_counter() - t0
             with claim.store.writer(v.key, {"stage": "voice", "line": v.id, "character": v.line.character}) as d:
                 speech = speaker(v.line, d / "line.wav")
                 (d / "speech.json").write_text(speech.model_dump_json())
-                claim.spend([Timing("voice", claim.elapsed() + build_s, held.resource, held.units)])
-            build_s = 0.0
+                claim.spend([Timing("voice", claim.elapsed(), held.resource, held.units)])
         out.append(measured(claim))
     return out if len(out) > 1 else out[0]
 
