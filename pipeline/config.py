@@ -243,7 +243,8 @@ class Settings(Record):
                               "accounts configured.")
     service_port: int = Field(8765, ge=1, le=65535)
     service_max_renders: int | None = Field(None, ge=1, description="Renders at once, no more; None = one per "
-                                            "CPU of the cluster, and up to twice that while a CPU slot is idle.")
+                                            "CPU of the cluster, and up to twice that while a CPU slot is idle and "
+                                            "its processors have room.")
     service_series: str | None = Field(None, description="Series manifests (*.toml) whose schedules the service "
                                        "runs itself (pipeline.service.schedules); None = <service_data>/series.")
     config_files: list[str] = Field(default_factory=list, description="Config files read, lowest first.")
