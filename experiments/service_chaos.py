@@ -136,7 +136,9 @@ def main() -> None:
             view = admin_view()
             if all(view.get(jid, {}).get("status") in TERMINAL for _, jid, _ in jobs):
                 break
-            kind = rng.choice(("service", "driver", "worker") + (("head",) if killed["head"] < args.heads else ()))
+            kind = rng.choice(("service", "driver", "worker"))
+            if killed["head"] < args.heads and rng.random() < 0.25:  # the head goes early, while renders run
+                kind = "head"
             if kind == "service":
                 service.kill()
                 time.sleep(rng.uniform(0.5, 3))
