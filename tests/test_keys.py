@@ -9,7 +9,7 @@ from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.config import resolve_profile
 from pipeline.models import Profile
 from pipeline.plan import calibration_keys, make_plan
-from stages import inbetween, keyframes, voice
+from stages import inbetween, keyframes, voice, voice_qwen
 from stages.script import load_episode
 
 from .conftest import REPO
@@ -20,6 +20,7 @@ CLIP = frozenset({"clip", "assemble"})
 LAYERS = frozenset({"plate", "sheet"})
 NONE: frozenset[str] = frozenset()
 SOUND = frozenset({"assemble"})  # the mix or the subtitles: the assembly only
+VOICE = frozenset({"voice", "assemble"})  # how a line sounds: its voice node and the mix
 
 # (base profile, field or table.setting, new value, the keys it changes)
 TABLE = [
@@ -72,9 +73,26 @@ TABLE = [
     ("gpu", "diffusers.batch_size", 16, NONE),
     ("gpu", "diffusers.actors", 3, NONE),
     ("gpu", "diffusers.gpu_type", "H100", NONE),
+    ("neural", "neural.model", "/models/other-tts", VOICE),
+    ("neural", "neural.device", "cpu", VOICE),
+    ("neural", "neural.dtype", "float16", VOICE),
+    ("neural", "neural.rate", 1.3, VOICE),
+    ("neural", "neural.voices", {"MEI": {"speaker": 2}}, VOICE),
+    ("neural", "neural.num_gpus", 0.5, NONE),
+    ("neural", "neural.gpu_type", "A100-80GB", NONE),
+    ("vibevoice", "vibevoice.model", "/models/VibeVoice-7B-hf", VOICE),
+    ("vibevoice", "vibevoice.device", "cpu", VOICE),
+    ("vibevoice", "vibevoice.dtype", "float32", VOICE),
+    ("vibevoice", "vibevoice.diffusion_steps", 20, VOICE),
+    ("vibevoice", "vibevoice.max_line_s", 12.0, VOICE),
+    ("vibevoice", "vibevoice.voices", {"MEI": {"speaker": 3}}, VOICE),  # a reference's content: test_voice_qwen
+    ("vibevoice", "vibevoice.num_gpus", 0.5, NONE),
+    ("vibevoice", "vibevoice.gpu_type", "A100-80GB", NONE),
 ]
 BASES = {"draft": "draft", "rife": str(REPO / "examples" / "profiles" / "draft_rife.toml"),
-         "gpu": str(REPO / "examples" / "profiles" / "standard_gpu.toml")}
+         "gpu": str(REPO / "examples" / "profiles" / "standard_gpu.toml"),
+         "neural": str(REPO / "examples" / "profiles" / "draft_neural_gpu.toml"),
+         "vibevoice": str(REPO / "examples" / "profiles" / "draft_vibevoice_gpu.toml")}
 
 
 def any_calibration(*profiles: Profile) -> Calibration:
@@ -117,7 +135,9 @@ def test_the_table_lists_every_field_and_every_backend_setting():
     fields = set(Profile.model_fields) - {"settings"}
     settings = {f"{table}.{name}" for table, model in (("flow", inbetween.FlowSettings), ("rife", inbetween.RifeSettings),
                                                      ("diffusers", keyframes.DiffusionSettings),
-                                                     ("espeak", voice.EspeakSettings))
+                                                     ("espeak", voice.EspeakSettings),
+                                                     ("neural", voice.NeuralVoiceSettings),
+                                                     ("vibevoice", voice_qwen.VibeVoiceSettings))
                 for name in model.model_fields}
     assert fields | settings <= listed, f"add rows for {sorted((fields | settings) - listed)}"
 
