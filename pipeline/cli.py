@@ -355,7 +355,7 @@ def render(ctx: typer.Context, script: Path = typer.Argument(..., help="Fountain
     out_dir = out_dir or default_out_dir(script, profile, rplan.profile.aspect)
 
     # 2. Render, with a progress bar of shots and yuan (and the JSON lines of --progress-file).
-    feed = _ProgressFeed(progress_file, len(rplan.shots), lambda: live.run_id)
+    feed = _ProgressFeed(progress_file, len(rplan.shots), lambda: (live.run_id, live.experiment_id))
     with _progress(rplan, progress) as on_progress:
         try:
             result = run_render(rplan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe(),
@@ -423,8 +423,8 @@ class _ProgressFeed:
     (shots done, ¥ so far), each with the shot count and the MLflow run; a line is flushed as it
     is written. Never stops a render: a write that fails turns the feed off."""
 
-    def __init__(self, path: Path | None, shots_total: int, run_id: Callable[[], str | None]):
-        self.shots_total, self.run_id = shots_total, run_id  # the run opens while the render goes on
+    def __init__(self, path: Path | None, shots_total: int, run: Callable[[], tuple[str | None, str | None]]):
+        self.shots_total, self.run = shots_total, run  # (run id, experiment id): opened while the render goes on
         self.file = None
         if path is not None:
             try:
@@ -437,8 +437,9 @@ class _ProgressFeed:
         if self.file is None:
             return
         try:
+            run_id, experiment_id = self.run()
             self.file.write(json.dumps({"t": round(time.time(), 3), "shots_total": self.shots_total,
-                                        "run_id": self.run_id(), **fields}) + "\n")
+                                        "run_id": run_id, "experiment_id": experiment_id, **fields}) + "\n")
         except (OSError, ValueError):
             self.file = None
 

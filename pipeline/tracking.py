@@ -635,6 +635,7 @@ class RenderRun:
                      "render_uid": self.uid, **driver_tags(), **(tags or {})}
         self.client: Any = None
         self.run_id: str | None = None
+        self.experiment_id: str | None = None  # the run's experiment, once open (a UI link needs both)
         self.error: str | None = None
         self._failed_at: float | None = None  # when MLflow last failed (monotonic s)
         self.closed: list[str] = []
@@ -673,7 +674,7 @@ class RenderRun:
 
     def _open(self, *, log_plan: bool) -> None:
         self.client = self.client or client(self.uri)
-        exp_id = experiment(self.client, self.uri, self.experiment)
+        exp_id = self.experiment_id = experiment(self.client, self.uri, self.experiment)
         self.closed += close_abandoned(self.client, [exp_id])
         run = self.client.create_run(exp_id, start_time=self.start_ms, run_name=self.run_name,
                                      tags={**self.tags, "status": "running", "heartbeat": f"{time.time():.0f}"})

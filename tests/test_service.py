@@ -235,6 +235,11 @@ def test_lifecycle_to_a_downloaded_episode(stack, tmp_path):
 
     run = mlflow.MlflowClient(stack.env["MLFLOW_TRACKING_URI"]).get_run(done["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    # the progress file names the run's experiment too: an MLflow server's run page lies under it
+    lines = (stack.root / "data" / "jobs" / str(job["id"]) / "progress-1.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    assert last["event"] == "end" and (last["run_id"], last["experiment_id"]) == (run.info.run_id,
+                                                                                  run.info.experiment_id)
 
 
 def test_no_op_rerender_runs_in_the_warm_service(stack, tmp_path):

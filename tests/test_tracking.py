@@ -199,12 +199,15 @@ def test_a_run_opened_in_the_background_keeps_what_arrived_before_it_was_open(wh
     live.start(background=True)
     for done in range(1, len(plan.shots) + 1):  # at once: the run is very likely not open yet
         live.on_progress(done, len(plan.shots), 0.001 * done)
-    deadline = time.monotonic() + 120
-    while live.run_id is None and time.monotonic() < deadline:
-        time.sleep(0.05)
     client = mlflow.MlflowClient(uri)
-    run = client.get_run(live.run_id)
-    assert run.info.status == "RUNNING" and "plan.json" in {a.path for a in client.list_artifacts(live.run_id)}
+
+    def opened() -> bool:  # the run exists and its plan is logged (the opening's last step)
+        return live.run_id is not None and "plan.json" in {a.path for a in client.list_artifacts(live.run_id)}
+
+    deadline = time.monotonic() + 120
+    while not opened() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert opened() and client.get_run(live.run_id).info.status == "RUNNING"
     ledger = ledger_of(plan)
     out = live.finish(live.record(ledger=ledger, metrics={"cost_yuan": ledger.total_yuan}, stopped=None))
     assert out.run_id == live.run_id and out.error is None

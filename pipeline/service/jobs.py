@@ -562,7 +562,7 @@ class JobService:
                 state["started"] = rec["t"]
             if rec.get("stage") and rec.get("event") != "progress":
                 state["stage"] = rec["stage"]
-            state.update({k: rec[k] for k in ("shots_done", "spent_yuan", "run_id", "shots_total")
+            state.update({k: rec[k] for k in ("shots_done", "spent_yuan", "run_id", "experiment_id", "shots_total")
                           if rec.get(k) is not None})  # the run id arrives once MLflow has opened the run
             state["t"] = rec["t"]
         return state
@@ -634,8 +634,11 @@ class JobService:
     def view(self, db: Session, job: Job) -> dict:
         producer = db.get(User, job.producer_id)
         uri = self.settings.tracking_uri
-        url = (f"{uri.rstrip('/')}/#/runs/{job.mlflow_run_id}" if job.mlflow_run_id and uri.startswith("http")
-               else None)
+        url = None
+        if job.mlflow_run_id and uri.startswith("http"):  # the UI's run page is under its experiment
+            exp = self._progress(job).get("experiment_id") if job.attempt else None
+            url = (f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{job.mlflow_run_id}" if exp
+                   else f"{uri.rstrip('/')}/#/runs/{job.mlflow_run_id}")
         # a tracking file has no page to link to: how to open it (the run id says which run)
         opener = (f"mlflow ui --backend-store-uri {uri}" if job.mlflow_run_id and not url else None)
         return {"id": job.id, "producer": producer.username if producer else None, "series": job.series,
