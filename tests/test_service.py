@@ -205,7 +205,8 @@ def test_plan_estimate_and_chinese_title(stack):
 
 
 def test_lifecycle_to_a_downloaded_episode(stack, tmp_path):
-    script = stack.script("life.yaml", tiny_script("life", line="灯笼亮了。"))  # spoken: the no-op test needs a voice
+    # spoken: the no-op test needs a voice node
+    script = stack.script("life.yaml", tiny_script("life", line="灯笼亮了。"))
     with stack.client() as c:
         job = c.submit(script, budget_yuan=5.0, series="测试系列")
         assert job["status"] in ("queued", "rendering") and job["producer"] == "alice"
@@ -250,7 +251,8 @@ def test_no_op_rerender_runs_in_the_warm_service(stack, tmp_path):
         again = c.wait(c.submit(stack.root / "life.yaml", series="测试系列")["id"], timeout_s=120)
         assert again["status"] == "succeeded" and again["runner"] == "service", c.logs(again["id"])
         assert again["progress"]["spent_yuan"] == 0 and "episode:" in c.logs(again["id"])
-        budgeted = c.wait(c.submit(stack.root / "life.yaml", series="测试系列", budget_yuan=5.0)["id"], timeout_s=120)
+        budgeted = c.wait(c.submit(stack.root / "life.yaml", series="测试系列", budget_yuan=5.0)["id"],
+                          timeout_s=120)
         assert budgeted["status"] == "succeeded" and budgeted["runner"] == "service", c.logs(budgeted["id"])
         assert again["mlflow_open"].startswith("mlflow ui --backend-store-uri sqlite:///")
         a = c.download(first["id"], "episode.mp4", tmp_path / "first.mp4")
@@ -305,9 +307,12 @@ def test_a_submission_sent_again_with_its_idempotency_key_queues_nothing(stack):
         assert [j["id"] for j in alice.submit([one, two], key="night-7")["jobs"]] == [j["id"] for j in batch["jobs"]]
         other = bob.submit(one, key="retry-1")  # another producer's key space
         assert other["id"] != first["id"]
+        wild = alice.submit(one, key="retry_%")  # LIKE's wildcards in a key are plain characters
+        assert wild["id"] not in (first["id"], *[j["id"] for j in batch["jobs"]])
         with pytest.raises(ServiceError, match="Idempotency-Key"):
             alice.submit(one, key="x" * 200)
-        for c, j in [(alice, first), (alice, batch["jobs"][0]), (alice, batch["jobs"][1]), (bob, other)]:
+        for c, j in [(alice, first), (alice, batch["jobs"][0]), (alice, batch["jobs"][1]), (bob, other),
+                     (alice, wild)]:
             c.cancel(j["id"])
 
 

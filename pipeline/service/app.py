@@ -36,7 +36,8 @@ MAX_BATCH = 50
 
 def queue_policy(settings, endpoint: JobsEndpoint) -> QueuePolicy:
     """``service_max_renders`` when set (that many at once, no more); else one render per CPU of the
-    local head (4 on a studio cluster) and, while the cluster has an idle CPU slot, up to twice that."""
+    local head (4 on a studio cluster) and, while the cluster has an idle CPU slot, nothing waiting for
+    one and processors with room (``Load.idle``), up to twice that."""
     if settings.service_max_renders:
         return QueuePolicy.fixed(settings.service_max_renders)
     base = (settings.num_cpus or os.cpu_count() or 1) if endpoint.local else 4
@@ -198,7 +199,8 @@ def _api():
 
     @api.post("/jobs", status_code=201)
     def submit(request: Request, response: Response, script: list[UploadFile] = File(...),
-               profile: str = Form("draft"), aspect: Optional[str] = Form(None), budget_yuan: Optional[float] = Form(None),
+               profile: str = Form("draft"), aspect: Optional[str] = Form(None),
+               budget_yuan: Optional[float] = Form(None),
                series: Optional[str] = Form(None), approval_gate: Optional[bool] = Form(None),
                batch_budget_yuan: Optional[float] = Form(None), user: User = Depends(current_user),
                idempotency_key: Optional[str] = Header(None)):

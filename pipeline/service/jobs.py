@@ -187,7 +187,9 @@ class JobService:
         """The jobs an earlier submission of ``user`` with this Idempotency-Key queued (none if no such)."""
         if not client_key:
             return []
-        return list(db.scalars(select(Job).where(Job.producer_id == user.id, Job.client_key.like(f"{client_key}#%"))
+        # autoescape: a key's own "%" or "_" is a character, not a LIKE wildcard that would match another key
+        return list(db.scalars(select(Job).where(Job.producer_id == user.id,
+                                                 Job.client_key.startswith(f"{client_key}#", autoescape=True))
                                .order_by(Job.id)))
 
     def create(self, user: User, planned: list[Planned], *, budget_yuan: float | None, series: str = "",
