@@ -382,7 +382,12 @@ def test_the_service_runs_a_series_schedule_itself_once_per_night_across_a_resta
                 time.sleep(2)
             done = jobs(service, token)
             assert [(j["producer"], j["status"]) for j in done] == [("nightly", "succeeded")], service.tail()
-            assert (tmp_path / "out" / "ep1-draft-16x9" / "episode.mp4").stat().st_size > 0
+            # the night downloads its job's outputs once it sees the job done (it polls): wait for them
+            episode = tmp_path / "out" / "ep1-draft-16x9" / "episode.mp4"
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not episode.is_file():
+                time.sleep(0.5)
+            assert episode.stat().st_size > 0, service.tail()
             service.kill()
         ran = NightBook(tmp_path / "nights.db").nights("Tiny series")
         with ServiceProcess(env, log=tmp_path / "serve2.log") as service:
