@@ -8,10 +8,11 @@ decision is kept; the latest per key wins.
 
 A decision is keyed by what the producer judged: the shot's content (what
 ``pipeline.plan.shot_content`` hashes: camera, duration, characters, action, dialogue,
-location, time of day) and the aspect, which fixes the composition (the camera framing
-follows the shot). Not the panel width, the profile, the keyframe backend or the GPU: a panel
-approved at draft stays approved at standard and on a GPU profile; edit the shot's action and
-it needs a new decision.
+location, time of day; not the transitions written around it, which the drawings do not
+show) and the aspect, which fixes the composition (the camera framing follows the shot). Not
+the panel width, the profile, the keyframe backend or the GPU: a panel approved at draft stays
+approved at standard and on a GPU profile, and after a dissolve is written before the next
+shot; edit the shot's action and it needs a new decision.
 
 The gate (``gate_on``) is on by default for a profile whose keyframes cost GPU money, off
 otherwise; the profile's ``approval_gate`` and then ``--approval-gate/--no-approval-gate``
@@ -29,7 +30,7 @@ from typing import Iterable, Literal, Protocol, Sequence
 from pydantic import Field
 
 from pipeline.models import Profile, RenderPlan, ShotPlan
-from pipeline.plan import content_key, shot_content
+from pipeline.plan import content_key, drawn_content
 from stages.records import AnimError, Record
 
 VERSION = "2"  # 1: an entry in the artifact store per storyboard key
@@ -59,9 +60,10 @@ class Decision(Record):
 
 
 def approval_key(shot: ShotPlan, aspect: str) -> str:
-    """What a decision follows: the shot's content and the aspect (not panel width, profile,
-    keyframe backend or GPU)."""
-    content = json.dumps(shot_content(shot.shot, shot.scene), sort_keys=True, ensure_ascii=False)
+    """What a decision follows: what the shot's drawings show and the aspect (not panel width,
+    profile, keyframe backend or GPU, nor a transition written around the shot: a dissolve
+    edited in later keeps the panel's approval)."""
+    content = json.dumps(drawn_content(shot.shot, shot.scene), sort_keys=True, ensure_ascii=False)
     return content_key("approval", VERSION, {"aspect": aspect}, [content])
 
 

@@ -57,6 +57,12 @@ def shot_content(shot: Shot, scene: Scene) -> dict[str, Any]:
     return data
 
 
+def drawn_content(shot: Shot, scene: Scene) -> dict[str, Any]:
+    """What a shot's drawings show: its content less the transitions written around it (its
+    storyboard panel tags them, its clip takes its fades, the assembly its dissolves)."""
+    return {**shot_content(shot, scene), "transition_in": None, "transition_out": None}
+
+
 def drawing_schedule(frames: int, profile: Profile, static: bool) -> tuple[list[int], list[int]]:
     """(drawings, keyframes) as shot-local frame indices."""
     if static and profile.hold_static:
@@ -290,10 +296,7 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
             audit = audit_drawing(drawings, keys) if profile.audit else None
             # 2. Content keys, each chained to its inputs.
             content = json.dumps(shot_content(shot, scene), sort_keys=True, ensure_ascii=False)
-            # What the drawings show: the shot less the transitions written around it (its panel tags
-            # them; its clip takes its fades; the assembly its dissolves).
-            drawn = json.dumps({**shot_content(shot, scene), "transition_in": None, "transition_out": None},
-                               sort_keys=True, ensure_ascii=False)
+            drawn = json.dumps(drawn_content(shot, scene), sort_keys=True, ensure_ascii=False)
             fade_in, fade_out = transitions.fades(shot)
             sb_key = content_key("storyboard", storyboard.VERSION,
                                  {**params["storyboard"], "width": profile.storyboard_width,

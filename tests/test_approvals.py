@@ -37,13 +37,13 @@ def plan_at(profile: str, prices, episode: Episode | None = None, **overrides):
                      script_sha256=hashlib.sha256(episode.model_dump_json().encode()).hexdigest())
 
 
-def edited(episode: Episode, shot_id: str, action: str) -> Episode:
-    """The episode with one shot's action rewritten."""
+def edited(episode: Episode, shot_id: str, action: str | None = None, **fields) -> Episode:
+    """The episode with one shot's action (or other ``fields``) rewritten."""
     data = episode.model_dump()
     for scene in data["scenes"]:
         for shot in scene["shots"]:
             if shot["id"] == shot_id:
-                shot["action"] = action
+                shot.update({"action": action} if action is not None else {}, **fields)
     return Episode.model_validate(data)
 
 
@@ -134,6 +134,11 @@ def test_the_key_follows_content_and_aspect_not_profile_or_gpu(prices):
     changed = plan_at("draft", prices, edited(load_episode(SHOTLIST), "sc01-sh03", "Mei blows the flame out."))
     new = [approval_key(s, "16:9") for s in changed.shots]
     assert [a == b for a, b in zip(keys, new)] == [s.shot.id != "sc01-sh03" for s in draft.shots]
+    # A dissolve written after a shot re-draws its panel (the panel prints it) but keeps its decision.
+    dissolve = plan_at("draft", prices, edited(load_episode(SHOTLIST), "sc01-sh03", transition_out="DISSOLVE TO:"))
+    assert [approval_key(s, "16:9") for s in dissolve.shots] == keys
+    assert [a.keys["storyboard"] == b.keys["storyboard"] for a, b in zip(draft.shots, dissolve.shots)] == \
+        [s.shot.id != "sc01-sh03" for s in draft.shots]
 
 
 def test_the_gate_is_on_where_keyframes_cost_gpu_money(prices):
