@@ -11,7 +11,9 @@ is drawn:
 * ``driver``  — SIGKILL a running job's ``anim render`` (the service resubmits a new attempt);
 * ``worker``  — SIGKILL a busy Ray worker of the head (Ray retries the task);
 * ``head``    — SIGKILL the whole Ray head, its node lost (``--heads``, once by default): the service
-  replaces a head that has not worked for a minute and resubmits its jobs as new attempts.
+  replaces a head that has not worked for a minute and resubmits its jobs as new attempts;
+* ``raylet``  — SIGKILL the head's raylet alone (``--raylets``, none by default), the GCS and the
+  dashboard left answering: the node is lost under a Jobs API that still works, its CPUs gone.
 
 Printed: jobs submitted / finished / lost / duplicated (a job with two succeeded Ray
 submissions), nodes billed twice (a content key with two finished spend notes), outputs identical
@@ -70,6 +72,18 @@ def drivers(data: Path) -> list[psutil.Process]:
     return out
 
 
+def raylets(head_pgid: int) -> list[psutil.Process]:
+    """The raylet of our head (its session)."""
+    out = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if os.getsid(p.pid) == head_pgid and Path((p.info["cmdline"] or [""])[0]).name == "raylet":
+                out.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return out
+
+
 def busy_workers(head_pgid: int) -> list[psutil.Process]:
     """Ray workers of our head (its session) running a task."""
     out = []
@@ -108,6 +122,7 @@ def main() -> None:
     ap.add_argument("--script", type=Path, default=REPO / "examples" / "shotlist.yaml")
     ap.add_argument("--every", type=float, default=4.0, help="Seconds between disturbances (mean).")
     ap.add_argument("--heads", type=int, default=1, help="How many times the whole head is killed.")
+    ap.add_argument("--raylets", type=int, default=0, help="How many times the head's raylet alone is killed.")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="anim-service-chaos-"))
@@ -139,6 +154,8 @@ def main() -> None:
             kind = rng.choice(("service", "driver", "worker"))
             if killed["head"] < args.heads and rng.random() < 0.25:  # the head goes early, while renders run
                 kind = "head"
+            elif killed["raylet"] < args.raylets and rng.random() < 0.25:
+                kind = "raylet"
             if kind == "service":
                 service.kill()
                 time.sleep(rng.uniform(0.5, 3))
@@ -150,6 +167,9 @@ def main() -> None:
             elif kind == "head" and drivers(root / "data"):
                 os.killpg(current_head(root / "data").pgid, signal.SIGKILL)
                 killed["head"] += 1
+            elif kind == "raylet" and drivers(root / "data") and (found := raylets(current_head(root / "data").pgid)):
+                found[0].send_signal(signal.SIGKILL)
+                killed["raylet"] += 1
             elif kind == "worker" and (found := busy_workers(current_head(root / "data").pgid)):
                 try:
                     rng.choice(found).send_signal(signal.SIGKILL)
@@ -178,7 +198,7 @@ def main() -> None:
           f"{len(duplicated)}; nodes billed twice {twice}; outputs identical to the undisturbed renders "
           f"{identical}/{len(finished)}")
     print(f"killed: service {killed['service']}, driver {killed['driver']}, worker {killed['worker']}, "
-          f"head {killed['head']}; "
+          f"head {killed['head']}, raylet alone {killed['raylet']}; "
           f"attempts per job {attempts}")
     for jid in lost:
         print(f"  job {jid}: {view.get(jid, {}).get('status')}: {view.get(jid, {}).get('error')}")
