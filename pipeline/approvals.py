@@ -11,7 +11,7 @@ A decision is keyed by what the producer judged: the shot's content (what
 location, time of day; not the transitions written around it, which the drawings do not
 show) and the aspect, which fixes the composition (the camera framing follows the shot). Not
 the panel width, the profile, the keyframe backend or the GPU: a panel approved at draft stays
-approved at standard and on a GPU profile, and after a dissolve is written before the next
+approved at standard and on a GPU profile, and after a dissolve is written after the
 shot; edit the shot's action and it needs a new decision.
 
 The gate (``gate_on``) is on by default for a profile whose keyframes cost GPU money, off
@@ -30,7 +30,7 @@ from typing import Iterable, Literal, Protocol, Sequence
 from pydantic import Field
 
 from pipeline.models import Profile, RenderPlan, ShotPlan
-from pipeline.plan import content_key, drawn_content
+from pipeline.plan import content_key, drawn_content, shot_content
 from stages.records import AnimError, Record
 
 VERSION = "2"  # 1: an entry in the artifact store per storyboard key
@@ -64,6 +64,13 @@ def approval_key(shot: ShotPlan, aspect: str) -> str:
     profile, keyframe backend or GPU, nor a transition written around the shot: a dissolve
     edited in later keeps the panel's approval)."""
     content = json.dumps(drawn_content(shot.shot, shot.scene), sort_keys=True, ensure_ascii=False)
+    return content_key("approval", VERSION, {"aspect": aspect}, [content])
+
+
+def earlier_key(shot: ShotPlan, aspect: str) -> str:
+    """The key a decision on a shot with transitions was kept under before transitions left the
+    key (the shot's whole content): such decisions still hold."""
+    content = json.dumps(shot_content(shot.shot, shot.scene), sort_keys=True, ensure_ascii=False)
     return content_key("approval", VERSION, {"aspect": aspect}, [content])
 
 
@@ -294,9 +301,12 @@ class GateState:
 
 def gate_state(book: ApprovalBook, plan: RenderPlan, gate: bool) -> GateState:
     """Each shot of ``plan`` with its latest decision."""
-    keys = {s.shot.id: approval_key(s, plan.profile.aspect) for s in plan.shots}
-    latest = book.latest(keys.values())
-    return GateState(gate, [ShotApproval(s.shot.id, keys[s.shot.id], s.keys["storyboard"], latest.get(keys[s.shot.id]))
+    aspect = plan.profile.aspect
+    keys = {s.shot.id: approval_key(s, aspect) for s in plan.shots}
+    earlier = {s.shot.id: earlier_key(s, aspect) for s in plan.shots}
+    latest = book.latest([*keys.values(), *earlier.values()])
+    return GateState(gate, [ShotApproval(s.shot.id, keys[s.shot.id], s.keys["storyboard"],
+                                         latest.get(keys[s.shot.id]) or latest.get(earlier[s.shot.id]))
                             for s in plan.shots])
 
 

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.approvals import (ApprovalError, approval_key, decide, gate_on, gate_state, open_approvals,
+from pipeline.approvals import (ApprovalError, approval_key, decide, earlier_key, gate_on, gate_state, open_approvals,
                                 preview_clips)
 from pipeline.calibration import Calibration
 from pipeline.cli import app
@@ -176,6 +176,18 @@ def test_draft_approvals_pass_the_gate_at_standard_and_on_a_gpu(tmp_path, prices
     state = gate_state(book, after, True)
     assert state[picked[0]].state == "pending" and state[picked[1]].state == "approved"
     assert schedule(after, store, approvals=state.approvals).shots_to_render == [picked[1]]
+    # A decision kept before transitions left the key (under the shot's whole content) still holds
+    # for a shot with a transition, and the shot's next decision is kept under its new key.
+    undecided = draft.shots[4].shot.id
+    cut = plan_at("draft", prices, edited(load_episode(SHOTLIST), undecided, transition_out="CUT TO:"))
+    shot = next(s for s in cut.shots if s.shot.id == undecided)
+    old = decide(cut, [shot], "rejected", by="kai", comment="before the key changed")[0]
+    book.record([old.model_copy(update={"key": earlier_key(shot, "16:9")})])
+    assert earlier_key(shot, "16:9") != approval_key(shot, "16:9")
+    assert gate_state(book, cut, True)[undecided].state == "rejected"
+    book.record(decide(cut, [shot], "approved", by="kai", comment="now"))
+    assert gate_state(book, cut, True)[undecided].state == "approved"
+    assert book.latest([approval_key(shot, "16:9")])[approval_key(shot, "16:9")].comment == "now"
     # The gate off: nothing is held, whatever was decided.
     off = gate_state(book, after, False)
     assert off.approvals is None and len(schedule(after, store, approvals=off.approvals).shots_to_render) == 5
