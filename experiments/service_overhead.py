@@ -9,7 +9,8 @@
    share of it the 2 cores' Ray slots were busy in nodes (Σ resource-seconds of the six ledgers /
    2 × wall) and the processors' (the machine's busy time in ``/proc/stat``, with the CPU seconds of
    the head's processes, the drivers and the service by kind); target ≥ 85 %. ``--repeat N`` makes
-   each episode a Fountain script played N times over (a 3.3-minute episode from the sample at 3). Side by side: the service's default queue policy (a render per core,
+   each episode a Fountain script played N times over (a 3.3-minute episode from the sample at 3).
+   Side by side: the service's default queue policy (a render per core,
    more while a slot is idle) and the old fixed two at once (``service_max_renders = 2``), each on
    episodes of its own (nothing cached).
 4. **20 concurrent submissions from 3 users** (one thread each, at once): how many were accepted,
@@ -122,6 +123,7 @@ class CpuSampler(threading.Thread):
     def __init__(self, pgid: int, marker: str, service_pid: int | None = None):
         super().__init__(daemon=True)
         self.pgid, self.marker, self.service_pid, self.stop, self.last = pgid, marker, service_pid, threading.Event(), {}
+        self.started: dict = {}  # (pid, created) -> its CPU seconds when Ray named it: its start-up
 
     @staticmethod
     def kind(cmdline: list[str]) -> str:
@@ -168,7 +170,6 @@ class CpuSampler(threading.Thread):
                 continue
 
     def run(self) -> None:
-        self.started: dict = {}
         self.sample()
         self.first, self.machine0 = dict(self.last), self.machine()
         while not self.stop.wait(0.5):

@@ -63,15 +63,18 @@ def approval_key(shot: ShotPlan, aspect: str) -> str:
     """What a decision follows: what the shot's drawings show and the aspect (not panel width,
     profile, keyframe backend or GPU, nor a transition written around the shot: a dissolve
     edited in later keeps the panel's approval)."""
-    content = json.dumps(drawn_content(shot.shot, shot.scene), sort_keys=True, ensure_ascii=False)
-    return content_key("approval", VERSION, {"aspect": aspect}, [content])
+    return _key(drawn_content(shot.shot, shot.scene), aspect)
 
 
 def earlier_key(shot: ShotPlan, aspect: str) -> str:
     """The key a decision on a shot with transitions was kept under before transitions left the
     key (the shot's whole content): such decisions still hold."""
-    content = json.dumps(shot_content(shot.shot, shot.scene), sort_keys=True, ensure_ascii=False)
-    return content_key("approval", VERSION, {"aspect": aspect}, [content])
+    return _key(shot_content(shot.shot, shot.scene), aspect)
+
+
+def _key(content: dict, aspect: str) -> str:
+    return content_key("approval", VERSION, {"aspect": aspect},
+                       [json.dumps(content, sort_keys=True, ensure_ascii=False)])
 
 
 def gate_on(profile: Profile, flag: bool | None = None) -> bool:
