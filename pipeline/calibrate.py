@@ -63,7 +63,7 @@ def work_of(plan: RenderPlan) -> dict[tuple[str, str | None], float]:
     for v in plan.voices:  # a shot's lines, by the seconds they speak
         work[("voice", v.line.shot)] = work.get(("voice", v.line.shot), 0.0) + v.spoken_s
     for s in plan.shots:
-        for stage, (units, mpx) in shot_work(p, s.frames, s.drawings, s.keyframes).items():
+        for stage, (units, mpx) in shot_work(p, s.frames, s.drawings, s.keyframes, s.still_pairs).items():
             work[(stage, s.shot.id)] = units * mpx
     return work
 
@@ -79,7 +79,7 @@ def units_of(plan: RenderPlan) -> dict[tuple[str, str | None], float]:
     for v in plan.voices:
         units[("voice", v.line.shot)] = units.get(("voice", v.line.shot), 0.0) + 1.0
     for s in plan.shots:
-        for stage, (n, _) in shot_work(p, s.frames, s.drawings, s.keyframes).items():
+        for stage, (n, _) in shot_work(p, s.frames, s.drawings, s.keyframes, s.still_pairs).items():
             units[(stage, s.shot.id)] = n
     return units
 

@@ -176,6 +176,8 @@ class ShotPlan(Record):
     drawings: list[int] = Field(description="Shot-local frame indices where a new drawing starts.")
     keyframes: list[int] = Field(description="Shot-local frame indices of generated keyframes.")
     held_frames: int = Field(description="Frames that repeat the drawing before them.")
+    still_pairs: list[int] = Field(default_factory=list, description="Keyframe pairs the keyframe backend draws "
+                                   "alike, known from the plan (i: keyframes i and i + 1): their in-betweens are copies.")
     audit_frame: int | None = Field(None, description="In-between drawing the keyframe backend also draws, "
                                     "to measure in-betweening fidelity; None when the shot has no in-betweens.")
     seed: int = Field(description="The keyframe backend's seed, from the shot's content (not from any key).")

@@ -23,8 +23,8 @@ import hashlib
 import json
 import math
 import re
-from bisect import bisect_left
-from typing import Any
+from bisect import bisect_left, bisect_right
+from typing import Any, Sequence
 
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.cost import PriceCatalog
@@ -221,12 +221,20 @@ def panel_mpx(profile: Profile) -> float:
     return w * w * (9 / 16 if profile.aspect == "16:9" else 16 / 9) / 1e6
 
 
-def shot_work(profile: Profile, frames: int, drawings: list[int], keys: list[int]) -> dict[str, tuple[int, float]]:
+def moving_inbetweens(drawings: list[int], keys: list[int], still: Sequence[int] = ()) -> int:
+    """The in-betweens an in-betweener computes: those between keyframes that differ (``still``:
+    the pairs drawn alike, whose in-betweens are copies)."""
+    copies = sum(bisect_left(drawings, keys[i + 1]) - bisect_right(drawings, keys[i]) for i in still)
+    return len(drawings) - len(keys) - copies
+
+
+def shot_work(profile: Profile, frames: int, drawings: list[int], keys: list[int],
+              still: Sequence[int] = ()) -> dict[str, tuple[int, float]]:
     """(units, megapixels per unit) of each stage of one shot: what its calibration row is scaled by."""
     w, h = profile.size
     frame_mpx = w * h / 1e6
     return {"storyboard": (1, panel_mpx(profile)), "keyframes": (len(keys), generation_mpx(profile)),
-            "inbetween": (len(drawings) - len(keys), frame_mpx), "encode": (frames, frame_mpx)}
+            "inbetween": (moving_inbetweens(drawings, keys, still), frame_mpx), "encode": (frames, frame_mpx)}
 
 
 def _seed(content_json: str) -> int:
@@ -294,6 +302,11 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
                             for ln, sp, a in zip(lines, said, at) if sp is not None]
             drawings, keys = drawing_schedule(frames, profile, shot.static)
             audit = audit_drawing(drawings, keys) if profile.audit else None
+            shot_scene = ShotScene(shot=shot, heading=scene.heading, location=scene.location, setting=scene.setting,
+                                   time_of_day=scene.time_of_day, speech=spoken_lines,
+                                   duration_s=frames / profile.fps if spoken_lines else None)
+            still = entries["keyframes"].still_pairs(kf_settings, shot_scene, [k / max(frames - 1, 1) for k in keys],
+                                                     width, height)
             # 2. Content keys, each chained to its inputs.
             content = json.dumps(shot_content(shot, scene), sort_keys=True, ensure_ascii=False)
             drawn = json.dumps(drawn_content(shot, scene), sort_keys=True, ensure_ascii=False)
@@ -315,7 +328,7 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
             if layered:
                 node_keys["plate"] = _plate_key(profile, scene)
             # 3. Estimates from calibration rows × prices.
-            est = {stage: price(stage, *work) for stage, work in shot_work(profile, frames, drawings, keys).items()}
+            est = {stage: price(stage, *work) for stage, work in shot_work(profile, frames, drawings, keys, still).items()}
             if audit is not None:  # one more drawing by the keyframe backend, compared with its in-between
                 est["audit"] = price("keyframes", 1, generation_mpx(profile), marginal=True)
             for i, (ln, k, sp, a) in enumerate(zip(lines, vkeys, said, at)):
@@ -323,10 +336,7 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
                 voices.append(VoicePlan(id=f"{shot.id}#{i + 1}", key=k, line=ln, start_s=a, spoken_s=spoken[i],
                                         measured=sp is not None, estimate_seconds=secs, estimate_yuan=yuan))
             shots.append(ShotPlan(
-                scene=ShotScene(shot=shot, heading=scene.heading, location=scene.location, setting=scene.setting,
-                                time_of_day=scene.time_of_day, speech=spoken_lines,
-                                duration_s=frames / profile.fps if spoken_lines else None),
-                start_frame=start, frames=frames, drawings=drawings, keyframes=keys,
+                scene=shot_scene, start_frame=start, frames=frames, drawings=drawings, keyframes=keys, still_pairs=still,
                 held_frames=frames - len(drawings), audit_frame=audit, seed=_seed(drawn), keys=node_keys,
                 estimate_seconds={k: s for k, (s, _) in est.items()}, estimate_yuan={k: y for k, (_, y) in est.items()}))
             # 4. Subtitles on the quantised timeline, so they match the encoded frames.

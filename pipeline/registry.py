@@ -15,7 +15,10 @@ and carries:
   GPU count): they never enter a content key; every other setting does;
 * ``actor`` — model-holding: a pool of Ray actors that load once and take batches;
 * ``layered`` / ``generation_size`` — keyframe backends that draw one background plate per
-  location and one sheet per character, and at which size they draw.
+  location and one sheet per character, and at which size they draw;
+* ``still_pairs`` — the keyframe pairs a keyframe backend draws alike, known from the plan
+  (``still_pairs(settings, scene, times, width, height)``): their in-betweens are copies, and
+  the plan prices none of them. None known by default.
 
 Adding a backend is one new stage file (its class and settings model) and one ``register``
 call. A test can register a backend of its own (``register(..., replace=True)``).
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from stages import inbetween, inbetween_adaptive, keyframes, storyboard, voice, voice_qwen
-from stages.records import ProfileError, Record
+from stages.records import ProfileError, Record, ShotScene
 
 STAGES = ("storyboard", "keyframes", "inbetween", "voice")
 # The profile field that selects each stage's backend.
@@ -56,6 +59,10 @@ def _cpu(_: Any) -> Resources:
     return Resources()
 
 
+def _none_still(*_: Any) -> list[int]:
+    return []
+
+
 def _no_size(_: Any, width: int, height: int) -> tuple[int, int]:
     return width, height
 
@@ -72,6 +79,7 @@ class Backend:
     actor: bool = False
     layered: Callable[[Any], bool] = lambda _: False
     generation_size: Callable[[Any, int, int], tuple[int, int]] = _no_size
+    still_pairs: Callable[[Any, ShotScene, list[float], int, int], list[int]] = _none_still
 
     def key_params(self, settings: Record) -> dict[str, Any]:
         """What enters the content key of this backend's output: its name and every setting that
@@ -176,7 +184,8 @@ def _adaptive(s: inbetween_adaptive.AdaptiveSettings, *, width: int, height: int
 register(Backend("storyboard", "previz", keyframes.PrevizSettings,
                  build=lambda s, *, width, aspect: storyboard.PrevizStoryboard(width=width, aspect=aspect),
                  calibration=lambda s: "previz"))
-register(Backend("keyframes", "previz", keyframes.PrevizSettings, build=_previz, calibration=lambda s: "previz"))
+register(Backend("keyframes", "previz", keyframes.PrevizSettings, build=_previz, calibration=lambda s: "previz",
+                 still_pairs=lambda s, *a: keyframes.previz_still_pairs(*a)))
 register(Backend("keyframes", "diffusers", keyframes.DiffusionSettings, build=_diffusers,
                  calibration=lambda s: f"diffusers:{s.family}:s{s.steps}", resources=_diffusers_resources,
                  placement=keyframes.DiffusionSettings.PLACEMENT, actor=True, layered=lambda s: s.layered,

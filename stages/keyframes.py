@@ -18,7 +18,8 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from stages.draw import render_cel
-from stages.records import Frame, KeyframeRequest, Keyframes, Record
+from stages.records import Frame, KeyframeRequest, Keyframes, Record, ShotScene
+from stages.staging import layout
 
 VERSION = "3"  # 3: mouths follow the measured speech envelope
 
@@ -45,6 +46,19 @@ class PrevizKeyframes:
                       for k, t in zip(req.indices, req.times)]
             out.append(Keyframes(shot=req.shot.id, frames=frames))
         return out
+
+
+def previz_still_pairs(scene: ShotScene, times: list[float], width: int, height: int) -> list[int]:
+    """The keyframe pairs previz draws alike, known before drawing: ``i`` where the drawings at
+    ``times[i]`` and ``times[i + 1]`` are the same pixels, so their in-betweens are copies.
+
+    A previz frame depends on its time only through where the figures stand and how
+    (``stages.staging.layout``; the camera follows them, the plate is the same at every time), so
+    equal layouts are equal frames: a shot with no one on screen, a frozen shot. (A title card over
+    figures still moves: its plate follows them.)"""
+    poses = [layout(scene.shot, t=t, width=width, height=height, speech=scene.speech, duration_s=scene.duration_s)
+             for t in times]
+    return [i for i in range(len(poses) - 1) if poses[i] == poses[i + 1]]
 
 
 class DiffusionSettings(Record):

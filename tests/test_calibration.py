@@ -364,7 +364,7 @@ def test_a_render_teaches_this_cluster_and_the_next_plan_of_another_script_price
     rows = stage_rows(plan_b.profile, learned)
     assert all(r.renders == 1 for r in rows.values())
     for shot in plan_b.shots:
-        work = shot_work(plan_b.profile, shot.frames, shot.drawings, shot.keyframes)
+        work = shot_work(plan_b.profile, shot.frames, shot.drawings, shot.keyframes, shot.still_pairs)
         for stage, (units, mpx) in work.items():
             seconds = round(rows[stage].seconds(units, mpx), 4)
             assert shot.estimate_seconds[stage] == seconds

@@ -1,12 +1,14 @@
 """The plan is data: frames, drawings, keyframes, holds, keys, subtitles and estimates."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from pipeline import registry
 from pipeline.config import resolve_profile
-from stages.records import ProfileError
-from stages.records import Camera, DialogueLine, Episode, Scene, Shot
-from pipeline.plan import drawing_schedule, make_plan
+from pipeline.plan import drawing_schedule, make_plan, moving_inbetweens
+from stages.keyframes import PrevizKeyframes
+from stages.records import Camera, DialogueLine, Episode, ProfileError, Scene, Shot
 
 
 
@@ -87,3 +89,25 @@ def test_subtitles_inside_their_shot_and_ordered(calibration, prices):
     assert all(start <= c.start_s < c.end_s <= end for c in cues)
     assert cues[0].end_s <= cues[1].start_s
     assert (cues[2].start_s, cues[2].end_s) == (cues[1].start_s, cues[1].end_s)  # dual dialogue shares a slot
+
+
+def test_pairs_previz_draws_alike_are_known_from_the_plan_and_not_priced(calibration, prices):
+    """Previz draws the same frame wherever nobody on screen moves: the plan names those keyframe
+    pairs exactly (checked against the drawn pixels), and prices no in-between inside them."""
+    empty = _shot(2, characters=[], action="Rain runs down the window.", duration_s=2.5)
+    titled = _shot(3, title="THE END", duration_s=1.5)  # the plate behind it follows Aya
+    plan = plan_of([_shot(1), empty, titled], calibration, prices)
+    drawer = PrevizKeyframes(width=plan.width, height=plan.height)
+    for shot in plan.shots:
+        drawn = [f.image for f in drawer([shot.keyframe_request()])[0].frames]
+        assert shot.still_pairs == [i for i in range(len(drawn) - 1) if np.array_equal(drawn[i], drawn[i + 1])]
+    moving, still, title = plan.shots
+    assert moving.still_pairs == [] and still.still_pairs == list(range(len(still.keyframes) - 1))
+    assert title.still_pairs == []
+    row = calibration.row("inbetween", "flow:ultrafast", "cpu")
+    assert still.estimate_seconds["inbetween"] == round(row.seconds(0, plan.width * plan.height / 1e6), 4)
+    assert moving.estimate_seconds["inbetween"] > still.estimate_seconds["inbetween"]
+    assert moving_inbetweens(still.drawings, still.keyframes, still.still_pairs) == 0
+    assert moving_inbetweens(moving.drawings, moving.keyframes) == len(moving.drawings) - len(moving.keyframes)
+    # A backend that knows no still pairs (diffusers draws every keyframe from its own noise) prices them all.
+    assert registry.get("keyframes", "diffusers").still_pairs(None, still.scene, still.keyframe_times, 64, 64) == []
