@@ -70,11 +70,12 @@ def work_of(plan: RenderPlan) -> dict[tuple[str, str | None], float]:
 
 def units_of(plan: RenderPlan) -> dict[tuple[str, str | None], float]:
     """(stage, shot) → the units of each node's work (keyframes, in-betweens, frames; one panel,
-    one mix; a shot's voice sample, its lines): its work is units × megapixels (or seconds) per unit.
+    one mix; the assembly's shots; a shot's voice sample, its lines): its work is units ×
+    megapixels (or seconds) per unit.
     A voice sample counts its lines, since the plan prices each line as a node of its own: what
     every line costs whatever its length is the per-unit cost."""
     p = plan.profile
-    units: dict[tuple[str, str | None], float] = {("assemble", None): plan.total_frames, ("mix", None): 1.0,
+    units: dict[tuple[str, str | None], float] = {("assemble", None): len(plan.shots), ("mix", None): 1.0,
                                                   ("subtitles", None): plan.total_frames}
     for v in plan.voices:
         units[("voice", v.line.shot)] = units.get(("voice", v.line.shot), 0.0) + 1.0
@@ -188,19 +189,21 @@ def fit_nodes(units: list[float] | None, work: list[float], seconds: list[float]
               weights: list[float] | None = None) -> Theta:
     """(overhead, per unit, per unit·Mpx), each ≥ 0, by weighted least squares.
 
-    The slope on work comes first; the overhead and then the per-unit cost join it only with at
+    The slope on work comes first; the per-unit cost and then the overhead join it only with at
     least ``MIN_NODES`` nodes and where the nodes tell them apart (a column that adds no rank — every
-    node one unit, or every unit the same megapixels — is left out; ``units=None`` has no per-unit
-    column). Non-negative by trying each subset of those columns that keeps the slope on work (the
+    unit the same megapixels, or every node the same units — is left out; ``units=None`` has no
+    per-unit column). Where every node did the same units (one script's assembly, rendered again),
+    the nodes cannot tell a per-unit cost from a fixed one; it is taken as per unit, so it scales with
+    the next script's shots rather than staying what this one's cost. Non-negative by trying each subset of those columns that keeps the slope on work (the
     work always costs: a fit that prices a stage by its overhead alone follows noise) and keeping the
     feasible one with the least weighted squared error; the slope alone through the origin is always
     feasible. Exact and deterministic."""
     y, w = np.asarray(seconds, float), np.sqrt(np.asarray(weights if weights is not None else [1.0] * len(seconds), float))
     columns = {2: np.asarray(work, float)}
     if len(y) >= MIN_NODES:
-        columns[0] = np.ones(len(y))
         if units is not None:
             columns[1] = np.asarray(units, float)
+        columns[0] = np.ones(len(y))
     chosen: list[int] = []
     for i, col in columns.items():
         trial = np.column_stack([columns[j] for j in [*chosen, i]])

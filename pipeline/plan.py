@@ -36,6 +36,9 @@ from stages.records import Episode, Scene, ScriptError, Shot, ShotScene, Speech,
 from stages.script import MAX_EPISODE_S, MAX_SHOT_S, check_limits
 
 STAGES = ("storyboard", "keyframes", "inbetween", "encode")
+# The assembly's row: per shot (its clip joined, its panel on the contact sheet, its clip in every
+# hand-off) and per frame·Mpx (the bytes copied); the mix and the burn-in have rows of their own.
+ASSEMBLE_ROW = "concat+handoffs"
 # A shot's first line starts this long after the cut.
 SUB_LEAD_S = 0.15
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uff00-\uffef]")
@@ -196,7 +199,7 @@ def calibration_keys(profile: Profile) -> dict[str, tuple[str, str, str]]:
         entry, settings = profile.entry(stage), profile.settings_for(stage)
         keys[stage] = (entry.calibration(settings), entry.device(settings), unit)
     keys["encode"] = (f"x264:{profile.x264_preset}", "cpu", "frame")
-    keys["assemble"] = ("concat", "cpu", "frame")
+    keys["assemble"] = (ASSEMBLE_ROW, "cpu", "shot")
     entry, settings = profile.entry("voice"), profile.settings_for("voice")
     keys["voice"] = (entry.calibration(settings), entry.device(settings), "second")
     keys["mix"] = ("pyloudnorm+aac", "cpu", "second")
@@ -363,7 +366,7 @@ def _with_episode_nodes(episode: Episode, profile: Profile, shots: list[ShotPlan
                           + [c.model_dump_json() for c in cues])
     sheet_key = content_key("sheet", storyboard.VERSION, {"title": episode.title},
                             [s.keys["storyboard"] for s in shots])
-    est = {"assemble": price("assemble", frames, width * height / 1e6),
+    est = {"assemble": price("assemble", len(shots), frames * width * height / 1e6 / max(len(shots), 1)),
            "mix": price("mix", 1, frames / profile.fps)}
     if voices:  # one node per line, priced in its VoicePlan
         est["voice"] = (sum(v.estimate_seconds for v in voices), sum(v.estimate_yuan for v in voices))

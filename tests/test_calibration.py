@@ -113,9 +113,15 @@ def test_nodes_at_two_resolutions_tell_the_overhead_the_per_unit_and_the_per_pix
     assert fit_nodes(units[:3], xs, ys) == pytest.approx((0.0, 0.0, sum(x * y for x, y in zip(xs, ys))
                                                          / sum(x * x for x in xs)), rel=1e-12)
     assert MIN_NODES == 8
-    # Every node one unit (a panel per shot): no per-unit column, the overhead absorbs it.
+    # Every node the same units (a panel per shot; one script's assembly of 13 shots, rendered again):
+    # a fixed cost cannot be told from a per-unit one, and it is taken per unit, so that it scales.
     panels = [0.083] * 4 + [0.262] * 4
-    assert fit_nodes([1] * 8, panels, [0.02 + 0.1 * m for m in panels]) == pytest.approx((0.02, 0.0, 0.1), rel=1e-9)
+    assert fit_nodes([1] * 8, panels, [0.02 + 0.1 * m for m in panels]) == pytest.approx((0.0, 0.02, 0.1), rel=1e-9)
+    assert fit_nodes([13] * 8, panels, [0.78 + 0.1 * m for m in panels]) == pytest.approx((0.0, 0.06, 0.1), rel=1e-9)
+    # With two unit counts the nodes tell them apart again.
+    shots, mixed = [13] * 4 + [4] * 4, [0.083, 0.262] * 4
+    assert fit_nodes(shots, mixed, [0.1 + 0.05 * u + 0.1 * m for u, m in zip(shots, mixed)]) == pytest.approx(
+        (0.1, 0.05, 0.1), rel=1e-9)
     # Never negative: a falling line keeps overhead 0 and refits the slope alone.
     xs = [1.0, 2, 3, 4, 5, 6, 7, 8]
     assert fit_nodes(None, xs, [2.0 * x - 1.0 for x in xs]) == pytest.approx(

@@ -111,3 +111,19 @@ def test_pairs_previz_draws_alike_are_known_from_the_plan_and_not_priced(calibra
     assert moving_inbetweens(moving.drawings, moving.keyframes) == len(moving.drawings) - len(moving.keyframes)
     # A backend that knows no still pairs (diffusers draws every keyframe from its own noise) prices them all.
     assert registry.get("keyframes", "diffusers").still_pairs(None, still.scene, still.keyframe_times, 64, 64) == []
+
+
+def test_the_assembly_is_priced_per_shot(calibration, prices):
+    """Its cost follows the shots it joins (clips, contact-sheet panels, hand-off items), so a row
+    learned on one script's assembly scales to a script of another length."""
+    from pipeline.calibration import CalibrationRow
+    from pipeline.plan import ASSEMBLE_ROW
+
+    row = CalibrationRow(stage="assemble", backend=ASSEMBLE_ROW, device="cpu", unit="shot", overhead_s=0.1,
+                         seconds_per_unit=0.05, seconds_per_unit_mpx=0.001, source="test", measured_at="")
+    learned = calibration.overlay([row], cluster="test", location="test")
+    two, four = (plan_of([_shot(i) for i in range(1, n + 1)], learned, prices) for n in (2, 4))
+    mpx = two.width * two.height / 1e6
+    for plan, n in ((two, 2), (four, 4)):
+        assert plan.episode_estimate_seconds["assemble"] == pytest.approx(
+            0.1 + 0.05 * n + 0.001 * plan.total_frames * mpx, abs=1e-4)
