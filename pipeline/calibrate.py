@@ -194,8 +194,9 @@ def fit_nodes(units: list[float] | None, work: list[float], seconds: list[float]
     unit the same megapixels, or every node the same units — is left out; ``units=None`` has no
     per-unit column). Where every node did the same units (one script's assembly, rendered again),
     the nodes cannot tell a per-unit cost from a fixed one; it is taken as per unit, so it scales with
-    the next script's shots rather than staying what this one's cost. Non-negative by trying each subset of those columns that keeps the slope on work (the
-    work always costs: a fit that prices a stage by its overhead alone follows noise) and keeping the
+    the next script's shots rather than staying what this one's cost. Non-negative by trying each
+    subset of those columns that keeps the slope on work (the work always costs: a fit that prices a
+    stage by its overhead alone follows noise) and keeping the
     feasible one with the least weighted squared error; the slope alone through the origin is always
     feasible. Exact and deterministic."""
     y, w = np.asarray(seconds, float), np.sqrt(np.asarray(weights if weights is not None else [1.0] * len(seconds), float))
