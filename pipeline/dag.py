@@ -738,7 +738,7 @@ class _Run:
         ahead = ahead_s * (sum(self.in_flight[r].rate * self.in_flight[r].share for r in running) + sum(starting))
         if running and self.guard.over(ahead):
             self.out.cap_reached = True
-            self.cancel(list(self.in_flight))
+            self.cancel(list(self.in_flight), ending=True)
             return
         if not running and self.guard.over():
             self.out.cap_reached = True  # a node finished past the budget between two looks: nothing more starts
@@ -764,9 +764,17 @@ class _Run:
             self.slots = max(sum(self.cluster.resources().values()), 1.0)
         return self.slots * self.prices.cost(self.ahead_s(), "cpu", 1.0)
 
-    def cancel(self, refs: list[Any]) -> None:
+    def cancel(self, refs: list[Any], *, ending: bool = False) -> None:
         """Cancel nodes in flight (and what waits for them): tasks are killed, model actors with a
-        running node killed; each is billed from its lease's start to the confirmed cancel."""
+        running node killed; each is billed from its lease's start to the confirmed cancel.
+
+        ``ending``: nothing more is submitted after this (a failure, the cap). Then a node that has
+        not started is not cancelled in Ray but told to stop through the store (``ledger.stop``: it
+        ends at its claim, having computed nothing) and collected when it does: Ray's cancel of a
+        task it is dispatching at that moment — one whose inputs just failed or finished — kills
+        the driver ("Tried to complete task that was not pending", Ray 2.60). Only nodes that hold
+        their lease, so run on a worker, are cancelled; the rest are cancelled dependents first,
+        so that no cancel makes another node ready to dispatch."""
         import ray
 
         doomed = dict.fromkeys(r for r in refs if r in self.in_flight)
@@ -781,20 +789,32 @@ class _Run:
                          or (f.actor is not None and id(f.actor) in killed))]
             doomed.update(dict.fromkeys(more))
             grew = bool(more)
-        actors = {id(self.in_flight[r].actor): self.in_flight[r].actor for r in doomed
+        order = [r for r in reversed(self.in_flight) if r in doomed]  # submitted later: waits on earlier ones
+        if ending:
+            for ref in order:
+                ledger.stop(self.store, self.in_flight[ref].key, self.work.holder)
+            for ref in order:  # those that took their lease before the word reached them run on
+                f = self.in_flight[ref]
+                got = f.lease or current_lease(self.store, f.key)
+                f.lease = got if got is not None and got.holder == self.work.holder else None
+        actors = {id(self.in_flight[r].actor): self.in_flight[r].actor for r in order
                   if self.in_flight[r].actor is not None and self.in_flight[r].lease is not None}
         for actor in actors.values():
             if self.pool is not None and actor in self.pool.actors:
                 self.pool.kill(actor)
             else:
                 ray.kill(actor)
-        for ref in doomed:
-            if self.in_flight[ref].actor is None:
+        for ref in order:
+            f = self.in_flight[ref]
+            if ending and f.lease is None:
+                continue  # it stops at its claim
+            if f.actor is None:
                 ray.cancel(ref, force=True)
-            elif id(self.in_flight[ref].actor) not in actors:
+            elif id(f.actor) not in actors:
                 ray.cancel(ref)  # queued on an actor that lives on
         t0 = time.time()
-        for ref in doomed:
+        # those cancelled first, each billed to when its cancel is confirmed; then those stopping
+        for ref in sorted(order, key=lambda r: self.in_flight[r].lease is None):
             flight = self.in_flight.pop(ref)
             try:
                 measured = ray.get(ref)
@@ -802,6 +822,8 @@ class _Run:
                 self.bill_cancelled(flight, time.time())
             else:  # it finished before the cancel reached it
                 self.take(measured, flight)
+            if ending:
+                ledger.unstop(self.store, flight.key, self.work.holder)
         self.cancel_s = max(self.cancel_s, time.time() - t0)
 
     def bill_cancelled(self, flight: _Flight, ended: float) -> None:
@@ -954,7 +976,7 @@ class _Run:
         """After a node failed: cancel what is in flight (billing the time it ran) and collect it,
         so no other failure is left for Ray to print. Nodes that finished are in the store."""
         try:
-            self.cancel(list(self.in_flight))
+            self.cancel(list(self.in_flight), ending=True)
         except Exception:  # the first failure is the one to report
             self.in_flight.clear()
 

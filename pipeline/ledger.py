@@ -40,6 +40,7 @@ from pipeline.store.lease import try_acquire
 from stages.records import AnimError, ProfileError
 
 SPEND = "spend"  # the notes' kind
+STOP = "stop"  # a driver's word to a node of its render that has not started: do not start
 SCHEMA = "anim.spend/1"
 CANCELLED, DIED, FAILED = "cancelled", "holder died", "failed"
 LEASE_S = 20.0  # a node's lease outlives its last heartbeat (every third of it) by this long
@@ -125,6 +126,25 @@ def finished_by(store: Store, key: str, holder: str) -> Spent | None:
             if raw is not None:
                 return Spent.parse(raw, key)
     return None
+
+
+class NodeStopped(AnimError):
+    """The node's render told it to stop before it started (``stop``): nothing was computed."""
+
+
+def stop(store: Store, key: str, holder: str) -> None:
+    """Tell ``holder``'s node of ``key`` not to start: it ends at its claim, before or just
+    after taking the key's lease (how a render ends nodes that have not started, see
+    ``pipeline.dag``)."""
+    store.write_note(STOP, key, holder, b"")
+
+
+def stopped(store: Store, key: str, holder: str) -> bool:
+    return store.read_note(STOP, key, holder) is not None
+
+
+def unstop(store: Store, key: str, holder: str) -> None:
+    store.remove_note(STOP, key, holder)
 
 
 def partial_rows(prices: PriceCatalog, node: NodeId, seconds: float, resource: str, units: float) -> list[LedgerRecord]:
@@ -226,6 +246,7 @@ class Claim:
         this node's own new lease (held and renewed from now on)."""
         if self.store.get(self.key) is not None:
             return None
+        self._unless_stopped()
         got = try_acquire(self.store, self.key, holder=self.work.holder, ttl_s=self.work.lease_s,
                           info={"node": str(self.node), "resource": self.held.resource, "units": self.held.units,
                                 "share": self.share})
@@ -237,8 +258,15 @@ class Claim:
             got.release()
             return None
         self.lease = got.keep_alive()
+        self._unless_stopped()  # told to stop while it took the lease: the driver did not see it
         self.t0, self.started = time.perf_counter(), time.time()
         return got
+
+    def _unless_stopped(self) -> None:
+        if stopped(self.store, self.key, self.work.holder):
+            self.release()
+            self.lease = None
+            raise NodeStopped(f"{self.node}: its render stopped it before it started")
 
     def _bill_dead(self, dead: LeaseInfo) -> None:
         """A holder that died with the key: its time from lease to last heartbeat was spent."""

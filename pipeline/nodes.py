@@ -166,16 +166,21 @@ def keyframes_batch(work: Work, shots: list[ShotPlan], held: Resources,
     pending, deadline = list(shots), time.monotonic() + work.wait_s
     while pending:
         mine, waiting = [], []
-        for shot in pending:
-            claim = Claim(work, st, NodeId("keyframes", shot.shot.id), shot.keys["keyframes"], held,
-                          share=1 / len(pending))
-            got = claim.take()
-            if got is None:
-                done[shot.shot.id] = measured(claim)
-            elif isinstance(got, LeaseInfo):
-                waiting.append(shot)
-            else:
-                mine.append((shot, claim))
+        try:
+            for shot in pending:
+                claim = Claim(work, st, NodeId("keyframes", shot.shot.id), shot.keys["keyframes"], held,
+                              share=1 / len(pending))
+                got = claim.take()
+                if got is None:
+                    done[shot.shot.id] = measured(claim)
+                elif isinstance(got, LeaseInfo):
+                    waiting.append(shot)
+                else:
+                    mine.append((shot, claim))
+        except BaseException:  # a shot told to stop: the leases already taken go back
+            for _, claim in mine:
+                claim.release()
+            raise
         try:
             if mine:
                 for m in draw_keyframes(draw, mine, held, setup_s=build_s):

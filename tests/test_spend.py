@@ -193,6 +193,47 @@ def test_a_node_that_fails_bills_the_time_it_ran_once(store, prices):
     assert [n.why for n in episode_notes(store, other)] == [None]
 
 
+def test_a_node_told_to_stop_ends_at_its_claim_having_taken_nothing(store, prices, monkeypatch):
+    """How a render ends the nodes that have not started (``ledger.stop``): before its lease, just
+    after taking it (the word came meanwhile), or while it waits for another render's lease."""
+    from pipeline.ledger import NodeStopped, stop, unstop
+
+    work = work_for(store, prices)
+    stop(store, KEY, work.holder)
+    with pytest.raises(NodeStopped, match=r"clip\[s1\]: its render stopped it before it started"):
+        with claimed(work, NodeId("clip", "s1"), KEY):
+            pytest.fail("a stopped node computed")
+    assert current(store, KEY) is None and store.notes(SPEND, KEY) == []
+    with claimed(work_for(store, prices, holder="render-c"), NodeId("clip", "s1"), KEY) as claim:
+        assert not claim.taken  # the word is to one render's node, not to the key
+    unstop(store, KEY, work.holder)
+    assert not ledger.stopped(store, KEY, work.holder)
+
+    real = ledger.try_acquire  # the word lands while the node takes its lease
+
+    def taking_while_told(*args, **kwargs):
+        got = real(*args, **kwargs)
+        stop(store, KEY, work.holder)
+        return got
+
+    monkeypatch.setattr(ledger, "try_acquire", taking_while_told)
+    with pytest.raises(NodeStopped):
+        with claimed(work, NodeId("clip", "s1"), KEY):
+            pytest.fail("a stopped node computed")
+    assert current(store, KEY) is None and store.notes(SPEND, KEY) == []  # its lease went back at once
+    monkeypatch.setattr(ledger, "try_acquire", real)
+    unstop(store, KEY, work.holder)
+
+    other = try_acquire(store, KEY, holder="render-a", ttl_s=30).keep_alive()
+    threading.Timer(0.3, stop, (store, KEY, work.holder)).start()
+    t0 = time.monotonic()
+    with pytest.raises(NodeStopped):  # waiting for render-a's lease, it hears the word within a poll
+        with claimed(work, NodeId("clip", "s1"), KEY):
+            pass
+    assert time.monotonic() - t0 >= 0.3 and current(store, KEY).holder == "render-a"
+    other.release()
+
+
 def episode_notes(store, key):
     return [ledger.Spent.parse(store.read_note(SPEND, key, n), key) for n in store.notes(SPEND, key)]
 
