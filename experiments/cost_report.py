@@ -2,8 +2,9 @@
 
 Computed from calibration rows and prices only — nothing is rendered. Two episodes are built
 by repeating the scenes of the sample scripts (shot ids renumbered, each repetition of a
-scene at a new location so plates are not shared across repetitions, the last shot trimmed
-so the episode has exactly the target length):
+scene at a new location so plates are not shared across repetitions, the last shot trimmed)
+to the written length whose plan lasts closest to the target (the cut follows the voice, so
+the plan is longer than what is written where lines take longer than their shot):
 
 * (a) 3 minutes, 9:16, 1080p, from examples/episode_zh.fountain (a vertical short drama);
 * (b) 22 minutes, 16:9, 1080p, from examples/episode_en.fountain (a TV episode).
@@ -81,6 +82,7 @@ def repeat_episode(episode: Episode, seconds: float) -> Episode:
     Repetition k > 0 of a scene is set at "<location> #k+1", so a layered profile generates a
     plate for it (a longer episode has more sets) instead of sharing the first one's.
     """
+    seconds = round(seconds, 2)  # durations are cut to the hundredth: what is left is none or ≥ 0.01 s
     scenes, total, rep = [], 0.0, 0
     while total < seconds - 1e-9:
         for scene in episode.scenes:
@@ -347,14 +349,36 @@ def billed(e: Estimate, prices: PriceCatalog, *, retake: float = RETAKE_FACTOR,
 # --------------------------------------------------------------------------- report
 
 
+def planned_episode(script: Path, seconds: float, profile: Profile, calibration: Calibration,
+                    prices: PriceCatalog, sha: str) -> Episode:
+    """The script repeated to the written length whose *plan* lasts closest to ``seconds``: the
+    cut follows the voice, so a shot whose lines take longer than its written duration is longer
+    in the plan (bisection on the written length; a plan costs milliseconds)."""
+    tried = []
+    low, high = 0.0, seconds
+    for written in [seconds] + [None] * 24:
+        written = (low + high) / 2 if written is None else written
+        episode = repeat_episode(load_episode(script), written)
+        planned = make_plan(episode, profile, calibration=calibration, prices=prices, script_sha256=sha).duration_s
+        tried.append((abs(planned - seconds), episode))
+        if planned == seconds:
+            break
+        low, high = (written, high) if planned < seconds else (low, written)
+    return min(tried, key=lambda t: t[0])[1]
+
+
 def build(calibration: Calibration, prices: PriceCatalog) -> tuple[list[Estimate], list[str]]:
     """All estimates, and the combinations left out with the reason."""
     estimates, skipped = [], []
     for name, script, minutes, aspect in EPISODES:
-        episode = repeat_episode(load_episode(script), minutes * 60.0)
         sha = hashlib.sha256(script.read_bytes()).hexdigest()
         base = {p: profile_for(path, aspect, "none") for p, path in PROFILES.items()}
-        for gpu in gpu_types(calibration, base):
+        gpus = gpu_types(calibration, base)
+        if not gpus:
+            continue
+        episode = planned_episode(script, minutes * 60.0, profile_for(PROFILES["standard"], aspect, gpus[0]),
+                                  calibration, prices, sha)  # (the plan's length is the same on every GPU)
+        for gpu in gpus:
             for tier in TIERS:
                 for pname, path in PROFILES.items():
                     try:

@@ -169,6 +169,11 @@ class Bed(Record):
     sha256: str
 
 
+def shot_time(frame: int, frames: int) -> float:
+    """Frame ``frame`` of a shot of ``frames`` frames as a position in the shot, 0.0 … 1.0."""
+    return frame / max(frames - 1, 1)
+
+
 class ShotPlan(Record):
     scene: ShotScene = Field(description="The shot and the scene it sits in.")
     start_frame: int = Field(description="First frame of the shot in the episode timeline.")
@@ -192,7 +197,7 @@ class ShotPlan(Record):
 
     def time_of(self, frame: int) -> float:
         """A shot-local frame's position in the shot, 0.0 … 1.0."""
-        return frame / max(self.frames - 1, 1)
+        return shot_time(frame, self.frames)
 
     @property
     def keyframe_times(self) -> list[float]:

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.cost import PriceCatalog
-from pipeline.models import Bed, Profile, RenderPlan, ShotPlan, VoicePlan
+from pipeline.models import Bed, Profile, RenderPlan, ShotPlan, VoicePlan, shot_time
 from stages import assemble, encode, handoffs, inbetween, keyframes, mix, storyboard, subtitles, transitions, voice
 from stages import audit as audit_mod
 from stages.backgrounds import setting_of
@@ -308,7 +308,7 @@ def make_plan(episode: Episode, profile: Profile, *, calibration: Calibration,
             shot_scene = ShotScene(shot=shot, heading=scene.heading, location=scene.location, setting=scene.setting,
                                    time_of_day=scene.time_of_day, speech=spoken_lines,
                                    duration_s=frames / profile.fps if spoken_lines else None)
-            still = entries["keyframes"].still_pairs(kf_settings, shot_scene, [k / max(frames - 1, 1) for k in keys],
+            still = entries["keyframes"].still_pairs(kf_settings, shot_scene, [shot_time(k, frames) for k in keys],
                                                      width, height)
             # 2. Content keys, each chained to its inputs.
             content = json.dumps(shot_content(shot, scene), sort_keys=True, ensure_ascii=False)

@@ -33,6 +33,21 @@ def test_repeat_episode_reaches_the_duration_with_unique_ids(minute_episode):
     assert any("#2" in loc for loc in locations)  # the second pass through the script is a new set
 
 
+def test_the_reports_episode_is_as_long_as_its_name_once_planned(calibration, prices):
+    """The cut follows the voice, so the written length is not the plan's: the report's 3-minute
+    episode is the repetition whose plan lasts closest to 3 minutes (a written length that is no
+    round number of seconds ends too)."""
+    script = REPO_ROOT / "examples" / "episode_zh.fountain"
+    profile = cost_report.profile_for(cost_report.PROFILES["standard"], "9:16", GPU)
+    written = cost_report.repeat_episode(load_episode(script), 180.0)
+    naive = make_plan(written, profile, calibration=calibration, prices=prices, script_sha256="0" * 64)
+    assert naive.duration_s > 185.0  # the voices lengthen it
+    assert cost_report.repeat_episode(load_episode(script), 160.041666).duration_s == pytest.approx(160.04)
+    fitted = cost_report.planned_episode(script, 180.0, profile, calibration, prices, "0" * 64)
+    plan = make_plan(fitted, profile, calibration=calibration, prices=prices, script_sha256="0" * 64)
+    assert abs(plan.duration_s - 180.0) < 2.0 and fitted.duration_s < 170.0
+
+
 @pytest.mark.parametrize("name", ["naive", "standard"])
 def test_example_gpu_profiles_load_and_plan(name, calibration, prices, minute_episode):
     profile = cost_report.profile_for(cost_report.PROFILES[name], "9:16", GPU)
