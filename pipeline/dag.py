@@ -58,6 +58,7 @@ from stages.records import AnimError, NodeError, TransientNodeError
 
 START_TIMEOUT_S = 60.0  # starting or joining a cluster fails with one line after this long
 RETRIES = 2  # a node failing transiently (its encoder killed, its worker dead) runs at most 1 + RETRIES times
+STOP_WAIT_S = 15.0  # how long nodes told to stop have to come back before Ray cancels them (queued, not dispatching)
 POLL_S = 0.05  # with a budget: how often running nodes' cost so far is looked at
 STOP_AHEAD_S = 0.1  # the cap stops running nodes at least this long before they would reach it: two
 # polls and the ~20 ms a force-cancel takes to confirm (measured on a local 2-core cluster) — or twice
@@ -773,8 +774,10 @@ class _Run:
         ends at its claim, having computed nothing) and collected when it does: Ray's cancel of a
         task it is dispatching at that moment — one whose inputs just failed or finished — kills
         the driver ("Tried to complete task that was not pending", Ray 2.60). Only nodes that hold
-        their lease, so run on a worker, are cancelled; the rest are cancelled dependents first,
-        so that no cancel makes another node ready to dispatch."""
+        their lease, so run on a worker, are cancelled at once; one told to stop that has not come
+        back within ``STOP_WAIT_S`` is still queued for resources (a shared cluster), not being
+        dispatched, and is cancelled in Ray then. Cancels go dependents first, so that no cancel
+        makes another node ready to dispatch."""
         import ray
 
         doomed = dict.fromkeys(r for r in refs if r in self.in_flight)
@@ -804,26 +807,36 @@ class _Run:
                 self.pool.kill(actor)
             else:
                 ray.kill(actor)
-        for ref in order:
-            f = self.in_flight[ref]
-            if ending and f.lease is None:
-                continue  # it stops at its claim
-            if f.actor is None:
+
+        def cancel_in_ray(ref: Any) -> None:
+            if self.in_flight[ref].actor is None:
                 ray.cancel(ref, force=True)
-            elif id(f.actor) not in actors:
+            elif id(self.in_flight[ref].actor) not in actors:
                 ray.cancel(ref)  # queued on an actor that lives on
+
+        def collect(refs: list[Any]) -> None:  # each billed to when its end is confirmed
+            for ref in refs:
+                flight = self.in_flight.pop(ref)
+                try:
+                    measured = ray.get(ref)
+                except (ray.exceptions.RayError, AnimError):
+                    self.bill_cancelled(flight, time.time())
+                else:  # it finished before the cancel reached it
+                    self.take(measured, flight)
+                if ending:
+                    ledger.unstop(self.store, flight.key, self.work.holder)
+
+        told = [r for r in order if ending and self.in_flight[r].lease is None]  # they stop at their claim
         t0 = time.time()
-        # those cancelled first, each billed to when its cancel is confirmed; then those stopping
-        for ref in sorted(order, key=lambda r: self.in_flight[r].lease is None):
-            flight = self.in_flight.pop(ref)
-            try:
-                measured = ray.get(ref)
-            except (ray.exceptions.RayError, AnimError):
-                self.bill_cancelled(flight, time.time())
-            else:  # it finished before the cancel reached it
-                self.take(measured, flight)
-            if ending:
-                ledger.unstop(self.store, flight.key, self.work.holder)
+        for ref in order:
+            if ref not in told:
+                cancel_in_ray(ref)
+        collect([r for r in order if r not in told])
+        if told:  # one still queued for resources (a shared cluster) is not being dispatched: Ray cancels it
+            _, late = ray.wait(told, num_returns=len(told), timeout=STOP_WAIT_S)
+            for ref in [r for r in order if r in late]:
+                cancel_in_ray(ref)
+            collect(told)
         self.cancel_s = max(self.cancel_s, time.time() - t0)
 
     def bill_cancelled(self, flight: _Flight, ended: float) -> None:
