@@ -354,16 +354,16 @@ def planned_episode(script: Path, seconds: float, profile: Profile, calibration:
     """The script repeated to the written length whose *plan* lasts closest to ``seconds``: the
     cut follows the voice, so a shot whose lines take longer than its written duration is longer
     in the plan (bisection on the written length; a plan costs milliseconds)."""
-    tried = []
-    low, high = 0.0, seconds
-    for written in [seconds] + [None] * 24:
-        written = (low + high) / 2 if written is None else written
-        episode = repeat_episode(load_episode(script), written)
+    source, tried = load_episode(script), []
+    low, high, written = 0.0, seconds, seconds
+    for _ in range(25):
+        episode = repeat_episode(source, written)
         planned = make_plan(episode, profile, calibration=calibration, prices=prices, script_sha256=sha).duration_s
         tried.append((abs(planned - seconds), episode))
         if planned == seconds:
             break
         low, high = (written, high) if planned < seconds else (low, written)
+        written = (low + high) / 2
     return min(tried, key=lambda t: t[0])[1]
 
 

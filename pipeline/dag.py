@@ -827,14 +827,15 @@ class _Run:
                     ledger.unstop(self.store, flight.key, self.work.holder)
 
         told = [r for r in order if ending and self.in_flight[r].lease is None]  # they stop at their claim
+        now = [r for r in order if self.in_flight[r].lease is not None or not ending]
         t0 = time.time()
-        for ref in order:
-            if ref not in told:
-                cancel_in_ray(ref)
-        collect([r for r in order if r not in told])
+        for ref in now:
+            cancel_in_ray(ref)
+        collect(now)
         if told:  # one still queued for resources (a shared cluster) is not being dispatched: Ray cancels it
             _, late = ray.wait(told, num_returns=len(told), timeout=STOP_WAIT_S)
-            for ref in [r for r in order if r in late]:
+            late = set(late)
+            for ref in (r for r in told if r in late):
                 cancel_in_ray(ref)
             collect(told)
         self.cancel_s = max(self.cancel_s, time.time() - t0)
