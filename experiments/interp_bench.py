@@ -3,20 +3,24 @@
     .venv/bin/python experiments/interp_bench.py [--weights ../shared/data/weights/rife/flownet.pkl]
                                                  [--preset fast] [--no-rife] [--hd-only]
                                                  [--sets-only] [--per 6] [--tune-per 12] [--quick]
-                                                 [--threshold T] [--subtle-motion M]
+                                                 [--threshold T] [--subtle-motion M] [--rife-weight W]
+                                                 [--fresh-per 12]
 
 0. Sets (``experiments/interp_sets.py``: consecutive and wide-step triplets n-k, n, n+k, k = 1…4,
-   from bbb, the Pigs GIF and Sintel, split into a tune and a report part): every method on every
+   from bbb, the Pigs GIF and Sintel, split into a tune part and two held-out parts, report and
+   fresh, the latter added after the report part had been looked at): every method on every
    triplet, interleaved (one triplet, all methods, then the next: the machine's load hits them
    alike), per part, set and step: mean PSNR and SSIM, ms per frame, and the adaptive method's
    share of pairs routed to RIFE; the frame-edge rules ("flow": auto, the default; "flow_defer":
    always; "flow_off": never); on the tune part (``--tune-per`` triplets per source and step, denser
    than the report part's ``--per``), where the flow beats RIFE by how much, binned by the confidence's
-   motion and score, and the sweep of the router's two thresholds (score and subtle motion) and the
-   fallback the defaults were chosen from (the adaptive output is exactly the flow's, RIFE's or the
-   crossfade's, so the sweep recombines the measured outputs); on the report part the target check
-   (adaptive ≥ RIFE's mean PSNR on every set and step, at ≤ 1/3 of RIFE's time per frame over the
-   report part). ``--quick``: 2 triplets per source, step and part, and only this section.
+   motion and score, the RIFE route's in-between mixed with the flow's at RIFE weights 0.25–0.75,
+   and the sweep of the router's two thresholds (score and subtle motion), the fallback and the RIFE
+   weight the defaults were chosen from (the adaptive output is exactly the flow's, RIFE's mixed
+   with the flow's, or the crossfade's, so the sweep recombines the measured outputs); on each
+   held-out part the target check (adaptive ≥ RIFE's mean PSNR on every set and step, at ≤ 1/3 of
+   RIFE's time per frame over the part). ``--quick``: 2 triplets per source, step and part (the
+   fresh GIF part is all of it), and only this section.
 
 1. Quality: every triplet (n-1, n, n+1) in ../shared/data/frames, plus triplets decoded from
    its clips (Big Buck Bunny webm, the Pigs in a Polka GIF, the Chaplin mp4); predict n at
@@ -192,30 +196,35 @@ def scaling(pairs: list, preset: str) -> dict[int, float]:
 
 
 SET_METHODS = ("crossfade", "flow", "flow_defer", "flow_off", "rife", "adaptive")
+HELD_OUT = ("report", "fresh")  # the parts no choice is made on
 
 
 def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
     """Section 0: (table lines, MLflow metrics) of every method on the evaluation sets."""
-    items = interp_sets.triplets(per=args.per, tune_per=args.tune_per)
+    items = interp_sets.triplets(per=args.per, tune_per=args.tune_per, fresh_per=args.fresh_per)
     methods = {"crossfade": Crossfade(), "flow": FlowInterpolator(preset=args.preset),
                "flow_defer": FlowInterpolator(preset=args.preset, edge="defer"),
                "flow_off": FlowInterpolator(preset=args.preset, edge="off"), "rife": rife,
                "adaptive": AdaptiveInterpolator(flow=FlowInterpolator(preset=args.preset), rife=rife, lazy=False,
                                                 crossfade=Crossfade(), threshold=args.threshold,
-                                                subtle_motion=args.subtle_motion)}
+                                                subtle_motion=args.subtle_motion, rife_weight=args.rife_weight)}
     ad = methods["adaptive"]
     res: list[dict] = []  # per triplet: psnr/ssim/seconds per method, score, route
     conf_s = flow_only_s = 0.0
     for t in items:
         row: dict = {"t": t}
+        outs = {}
         for m, fn in methods.items():
             before = dict(ad.routes)
             t0 = time.perf_counter()
-            (out,) = fn(t.a, t.b, [0.5])
-            row[m] = (cv2.PSNR(out, t.mid), ssim(out, t.mid), time.perf_counter() - t0)
+            (outs[m],) = fn(t.a, t.b, [0.5])
+            row[m] = (cv2.PSNR(outs[m], t.mid), ssim(outs[m], t.mid), time.perf_counter() - t0)
             if m == "adaptive":
                 row["score"] = ad.scores[-1]
                 row["route"] = next(r for r in ad.routes if ad.routes[r] != before[r])
+        for w in SWEEP_MIX:  # the RIFE route's in-between at each RIFE weight (RIFE's time: the flow's is paid anyway)
+            mixed = cv2.addWeighted(outs["rife"], w, outs["flow"], 1.0 - w, 0.0)
+            row[f"mix{w:g}"] = (cv2.PSNR(mixed, t.mid), ssim(mixed, t.mid), row["rife"][2])
         # the confidence's own cost, next to the flow it judges
         fi = methods["flow"]
         t0 = time.perf_counter()
@@ -226,7 +235,8 @@ def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
         flow_only_s += t1 - t0
         res.append(row)
     lines = [f"sets (experiments/interp_sets.py, {len(items)} triplets, t = 0.5; adaptive: RIFE where score < "
-             f"{args.threshold} or motion < {args.subtle_motion}; "
+             f"{args.threshold} or motion < {args.subtle_motion}, mixed {args.rife_weight:g} RIFE : "
+             f"{1 - args.rife_weight:g} flow; "
              f"confidence {1000 * conf_s / len(items):.1f} ms per pair = {conf_s / flow_only_s:.1%} of the two DIS flows)",
              f"{'part':6s} {'set':9s} {'k':>1s} {'n':>2s}" + "".join(f" {m + ' dB/SSIM/ms':>26s}" for m in SET_METHODS)
              + f" {'to RIFE':>8s} {'ad-rife dB':>10s} {'ad/rife t':>9s}"]
@@ -236,18 +246,16 @@ def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
         t = r["t"]
         groups.setdefault((t.part, t.set, t.step), []).append(r)
         groups.setdefault((t.part, "all", 0), []).append(r)
-    target, misses = True, []
-    for (part, name, step), rows in sorted(groups.items(), key=lambda kv: (kv[0][0] != "tune", kv[0][1] == "all",
-                                                                            kv[0][1], kv[0][2])):
+    misses: dict[str, list[str]] = {part: [] for part in HELD_OUT}
+    for (part, name, step), rows in sorted(groups.items(), key=lambda kv: (interp_sets.PARTS.index(kv[0][0]),
+                                                                            kv[0][1] == "all", kv[0][1], kv[0][2])):
         mean = {m: [float(np.mean([r[m][i] for r in rows])) for i in range(3)] for m in SET_METHODS}
         share = float(np.mean([r["route"] == "rife" for r in rows]))
         gap, ratio = mean["adaptive"][0] - mean["rife"][0], mean["adaptive"][2] / mean["rife"][2]
-        if part == "report" and name != "all" and gap < 0.0:
-            target = False
-            misses.append(f"{name} k={step} {gap:+.2f} dB")
-        if part == "report" and name == "all" and ratio > 1 / 3:
-            target = False
-            misses.append(f"time {ratio:.2f}x RIFE's")
+        if part in misses and name != "all" and gap < 0.0:
+            misses[part].append(f"{name} k={step} {gap:+.2f} dB")
+        if part in misses and name == "all" and ratio > 1 / 3:
+            misses[part].append(f"time {ratio:.2f}x RIFE's")
         lines.append(f"{part:6s} {name:9s} {step or '*':>1} {len(rows):2d}" + "".join(
             f" {mean[m][0]:12.2f} {mean[m][1]:.3f} {1000 * mean[m][2]:7.0f}" for m in SET_METHODS)
             + f" {share:8.0%} {gap:+10.2f} {ratio:9.2f}")
@@ -256,9 +264,11 @@ def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
             metrics[f"{tag}.{m}.psnr_db"], metrics[f"{tag}.{m}.ssim"] = mean[m][0], mean[m][1]
             metrics[f"{tag}.{m}.ms_per_frame"] = 1000 * mean[m][2]
         metrics[f"{tag}.adaptive.rife_share"] = share
-    lines.append(f"target (report part: adaptive >= RIFE mean PSNR on every set and step, <= 1/3 of RIFE's time "
-                 f"per frame): {'met' if target else 'NOT met: ' + ', '.join(misses)}")
-    metrics["target_met"] = float(target)
+    for part, missed in misses.items():
+        if any(p == part for p, _, _ in groups):
+            lines.append(f"target ({part} part: adaptive >= RIFE mean PSNR on every set and step, <= 1/3 of RIFE's "
+                         f"time per frame): {'NOT met: ' + ', '.join(missed) if missed else 'met'}")
+            metrics[f"{part}.target_met"] = float(not missed)
     tune = [r for r in res if r["t"].part == "tune"]
     lines += tune_study(tune)
     lines += sweep_lines(tune, groups, args, metrics)
@@ -281,66 +291,87 @@ def tune_study(tune: list[dict]) -> list[str]:
             if d:
                 cells.append(f"[{lo:g},{hi:g}) n{len(d)} {np.mean(d):+.2f} {np.mean([x < 0 for x in d]):.0%}")
         lines.append(f"  {feature:6s} " + " | ".join(cells))
+    lines.append("the RIFE route's in-between mixed with the flow's, tune part (mix - RIFE dB per pair: n, mean, share "
+                 "where the mix beats both), by motion; RIFE weights " + ", ".join(f"{w:g}" for w in SWEEP_MIX[:-1]))
+    for w in SWEEP_MIX[:-1]:
+        cells = []
+        for lo, hi in zip(MOTION_BINS, MOTION_BINS[1:]):
+            rows = [r for r in tune if lo <= r["conf"].motion < hi]
+            if rows:
+                d = [r[f"mix{w:g}"][0] - r["rife"][0] for r in rows]
+                best = np.mean([r[f"mix{w:g}"][0] >= max(r["flow"][0], r["rife"][0]) for r in rows])
+                cells.append(f"[{lo:g},{hi:g}) n{len(d)} {np.mean(d):+.2f} {best:.0%}")
+        lines.append(f"  {w:<6g} " + " | ".join(cells))
     return lines
 
 
 SWEEP_THRESHOLDS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 SWEEP_SUBTLE = (0.0, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.01)
 SWEEP_FALLBACKS = (None, 0.4)
+SWEEP_MIX = (0.25, 0.5, 0.75, 1.0)  # RIFE's weight in the RIFE route's in-between (1: RIFE alone)
 
 
 def sweep_lines(tune: list[dict], groups: dict, args, metrics: dict[str, float]) -> list[str]:
     """The sweep on the tune part and the choice by the declared rule. The adaptive output is the flow's,
-    RIFE's or the crossfade's, so any setting's result is the measured outputs recombined (time: flow and
-    confidence on every pair, plus the routed method's)."""
-    lines = ["sweep on the tune part (recombined): RIFE where score < threshold (rows) or motion < subtle_motion "
-             "(columns), crossfade where the fallback applies; each cell: mean adaptive - RIFE dB / worst set-step dB / "
-             "time vs RIFE / RIFE share"]
+    RIFE's mixed with the flow's, or the crossfade's, so any setting's result is the measured outputs
+    recombined (time: flow and confidence on every pair, plus the routed method's)."""
     tune_groups = [rows for (part, name, _), rows in groups.items() if part == "tune" and name != "all"]
     rife_s = np.mean([r["rife"][2] for r in tune])
-    sweep = []
-    for above in SWEEP_FALLBACKS:
-        lines.append(f"  fallback {'none' if above is None else f'crossfade where inconsistent > {above}'}; "
-                     f"subtle_motion: " + "  ".join(f"{m:>22g}" for m in SWEEP_SUBTLE))
-        for thr in SWEEP_THRESHOLDS:
-            cells = []
-            for sub in SWEEP_SUBTLE:
-                pick = _router(above, thr, sub)
-                worst = min(np.mean([r[pick(r)][0] - r["rife"][0] for r in rows]) for rows in tune_groups)
-                gap = np.mean([r[pick(r)][0] - r["rife"][0] for r in tune])
-                ratio = np.mean([r["flow"][2] + (r[pick(r)][2] if pick(r) != "flow" else 0.0) for r in tune]) / rife_s
-                share = np.mean([pick(r) == "rife" for r in tune])
-                sweep.append((above, thr, sub, round(float(worst), 2), round(float(gap), 2), float(ratio)))
-                cells.append(f"{gap:+.2f}/{worst:+.2f}/{ratio:.2f}x/{share:3.0%}")
-            lines.append(f"    threshold {thr:4.2f}        " + "  ".join(f"{c:>22s}" for c in cells))
+    sweep, cell = [], {}
+    for mix in SWEEP_MIX:
+        for above in SWEEP_FALLBACKS:
+            for thr in SWEEP_THRESHOLDS:
+                for sub in SWEEP_SUBTLE:
+                    pick = _router(above, thr, sub, mix)
+                    worst = min(np.mean([r[pick(r)][0] - r["rife"][0] for r in rows]) for rows in tune_groups)
+                    gap = np.mean([r[pick(r)][0] - r["rife"][0] for r in tune])
+                    ratio = np.mean([r["flow"][2] + (r[pick(r)][2] if pick(r) != "flow" else 0.0) for r in tune]) / rife_s
+                    share = np.mean([pick(r).startswith("mix") for r in tune])
+                    sweep.append((mix, above, thr, sub, round(float(worst), 2), round(float(gap), 2), float(ratio)))
+                    cell[mix, above, thr, sub] = f"{gap:+.2f}/{worst:+.2f}/{ratio:.2f}x/{share:3.0%}"
     # The declared rule: within 1/3 of RIFE's time, the best worst set/step; then the best mean; then the
-    # cheapest; then the smallest thresholds (fewest pairs away from the flow).
-    ok = [x for x in sweep if x[5] <= 1 / 3]
-    above, thr, sub, worst, gap, ratio = max(ok, key=lambda x: (x[3], x[4], -x[5], -x[1], -x[2]))
+    # cheapest; then the smallest thresholds (fewest pairs away from the flow); then RIFE's largest weight.
+    ok = [x for x in sweep if x[6] <= 1 / 3]
+    mix, above, thr, sub, worst, gap, ratio = max(ok, key=lambda x: (x[4], x[5], -x[6], -x[2], -x[3], x[0]))
+    lines = [f"sweep on the tune part (recombined): RIFE where score < threshold (rows) or motion < subtle_motion "
+             f"(columns), crossfade where the fallback applies; each cell: mean adaptive - RIFE dB / worst set-step dB / "
+             f"time vs RIFE / RIFE share; at the chosen RIFE weight {mix:g} (the best cell of each weight below)"]
+    for a in SWEEP_FALLBACKS:
+        lines.append(f"  fallback {'none' if a is None else f'crossfade where inconsistent > {a}'}; "
+                     f"subtle_motion: " + "  ".join(f"{m:>22g}" for m in SWEEP_SUBTLE))
+        for t in SWEEP_THRESHOLDS:
+            lines.append(f"    threshold {t:4.2f}        " + "  ".join(f"{cell[mix, a, t, m]:>22s}" for m in SWEEP_SUBTLE))
+    for w in SWEEP_MIX:
+        best = max((x for x in ok if x[0] == w), key=lambda x: (x[4], x[5], -x[6], -x[2], -x[3]), default=None)
+        if best:
+            lines.append(f"  RIFE weight {w:g}: best within 1/3 of RIFE's time: threshold {best[2]}, subtle_motion "
+                         f"{best[3]}, fallback {'none' if best[1] is None else best[1]}: "
+                         f"{cell[w, best[1], best[2], best[3]]}")
     lines.append(f"chosen on the tune part by the rule (time <= 1/3 of RIFE's; then the best worst set/step, the best "
-                 f"mean, the cheapest, the smallest thresholds): fallback "
+                 f"mean, the cheapest, the smallest thresholds, RIFE's largest weight): RIFE weight {mix:g}, fallback "
                  f"{'none' if above is None else f'crossfade above {above}'}, threshold {thr}, subtle_motion {sub} "
-                 f"(worst {worst:+.2f} dB, mean {gap:+.2f} dB, {ratio:.2f}x RIFE's time); this run used threshold "
-                 f"{args.threshold}, subtle_motion {args.subtle_motion}")
-    metrics["chosen_threshold"], metrics["chosen_subtle_motion"] = thr, sub
-    if (above, thr, sub) != (None, args.threshold, args.subtle_motion):  # the report part as the choice would route it
-        pick, cells = _router(above, thr, sub), []
+                 f"(worst {worst:+.2f} dB, mean {gap:+.2f} dB, {ratio:.2f}x RIFE's time); this run used RIFE weight "
+                 f"{args.rife_weight:g}, threshold {args.threshold}, subtle_motion {args.subtle_motion}")
+    metrics["chosen_threshold"], metrics["chosen_subtle_motion"], metrics["chosen_rife_weight"] = thr, sub, mix
+    if (mix, above, thr, sub) != (args.rife_weight, None, args.threshold, args.subtle_motion):
+        pick, cells = _router(above, thr, sub, mix), []  # the held-out parts as the choice would route them
         for (part, name, step), rows in sorted(groups.items(), key=lambda kv: (kv[0][1] == "all", kv[0])):
-            if part == "report":
+            if part in HELD_OUT:
                 gap = np.mean([r[pick(r)][0] - r["rife"][0] for r in rows])
-                cells.append(f"{name} k={step} {gap:+.2f}" if step else f"all {gap:+.2f}")
-        lines.append("report part with the tune's choice (recombined), adaptive - RIFE dB: " + ", ".join(cells))
+                cells.append(f"{part} {name} k={step} {gap:+.2f}" if step else f"{part} all {gap:+.2f}")
+        lines.append("held-out parts with the tune's choice (recombined), adaptive - RIFE dB: " + ", ".join(cells))
     return lines
 
 
-def _router(above: float | None, thr: float, sub: float):
+def _router(above: float | None, thr: float, sub: float, mix: float = 1.0):
     """The route a setting gives a measured triplet: the fallback (crossfade) above ``above``'s inconsistent share,
-    RIFE where the score is below ``thr`` or the motion below ``sub``, else the flow."""
+    RIFE mixed ``mix`` : ``1 - mix`` with the flow where the score is below ``thr`` or the motion below ``sub``,
+    else the flow."""
     def pick(r: dict) -> str:
         c = r["conf"]
         if above is not None and c.inconsistent > above:
             return "crossfade"
-        return "rife" if c.score < thr or c.motion < sub else "flow"
+        return f"mix{mix:g}" if c.score < thr or c.motion < sub else "flow"
     return pick
 
 
@@ -360,16 +391,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="--sets-only --per 2 --tune-per 2")
     ap.add_argument("--threshold", type=float, default=AdaptiveSettings.model_fields["threshold"].default)
     ap.add_argument("--subtle-motion", type=float, default=AdaptiveSettings.model_fields["subtle_motion"].default)
+    ap.add_argument("--rife-weight", type=float, default=AdaptiveSettings.model_fields["rife_weight"].default)
+    ap.add_argument("--fresh-per", type=int, default=None, help="bbb triplets per step of the fresh part (default 2x --per)")
     args = ap.parse_args()
     if args.quick:
-        args.sets_only, args.per, args.tune_per = True, 2, 2
+        args.sets_only, args.per, args.tune_per, args.fresh_per = True, 2, 2, 2
     if args.sets_only:
         from stages.rife import RifeInterpolator
 
         lines, metrics = sets_bench(args, RifeInterpolator(weights=args.weights, threads=args.threads))
         print("\n".join(lines))
-        log_run(args, {"sets_per": args.per, "tune_per": args.tune_per, "threshold": args.threshold,
-                       "subtle_motion": args.subtle_motion}, metrics, "\n".join(lines))
+        log_run(args, {"sets_per": args.per, "tune_per": args.tune_per, "fresh_per": args.fresh_per,
+                       "threshold": args.threshold, "subtle_motion": args.subtle_motion,
+                       "rife_weight": args.rife_weight}, metrics, "\n".join(lines))
         return
 
     # 1. Material and methods.
@@ -460,8 +494,9 @@ def main() -> None:
                     "flow.ms_per_frame_1080p_1core": hd1_ms,
                     "flow.fps_1proc": fps[1], "flow.fps_2proc": fps[2], "holds_exact": float(hold_exact)})
     log_run(args, {"flow_preset": args.preset, "triplets": n, "holds": len(holds), "rife_threads": args.threads,
-                   "sets_per": args.per, "tune_per": args.tune_per, "threshold": args.threshold,
-                   "subtle_motion": args.subtle_motion}, {**metrics, **set_metrics}, table)
+                   "sets_per": args.per, "tune_per": args.tune_per, "fresh_per": args.fresh_per,
+                   "threshold": args.threshold, "subtle_motion": args.subtle_motion,
+                   "rife_weight": args.rife_weight}, {**metrics, **set_metrics}, table)
 
 
 def log_run(args, params: dict, metrics: dict[str, float], table: str) -> None:

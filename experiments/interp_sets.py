@@ -20,6 +20,11 @@ are made on ``tune`` and reported on ``report``.
   within frames 0–14;
 * ``report``: bbb triplets within frames 360–719, GIF triplets within frames 15–29, and every
   Sintel triplet: Sintel is never used for any choice. No frame is in both parts.
+* ``fresh``: more held-out triplets from the report part's frames, added after the report part
+  had been looked at (2026-12-02) and measured only with settings chosen on ``tune``: bbb and GIF
+  triplets of the report range whose (centre, step) is not a report triplet — ``fresh_per`` per
+  bbb step spaced evenly over the rest, every remaining GIF triplet. They share frames with report
+  triplets but none is one, so no choice has seen them; Sintel has none left.
 
 The three bbb PNG triplets of ../shared/data/frames/bbb (centres 120, 430, 487) were used to pick
 the flow preset before this split existed; centres 430 and 487 fall in ``report`` and are left
@@ -42,7 +47,7 @@ from PIL import Image, ImageSequence
 REPO = Path(__file__).resolve().parents[1]
 FRAMES = REPO.parent / "shared" / "data" / "frames"
 STEPS = (1, 2, 3, 4)
-PARTS = ("tune", "report")
+PARTS = ("tune", "report", "fresh")
 BBB_SIZE = (640, 360)
 BBB_FRAMES = 720
 BBB_SPLIT = 360  # centres below: tune; at or above: report
@@ -55,7 +60,7 @@ SINTEL = ("sintel_raft_demo", "sintel_alley1_clean", "sintel_alley1_final")
 class Triplet:
     set: str  # "bbb" | "pigs_gif" | "sintel"
     step: int
-    part: str  # "tune" | "report"
+    part: str  # "tune" | "report" | "fresh"
     name: str
     a: np.ndarray
     mid: np.ndarray
@@ -75,18 +80,22 @@ def _spaced(lo: int, hi: int, n: int) -> list[int]:
     return sorted({round(x) for x in np.linspace(lo, hi, n)})
 
 
-def _bbb_centres(step: int, part: str, per: int) -> list[int]:
+def _bbb_centres(step: int, part: str, per: dict[str, int]) -> list[int]:
     lo, hi = (step, BBB_SPLIT - 1 - step) if part == "tune" else (BBB_SPLIT + step, BBB_FRAMES - 1 - step)
     # spaced over the allowed centres (the excluded window removed), offset by the step so that
     # the steps do not all share one centre
     allowed = [c for c in range(lo, hi + 1) if c not in EXCLUDED_BBB and c - step not in EXCLUDED_BBB
                and c + step not in EXCLUDED_BBB]
-    idx = _spaced(0, len(allowed) - 1, per)
+    if part == "fresh":  # the report range's centres the report part does not use, spaced anew
+        used = set(_bbb_centres(step, "report", per))
+        allowed = [c for c in allowed if c not in used]
+        return [allowed[i] for i in _spaced(0, len(allowed) - 1, per["fresh"])]
+    idx = _spaced(0, len(allowed) - 1, per[part])
     return [allowed[min(len(allowed) - 1, i + step * 3)] for i in idx]
 
 
 def _bbb(per: dict[str, int]) -> list[Triplet]:
-    want = {(step, part): _bbb_centres(step, part, per[part]) for step in STEPS for part in PARTS}
+    want = {(step, part): _bbb_centres(step, part, per) for step in STEPS for part in PARTS}
     needed = {c + d for (step, _), cs in want.items() for c in cs for d in (-step, 0, step)}
     frames: dict[int, np.ndarray] = {}
     gen = imageio_ffmpeg.read_frames(str(FRAMES / "bbb" / "big_buck_bunny_0_30.webm"))
@@ -109,13 +118,14 @@ def _gif(per: dict[str, int]) -> list[Triplet]:
         gif = [np.array(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
     out = []
     for step in STEPS:
-        for part in PARTS:
+        for part in ("tune", "report"):
             lo, hi = (step, GIF_SPLIT - 1 - step) if part == "tune" else (GIF_SPLIT + step, len(gif) - 1 - step)
             ok = [c for c in range(lo, hi + 1) if not np.array_equal(gif[c], gif[c - step])
                   and not np.array_equal(gif[c], gif[c + step])]
-            for i in _spaced(0, len(ok) - 1, per[part]):
-                c = ok[i]
-                out.append(Triplet("pigs_gif", step, part, f"pigs_gif/{c}k{step}", gif[c - step], gif[c], gif[c + step]))
+            chosen = [ok[i] for i in _spaced(0, len(ok) - 1, per[part])]
+            parts = [(part, chosen)] + ([("fresh", [c for c in ok if c not in chosen])] if part == "report" else [])
+            out += [Triplet("pigs_gif", step, name, f"pigs_gif/{c}k{step}", gif[c - step], gif[c], gif[c + step])
+                    for name, cs in parts for c in cs]
     return out
 
 
@@ -130,12 +140,14 @@ def _sintel() -> list[Triplet]:
     return out
 
 
-def triplets(per: int = 6, tune_per: int | None = None) -> list[Triplet]:
+def triplets(per: int = 6, tune_per: int | None = None, fresh_per: int | None = None) -> list[Triplet]:
     """Every triplet of the sets: ``per`` per source, step and part (the GIF two thirds of it; Sintel:
     all it has); ``tune_per`` (default ``per``) instead for the tune part, where a denser sample makes
-    the choices less a matter of which few pairs were drawn."""
-    bbb = {"tune": tune_per or per, "report": per}
-    return _bbb(bbb) + _gif({part: max(1, n * 2 // 3) for part, n in bbb.items()}) + _sintel()
+    the choices less a matter of which few pairs were drawn; ``fresh_per`` (default ``2 * per``) bbb
+    triplets per step of the fresh part (the GIF's: all that are left; 0: no fresh part)."""
+    bbb = {"tune": tune_per or per, "report": per, "fresh": 2 * per if fresh_per is None else fresh_per}
+    items = _bbb(bbb) + _gif({part: max(1, n * 2 // 3) for part, n in bbb.items()}) + _sintel()
+    return [t for t in items if t.part != "fresh" or bbb["fresh"] > 0]
 
 
 def groups(items: list[Triplet]) -> dict[tuple[str, str, int], list[Triplet]]:

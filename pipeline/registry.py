@@ -177,7 +177,7 @@ def _adaptive(s: inbetween_adaptive.AdaptiveSettings, *, width: int, height: int
 
     return inbetween_adaptive.AdaptiveInterpolator(
         flow=inbetween.FlowInterpolator(preset=s.preset), rife=rife, crossfade=inbetween.Crossfade(),
-        threshold=s.threshold, subtle_motion=s.subtle_motion, fallback=s.fallback,
+        threshold=s.threshold, subtle_motion=s.subtle_motion, rife_weight=s.rife_weight, fallback=s.fallback,
         fallback_above=s.fallback_above)
 
 

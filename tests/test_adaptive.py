@@ -6,7 +6,8 @@ threshold``); every other pair is *confident* and stays with the flow. On the tu
 on large motion, so a large synthetic motion goes to RIFE only through the score (below a threshold that
 asks for it), and a subtle motion goes there by default. Tested: routing is deterministic and a pure
 function of the confidence; a confident pair never runs RIFE; a subtle-motion pair and (with a threshold
-above its score) a large synthetic motion do, and get RIFE's own output; the ledger and the quality record
+above its score) a large synthetic motion do, and get RIFE's output mixed with the flow's by ``rife_weight``
+(RIFE's own at weight 1); the ledger and the quality record
 agree on the routes."""
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ WEIGHTS = SHARED_DATA / "weights" / "rife" / "flownet.pkl"
 needs_weights = pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"RIFE weights absent: {WEIGHTS}")
 THRESHOLD = AdaptiveSettings.model_fields["threshold"].default
 SUBTLE = AdaptiveSettings.model_fields["subtle_motion"].default
+RIFE_WEIGHT = AdaptiveSettings.model_fields["rife_weight"].default
 MIXED_THRESHOLD = 0.2
 LARGE_MOTION_THRESHOLD = 0.05  # above big_motion()'s score (0.016): the score route takes it
 
@@ -110,13 +112,19 @@ def test_a_confident_pair_never_runs_rife_and_matches_the_flow_exactly(rife):
 @pytest.mark.parametrize("pair, kw", [(subtle_motion, {}), (big_motion, {"threshold": LARGE_MOTION_THRESHOLD})],
                          ids=["subtle motion, default rule", "large motion, score below the threshold"])
 def test_subtle_motion_and_large_motion_below_the_threshold_go_to_rife_and_get_rifes_output(rife, pair, kw):
-    calls = forward_passes(rife)
+    """RIFE's in-between mixed with the flow's by ``rife_weight`` (RIFE's alone at weight 1)."""
     a, b = pair()
-    ad = adaptive(rife, **kw)
-    out = ad(a, b, [0.5])
-    assert ad.routes == {"flow": 0, "rife": 1, "fallback": 0} and len(calls) == 1
-    assert ad.seconds["rife"] > 0 and ad.seconds["flow"] > 0  # the flow and its judgement were paid too
-    assert np.array_equal(out[0], rife(a, b, [0.5])[0])
+    want_rife, want_flow = rife(a, b, [0.5])[0], FlowInterpolator()(a, b, [0.5])[0]
+    calls = forward_passes(rife)
+    for weight, want in ((RIFE_WEIGHT, cv2.addWeighted(want_rife, RIFE_WEIGHT, want_flow, 1 - RIFE_WEIGHT, 0.0)),
+                         (1.0, want_rife)):
+        ad = adaptive(rife, rife_weight=weight, **kw)
+        out = ad(a, b, [0.5])
+        assert ad.routes == {"flow": 0, "rife": 1, "fallback": 0}
+        assert ad.seconds["rife"] > 0 and ad.seconds["flow"] > 0  # the flow and its judgement were paid too
+        assert np.array_equal(out[0], want)
+    assert len(calls) == 2 and 0 < RIFE_WEIGHT < 1
+    assert not np.array_equal(want_rife, want_flow)  # the mix is neither
 
 
 @needs_weights
@@ -176,6 +184,8 @@ def test_a_hold_is_copied_without_rife_and_bad_settings_are_refused():
         AdaptiveInterpolator(flow=None, rife=None, crossfade=None, threshold=1.5, subtle_motion=0.0)
     with pytest.raises(ValueError, match="subtle_motion"):
         AdaptiveInterpolator(flow=None, rife=None, crossfade=None, threshold=0.0, subtle_motion=-0.1)
+    with pytest.raises(ValueError, match="rife_weight"):
+        AdaptiveInterpolator(flow=None, rife=None, crossfade=None, threshold=0.0, subtle_motion=0.0, rife_weight=0.0)
 
 
 def test_the_registry_entry_builds_rife_only_when_a_pair_needs_it():

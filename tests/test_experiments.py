@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
+
 import pytest
 
 from pipeline.config import REPO_ROOT, resolve_profile
@@ -14,6 +16,7 @@ from stages.script import load_episode
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
 import cost_report  # noqa: E402
 import sweep_levers  # noqa: E402
+import interp_sets  # noqa: E402
 
 GPU = "A100-80GB"  # has published rows for both example profiles and a spot price row
 
@@ -172,3 +175,25 @@ def test_report_headline_is_billed_per_minute_with_attributed_beside(calibration
     assert "retake factor 1.5" in head and "No GPU machine was available" in head
     assert "| H200 | on-demand | standard |" in head and "attributed ¥/min" in head
     assert "## Billed trace" in text and "`node_boot,*,*`" in text
+
+
+def test_the_in_betweening_sets_keep_their_parts_apart():
+    """The split of experiments/interp_sets.py that the adaptive rule's honesty rests on: no frame of a tune
+    triplet is in a held-out one, no fresh triplet is a report triplet, Sintel is never tuned on, and the
+    middle of every triplet is a real frame that differs from both neighbours."""
+    items = interp_sets.triplets(per=2, tune_per=2, fresh_per=3)
+    parts = {p: [t for t in items if t.part == p] for p in interp_sets.PARTS}
+    assert all(parts.values()) and {t.step for t in items} == set(interp_sets.STEPS)
+
+    def frames(t) -> set[tuple[str, int]]:
+        if t.set == "sintel":
+            return {(t.name.split("/")[0], -1)}  # its own folders, never tuned on
+        c = int(t.name.split("/")[1].split("k")[0])
+        return {(t.set, c + d) for d in (-t.step, 0, t.step)}
+
+    tuned = set().union(*(frames(t) for t in parts["tune"]))
+    assert not tuned & set().union(*(frames(t) for t in parts["report"] + parts["fresh"]))
+    assert not {t.name for t in parts["fresh"]} & {t.name for t in parts["report"]}
+    assert {t.set for t in parts["tune"]} == {"bbb", "pigs_gif"} and "sintel" not in {t.set for t in parts["fresh"]}
+    assert all(not np.array_equal(t.mid, t.a) and not np.array_equal(t.mid, t.b) for t in items)
+    assert [t.name for t in interp_sets.triplets(per=2, tune_per=2, fresh_per=0) if t.part == "fresh"] == []
