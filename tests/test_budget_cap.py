@@ -256,3 +256,45 @@ def test_the_voices_spoken_before_the_frames_keep_to_the_cap(calibration, prices
     result = run(plan, store, prices, budget_yuan=budget, budget_scope="render", spoken=spoken)
     assert result.budget_spent_yuan == pytest.approx(result.ledger.total_yuan) and result.budget_spent_yuan >= paid
     assert result.spent_before_yuan == pytest.approx(0.0, abs=1e-12)  # the voices are this render's, not earlier
+
+
+def test_a_node_the_budget_drops_while_the_render_goes_on_computes_nothing_and_a_resume_renders_it(
+        calibration, prices, tmp_path, monkeypatch):
+    """The budget's path that drops a node not started while the rest runs on (``_Run.drop``): the
+    node is told to stop through the store, not cancelled in Ray (whose cancel can meet the task's
+    dispatch and abort the driver). Here a clip waiting for its keyframes is dropped: it comes back
+    from its claim having computed nothing — no ledger row, no lease, no stop note left — the render
+    finishes every other shot, and the next render of the episode renders the dropped one."""
+    from pipeline import dag, ledger
+
+    plan = make_plan(EPISODE, resolve_profile("draft"), calibration=calibration, prices=prices, script_sha256=SHA)
+    store = open_store(tmp_path / "store")
+    dropped: list = []
+    real_watch = dag._Run.watch
+
+    def watch(self):  # drop the last clip still waiting for its keyframes, once
+        waiting = [r for r, f in self.in_flight.items() if f.node.stage == "clip" and f.lease is None
+                   and any(a in self.refs and a not in self.out.done for a in f.after)]
+        if not dropped and waiting:
+            dropped.append(self.in_flight[waiting[-1]])
+            self.drop(waiting[-1])
+        real_watch(self)
+
+    import ray
+
+    cancelled: list = []
+    real_cancel = ray.cancel
+    monkeypatch.setattr(ray, "cancel", lambda ref, **kw: (cancelled.append(ref), real_cancel(ref, **kw)))
+    monkeypatch.setattr(dag._Run, "watch", watch)
+    first = run(plan, store, prices, budget_yuan=100 * plan.estimated_cost_yuan)  # far from the cap
+    assert len(dropped) == 1 and cancelled == []  # told, never cancelled in Ray
+    node, key = dropped[0].node, dropped[0].key
+    assert node.stage == "clip" and str(node) not in {str(n) for n in episode_ledger(plan, store).by_node()}
+    assert current(store, key) is None and store.get(key) is None and not ledger.stopped(store, key, first.render_id)
+    assert first.stopped == "budget" and first.remaining == [node.shot] and not first.cap_reached
+    assert "storyboard.png" in first.outputs and "episode.mp4" not in first.outputs  # the contact sheet
+    assert all(store.get(s.keys["clip"]) is not None for s in plan.shots if s.shot.id != node.shot)
+    monkeypatch.setattr(dag._Run, "watch", real_watch)
+    second = run(plan, store, prices, budget_yuan=100 * plan.estimated_cost_yuan)
+    assert second.stopped is None and "episode.mp4" in second.outputs and store.get(key) is not None
+    assert [r.shot for r in second.ledger.records if r.stage == "inbetween" and not r.cached] == [node.shot]
