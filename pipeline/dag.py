@@ -431,7 +431,6 @@ class _Run:
         self.stopping = False  # the cap was reached or the storyboard did not fit: nothing more starts
         self.looked: list[float] = []  # when watch() last ran, and the recent gaps between its runs
         self.cancel_s = 0.0  # the longest a cancel took to confirm
-        self.dropped: set[Any] = set()  # not started, told to stop while the render goes on (see drop)
         self.billed_attempts: set[tuple[str, str]] = set()  # (key, spend note) of failed attempts billed
         self.slots = 0.0  # how many nodes can run at once (the cluster's CPUs and GPUs)
         p = plan.profile
@@ -717,8 +716,6 @@ class _Run:
         ahead_s = self.ahead_s()
         running, ready = [], []
         for ref, f in self.in_flight.items():
-            if ref in self.dropped:  # told to stop: it costs nothing more, and it comes back at its claim
-                continue
             if f.group is not None and f.finished is None:
                 # A call that makes several nodes returns them together: a node of it that finished
                 # meanwhile has its spend note in the store already (and may have started and ended
@@ -742,7 +739,7 @@ class _Run:
         ahead = ahead_s * (sum(self.in_flight[r].rate * self.in_flight[r].share for r in running) + sum(starting))
         if running and self.guard.over(ahead):
             self.out.cap_reached = True
-            self.cancel(list(self.in_flight))
+            self.cancel(list(self.in_flight), ending=True)
             return
         if not running and self.guard.over():
             self.out.cap_reached = True  # a node finished past the budget between two looks: nothing more starts
@@ -750,8 +747,8 @@ class _Run:
             if not self.guard.overcommitted():
                 break
             f = self.in_flight.get(ref)
-            if f is not None and f.lease is None and ref not in self.dropped:
-                self.drop(ref)
+            if f is not None and f.lease is None:
+                self.cancel([ref])
 
     def ahead_s(self) -> float:
         """How long before the budget the cap must start stopping nodes (see STOP_AHEAD_S)."""
@@ -768,69 +765,21 @@ class _Run:
             self.slots = max(sum(self.cluster.resources().values()), 1.0)
         return self.slots * self.prices.cost(self.ahead_s(), "cpu", 1.0)
 
-    def cancel(self, refs: list[Any]) -> None:
-        """End nodes in flight (and what waits for them) when nothing more is submitted after this (a
-        failure, the cap); each is billed from its lease's start to its confirmed end.
+    def cancel(self, refs: list[Any], *, ending: bool = False) -> None:
+        """Cancel nodes in flight (and what waits for them): tasks are killed, model actors with a
+        running node killed; each is billed from its lease's start to the confirmed cancel.
 
-        A node that has not started is not cancelled in Ray but told to stop through the store
-        (``ledger.stop``: it ends at its claim, having computed nothing) and collected when it does:
-        Ray's cancel of a task it is dispatching at that moment — one whose inputs just failed or
-        finished — kills the driver ("Tried to complete task that was not pending", Ray 2.60). Only
-        nodes that hold their lease, so run on a worker, are cancelled at once (``stop_running``);
-        one told to stop that has not come back within ``STOP_WAIT_S`` is still queued for resources
-        (a shared cluster), not being dispatched, and is cancelled in Ray then. Cancels go dependents
-        first, so that no cancel makes another node ready to dispatch."""
+        ``ending``: nothing more is submitted after this (a failure, the cap). Then a node that has
+        not started is not cancelled in Ray but told to stop through the store (``ledger.stop``: it
+        ends at its claim, having computed nothing) and collected when it does: Ray's cancel of a
+        task it is dispatching at that moment — one whose inputs just failed or finished — kills
+        the driver ("Tried to complete task that was not pending", Ray 2.60). Only nodes that hold
+        their lease, so run on a worker, are cancelled at once; one told to stop that has not come
+        back within ``STOP_WAIT_S`` is still queued for resources (a shared cluster), not being
+        dispatched, and is cancelled in Ray then. Cancels go dependents first, so that no cancel
+        makes another node ready to dispatch."""
         import ray
 
-        order = self.doomed(refs)
-        self.tell(order)
-        told = [r for r in order if self.in_flight[r].lease is None]  # they stop at their claim
-        t0 = time.time()
-        killed = self.stop_running([r for r in order if self.in_flight[r].lease is not None])
-        if told:  # one still queued for resources (a shared cluster) is not being dispatched: Ray cancels it
-            _, late = ray.wait(told, num_returns=len(told), timeout=STOP_WAIT_S)
-            late = set(late)
-            for ref in (r for r in told if r in late):
-                self.cancel_in_ray(ref, killed)
-            self.collect(told)
-        self.cancel_s = max(self.cancel_s, time.time() - t0)
-
-    def drop(self, ref: Any) -> None:
-        """Drop a node that has not started, with what waits for it, while the render goes on (the
-        budget cannot carry it): each is told to stop through the store, its reservation released at
-        once, and collected when it comes back from its claim having computed nothing (the main loop
-        calls ``collect``) — not cancelled in Ray, whose cancel can meet the task's dispatch (see
-        ``cancel``). One that took its lease before the word reached it runs on a worker: it is
-        cancelled in Ray now and billed its partial time."""
-        order = self.doomed([ref])
-        self.tell(order)
-        running = [r for r in order if self.in_flight[r].lease is not None]
-        for r in order:
-            if r not in running:
-                self.dropped.add(r)
-                self.guard.release(self.in_flight[r].node)
-        self.stop_running(running)
-
-    def stop_running(self, refs: list[Any]) -> dict[int, Any]:
-        """Cancel in Ray nodes that hold their lease (in this order: dependents first), killing the
-        model actors they run on, and collect them; returns the killed actors by id."""
-        import ray
-
-        killed = {id(self.in_flight[r].actor): self.in_flight[r].actor for r in refs
-                  if self.in_flight[r].actor is not None}
-        for actor in killed.values():
-            if self.pool is not None and actor in self.pool.actors:
-                self.pool.kill(actor)
-            else:
-                ray.kill(actor)
-        for ref in refs:
-            self.cancel_in_ray(ref, killed)
-        self.collect(refs)
-        return killed
-
-    def doomed(self, refs: list[Any]) -> list[Any]:
-        """``refs`` in flight and what must go with them — what waits for one of them, what shares its
-        call, what is queued on a model actor that is killed — dependents first (submitted later)."""
         doomed = dict.fromkeys(r for r in refs if r in self.in_flight)
         grew = True
         while grew:  # what waits for a doomed node, and what shares a doomed actor, goes too
@@ -843,44 +792,53 @@ class _Run:
                          or (f.actor is not None and id(f.actor) in killed))]
             doomed.update(dict.fromkeys(more))
             grew = bool(more)
-        return [r for r in reversed(self.in_flight) if r in doomed]
+        order = [r for r in reversed(self.in_flight) if r in doomed]  # submitted later: waits on earlier ones
+        if ending:
+            for ref in order:
+                ledger.stop(self.store, self.in_flight[ref].key, self.work.holder)
+            for ref in order:  # those that took their lease before the word reached them run on
+                f = self.in_flight[ref]
+                got = f.lease or current_lease(self.store, f.key)
+                f.lease = got if got is not None and got.holder == self.work.holder else None
+        actors = {id(self.in_flight[r].actor): self.in_flight[r].actor for r in order
+                  if self.in_flight[r].actor is not None and self.in_flight[r].lease is not None}
+        for actor in actors.values():
+            if self.pool is not None and actor in self.pool.actors:
+                self.pool.kill(actor)
+            else:
+                ray.kill(actor)
 
-    def tell(self, refs: list[Any]) -> None:
-        """Write each node's stop note, then look again at its lease: one that took it before the
-        note was there runs on a worker (``Claim.take`` refuses a lease once the note is written)."""
-        for ref in refs:
-            ledger.stop(self.store, self.in_flight[ref].key, self.work.holder)
-        for ref in refs:
-            f = self.in_flight[ref]
-            got = f.lease or current_lease(self.store, f.key)
-            f.lease = got if got is not None and got.holder == self.work.holder else None
+        def cancel_in_ray(ref: Any) -> None:
+            if self.in_flight[ref].actor is None:
+                ray.cancel(ref, force=True)
+            elif id(self.in_flight[ref].actor) not in actors:
+                ray.cancel(ref)  # queued on an actor that lives on
 
-    def cancel_in_ray(self, ref: Any, killed: dict[int, Any]) -> None:
-        """Ray's cancel of one node: its task killed; a call queued on a model actor that lives on
-        (not among ``killed``, by id) cancelled."""
-        import ray
+        def collect(refs: list[Any]) -> None:  # each billed to when its end is confirmed
+            for ref in refs:
+                flight = self.in_flight.pop(ref)
+                try:
+                    measured = ray.get(ref)
+                except (ray.exceptions.RayError, AnimError):
+                    self.bill_cancelled(flight, time.time())
+                else:  # it finished before the cancel reached it
+                    self.take(measured, flight)
+                if ending:
+                    ledger.unstop(self.store, flight.key, self.work.holder)
 
-        if self.in_flight[ref].actor is None:
-            ray.cancel(ref, force=True)
-        elif id(self.in_flight[ref].actor) not in killed:
-            ray.cancel(ref)
-
-    def collect(self, refs: list[Any]) -> None:
-        """Wait for the end of each node told to stop or cancelled, billed to when it is confirmed:
-        its partial time if it was cancelled (nothing if it never started), its rows if it finished
-        before the word reached it; its stop note is taken back."""
-        import ray
-
-        for ref in refs:
-            flight = self.in_flight.pop(ref)
-            self.dropped.discard(ref)
-            try:
-                measured = ray.get(ref)
-            except (ray.exceptions.RayError, AnimError):
-                self.bill_cancelled(flight, time.time())
-            else:  # it finished before the cancel reached it
-                self.take(measured, flight)
-            ledger.unstop(self.store, flight.key, self.work.holder)
+        told = [r for r in order if ending and self.in_flight[r].lease is None]  # they stop at their claim
+        now = [r for r in order if self.in_flight[r].lease is not None or not ending]
+        t0 = time.time()
+        for ref in now:
+            cancel_in_ray(ref)
+        collect(now)
+        if told:  # one still queued for resources (a shared cluster) is not being dispatched: Ray cancels it
+            _, late = ray.wait(told, num_returns=len(told), timeout=STOP_WAIT_S)
+            late = set(late)
+            for ref in (r for r in told if r in late):
+                cancel_in_ray(ref)
+            collect(told)
+        self.cancel_s = max(self.cancel_s, time.time() - t0)
 
     def bill_cancelled(self, flight: _Flight, ended: float) -> None:
         """A cancelled node: its finished spend note if it got that far, else its partial time from
@@ -983,9 +941,6 @@ class _Run:
                     ready, _ = ray.wait(list(self.in_flight), num_returns=1,
                                         timeout=POLL_S if self.guard.capped else None)
                     for ref in ready:
-                        if ref in self.dropped:
-                            self.collect([ref])
-                            continue
                         flight = self.in_flight.pop(ref)
                         self.take(get(ref, flight.node, 1 if flight.actor is not None else 1 + RETRIES), flight)
                     if self.boards_waiting:
@@ -1035,7 +990,7 @@ class _Run:
         """After a node failed: cancel what is in flight (billing the time it ran) and collect it,
         so no other failure is left for Ray to print. Nodes that finished are in the store."""
         try:
-            self.cancel(list(self.in_flight))
+            self.cancel(list(self.in_flight), ending=True)
         except Exception:  # the first failure is the one to report
             self.in_flight.clear()
 
