@@ -1,12 +1,12 @@
 """Fast checks of the experiments (no rendering): the cost report's figures trace to one
 calibration row and one price row each, naive costs more than optimized, the example GPU
-profiles load and plan, and the lever sweep's Pareto front is right on a small table."""
+profiles load and plan, the lever sweep's Pareto front is right on a small table, and the
+in-betweening sets keep their tune and held-out parts apart."""
 from __future__ import annotations
 
 import sys
 
 import numpy as np
-
 import pytest
 
 from pipeline.config import REPO_ROOT, resolve_profile
@@ -15,8 +15,8 @@ from stages.script import load_episode
 
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
 import cost_report  # noqa: E402
-import sweep_levers  # noqa: E402
 import interp_sets  # noqa: E402
+import sweep_levers  # noqa: E402
 
 GPU = "A100-80GB"  # has published rows for both example profiles and a spot price row
 
