@@ -55,6 +55,9 @@ def test_rife_arbitrary_times_and_identical_neighbours(rife):
     assert d(outs[0], a) < d(outs[1], a) and d(outs[1], b) < d(outs[0], b)
     held = rife(a, a.copy(), [0.25, 0.5, 0.75])
     assert len(held) == 3 and all(h is not a and np.array_equal(h, a) for h in held)
+    # scale 0.5: the coarsest block works at 1/32, so a side that is not a multiple of 128 (192) is padded to one
+    (half,) = RifeInterpolator(weights=WEIGHTS, threads=2, scale=0.5)(a, b, [0.5])
+    assert half.shape == a.shape and half.dtype == np.uint8
 
 
 @needs_weights
