@@ -4,23 +4,30 @@
                                                  [--preset fast] [--no-rife] [--hd-only]
                                                  [--sets-only] [--per 6] [--tune-per 12] [--quick]
                                                  [--threshold T] [--subtle-motion M] [--rife-weight W]
-                                                 [--fresh-per 12]
+                                                 [--fresh-per 12] [--unseen-per 12] [--per-pair 5]
 
 0. Sets (``experiments/interp_sets.py``: consecutive and wide-step triplets n-k, n, n+k, k = 1…4,
-   from bbb, the Pigs GIF and Sintel, split into a tune part and two held-out parts, report and
-   fresh, the latter added after the report part had been looked at): every method on every
-   triplet, interleaved (one triplet, all methods, then the next: the machine's load hits them
-   alike), per part, set and step: mean PSNR and SSIM, ms per frame, and the adaptive method's
-   share of pairs routed to RIFE; the frame-edge rules ("flow": auto, the default; "flow_defer":
-   always; "flow_off": never); on the tune part (``--tune-per`` triplets per source and step, denser
-   than the report part's ``--per``), where the flow beats RIFE by how much, binned by the confidence's
-   motion and score, the RIFE route's in-between mixed with the flow's at RIFE weights 0.25–0.75,
-   and the sweep of the router's two thresholds (score and subtle motion), the fallback and the RIFE
-   weight the defaults were chosen from (the adaptive output is exactly the flow's, RIFE's mixed
-   with the flow's, or the crossfade's, so the sweep recombines the measured outputs); on each
-   held-out part the target check (adaptive ≥ RIFE's mean PSNR on every set and step, at ≤ 1/3 of
-   RIFE's time per frame over the part). ``--quick``: 2 triplets per source, step and part (the
-   fresh GIF part is all of it), and only this section.
+   from bbb, the Pigs GIF and Sintel, split into a tune part and three held-out parts: report;
+   fresh, added after report had been looked at; unseen, added after both, bbb only): every method
+   on every triplet, interleaved (one triplet, all methods, then the next: the machine's load hits
+   them alike), per part, set and step: mean PSNR and SSIM at t = 0.5, ms per frame, and the
+   adaptive method's share of pairs routed to RIFE; the frame-edge rules ("flow": auto, the
+   default; "flow_defer": always; "flow_off": never). Time per frame is taken as a render spends
+   it: each method in-betweens the pair at the default profile's ``--per-pair`` times (5: t = 1/6
+   … 5/6, the flow's two DIS passes and its confidence shared by them, RIFE one pass each) and the
+   call's time is divided by them; the t = 0.5 in-between is the one scored. RIFE and adaptive are
+   also timed at t = 0.5 alone (one in-between per pair, the reading of the runs before
+   2026-12-03) and that ratio is printed beside. On the tune part (``--tune-per`` triplets per
+   source and step, denser than the report part's ``--per``): where the flow beats RIFE by how
+   much, binned by the confidence's motion and score, the RIFE route's in-between mixed with the
+   flow's at RIFE weights 0.25–0.75, and the sweep of the router's two thresholds (score and
+   subtle motion), the fallback and the RIFE weight the defaults were chosen from (the adaptive
+   output is exactly the flow's, RIFE's mixed with the flow's, or the crossfade's, so the sweep
+   recombines the measured outputs). On each held-out part the target check (adaptive ≥ RIFE's
+   mean PSNR on every set and step, at ≤ 1/3 of RIFE's time per frame over the part). Then the
+   choice protocols (``PROTOCOLS``): the same rule choosing on the tune part, and on every part
+   looked at (tune, report, fresh), each checked on the parts it did not choose on. ``--quick``:
+   2 triplets per source, step and part (the fresh GIF part is all of it), and only this section.
 
 1. Quality: every triplet (n-1, n, n+1) in ../shared/data/frames, plus triplets decoded from
    its clips (Big Buck Bunny webm, the Pigs in a Polka GIF, the Chaplin mp4); predict n at
@@ -55,6 +62,7 @@ import numpy as np
 from PIL import Image, ImageSequence
 
 from pipeline import tracking
+from pipeline.models import Profile
 from stages.inbetween import Crossfade, FlowInterpolator, pair_confidence
 from stages.inbetween_adaptive import AdaptiveInterpolator, AdaptiveSettings
 
@@ -195,21 +203,45 @@ def scaling(pairs: list, preset: str) -> dict[int, float]:
 # --------------------------------------------------------------------------- sets
 
 
-SET_METHODS = ("crossfade", "flow", "flow_defer", "flow_off", "rife", "adaptive")
-HELD_OUT = ("report", "fresh")  # the parts no choice is made on
+SET_METHODS = ("crossfade", "flow", "flow_defer", "flow_off", "rife", "rife_one", "adaptive")
+HELD_OUT = ("report", "fresh", "unseen")  # the parts the shipped defaults were not chosen on
+# The choice protocols: the parts a setting is chosen on; every other part is held out from that choice.
+# "tune" is the declared one the defaults come from; "looked-at" chooses on every part that has been looked
+# at, whose frames span both halves of bbb, and is held out on the unseen part alone.
+PROTOCOLS = {"tune": ("tune",), "looked-at": ("tune", "report", "fresh")}
+PER_PAIR = Profile.model_fields["keyframe_stride"].default - 1  # in-betweens per keyframe pair by default
+
+
+def _scores(outs: list[np.ndarray], truth: tuple[np.ndarray, ...]) -> tuple[float, float]:
+    """Mean PSNR and SSIM of in-betweens against their true frames."""
+    return (float(np.mean([cv2.PSNR(o, g) for o, g in zip(outs, truth)])),
+            float(np.mean([ssim(o, g) for o, g in zip(outs, truth)])))
+
+
+def pair_times(n: int) -> list[float]:
+    """The times of ``n`` in-betweens of a pair as a render asks for them, with 0.5 (the one measured) among them."""
+    return sorted({j / (n + 1) for j in range(1, n + 1)} | {0.5})
 
 
 def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
     """Section 0: (table lines, MLflow metrics) of every method on the evaluation sets."""
-    items = interp_sets.triplets(per=args.per, tune_per=args.tune_per, fresh_per=args.fresh_per)
+    if args.per_pair < 1:
+        raise SystemExit(f"--per-pair {args.per_pair}: must be >= 1")
+    items = interp_sets.triplets(per=args.per, tune_per=args.tune_per, fresh_per=args.fresh_per,
+                                 unseen_per=args.unseen_per)
+    from stages.rife import RifeInterpolator
+
+    rife_one = RifeInterpolator(weights=args.weights, threads=args.threads, passes="one")
     methods = {"crossfade": Crossfade(), "flow": FlowInterpolator(preset=args.preset),
                "flow_defer": FlowInterpolator(preset=args.preset, edge="defer"),
-               "flow_off": FlowInterpolator(preset=args.preset, edge="off"), "rife": rife,
-               "adaptive": AdaptiveInterpolator(flow=FlowInterpolator(preset=args.preset), rife=rife, lazy=False,
+               "flow_off": FlowInterpolator(preset=args.preset, edge="off"), "rife": rife, "rife_one": rife_one,
+               "adaptive": AdaptiveInterpolator(flow=FlowInterpolator(preset=args.preset), lazy=False,
+                                                rife=rife_one if args.rife_passes == "one" else rife,
                                                 crossfade=Crossfade(), threshold=args.threshold,
                                                 subtle_motion=args.subtle_motion, rife_weight=args.rife_weight)}
     ad = methods["adaptive"]
-    res: list[dict] = []  # per triplet: psnr/ssim/seconds per method, score, route
+    ts = pair_times(args.per_pair)
+    res: list[dict] = []  # per triplet and method: psnr/ssim (mean over the pair's true in-betweens)/s per frame
     conf_s = flow_only_s = 0.0
     for t in items:
         row: dict = {"t": t}
@@ -217,26 +249,37 @@ def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
         for m, fn in methods.items():
             before = dict(ad.routes)
             t0 = time.perf_counter()
-            (outs[m],) = fn(t.a, t.b, [0.5])
-            row[m] = (cv2.PSNR(outs[m], t.mid), ssim(outs[m], t.mid), time.perf_counter() - t0)
+            timed = fn(t.a, t.b, ts)  # the time: at the render's in-between times
+            spent = (time.perf_counter() - t0) / len(ts)
             if m == "adaptive":
                 row["score"] = ad.scores[-1]
                 row["route"] = next(r for r in ad.routes if ad.routes[r] != before[r])
-        for w in SWEEP_MIX:  # the RIFE route's in-between at each RIFE weight (RIFE's time: the flow's is paid anyway)
-            mixed = cv2.addWeighted(outs["rife"], w, outs["flow"], 1.0 - w, 0.0)
-            row[f"mix{w:g}"] = (cv2.PSNR(mixed, t.mid), ssim(mixed, t.mid), row["rife"][2])
+            # the score: at every time with a true frame (the same call when the times agree)
+            outs[m] = timed if ts == t.times else fn(t.a, t.b, t.times)
+            row[m] = (*_scores(outs[m], t.between), spent)
+            if m in ("rife", "adaptive") and len(ts) > 1:  # the one-in-between reading (a pair per frame) beside
+                t0 = time.perf_counter()
+                fn(t.a, t.b, [0.5])
+                row[f"{m}_single_s"] = time.perf_counter() - t0
+        for w in SWEEP_MIX:  # the RIFE route's in-betweens at each RIFE weight (RIFE's time: the flow's is paid anyway)
+            for key, method in (("mix", "rife"), ("one", "rife_one")):
+                mixed = [cv2.addWeighted(r, w, f, 1.0 - w, 0.0) for r, f in zip(outs[method], outs["flow"])]
+                row[f"{key}{w:g}"] = (*_scores(mixed, t.between), row[method][2])
         # the confidence's own cost, next to the flow it judges
         fi = methods["flow"]
         t0 = time.perf_counter()
         f01, f10 = fi.flows(t.a, t.b)
         t1 = time.perf_counter()
         row["conf"] = pair_confidence(t.a, t.b, f01, f10)
+        row["conf_s"] = (time.perf_counter() - t1) / len(ts)  # per frame, as the other times
         conf_s += time.perf_counter() - t1
         flow_only_s += t1 - t0
         res.append(row)
-    lines = [f"sets (experiments/interp_sets.py, {len(items)} triplets, t = 0.5; adaptive: RIFE where score < "
+    lines = [f"sets (experiments/interp_sets.py, {len(items)} triplets; quality: mean over every in-between with a "
+             f"true frame, t = j/2k (k = 1: 0.5); time per frame of "
+             f"{len(ts)} in-betweens per pair (t = {', '.join(f'{x:.3g}' for x in ts)}); adaptive: RIFE where score < "
              f"{args.threshold} or motion < {args.subtle_motion}, mixed {args.rife_weight:g} RIFE : "
-             f"{1 - args.rife_weight:g} flow; "
+             f"{1 - args.rife_weight:g} flow, RIFE passes {args.rife_passes}; rife_one: one RIFE pass per pair, retimed; "
              f"confidence {1000 * conf_s / len(items):.1f} ms per pair = {conf_s / flow_only_s:.1%} of the two DIS flows)",
              f"{'part':6s} {'set':9s} {'k':>1s} {'n':>2s}" + "".join(f" {m + ' dB/SSIM/ms':>26s}" for m in SET_METHODS)
              + f" {'to RIFE':>8s} {'ad-rife dB':>10s} {'ad/rife t':>9s}"]
@@ -247,6 +290,7 @@ def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
         groups.setdefault((t.part, t.set, t.step), []).append(r)
         groups.setdefault((t.part, "all", 0), []).append(r)
     misses: dict[str, list[str]] = {part: [] for part in HELD_OUT}
+    notes: list[str] = []  # adaptive / RIFE time at one in-between per pair, per part
     for (part, name, step), rows in sorted(groups.items(), key=lambda kv: (interp_sets.PARTS.index(kv[0][0]),
                                                                             kv[0][1] == "all", kv[0][1], kv[0][2])):
         mean = {m: [float(np.mean([r[m][i] for r in rows])) for i in range(3)] for m in SET_METHODS}
@@ -256,6 +300,10 @@ def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
             misses[part].append(f"{name} k={step} {gap:+.2f} dB")
         if part in misses and name == "all" and ratio > 1 / 3:
             misses[part].append(f"time {ratio:.2f}x RIFE's")
+        if name == "all" and "rife_single_s" in rows[0]:
+            one = np.mean([r["adaptive_single_s"] for r in rows]) / np.mean([r["rife_single_s"] for r in rows])
+            metrics[f"{part}.adaptive.time_vs_rife_one_per_pair"] = float(one)
+            notes.append(f"{part} {one:.2f}x")
         lines.append(f"{part:6s} {name:9s} {step or '*':>1} {len(rows):2d}" + "".join(
             f" {mean[m][0]:12.2f} {mean[m][1]:.3f} {1000 * mean[m][2]:7.0f}" for m in SET_METHODS)
             + f" {share:8.0%} {gap:+10.2f} {ratio:9.2f}")
@@ -269,9 +317,13 @@ def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
             lines.append(f"target ({part} part: adaptive >= RIFE mean PSNR on every set and step, <= 1/3 of RIFE's "
                          f"time per frame): {'NOT met: ' + ', '.join(missed) if missed else 'met'}")
             metrics[f"{part}.target_met"] = float(not missed)
+    if notes:
+        lines.append(f"adaptive / RIFE time at one in-between per pair (t = 0.5 alone, the flow's pair cost on one "
+                     f"frame): {', '.join(notes)}")
     tune = [r for r in res if r["t"].part == "tune"]
     lines += tune_study(tune)
     lines += sweep_lines(tune, groups, args, metrics)
+    lines += protocol_lines(res, args, metrics)
     return lines, metrics
 
 
@@ -309,69 +361,133 @@ SWEEP_THRESHOLDS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 SWEEP_SUBTLE = (0.0, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.01)
 SWEEP_FALLBACKS = (None, 0.4)
 SWEEP_MIX = (0.25, 0.5, 0.75, 1.0)  # RIFE's weight in the RIFE route's in-between (1: RIFE alone)
+SWEEP_PASSES = ("per_time", "one")  # RIFE's passes on the route: one per in-between, or one per pair (retimed)
+
+
+def _sweep(rows: list[dict], groups: list[list[dict]]) -> tuple[list[tuple], dict]:
+    """Every setting of the grid on ``rows`` (recombined): (mix, above, thr, sub, worst group dB, mean dB, time vs
+    RIFE) per setting, and its table cell. Time: the flow and the confidence on every pair, plus the routed method's."""
+    rife_s = np.mean([r["rife"][2] for r in rows])
+    sweep, cell = [], {}
+    for passes in SWEEP_PASSES:
+        for mix in SWEEP_MIX:
+            for above in SWEEP_FALLBACKS:
+                for thr in SWEEP_THRESHOLDS:
+                    for sub in SWEEP_SUBTLE:
+                        pick = _router(above, thr, sub, mix, passes)
+                        worst = min(np.mean([r[pick(r)][0] - r["rife"][0] for r in g]) for g in groups)
+                        gap = np.mean([r[pick(r)][0] - r["rife"][0] for r in rows])
+                        ratio = _time(rows, pick) / rife_s
+                        share = np.mean([pick(r) != "flow" and pick(r) != "crossfade" for r in rows])
+                        sweep.append((mix, above, thr, sub, round(float(worst), 2), round(float(gap), 2), float(ratio),
+                                      passes))
+                        cell[mix, above, thr, sub, passes] = f"{gap:+.2f}/{worst:+.2f}/{ratio:.2f}x/{share:3.0%}"
+    return sweep, cell
+
+
+def _time(rows: list[dict], pick) -> float:
+    """Mean seconds per frame of the routes ``pick`` gives ``rows``: flow and confidence, plus the routed method."""
+    return float(np.mean([r["flow"][2] + r["conf_s"] + (r[pick(r)][2] if pick(r) != "flow" else 0.0) for r in rows]))
+
+
+def _best(sweep: list[tuple], mix: float | None = None, passes: str | None = None) -> tuple | None:
+    """The declared rule: within 1/3 of RIFE's time, the best worst set/step; then the best mean; then the
+    cheapest; then the smallest thresholds (fewest pairs away from the flow); then RIFE's largest weight; then
+    RIFE as published (a pass per in-between) over one pass per pair."""
+    ok = [x for x in sweep if x[6] <= 1 / 3 and (mix is None or x[0] == mix) and (passes is None or x[7] == passes)]
+    return max(ok, key=lambda x: (x[4], x[5], -x[6], -x[2], -x[3], x[0], x[7] == "per_time"), default=None)
 
 
 def sweep_lines(tune: list[dict], groups: dict, args, metrics: dict[str, float]) -> list[str]:
     """The sweep on the tune part and the choice by the declared rule. The adaptive output is the flow's,
     RIFE's mixed with the flow's, or the crossfade's, so any setting's result is the measured outputs
-    recombined (time: flow and confidence on every pair, plus the routed method's)."""
+    recombined."""
     tune_groups = [rows for (part, name, _), rows in groups.items() if part == "tune" and name != "all"]
-    rife_s = np.mean([r["rife"][2] for r in tune])
-    sweep, cell = [], {}
-    for mix in SWEEP_MIX:
-        for above in SWEEP_FALLBACKS:
-            for thr in SWEEP_THRESHOLDS:
-                for sub in SWEEP_SUBTLE:
-                    pick = _router(above, thr, sub, mix)
-                    worst = min(np.mean([r[pick(r)][0] - r["rife"][0] for r in rows]) for rows in tune_groups)
-                    gap = np.mean([r[pick(r)][0] - r["rife"][0] for r in tune])
-                    ratio = np.mean([r["flow"][2] + (r[pick(r)][2] if pick(r) != "flow" else 0.0) for r in tune]) / rife_s
-                    share = np.mean([pick(r).startswith("mix") for r in tune])
-                    sweep.append((mix, above, thr, sub, round(float(worst), 2), round(float(gap), 2), float(ratio)))
-                    cell[mix, above, thr, sub] = f"{gap:+.2f}/{worst:+.2f}/{ratio:.2f}x/{share:3.0%}"
-    # The declared rule: within 1/3 of RIFE's time, the best worst set/step; then the best mean; then the
-    # cheapest; then the smallest thresholds (fewest pairs away from the flow); then RIFE's largest weight.
-    ok = [x for x in sweep if x[6] <= 1 / 3]
-    mix, above, thr, sub, worst, gap, ratio = max(ok, key=lambda x: (x[4], x[5], -x[6], -x[2], -x[3], x[0]))
+    sweep, cell = _sweep(tune, tune_groups)
+    mix, above, thr, sub, worst, gap, ratio, passes = _best(sweep)
     lines = [f"sweep on the tune part (recombined): RIFE where score < threshold (rows) or motion < subtle_motion "
              f"(columns), crossfade where the fallback applies; each cell: mean adaptive - RIFE dB / worst set-step dB / "
-             f"time vs RIFE / RIFE share; at the chosen RIFE weight {mix:g} (the best cell of each weight below)"]
+             f"time vs RIFE / RIFE share; at the chosen RIFE weight {mix:g} and passes {passes} (the best cell of each "
+             f"below)"]
     for a in SWEEP_FALLBACKS:
         lines.append(f"  fallback {'none' if a is None else f'crossfade where inconsistent > {a}'}; "
                      f"subtle_motion: " + "  ".join(f"{m:>22g}" for m in SWEEP_SUBTLE))
         for t in SWEEP_THRESHOLDS:
-            lines.append(f"    threshold {t:4.2f}        " + "  ".join(f"{cell[mix, a, t, m]:>22s}" for m in SWEEP_SUBTLE))
-    for w in SWEEP_MIX:
-        best = max((x for x in ok if x[0] == w), key=lambda x: (x[4], x[5], -x[6], -x[2], -x[3]), default=None)
-        if best:
-            lines.append(f"  RIFE weight {w:g}: best within 1/3 of RIFE's time: threshold {best[2]}, subtle_motion "
-                         f"{best[3]}, fallback {'none' if best[1] is None else best[1]}: "
-                         f"{cell[w, best[1], best[2], best[3]]}")
+            lines.append(f"    threshold {t:4.2f}        "
+                         + "  ".join(f"{cell[mix, a, t, m, passes]:>22s}" for m in SWEEP_SUBTLE))
+    for p in SWEEP_PASSES:
+        for w in SWEEP_MIX:
+            best = _best(sweep, mix=w, passes=p)
+            if best:
+                lines.append(f"  passes {p}, RIFE weight {w:g}: best within 1/3 of RIFE's time: threshold {best[2]}, "
+                             f"subtle_motion {best[3]}, fallback {'none' if best[1] is None else best[1]}: "
+                             f"{cell[w, best[1], best[2], best[3], p]}")
     lines.append(f"chosen on the tune part by the rule (time <= 1/3 of RIFE's; then the best worst set/step, the best "
-                 f"mean, the cheapest, the smallest thresholds, RIFE's largest weight): RIFE weight {mix:g}, fallback "
-                 f"{'none' if above is None else f'crossfade above {above}'}, threshold {thr}, subtle_motion {sub} "
-                 f"(worst {worst:+.2f} dB, mean {gap:+.2f} dB, {ratio:.2f}x RIFE's time); this run used RIFE weight "
-                 f"{args.rife_weight:g}, threshold {args.threshold}, subtle_motion {args.subtle_motion}")
+                 f"mean, the cheapest, the smallest thresholds, RIFE's largest weight, a pass per in-between): RIFE "
+                 f"weight {mix:g}, passes {passes}, fallback {'none' if above is None else f'crossfade above {above}'}, "
+                 f"threshold {thr}, subtle_motion {sub} (worst {worst:+.2f} dB, mean {gap:+.2f} dB, {ratio:.2f}x RIFE's "
+                 f"time); this run used RIFE weight {args.rife_weight:g}, passes {args.rife_passes}, threshold "
+                 f"{args.threshold}, subtle_motion {args.subtle_motion}")
     metrics["chosen_threshold"], metrics["chosen_subtle_motion"], metrics["chosen_rife_weight"] = thr, sub, mix
-    if (mix, above, thr, sub) != (args.rife_weight, None, args.threshold, args.subtle_motion):
-        pick, cells = _router(above, thr, sub, mix), []  # the held-out parts as the choice would route them
-        for (part, name, step), rows in sorted(groups.items(), key=lambda kv: (kv[0][1] == "all", kv[0])):
-            if part in HELD_OUT:
-                gap = np.mean([r[pick(r)][0] - r["rife"][0] for r in rows])
-                cells.append(f"{part} {name} k={step} {gap:+.2f}" if step else f"{part} all {gap:+.2f}")
-        lines.append("held-out parts with the tune's choice (recombined), adaptive - RIFE dB: " + ", ".join(cells))
+    metrics["chosen_one_pass"] = float(passes == "one")
     return lines
 
 
-def _router(above: float | None, thr: float, sub: float, mix: float = 1.0):
+def protocol_lines(res: list[dict], args, metrics: dict[str, float]) -> list[str]:
+    """Each choice protocol (``PROTOCOLS``): the setting the declared rule picks on its parts (every group of
+    every part counts: worst group over (part, set, step)), and on each part it did not choose on, that setting's
+    result (recombined) and the target check (adaptive >= RIFE on every set and step, <= 1/3 of RIFE's time)."""
+    lines = ["choice protocols (recombined; each held-out part: adaptive - RIFE dB per set and step, time vs RIFE)"]
+    for proto, parts in PROTOCOLS.items():
+        chosen = [r for r in res if r["t"].part in parts]
+        by_group: dict[tuple, list[dict]] = {}
+        for r in chosen:
+            by_group.setdefault((r["t"].part, r["t"].set, r["t"].step), []).append(r)
+        best = _best(_sweep(chosen, list(by_group.values()))[0])
+        if best is None:
+            lines.append(f"  {proto}: no setting within 1/3 of RIFE's time on {', '.join(parts)}")
+            continue
+        mix, above, thr, sub, worst, gap, ratio, passes = best
+        pick = _router(above, thr, sub, mix, passes)
+        metrics[f"protocol.{proto}.chosen_one_pass"] = float(passes == "one")
+        lines.append(f"  {proto} (chosen on {' + '.join(parts)}, {len(chosen)} triplets): RIFE weight {mix:g}, passes "
+                     f"{passes}, fallback "
+                     f"{'none' if above is None else f'crossfade above {above}'}, threshold {thr}, subtle_motion {sub} "
+                     f"(worst {worst:+.2f} dB, mean {gap:+.2f} dB, {ratio:.2f}x RIFE's time there)")
+        for k, v in (("threshold", thr), ("subtle_motion", sub), ("rife_weight", mix)):
+            metrics[f"protocol.{proto}.chosen_{k}"] = v
+        for part in [p for p in interp_sets.PARTS if p not in parts]:
+            rows = [r for r in res if r["t"].part == part]
+            if not rows:
+                continue
+            cells, missed = [], []
+            for key in sorted({(r["t"].set, r["t"].step) for r in rows}):
+                g = np.mean([r[pick(r)][0] - r["rife"][0] for r in rows if (r["t"].set, r["t"].step) == key])
+                cells.append(f"{key[0]} k={key[1]} {g:+.2f}")
+                if g < 0.0:
+                    missed.append(f"{key[0]} k={key[1]} {g:+.2f} dB")
+            t = _time(rows, pick) / np.mean([r["rife"][2] for r in rows])
+            if t > 1 / 3:
+                missed.append(f"time {t:.2f}x RIFE's")
+            share = np.mean([pick(r) not in ("flow", "crossfade") for r in rows])
+            lines.append(f"    {part}: {', '.join(cells)}; all {np.mean([r[pick(r)][0] - r['rife'][0] for r in rows]):+.2f}"
+                         f" dB, {t:.2f}x RIFE's time, {share:.0%} to RIFE; target "
+                         f"{'NOT met: ' + ', '.join(missed) if missed else 'met'}")
+            metrics[f"protocol.{proto}.{part}.target_met"] = float(not missed)
+    return lines
+
+
+def _router(above: float | None, thr: float, sub: float, mix: float = 1.0, passes: str = "per_time"):
     """The route a setting gives a measured triplet: the fallback (crossfade) above ``above``'s inconsistent share,
-    RIFE mixed ``mix`` : ``1 - mix`` with the flow where the score is below ``thr`` or the motion below ``sub``,
-    else the flow."""
+    RIFE (a pass per in-between, or one per pair) mixed ``mix`` : ``1 - mix`` with the flow where the score is
+    below ``thr`` or the motion below ``sub``, else the flow."""
+    routed = f"{'mix' if passes == 'per_time' else 'one'}{mix:g}"
+
     def pick(r: dict) -> str:
         c = r["conf"]
         if above is not None and c.inconsistent > above:
             return "crossfade"
-        return f"mix{mix:g}" if c.score < thr or c.motion < sub else "flow"
+        return routed if c.score < thr or c.motion < sub else "flow"
     return pick
 
 
@@ -393,17 +509,24 @@ def main() -> None:
     ap.add_argument("--subtle-motion", type=float, default=AdaptiveSettings.model_fields["subtle_motion"].default)
     ap.add_argument("--rife-weight", type=float, default=AdaptiveSettings.model_fields["rife_weight"].default)
     ap.add_argument("--fresh-per", type=int, default=None, help="bbb triplets per step of the fresh part (default 2x --per)")
+    ap.add_argument("--rife-passes", default=AdaptiveSettings.model_fields["rife_passes"].default,
+                    choices=("per_time", "one"))
+    ap.add_argument("--unseen-per", type=int, default=None, help="bbb triplets per step of the unseen part (default 2x --per)")
+    ap.add_argument("--per-pair", type=int, default=PER_PAIR, help=(
+        f"in-betweens per keyframe pair the times are taken at (default {PER_PAIR}: the default keyframe_stride "
+        "less one; 1: t = 0.5 alone, each pair's flow on one frame)"))
     args = ap.parse_args()
     if args.quick:
-        args.sets_only, args.per, args.tune_per, args.fresh_per = True, 2, 2, 2
+        args.sets_only, args.per, args.tune_per, args.fresh_per, args.unseen_per = True, 2, 2, 2, 2
     if args.sets_only:
         from stages.rife import RifeInterpolator
 
         lines, metrics = sets_bench(args, RifeInterpolator(weights=args.weights, threads=args.threads))
         print("\n".join(lines))
         log_run(args, {"sets_per": args.per, "tune_per": args.tune_per, "fresh_per": args.fresh_per,
+                       "unseen_per": args.unseen_per, "per_pair": args.per_pair,
                        "threshold": args.threshold, "subtle_motion": args.subtle_motion,
-                       "rife_weight": args.rife_weight}, metrics, "\n".join(lines))
+                       "rife_weight": args.rife_weight, "rife_passes": args.rife_passes}, metrics, "\n".join(lines))
         return
 
     # 1. Material and methods.
@@ -495,8 +618,9 @@ def main() -> None:
                     "flow.fps_1proc": fps[1], "flow.fps_2proc": fps[2], "holds_exact": float(hold_exact)})
     log_run(args, {"flow_preset": args.preset, "triplets": n, "holds": len(holds), "rife_threads": args.threads,
                    "sets_per": args.per, "tune_per": args.tune_per, "fresh_per": args.fresh_per,
+                       "unseen_per": args.unseen_per, "per_pair": args.per_pair,
                    "threshold": args.threshold, "subtle_motion": args.subtle_motion,
-                   "rife_weight": args.rife_weight}, {**metrics, **set_metrics}, table)
+                   "rife_weight": args.rife_weight, "rife_passes": args.rife_passes}, {**metrics, **set_metrics}, table)
 
 
 def log_run(args, params: dict, metrics: dict[str, float], table: str) -> None:

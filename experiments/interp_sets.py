@@ -1,7 +1,8 @@
 """The in-betweening evaluation sets: real triplets with a true middle frame, consecutive and wide-step.
 
 A triplet of step k is frames (n - k, n, n + k) of one real sequence: predict n at t = 0.5 from
-its neighbours and compare it with the real n. k = 1 is the consecutive triplet; k = 2, 3, 4 give
+its neighbours and compare it with the real n (``between`` holds every real frame between the two
+keyframes, n - k + 1 … n + k - 1 at t = j / 2k, for the in-betweens at other times). k = 1 is the consecutive triplet; k = 2, 3, 4 give
 two, three, four times the motion (and its blur stays that of one frame), which is what a
 keyframe pair of an anime shot looks like.
 
@@ -25,6 +26,12 @@ are made on ``tune`` and reported on ``report``.
   triplets of the report range whose (centre, step) is not a report triplet — ``fresh_per`` per
   bbb step spaced evenly over the rest, every remaining GIF triplet. They share frames with report
   triplets but none is one, so no choice has seen them; Sintel has none left.
+* ``unseen``: bbb triplets of the report range whose (centre, step) is in neither report nor
+  fresh, ``unseen_per`` per step spaced evenly over what is left, added 2026-12-03 after both had
+  been looked at: the held-out part of the bench's second protocol, which chooses on everything
+  looked at (tune, report, fresh) because the tune part's frames 0–359 lack the slow pans of the
+  later passage where RIFE beats the flow on consecutive frames. The GIF and Sintel have nothing
+  left for it.
 
 The three bbb PNG triplets of ../shared/data/frames/bbb (centres 120, 430, 487) were used to pick
 the flow preset before this split existed; centres 430 and 487 fall in ``report`` and are left
@@ -47,12 +54,13 @@ from PIL import Image, ImageSequence
 REPO = Path(__file__).resolve().parents[1]
 FRAMES = REPO.parent / "shared" / "data" / "frames"
 STEPS = (1, 2, 3, 4)
-PARTS = ("tune", "report", "fresh")
+PARTS = ("tune", "report", "fresh", "unseen")
 BBB_SIZE = (640, 360)
 BBB_FRAMES = 720
 BBB_SPLIT = 360  # centres below: tune; at or above: report
 GIF_SPLIT = 15
 EXCLUDED_BBB = range(415, 500)  # around the shared PNG triplets 430 and 487 (used for the flow preset)
+LOOKED_AT = {"tune": 12, "report": 6, "fresh": 12, "unseen": 0}  # the counts of the runs that were looked at
 SINTEL = ("sintel_raft_demo", "sintel_alley1_clean", "sintel_alley1_final")
 
 
@@ -65,6 +73,12 @@ class Triplet:
     a: np.ndarray
     mid: np.ndarray
     b: np.ndarray
+    between: tuple[np.ndarray, ...] = ()  # every real frame strictly between a and b (2k - 1, mid among them)
+
+    @property
+    def times(self) -> list[float]:
+        """The in-between times of ``between``: j / 2k (k = 1: 0.5 alone)."""
+        return [j / (2 * self.step) for j in range(1, 2 * self.step)]
 
 
 def _png(path: Path) -> np.ndarray:
@@ -86,17 +100,18 @@ def _bbb_centres(step: int, part: str, per: dict[str, int]) -> list[int]:
     # the steps do not all share one centre
     allowed = [c for c in range(lo, hi + 1) if c not in EXCLUDED_BBB and c - step not in EXCLUDED_BBB
                and c + step not in EXCLUDED_BBB]
-    if part == "fresh":  # the report range's centres the report part does not use, spaced anew
-        used = set(_bbb_centres(step, "report", per))
+    if part in ("fresh", "unseen"):  # the report range's centres no earlier part uses, spaced anew
+        earlier = PARTS[1:PARTS.index(part)]
+        used = {c for p in earlier for counts in (per, LOOKED_AT) for c in _bbb_centres(step, p, counts)}
         allowed = [c for c in allowed if c not in used]
-        return [allowed[i] for i in _spaced(0, len(allowed) - 1, per["fresh"])]
+        return [allowed[i] for i in _spaced(0, len(allowed) - 1, per[part])] if per[part] else []
     idx = _spaced(0, len(allowed) - 1, per[part])
     return [allowed[min(len(allowed) - 1, i + step * 3)] for i in idx]
 
 
 def _bbb(per: dict[str, int]) -> list[Triplet]:
     want = {(step, part): _bbb_centres(step, part, per) for step in STEPS for part in PARTS}
-    needed = {c + d for (step, _), cs in want.items() for c in cs for d in (-step, 0, step)}
+    needed = {c + d for (step, _), cs in want.items() for c in cs for d in range(-step, step + 1)}
     frames: dict[int, np.ndarray] = {}
     gen = imageio_ffmpeg.read_frames(str(FRAMES / "bbb" / "big_buck_bunny_0_30.webm"))
     w, h = next(gen)["size"]
@@ -107,7 +122,8 @@ def _bbb(per: dict[str, int]) -> list[Triplet]:
             img = np.frombuffer(raw, np.uint8).reshape(h, w, 3)
             frames[i] = cv2.resize(img, BBB_SIZE, interpolation=cv2.INTER_AREA)
     gen.close()
-    return [Triplet("bbb", step, part, f"bbb/{c}k{step}", frames[c - step], frames[c], frames[c + step])
+    return [Triplet("bbb", step, part, f"bbb/{c}k{step}", frames[c - step], frames[c], frames[c + step],
+                    tuple(frames[c + d] for d in range(1 - step, step)))
             for (step, part), cs in want.items() for c in cs
             if not np.array_equal(frames[c], frames[c - step]) and not np.array_equal(frames[c], frames[c + step])]
 
@@ -124,7 +140,8 @@ def _gif(per: dict[str, int]) -> list[Triplet]:
                   and not np.array_equal(gif[c], gif[c + step])]
             chosen = [ok[i] for i in _spaced(0, len(ok) - 1, per[part])]
             parts = [(part, chosen)] + ([("fresh", [c for c in ok if c not in chosen])] if part == "report" else [])
-            out += [Triplet("pigs_gif", step, name, f"pigs_gif/{c}k{step}", gif[c - step], gif[c], gif[c + step])
+            out += [Triplet("pigs_gif", step, name, f"pigs_gif/{c}k{step}", gif[c - step], gif[c], gif[c + step],
+                            tuple(gif[c - step + 1:c + step]))
                     for name, cs in parts for c in cs]
     return out
 
@@ -136,17 +153,21 @@ def _sintel() -> list[Triplet]:
         for step in STEPS:
             for c in range(step, len(pngs) - step):
                 out.append(Triplet("sintel", step, "report", f"{folder.removeprefix('sintel_')}/{c}k{step}",
-                                   pngs[c - step], pngs[c], pngs[c + step]))
+                                   pngs[c - step], pngs[c], pngs[c + step], tuple(pngs[c - step + 1:c + step])))
     return out
 
 
-def triplets(per: int = 6, tune_per: int | None = None, fresh_per: int | None = None) -> list[Triplet]:
+def triplets(per: int = 6, tune_per: int | None = None, fresh_per: int | None = None,
+             unseen_per: int | None = None) -> list[Triplet]:
     """Every triplet of the sets: ``per`` per source, step and part (the GIF two thirds of it; Sintel:
     all it has); ``tune_per`` (default ``per``) instead for the tune part, where a denser sample makes
-    the choices less a matter of which few pairs were drawn; ``fresh_per`` (default ``2 * per``) bbb
-    triplets per step of the fresh part (the GIF's: all that are left; 0: no fresh part)."""
-    bbb = {"tune": tune_per or per, "report": per, "fresh": 2 * per if fresh_per is None else fresh_per}
-    items = _bbb(bbb) + _gif({part: max(1, n * 2 // 3) for part, n in bbb.items()}) + _sintel()
+    the choices less a matter of which few pairs were drawn; ``fresh_per`` and ``unseen_per`` (default
+    ``2 * per`` each) bbb triplets per step of the fresh and unseen parts (the fresh GIF: all that is
+    left; 0: no such part)."""
+    bbb = {"tune": tune_per or per, "report": per, "fresh": 2 * per if fresh_per is None else fresh_per,
+           "unseen": 2 * per if unseen_per is None else unseen_per}
+    gif = {part: max(1, n * 2 // 3) for part, n in bbb.items() if part in ("tune", "report")}
+    items = _bbb(bbb) + _gif(gif) + _sintel()
     return [t for t in items if t.part != "fresh" or bbb["fresh"] > 0]
 
 

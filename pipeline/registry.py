@@ -173,7 +173,7 @@ def _adaptive(s: inbetween_adaptive.AdaptiveSettings, *, width: int, height: int
     def rife() -> Any:
         from stages.rife import RifeInterpolator  # torch only when a pair needs RIFE
 
-        return RifeInterpolator(weights=s.weights, device=s.device)
+        return RifeInterpolator(weights=s.weights, device=s.device, passes=s.rife_passes)
 
     return inbetween_adaptive.AdaptiveInterpolator(
         flow=inbetween.FlowInterpolator(preset=s.preset), rife=rife, crossfade=inbetween.Crossfade(),

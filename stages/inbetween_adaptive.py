@@ -51,6 +51,7 @@ FALLBACKS = ("none", "crossfade", "hold")
 THRESHOLD = 0.0  # the defaults, chosen on the tune split (see AdaptiveSettings)
 SUBTLE_MOTION = 0.0025
 RIFE_WEIGHT = 0.75
+RIFE_PASSES = "per_time"
 
 
 class AdaptiveSettings(Record):
@@ -67,6 +68,9 @@ class AdaptiveSettings(Record):
         "Pairs whose motion (95th percentile flow magnitude / long side) is below this go to RIFE."))
     rife_weight: float = Field(RIFE_WEIGHT, gt=0.0, le=1.0, description=(
         "RIFE's share of the in-betweens of a pair routed to RIFE, the rest the flow's (1: RIFE alone)."))
+    rife_passes: Literal["per_time", "one"] = Field(RIFE_PASSES, description=(
+        "RIFE's passes on the RIFE route: 'per_time', one per in-between, or 'one' per pair, at t = 0.5, retimed "
+        "to the pair's other in-betweens (stages.rife)."))
     fallback: Literal["none", "crossfade", "hold"] = Field(
         "none", description="What pairs with an incoherent flow get instead ('none': the flow or RIFE, by confidence).")
     fallback_above: float = Field(0.4, ge=0.0, le=1.0,

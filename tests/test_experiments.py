@@ -179,9 +179,10 @@ def test_report_headline_is_billed_per_minute_with_attributed_beside(calibration
 
 def test_the_in_betweening_sets_keep_their_parts_apart():
     """The split of experiments/interp_sets.py that the adaptive rule's honesty rests on: no frame of a tune
-    triplet is in a held-out one, no fresh triplet is a report triplet, Sintel is never tuned on, and the
-    middle of every triplet is a real frame that differs from both neighbours."""
-    items = interp_sets.triplets(per=2, tune_per=2, fresh_per=3)
+    triplet is in a held-out one, no fresh triplet is a report triplet, no unseen triplet is one of the report
+    or fresh triplets that were looked at (those of the default counts, whatever this run's), Sintel is never
+    tuned on, and the middle of every triplet is a real frame that differs from both neighbours."""
+    items = interp_sets.triplets(per=2, tune_per=2, fresh_per=3, unseen_per=3)
     parts = {p: [t for t in items if t.part == p] for p in interp_sets.PARTS}
     assert all(parts.values()) and {t.step for t in items} == set(interp_sets.STEPS)
 
@@ -192,8 +193,13 @@ def test_the_in_betweening_sets_keep_their_parts_apart():
         return {(t.set, c + d) for d in (-t.step, 0, t.step)}
 
     tuned = set().union(*(frames(t) for t in parts["tune"]))
-    assert not tuned & set().union(*(frames(t) for t in parts["report"] + parts["fresh"]))
+    assert not tuned & set().union(*(frames(t) for t in parts["report"] + parts["fresh"] + parts["unseen"]))
     assert not {t.name for t in parts["fresh"]} & {t.name for t in parts["report"]}
     assert {t.set for t in parts["tune"]} == {"bbb", "pigs_gif"} and "sintel" not in {t.set for t in parts["fresh"]}
     assert all(not np.array_equal(t.mid, t.a) and not np.array_equal(t.mid, t.b) for t in items)
+    assert all(len(t.between) == len(t.times) == 2 * t.step - 1 and t.between[t.step - 1] is t.mid for t in items)
     assert [t.name for t in interp_sets.triplets(per=2, tune_per=2, fresh_per=0) if t.part == "fresh"] == []
+    looked_at = {t.name for t in interp_sets.triplets(per=6, tune_per=12, fresh_per=12, unseen_per=0)
+                 if t.part in ("report", "fresh")}
+    assert not {t.name for t in parts["unseen"]} & (looked_at | {t.name for t in parts["report"] + parts["fresh"]})
+    assert {t.set for t in parts["unseen"]} == {"bbb"} and {t.step for t in parts["unseen"]} == set(interp_sets.STEPS)
