@@ -238,7 +238,8 @@ def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
                "adaptive": AdaptiveInterpolator(flow=FlowInterpolator(preset=args.preset), lazy=False,
                                                 rife=rife_one if args.rife_passes == "one" else rife,
                                                 crossfade=Crossfade(), threshold=args.threshold,
-                                                subtle_motion=args.subtle_motion, rife_weight=args.rife_weight)}
+                                                subtle_motion=args.subtle_motion, rife_weight=args.rife_weight,
+                                                fallback=args.fallback, fallback_above=args.fallback_above)}
     ad = methods["adaptive"]
     ts = pair_times(args.per_pair)
     res: list[dict] = []  # per triplet and method: psnr/ssim (mean over the pair's true in-betweens)/s per frame
@@ -279,7 +280,8 @@ def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
              f"true frame, t = j/2k (k = 1: 0.5); time per frame of "
              f"{len(ts)} in-betweens per pair (t = {', '.join(f'{x:.3g}' for x in ts)}); adaptive: RIFE where score < "
              f"{args.threshold} or motion < {args.subtle_motion}, mixed {args.rife_weight:g} RIFE : "
-             f"{1 - args.rife_weight:g} flow, RIFE passes {args.rife_passes}; rife_one: one RIFE pass per pair, retimed; "
+             f"{1 - args.rife_weight:g} flow, RIFE passes {args.rife_passes}, fallback {args.fallback} above "
+             f"{args.fallback_above:g} inconsistent; rife_one: one RIFE pass per pair, retimed; "
              f"confidence {1000 * conf_s / len(items):.1f} ms per pair = {conf_s / flow_only_s:.1%} of the two DIS flows)",
              f"{'part':6s} {'set':9s} {'k':>1s} {'n':>2s}" + "".join(f" {m + ' dB/SSIM/ms':>26s}" for m in SET_METHODS)
              + f" {'to RIFE':>8s} {'ad-rife dB':>10s} {'ad/rife t':>9s}"]
@@ -357,7 +359,7 @@ def tune_study(tune: list[dict]) -> list[str]:
     return lines
 
 
-SWEEP_THRESHOLDS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+SWEEP_THRESHOLDS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)  # 1.0: every pair (one pass makes it affordable)
 SWEEP_SUBTLE = (0.0, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.01)
 SWEEP_FALLBACKS = (None, 0.4)
 SWEEP_MIX = (0.25, 0.5, 0.75, 1.0)  # RIFE's weight in the RIFE route's in-between (1: RIFE alone)
@@ -509,6 +511,9 @@ def main() -> None:
     ap.add_argument("--subtle-motion", type=float, default=AdaptiveSettings.model_fields["subtle_motion"].default)
     ap.add_argument("--rife-weight", type=float, default=AdaptiveSettings.model_fields["rife_weight"].default)
     ap.add_argument("--fresh-per", type=int, default=None, help="bbb triplets per step of the fresh part (default 2x --per)")
+    ap.add_argument("--fallback", default=AdaptiveSettings.model_fields["fallback"].default,
+                    choices=("none", "crossfade", "hold"))
+    ap.add_argument("--fallback-above", type=float, default=AdaptiveSettings.model_fields["fallback_above"].default)
     ap.add_argument("--rife-passes", default=AdaptiveSettings.model_fields["rife_passes"].default,
                     choices=("per_time", "one"))
     ap.add_argument("--unseen-per", type=int, default=None, help="bbb triplets per step of the unseen part (default 2x --per)")
@@ -526,7 +531,8 @@ def main() -> None:
         log_run(args, {"sets_per": args.per, "tune_per": args.tune_per, "fresh_per": args.fresh_per,
                        "unseen_per": args.unseen_per, "per_pair": args.per_pair,
                        "threshold": args.threshold, "subtle_motion": args.subtle_motion,
-                       "rife_weight": args.rife_weight, "rife_passes": args.rife_passes}, metrics, "\n".join(lines))
+                       "rife_weight": args.rife_weight, "rife_passes": args.rife_passes,
+                       "fallback": args.fallback, "fallback_above": args.fallback_above}, metrics, "\n".join(lines))
         return
 
     # 1. Material and methods.
@@ -620,7 +626,8 @@ def main() -> None:
                    "sets_per": args.per, "tune_per": args.tune_per, "fresh_per": args.fresh_per,
                        "unseen_per": args.unseen_per, "per_pair": args.per_pair,
                    "threshold": args.threshold, "subtle_motion": args.subtle_motion,
-                   "rife_weight": args.rife_weight, "rife_passes": args.rife_passes}, {**metrics, **set_metrics}, table)
+                   "rife_weight": args.rife_weight, "rife_passes": args.rife_passes,
+                       "fallback": args.fallback, "fallback_above": args.fallback_above}, {**metrics, **set_metrics}, table)
 
 
 def log_run(args, params: dict, metrics: dict[str, float], table: str) -> None:

@@ -19,6 +19,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from pipeline import registry
 from stages.inbetween import Crossfade, FlowInterpolator, PairConfidence, pair_confidence
@@ -30,6 +31,7 @@ needs_weights = pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"RIFE weights 
 THRESHOLD = AdaptiveSettings.model_fields["threshold"].default
 SUBTLE = AdaptiveSettings.model_fields["subtle_motion"].default
 RIFE_WEIGHT = AdaptiveSettings.model_fields["rife_weight"].default
+FALLBACK_ABOVE = AdaptiveSettings.model_fields["fallback_above"].default
 MIXED_THRESHOLD = 0.2
 LARGE_MOTION_THRESHOLD = 0.05  # above big_motion()'s score (0.016): the score route takes it
 
@@ -51,8 +53,10 @@ def forward_passes(rife) -> list[int]:
 
 
 def adaptive(rife, **kw) -> AdaptiveInterpolator:
-    return AdaptiveInterpolator(flow=FlowInterpolator(), rife=rife, crossfade=Crossfade(), lazy=False,
-                                threshold=kw.pop("threshold", THRESHOLD), subtle_motion=kw.pop("subtle_motion", SUBTLE), **kw)
+    """The adaptive in-betweener with the profile's defaults, but for ``kw``."""
+    d = AdaptiveSettings.model_fields
+    kw = {k: kw.get(k, d[k].default) for k in ("threshold", "subtle_motion", "rife_weight", "fallback", "fallback_above")}
+    return AdaptiveInterpolator(flow=FlowInterpolator(), rife=rife, crossfade=Crossfade(), lazy=False, **kw)
 
 
 def slow_pan() -> tuple[np.ndarray, np.ndarray]:
@@ -67,6 +71,13 @@ def subtle_motion() -> tuple[np.ndarray, np.ndarray]:
     m = np.float32([[1, 0, 1 / 3], [0, 1, 1 / 6]])
     b = cv2.warpAffine(a, m, (a.shape[1], a.shape[0]), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     return a, cv2.convertScaleAbs(b, alpha=1.01)
+
+
+def big_pan() -> tuple[np.ndarray, np.ndarray]:
+    """The slow pan's first frame and itself moved 12 px left and 4 px up: large, coherent motion (320×180)."""
+    a, _ = slow_pan()
+    m = np.float32([[1, 0, -12], [0, 1, -4]])
+    return a, cv2.warpAffine(a, m, (a.shape[1], a.shape[0]), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
 
 
 def big_motion() -> tuple[np.ndarray, np.ndarray]:
@@ -87,10 +98,10 @@ def big_motion() -> tuple[np.ndarray, np.ndarray]:
 def test_the_confidence_separates_a_slow_pan_a_subtle_motion_and_large_motion():
     fi = FlowInterpolator()
     calm, subtle, wild = (pair_confidence(a, b, *fi.flows(a, b)) for a, b in (slow_pan(), subtle_motion(), big_motion()))
-    assert calm.score >= THRESHOLD and calm.motion >= SUBTLE  # confident: the flow's
+    assert calm.score >= THRESHOLD and calm.motion >= SUBTLE and calm.inconsistent <= FALLBACK_ABOVE  # the flow's
     assert subtle.motion < SUBTLE <= calm.motion  # subtle: RIFE's
-    assert wild.score >= THRESHOLD and wild.motion >= SUBTLE > 0  # large motion: the flow's by default
-    assert wild.score < LARGE_MOTION_THRESHOLD <= calm.score  # ... RIFE's with a threshold above its score
+    assert wild.inconsistent > FALLBACK_ABOVE and wild.motion >= SUBTLE > 0  # incoherent: the fallback's by default
+    assert wild.score < LARGE_MOTION_THRESHOLD <= calm.score  # ... RIFE's without one, below a threshold above its score
     assert wild.motion > 3 * calm.motion and wild.inconsistent > 10 * calm.inconsistent
     assert wild.residual / wild.unaligned > 3 * calm.residual / calm.unaligned  # the flow explains little of it
     assert 0.0 < wild.score < calm.score <= 1.0
@@ -109,7 +120,8 @@ def test_a_confident_pair_never_runs_rife_and_matches_the_flow_exactly(rife):
 
 
 @needs_weights
-@pytest.mark.parametrize("pair, kw", [(subtle_motion, {}), (big_motion, {"threshold": LARGE_MOTION_THRESHOLD})],
+@pytest.mark.parametrize("pair, kw", [(subtle_motion, {}),
+                                     (big_motion, {"threshold": LARGE_MOTION_THRESHOLD, "fallback": "none"})],
                          ids=["subtle motion, default rule", "large motion, score below the threshold"])
 def test_subtle_motion_and_large_motion_below_the_threshold_go_to_rife_and_get_rifes_output(rife, pair, kw):
     """RIFE's in-between mixed with the flow's by ``rife_weight`` (RIFE's alone at weight 1)."""
@@ -128,13 +140,19 @@ def test_subtle_motion_and_large_motion_below_the_threshold_go_to_rife_and_get_r
 
 
 @needs_weights
-def test_large_motion_stays_with_the_flow_under_the_default_rule(rife):
-    """The tune data's finding: the flow beats RIFE on large motion, so by default it keeps it."""
+def test_large_motion_the_flow_explains_stays_with_it_and_incoherent_motion_is_crossfaded_by_default(rife):
+    """The sets' finding: the flow beats RIFE on large motion it explains, so by default it keeps it; where the
+    flow is inconsistent on most pixels (no coherent motion) the default's fallback crossfades."""
     calls = forward_passes(rife)
-    a, b = big_motion()
+    a, b = big_pan()
+    fi = FlowInterpolator()
+    c = pair_confidence(a, b, *fi.flows(a, b))
+    assert c.motion > 5 * SUBTLE and c.score >= THRESHOLD and c.inconsistent <= FALLBACK_ABOVE
     ad = adaptive(rife)
-    assert np.array_equal(ad(a, b, [0.5])[0], FlowInterpolator()(a, b, [0.5])[0])
-    assert ad.routes == {"flow": 1, "rife": 0, "fallback": 0} and calls == []
+    assert np.array_equal(ad(a, b, [0.5])[0], fi(a, b, [0.5])[0])
+    a, b = big_motion()
+    assert np.array_equal(ad(a, b, [0.5])[0], Crossfade()(a, b, [0.5])[0])
+    assert ad.routes == {"flow": 1, "rife": 0, "fallback": 1} and calls == []
 
 
 @needs_weights
@@ -146,18 +164,19 @@ def test_routing_is_deterministic_and_a_pure_function_of_the_score(rife):
         outs = [ad(a, b, [0.5])[0] for a, b in pairs]
         runs.append((ad.scores, dict(ad.routes), outs))
     (s0, r0, o0), (s1, r1, o1) = runs
-    assert s0 == s1 and r0 == r1 == {"flow": 4, "rife": 2, "fallback": 0}
+    assert s0 == s1 and r0 == r1 == {"flow": 2, "rife": 2, "fallback": 2}
     assert all(np.array_equal(x, y) for x, y in zip(o0, o1))
     # the route is a function of the confidence alone: with a fallback the inconsistent share against its
     # bound first, then RIFE where the motion is subtle or the score is below the threshold
-    ad = adaptive(rife, fallback="crossfade", fallback_above=0.5, threshold=0.05)
+    ad = adaptive(rife, fallback="crossfade", fallback_above=0.5, threshold=0.05, subtle_motion=0.0025)
     c = dict(inconsistent=0.1, motion=0.5, spread=0.5, residual=1.0, unaligned=10.0)  # score 0.81
     assert ad.route(PairConfidence(**c)) == "flow"
     assert ad.route(PairConfidence(**{**c, "residual": 9.8})) == "rife"  # score 0.018
-    assert ad.route(PairConfidence(**{**c, "motion": SUBTLE / 2})) == "rife"
+    assert ad.route(PairConfidence(**{**c, "motion": 0.001})) == "rife"
     assert ad.route(PairConfidence(**{**c, "inconsistent": 0.6})) == "fallback"
-    assert adaptive(rife).route(PairConfidence(**{**c, "inconsistent": 0.6})) == "flow"  # no fallback: score 0.36
-    assert adaptive(rife, threshold=0.5).route(PairConfidence(**{**c, "inconsistent": 0.6})) == "rife"
+    none = {"fallback": "none", "subtle_motion": 0.0025}
+    assert adaptive(rife, threshold=0.0, **none).route(PairConfidence(**{**c, "inconsistent": 0.6})) == "flow"  # 0.36
+    assert adaptive(rife, threshold=0.5, **none).route(PairConfidence(**{**c, "inconsistent": 0.6})) == "rife"
     assert adaptive(rife, subtle_motion=0.0).route(PairConfidence(**{**c, "motion": 0.0})) == "flow"  # score 0.81
 
 
@@ -201,6 +220,16 @@ def test_the_registry_entry_builds_rife_only_when_a_pair_needs_it():
     assert "num_gpus" not in entry.key_params(gpu)
 
 
+@needs_weights
+def test_the_registry_entry_gives_rife_the_profiles_passes():
+    entry = registry.get("inbetween", "adaptive")
+    for passes in ("per_time", "one"):
+        s = entry.settings(weights=str(WEIGHTS), rife_passes=passes)
+        assert entry.build(s, width=320, height=180).rife.passes == passes and entry.key_params(s)["rife_passes"] == passes
+    with pytest.raises(ValidationError, match="rife_passes"):
+        entry.settings(weights=str(WEIGHTS), rife_passes="twice")
+
+
 @pytest.mark.slow
 @needs_weights
 def test_a_render_bills_each_route_and_its_quality_record_counts_them(tmp_path):
@@ -228,6 +257,7 @@ storyboard_width = 128
 
 [adaptive]
 threshold = {MIXED_THRESHOLD}
+fallback = "none"
 weights = "{WEIGHTS}"
 """)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "ANIM_STORE": str(tmp_path / "store"),

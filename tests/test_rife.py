@@ -61,6 +61,25 @@ def test_rife_arbitrary_times_and_identical_neighbours(rife):
 
 
 @needs_weights
+def test_one_pass_per_pair_is_rife_at_the_middle_and_retimes_the_rest(rife):
+    """passes="one": the t = 0.5 in-between is RIFE's own, bit for bit; the others come from its flows and mask
+    retimed (nearer in time, nearer in content; on the sets' wide-step pairs it is measured against RIFE's own
+    pass per time in experiments/interp_bench.py); an unknown mode is refused."""
+    a = read_rgb(FRAMES / "sintel_raft_demo" / "frame_0016.png")[:128, :192].copy()
+    b = read_rgb(FRAMES / "sintel_raft_demo" / "frame_0018.png")[:128, :192].copy()
+    one = RifeInterpolator(weights=WEIGHTS, threads=2, passes="one")
+    (mid,) = rife(a, b, [0.5])
+    outs = one(a, b, [0.25, 0.5, 0.75])
+    assert np.array_equal(outs[1], mid) and all(o.shape == a.shape and o.dtype == np.uint8 for o in outs)
+    d = lambda x, y: float(np.mean(cv2.absdiff(x, y)))  # noqa: E731
+    assert d(outs[0], a) < d(outs[1], a) < d(outs[2], a) and d(outs[2], b) < d(outs[1], b) < d(outs[0], b)
+    per_time = rife(a, b, [0.25, 0.75])
+    assert all(cv2.PSNR(o, p) > 30.0 for o, p in zip((outs[0], outs[2]), per_time))  # close to, not equal to, RIFE's
+    with pytest.raises(ValueError, match="passes='twice'"):
+        RifeInterpolator(weights=WEIGHTS, passes="twice")
+
+
+@needs_weights
 def test_registry_builds_rife_lazily():
     built = registry.get("inbetween", "rife").build(RifeSettings(weights=str(WEIGHTS)), width=192, height=128)
     assert isinstance(built, RifeInterpolator) and built.name == "rife"
