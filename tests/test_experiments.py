@@ -1,7 +1,8 @@
 """Fast checks of the experiments (no rendering): the cost report's figures trace to one
 calibration row and one price row each, naive costs more than optimized, the example GPU
-profiles load and plan, the lever sweep's Pareto front is right on a small table, and the
-in-betweening sets keep their tune and held-out parts apart."""
+profiles load and plan, the lever sweep's Pareto front is right on a small table, the
+in-betweening sets keep their tune and held-out parts apart, and the in-betweening bench checks
+each choice only on the parts it was not made on."""
 from __future__ import annotations
 
 import sys
@@ -15,6 +16,7 @@ from stages.script import load_episode
 
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
 import cost_report  # noqa: E402
+import interp_bench  # noqa: E402
 import interp_sets  # noqa: E402
 import sweep_levers  # noqa: E402
 
@@ -203,3 +205,35 @@ def test_the_in_betweening_sets_keep_their_parts_apart():
                  if t.part in ("report", "fresh")}
     assert not {t.name for t in parts["unseen"]} & (looked_at | {t.name for t in parts["report"] + parts["fresh"]})
     assert {t.set for t in parts["unseen"]} == {"bbb"} and {t.step for t in parts["unseen"]} == set(interp_sets.STEPS)
+
+
+def test_the_bench_checks_each_choice_only_on_the_parts_it_did_not_choose_on():
+    """Measured rows stand-in: the tune part has only large motion the flow wins; report and unseen have subtle
+    motion where RIFE beats the flow by 1 dB and its mix with the flow beats RIFE. The tune protocol finds nothing
+    to route and misses on both; the looked-at protocol (which sees report) routes the subtle pairs through the
+    cheap one-pass route and is checked on unseen alone, where it meets the target."""
+    from types import SimpleNamespace
+
+    from stages.inbetween import PairConfidence
+
+    def row(part: str, subtle: bool) -> dict:
+        flow, rife = (40.0, 41.0) if subtle else (40.0, 39.0)
+        r = {"t": SimpleNamespace(part=part, set="bbb", step=1), "conf_s": 0.0,
+             "conf": PairConfidence(inconsistent=0.05, motion=0.001 if subtle else 0.05, spread=0.1, residual=1.0,
+                                    unaligned=10.0),
+             "flow": (flow, 0.9, 0.01), "rife": (rife, 0.9, 1.0), "crossfade": (30.0, 0.8, 0.001)}
+        for w in interp_bench.SWEEP_MIX:
+            mixed = (41.5 if subtle else 39.5) if w < 1 else rife
+            r[f"mix{w:g}"], r[f"one{w:g}"] = (mixed, 0.9, 1.0), (mixed - 0.1 * (w == 1), 0.9, 0.2)
+        return r
+
+    res = [row("tune", False) for _ in range(4)] + [row(p, True) for p in ("report", "unseen") for _ in range(4)]
+    metrics: dict[str, float] = {}
+    lines = interp_bench.protocol_lines(res, SimpleNamespace(), metrics)
+    assert metrics["protocol.tune.chosen_threshold"] == 0.0 and metrics["protocol.tune.chosen_subtle_motion"] == 0.0
+    assert metrics["protocol.tune.report.target_met"] == metrics["protocol.tune.unseen.target_met"] == 0.0
+    assert metrics["protocol.looked-at.chosen_one_pass"] == 1.0 and metrics["protocol.looked-at.unseen.target_met"] == 1.0
+    assert not any(k.startswith(("protocol.looked-at.report", "protocol.looked-at.tune")) for k in metrics)
+    looked = lines[[i for i, x in enumerate(lines) if x.startswith("  looked-at")][0]:]
+    assert [x.split(":")[0].strip() for x in looked[1:]] == ["unseen"] and "target met" in looked[1]
+
