@@ -12,7 +12,9 @@ Sources (all in ../shared/data/frames, see its README for licences):
   640×360 (the draft profile's size; RIFE at 720p costs ~4× more per frame on this machine);
 * ``pigs_gif``: the hand-drawn Pigs in a Polka GIF (314×273, 30 frames), native size;
 * ``sintel``: the three MPI-Sintel folders (raft 5 frames, alley clean and final 4 each),
-  native 1024×436.
+  native 1024×436;
+* ``chaplin`` (unseen part only): the live-action clip (640×360, 241 frames at 25 fps), its
+  duplicate frames removed (~160 remain).
 
 The declared split (``part``): the threshold and every other choice of the adaptive in-betweener
 are made on ``tune`` and reported on ``report``.
@@ -31,7 +33,10 @@ are made on ``tune`` and reported on ``report``.
   been looked at: the held-out part of the bench's second protocol, which chooses on everything
   looked at (tune, report, fresh) because the tune part's frames 0–359 lack the slow pans of the
   later passage where RIFE beats the flow on consecutive frames. The GIF and Sintel have nothing
-  left for it.
+  left for it; instead it has ``chaplin``: the live-action clip, never in the sets before, its
+  decoded duplicates (every third frame) dropped so that the film's own frames, evenly spaced in
+  time, remain; ``unseen_per`` triplets per step, away from the raw frames 55–76 that the bench's
+  section 1 table shows (``EXCLUDED_CHAPLIN``).
 
 The three bbb PNG triplets of ../shared/data/frames/bbb (centres 120, 430, 487) were used to pick
 the flow preset before this split existed; centres 430 and 487 fall in ``report`` and are left
@@ -61,6 +66,8 @@ BBB_SPLIT = 360  # centres below: tune; at or above: report
 GIF_SPLIT = 15
 EXCLUDED_BBB = range(415, 500)  # around the shared PNG triplets 430 and 487 (used for the flow preset)
 LOOKED_AT = {"tune": 12, "report": 6, "fresh": 12, "unseen": 0}  # the counts of the runs that were looked at
+EXCLUDED_CHAPLIN = range(55, 77)  # raw frames around the bench's section 1 triplets (60-71)
+DUPLICATE_PSNR = 40.0  # consecutive decoded frames closer than this are one film frame shown twice
 SINTEL = ("sintel_raft_demo", "sintel_alley1_clean", "sintel_alley1_final")
 
 
@@ -157,6 +164,29 @@ def _sintel() -> list[Triplet]:
     return out
 
 
+def _chaplin(n: int) -> list[Triplet]:
+    """``n`` unseen triplets per step of the live-action clip's own frames (decoded duplicates dropped)."""
+    if n <= 0:
+        return []
+    gen = imageio_ffmpeg.read_frames(str(FRAMES / "liveaction_chaplin" / "chaplin.mp4"))
+    w, h = next(gen)["size"]
+    frames: list[tuple[int, np.ndarray]] = []  # (raw index, frame), each film frame once
+    for i, raw in enumerate(gen):
+        img = np.frombuffer(raw, np.uint8).reshape(h, w, 3)
+        if not frames or cv2.PSNR(frames[-1][1], img) <= DUPLICATE_PSNR:
+            frames.append((i, img))
+    gen.close()
+    out = []
+    for step in STEPS:
+        ok = [c for c in range(step, len(frames) - step)
+              if not any(frames[c + d][0] in EXCLUDED_CHAPLIN for d in range(-step, step + 1))]
+        for c in [ok[i] for i in _spaced(0, len(ok) - 1, n)]:
+            seq = [img for _, img in frames[c - step:c + step + 1]]
+            out.append(Triplet("chaplin", step, "unseen", f"chaplin/{frames[c][0]}k{step}", seq[0], seq[step], seq[-1],
+                               tuple(seq[1:-1])))
+    return out
+
+
 def triplets(per: int = 6, tune_per: int | None = None, fresh_per: int | None = None,
              unseen_per: int | None = None) -> list[Triplet]:
     """Every triplet of the sets: ``per`` per source, step and part (the GIF two thirds of it; Sintel:
@@ -167,7 +197,7 @@ def triplets(per: int = 6, tune_per: int | None = None, fresh_per: int | None = 
     bbb = {"tune": tune_per or per, "report": per, "fresh": 2 * per if fresh_per is None else fresh_per,
            "unseen": 2 * per if unseen_per is None else unseen_per}
     gif = {part: max(1, n * 2 // 3) for part, n in bbb.items() if part in ("tune", "report")}
-    items = _bbb(bbb) + _gif(gif) + _sintel()
+    items = _bbb(bbb) + _gif(gif) + _sintel() + _chaplin(bbb["unseen"])
     return [t for t in items if t.part != "fresh" or bbb["fresh"] > 0]
 
 

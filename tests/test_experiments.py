@@ -204,7 +204,9 @@ def test_the_in_betweening_sets_keep_their_parts_apart():
     looked_at = {t.name for t in interp_sets.triplets(per=6, tune_per=12, fresh_per=12, unseen_per=0)
                  if t.part in ("report", "fresh")}
     assert not {t.name for t in parts["unseen"]} & (looked_at | {t.name for t in parts["report"] + parts["fresh"]})
-    assert {t.set for t in parts["unseen"]} == {"bbb"} and {t.step for t in parts["unseen"]} == set(interp_sets.STEPS)
+    assert {t.set for t in parts["unseen"]} == {"bbb", "chaplin"}
+    assert {t.step for t in parts["unseen"]} == set(interp_sets.STEPS)
+    assert all(t.part == "unseen" for t in items if t.set == "chaplin")  # never in a part a choice was made on
 
 
 def test_the_bench_checks_each_choice_only_on_the_parts_it_did_not_choose_on():
