@@ -28,7 +28,8 @@ the tune part alone (bbb frames 0–359) lacks the slow pans of the later passag
 flow on consecutive frames, and the tune part's own choice (every pair mixed 1 : 3) stays below RIFE
 there (−0.13 dB report, −0.16 dB unseen). Checked on the unseen part (bbb triplets no run had
 measured): ≥ RIFE on every step (+0.01 dB on consecutive frames, +0.21 to +0.48 dB on wide steps) at
-0.23× RIFE's CPU time per frame, 88% of pairs to RIFE (``experiments/results/interp_sets.md``). At
+0.23× RIFE's CPU time per frame, 88% of pairs to RIFE; on the unseen live-action clip (chaplin)
+below it on consecutive frames (−0.23 dB) and at step 2 (−0.09 dB) (``experiments/results/interp_sets.md``). At
 one in-between per pair the single pass saves nothing, and the method costs about RIFE's time.
 
 The instance counts its routes (``routes``: pairs per route) and the seconds spent in each method
