@@ -8,7 +8,7 @@
 
 0. Sets (``experiments/interp_sets.py``: consecutive and wide-step triplets n-k, n, n+k, k = 1…4,
    from bbb, the Pigs GIF and Sintel, split into a tune part and three held-out parts: report;
-   fresh, added after report had been looked at; unseen, added after both, bbb only): every method
+   fresh, added after report had been looked at; unseen, added after both: bbb and the live-action chaplin clip): every method
    on every triplet, interleaved (one triplet, all methods, then the next: the machine's load hits
    them alike), per part, set and step: mean PSNR and SSIM at t = 0.5, ms per frame, and the
    adaptive method's share of pairs routed to RIFE; the frame-edge rules ("flow": auto, the
