@@ -10,12 +10,12 @@
    from bbb, the Pigs GIF and Sintel, split into a tune part and three held-out parts: report;
    fresh, added after report had been looked at; unseen, added after both: bbb and the live-action chaplin clip): every method
    on every triplet, interleaved (one triplet, all methods, then the next: the machine's load hits
-   them alike), per part, set and step: mean PSNR and SSIM at t = 0.5, ms per frame, and the
+   them alike), per part, set and step: mean PSNR and SSIM over every in-between with a true frame, ms per frame, and the
    adaptive method's share of pairs routed to RIFE; the frame-edge rules ("flow": auto, the
    default; "flow_defer": always; "flow_off": never). Time per frame is taken as a render spends
    it: each method in-betweens the pair at the default profile's ``--per-pair`` times (5: t = 1/6
    … 5/6, the flow's two DIS passes and its confidence shared by them, RIFE one pass each) and the
-   call's time is divided by them; the t = 0.5 in-between is the one scored. RIFE and adaptive are
+   call's time is divided by them; the in-betweens scored are every t = j/2k with a true frame. RIFE and adaptive are
    also timed at t = 0.5 alone (one in-between per pair, the reading of the runs before
    2026-12-03) and that ratio is printed beside. On the tune part (``--tune-per`` triplets per
    source and step, denser than the report part's ``--per``): where the flow beats RIFE by how
