@@ -848,6 +848,9 @@ class _Run:
         got = flight.lease or current_lease(self.store, flight.key)
         mine = got is not None and got.holder == self.work.holder
         done = ledger.finished_by(self.store, flight.key, self.work.holder)
+        if done is not None and mine and self.store.get(flight.key) is None:
+            # killed between its spend note and its commit: those rows were spent on nothing
+            done = ledger.unfinished(self.store, done, got.generation, ledger.CANCELLED)
         if done is not None:  # killed after its spend note: its rows are what it cost
             rows = done.rows
         elif mine:
@@ -863,7 +866,7 @@ class _Run:
         yuan = sum(r.yuan for r in rows)
         self.out.records += rows
         self.guard.charge(yuan)
-        if done is None:
+        if done is None or done.why is not None:
             self.out.cancelled.append(flight.node)
             self.out.cancelled_yuan += yuan
         if self.on_node:

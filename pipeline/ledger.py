@@ -5,8 +5,11 @@ note keyed by its content key (``spend/<key>/<holder>-<generation>``) *before* i
 its artifact, so
 
 * a node that finished has its spend in the store even if its render is killed before it
-  publishes anything (and a node killed between the note and the commit is billed too: it
-  ran), and a hit knows what it cost when it was made;
+  publishes anything, and a hit knows what it cost when it was made;
+* a node that dies, is cancelled or fails between its note and its commit is billed by that
+  note's rows, turned into a partial note (``unfinished``) by whoever finds its artifact
+  missing: a finished note always means an artifact came of it, so a node computed again
+  after such a loss is finished once, not twice;
 * a node cancelled in flight by the budget cap is billed by its driver, from when its worker
   took the key's lease to when the cancel was confirmed (``why="cancelled"``);
 * a node whose holder died (its lease expired) is billed by the render that takes the key
@@ -28,7 +31,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 from pipeline.cost import PriceCatalog
@@ -116,6 +119,36 @@ def record(store: Store, spent: Spent, generation: int) -> bool:
     if spent.why is None:
         store.remove_note(SPEND, spent.key, note_name(spent.holder, generation, DIED))
     return created
+
+
+def unfinished(store: Store, spent: Spent, generation: int, why: str) -> Spent:
+    """A finished note whose artifact never landed (its node died, was cancelled or failed
+    between its spend note and its commit) becomes a partial note of the same rows: the money
+    was spent, but nothing came of it, and the node computed again is the one that finished.
+    A finished note thus always means the artifact was committed (or is being committed by a
+    live holder)."""
+    partial = replace(spent, why=why)
+    create_once_more(store, spent.key, note_name(spent.holder, generation, why), partial.dump())
+    store.remove_note(SPEND, spent.key, note_name(spent.holder, generation))
+    return partial
+
+
+def create_once_more(store: Store, key: str, name: str, data: bytes) -> None:
+    """Write a partial note as one more: a retried node takes the key's lease again at the same
+    generation (the failed attempt released it), so each attempt's note gets a number of its
+    own, never refused as a second writer."""
+    for attempt in range(1, 1000):
+        if store.create_note(SPEND, key, name + (f"-{attempt}" if attempt > 1 else ""), data):
+            return
+
+
+def finished_at(store: Store, key: str, holder: str, generation: int) -> Spent | None:
+    """The finished note ``holder`` wrote under its lease of ``generation``, if any."""
+    raw = store.read_note(SPEND, key, note_name(holder, generation))
+    try:
+        return None if raw is None else Spent.parse(raw, key)
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def finished_by(store: Store, key: str, holder: str) -> Spent | None:
@@ -252,9 +285,10 @@ class Claim:
                                 "share": self.share})
         if isinstance(got, LeaseInfo):
             return got
+        landed = self.store.get(self.key) is not None  # finished by the holder we saw leave
         if got.took_over is not None:
-            self._bill_dead(got.took_over)
-        if self.store.get(self.key) is not None:  # finished by the holder we saw leave
+            self._bill_dead(got.took_over, landed)
+        if landed:
             got.release()
             return None
         self.lease = got.keep_alive()
@@ -268,8 +302,15 @@ class Claim:
             self.lease = None
             raise NodeStopped(f"{self.node}: its render stopped it before it started")
 
-    def _bill_dead(self, dead: LeaseInfo) -> None:
-        """A holder that died with the key: its time from lease to last heartbeat was spent."""
+    def _bill_dead(self, dead: LeaseInfo, landed: bool) -> None:
+        """A holder that died with the key: its time from lease to last heartbeat was spent. One
+        that died after its spend note is billed by that note: as it is if its artifact landed
+        (it died before it released its lease), as a partial one if it did not."""
+        done = finished_at(self.store, self.key, dead.holder, dead.generation)
+        if done is not None:
+            if not landed:
+                unfinished(self.store, done, dead.generation, DIED)
+            return
         info = dead.info
         # It was alive at its last renewal and missed the next beat a third of ``ttl_s`` later.
         ended = min(dead.renewed + dead.ttl_s / 3, time.time())
@@ -297,19 +338,24 @@ class Claim:
                self.lease.generation)
 
     def failed(self) -> None:
-        """The node failed before its spend was recorded: record the time it ran."""
-        if self.lease is None or self.rows:
+        """The node failed: record the time it ran; one that failed after its spend note (its
+        commit did) keeps that note's rows as a failed one."""
+        if self.lease is None:
+            return
+        if self.rows:
+            try:
+                done = finished_at(self.store, self.key, self.work.holder, self.lease.generation)
+                if done is not None and self.store.get(self.key) is None:
+                    unfinished(self.store, done, self.lease.generation, FAILED)
+            except Exception:  # the node's own failure is the one to report
+                pass
             return
         rows = partial_rows(self.work.prices, self.node, self.elapsed() * self.share, self.held.resource,
                             self.held.units)
         spent = Spent(str(self.node), self.key, self.work.holder, rows, self.started, time.time(), FAILED)
-        name = note_name(self.work.holder, self.lease.generation, FAILED)
         try:
-            # A retried node takes the key's lease again at the same generation (the failed attempt
-            # released it): each attempt's note is one more, never refused as a second writer.
-            for attempt in range(1, 1000):
-                if self.store.create_note(SPEND, self.key, name + (f"-{attempt}" if attempt > 1 else ""), spent.dump()):
-                    break
+            create_once_more(self.store, self.key, note_name(self.work.holder, self.lease.generation, FAILED),
+                             spent.dump())
         except Exception:  # the node's own failure is the one to report
             pass
 

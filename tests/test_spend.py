@@ -19,8 +19,9 @@ import pytest
 from pipeline import ledger
 from pipeline.calibration import Calibration
 from pipeline.config import resolve_profile
-from pipeline.ledger import DIED, SPEND, Work, claimed, episode_ledger
+from pipeline.ledger import DIED, FAILED, SPEND, Claim, Timing, Work, claimed, episode_ledger
 from pipeline.plan import make_plan
+from pipeline.registry import Resources
 from pipeline.render import render
 from pipeline.schedule import LEDGER_STAGES, NodeId
 from pipeline.store import Lease, LeaseInfo, open_store
@@ -163,8 +164,6 @@ def test_a_claim_over_a_dead_holder_bills_the_time_it_held_the_key(store, prices
 def test_a_claims_spend_is_recorded_before_its_commit_and_a_wait_is_bounded(store, prices):
     node = NodeId("keyframes", "s1")
     with claimed(work_for(store, prices), node, KEY) as claim:
-        from pipeline.ledger import Timing
-
         claim.spend([Timing("keyframes", 2.0), Timing("audit", 0.5)])
         [note] = episode_notes(store, KEY)  # on record before any artifact exists
         assert store.get(KEY) is None and note.why is None and note.holder == "render-b"
@@ -176,8 +175,6 @@ def test_a_claims_spend_is_recorded_before_its_commit_and_a_wait_is_bounded(stor
 
 
 def test_a_node_that_fails_bills_the_time_it_ran_once(store, prices):
-    from pipeline.ledger import FAILED, Timing
-
     with pytest.raises(ZeroDivisionError):
         with claimed(work_for(store, prices), NodeId("clip", "s1"), KEY):
             time.sleep(0.05)
@@ -190,7 +187,45 @@ def test_a_node_that_fails_bills_the_time_it_ran_once(store, prices):
         with claimed(work_for(store, prices), NodeId("clip", "s2"), other) as claim:
             claim.spend([Timing("inbetween", 1.0)])
             1 / 0
-    assert [n.why for n in episode_notes(store, other)] == [None]
+    # ... by its note's rows, no longer a finished note: no artifact came of it
+    [note] = episode_notes(store, other)
+    assert note.why == FAILED and [r.seconds for r in note.rows] == [1.0]
+
+
+def dead_after_its_note(store, prices, *, committed: bool) -> None:
+    """A holder that wrote its spend note and died (its lease left to expire), before its commit
+    or after it."""
+    claim = Claim(work_for(store, prices, holder="render-dead", lease_s=0.2), store, NodeId("clip", "s1"), KEY,
+                  Resources())
+    assert isinstance(claim.take(), Lease)
+    claim.lease._stop.set()  # its heartbeat dies with it
+    claim.spend([Timing("inbetween", 3.0)])
+    if committed:
+        put(store, KEY)
+    time.sleep(0.3)
+
+
+def test_a_holder_dead_between_its_note_and_its_commit_is_billed_its_rows_once_as_partial(store, prices):
+    dead_after_its_note(store, prices, committed=False)
+    with claimed(work_for(store, prices), NodeId("clip", "s1"), KEY) as claim:
+        assert not claim.taken  # the artifact never landed: computed again
+        claim.spend([Timing("inbetween", 2.0)])
+        put(store, KEY)
+    notes = {n.holder: n for n in episode_notes(store, KEY)}
+    assert notes["render-dead"].why == DIED and [r.seconds for r in notes["render-dead"].rows] == [3.0]
+    assert notes["render-b"].why is None  # the one finished node
+    assert len(episode_notes(store, KEY)) == 2
+
+
+def test_a_holder_dead_after_its_commit_is_billed_by_its_note_alone(store, prices, monkeypatch):
+    dead_after_its_note(store, prices, committed=True)
+    claim = Claim(work_for(store, prices), store, NodeId("clip", "s1"), KEY, Resources())
+    real, looks = store.get, []
+    # the commit lands between the claim's first look and its taking the expired lease
+    monkeypatch.setattr(store, "get", lambda key: looks.append(key) if not looks else real(key))
+    assert claim.take() is None and len(looks) == 1 and current(store, KEY) is None
+    [note] = episode_notes(store, KEY)  # its finished note, and no "holder died" beside it
+    assert note.why is None and note.holder == "render-dead"
 
 
 def test_a_node_told_to_stop_ends_at_its_claim_having_taken_nothing(store, prices, monkeypatch):
