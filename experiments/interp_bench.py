@@ -4,11 +4,13 @@
                                                  [--preset fast] [--no-rife] [--hd-only]
                                                  [--sets-only] [--per 6] [--tune-per 12] [--quick]
                                                  [--threshold T] [--subtle-motion M] [--rife-weight W]
-                                                 [--fresh-per 12] [--unseen-per 12] [--per-pair 5]
+                                                 [--fresh-per 12] [--unseen-per 12] [--final-per 12]
+                                                 [--per-pair 5] [--subtle-alone]
 
 0. Sets (``experiments/interp_sets.py``: consecutive and wide-step triplets n-k, n, n+k, k = 1…4,
-   from bbb, the Pigs GIF and Sintel, split into a tune part and three held-out parts: report;
-   fresh, added after report had been looked at; unseen, added after both: bbb and the live-action chaplin clip): every method
+   from bbb, the Pigs GIF and Sintel, split into a tune part and four held-out parts: report;
+   fresh, added after report had been looked at; unseen, added after both: bbb and the live-action chaplin clip;
+   final, added after unseen had been looked at: more bbb and chaplin triplets): every method
    on every triplet, interleaved (one triplet, all methods, then the next: the machine's load hits
    them alike), per part, set and step: mean PSNR and SSIM over every in-between with a true frame, ms per frame, and the
    adaptive method's share of pairs routed to RIFE; the frame-edge rules ("flow": auto, the
@@ -25,8 +27,9 @@
    output is exactly the flow's, RIFE's mixed with the flow's, or the crossfade's, so the sweep
    recombines the measured outputs). On each held-out part the target check (adaptive ≥ RIFE's
    mean PSNR on every set and step, at ≤ 1/3 of RIFE's time per frame over the part). Then the
-   choice protocols (``PROTOCOLS``): the same rule choosing on the tune part, and on every part
-   looked at (tune, report, fresh), each checked on the parts it did not choose on. ``--quick``:
+   choice protocols (``PROTOCOLS``): the same rule choosing on the tune part, on the parts looked
+   at when the defaults were chosen (tune, report, fresh), and on every part looked at before the
+   final one (tune, report, fresh, unseen), each checked on the parts it did not choose on. ``--quick``:
    2 triplets per source, step and part (the fresh GIF part is all of it), and only this section.
 
 1. Quality: every triplet (n-1, n, n+1) in ../shared/data/frames, plus triplets decoded from
@@ -204,11 +207,11 @@ def scaling(pairs: list, preset: str) -> dict[int, float]:
 
 
 SET_METHODS = ("crossfade", "flow", "flow_defer", "flow_off", "rife", "rife_one", "adaptive")
-HELD_OUT = ("report", "fresh", "unseen")  # the parts the shipped defaults were not chosen on
+HELD_OUT = ("report", "fresh", "unseen", "final")  # the parts the declared rule's choice was not made on
 # The choice protocols: the parts a setting is chosen on; every other part is held out from that choice.
-# "tune" is the declared one the defaults come from; "looked-at" chooses on every part that has been looked
-# at, whose frames span both halves of bbb, and is held out on the unseen part alone.
-PROTOCOLS = {"tune": ("tune",), "looked-at": ("tune", "report", "fresh")}
+# "tune" is the declared one; "looked-at" chose the defaults of 2026-12-03 on every part looked at then, whose
+# frames span both halves of bbb (held out: unseen, final); "seen" chooses on every part but the final one.
+PROTOCOLS = {"tune": ("tune",), "looked-at": ("tune", "report", "fresh"), "seen": ("tune", "report", "fresh", "unseen")}
 PER_PAIR = Profile.model_fields["keyframe_stride"].default - 1  # in-betweens per keyframe pair by default
 
 
@@ -228,7 +231,7 @@ def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
     if args.per_pair < 1:
         raise SystemExit(f"--per-pair {args.per_pair}: must be >= 1")
     items = interp_sets.triplets(per=args.per, tune_per=args.tune_per, fresh_per=args.fresh_per,
-                                 unseen_per=args.unseen_per)
+                                 unseen_per=args.unseen_per, final_per=args.final_per)
     from stages.rife import RifeInterpolator
 
     rife_one = RifeInterpolator(weights=args.weights, threads=args.threads, passes="one")
@@ -239,7 +242,8 @@ def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
                                                 rife=rife_one if args.rife_passes == "one" else rife,
                                                 crossfade=Crossfade(), threshold=args.threshold,
                                                 subtle_motion=args.subtle_motion, rife_weight=args.rife_weight,
-                                                fallback=args.fallback, fallback_above=args.fallback_above)}
+                                                fallback=args.fallback, fallback_above=args.fallback_above,
+                                                subtle_alone=args.subtle_alone)}
     ad = methods["adaptive"]
     ts = pair_times(args.per_pair)
     res: list[dict] = []  # per triplet and method: psnr/ssim (mean over the pair's true in-betweens)/s per frame
@@ -280,7 +284,8 @@ def sets_bench(args, rife) -> tuple[list[str], dict[str, float]]:
              f"true frame, t = j/2k (k = 1: 0.5); time per frame of "
              f"{len(ts)} in-betweens per pair (t = {', '.join(f'{x:.3g}' for x in ts)}); adaptive: RIFE where score < "
              f"{args.threshold} or motion < {args.subtle_motion}, mixed {args.rife_weight:g} RIFE : "
-             f"{1 - args.rife_weight:g} flow, RIFE passes {args.rife_passes}, fallback {args.fallback} above "
+             f"{1 - args.rife_weight:g} flow{' (subtle motion: RIFE alone)' if args.subtle_alone else ''}, RIFE passes "
+             f"{args.rife_passes}, fallback {args.fallback} above "
              f"{args.fallback_above:g} inconsistent; rife_one: one RIFE pass per pair, retimed; "
              f"confidence {1000 * conf_s / len(items):.1f} ms per pair = {conf_s / flow_only_s:.1%} of the two DIS flows)",
              f"{'part':6s} {'set':9s} {'k':>1s} {'n':>2s}" + "".join(f" {m + ' dB/SSIM/ms':>26s}" for m in SET_METHODS)
@@ -364,26 +369,34 @@ SWEEP_SUBTLE = (0.0, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.01)
 SWEEP_FALLBACKS = (None, 0.4)
 SWEEP_MIX = (0.25, 0.5, 0.75, 1.0)  # RIFE's weight in the RIFE route's in-between (1: RIFE alone)
 SWEEP_PASSES = ("per_time", "one")  # RIFE's passes on the route: one per in-between, or one per pair (retimed)
+SWEEP_ALONE = (False, True)  # whether the pairs routed for subtle motion get RIFE alone (the mix: the low-score ones)
 
 
 def _sweep(rows: list[dict], groups: list[list[dict]]) -> tuple[list[tuple], dict]:
     """Every setting of the grid on ``rows`` (recombined): (mix, above, thr, sub, worst group dB, mean dB, time vs
-    RIFE) per setting, and its table cell. Time: the flow and the confidence on every pair, plus the routed method's."""
+    RIFE, passes, alone) per setting, and its table cell. Time: the flow and the confidence on every pair, plus the
+    routed method's."""
     rife_s = np.mean([r["rife"][2] for r in rows])
     sweep, cell = [], {}
-    for passes in SWEEP_PASSES:
-        for mix in SWEEP_MIX:
-            for above in SWEEP_FALLBACKS:
-                for thr in SWEEP_THRESHOLDS:
-                    for sub in SWEEP_SUBTLE:
-                        pick = _router(above, thr, sub, mix, passes)
-                        worst = min(np.mean([r[pick(r)][0] - r["rife"][0] for r in g]) for g in groups)
-                        gap = np.mean([r[pick(r)][0] - r["rife"][0] for r in rows])
-                        ratio = _time(rows, pick) / rife_s
-                        share = np.mean([pick(r) != "flow" and pick(r) != "crossfade" for r in rows])
-                        sweep.append((mix, above, thr, sub, round(float(worst), 2), round(float(gap), 2), float(ratio),
-                                      passes))
-                        cell[mix, above, thr, sub, passes] = f"{gap:+.2f}/{worst:+.2f}/{ratio:.2f}x/{share:3.0%}"
+    for alone in SWEEP_ALONE:
+        for passes in SWEEP_PASSES:
+            for mix in SWEEP_MIX:
+                if alone and mix == 1.0:
+                    continue  # RIFE alone already on every routed pair
+                for above in SWEEP_FALLBACKS:
+                    for thr in SWEEP_THRESHOLDS:
+                        for sub in SWEEP_SUBTLE:
+                            pick = _router(above, thr, sub, mix, passes, alone)
+                            got = [r[pick(r)][0] - r["rife"][0] for r in rows]
+                            by = {id(r): d for r, d in zip(rows, got)}
+                            worst = min(np.mean([by[id(r)] for r in g]) for g in groups)
+                            gap = np.mean(got)
+                            ratio = _time(rows, pick) / rife_s
+                            share = np.mean([pick(r) != "flow" and pick(r) != "crossfade" for r in rows])
+                            sweep.append((mix, above, thr, sub, round(float(worst), 2), round(float(gap), 2),
+                                          float(ratio), passes, alone))
+                            cell[mix, above, thr, sub, passes, alone] = (f"{gap:+.2f}/{worst:+.2f}/{ratio:.2f}x/"
+                                                                         f"{share:3.0%}")
     return sweep, cell
 
 
@@ -395,9 +408,9 @@ def _time(rows: list[dict], pick) -> float:
 def _best(sweep: list[tuple], mix: float | None = None, passes: str | None = None) -> tuple | None:
     """The declared rule: within 1/3 of RIFE's time, the best worst set/step; then the best mean; then the
     cheapest; then the smallest thresholds (fewest pairs away from the flow); then RIFE's largest weight; then
-    RIFE as published (a pass per in-between) over one pass per pair."""
+    RIFE as published (a pass per in-between) over one pass per pair; then one weight for every routed pair."""
     ok = [x for x in sweep if x[6] <= 1 / 3 and (mix is None or x[0] == mix) and (passes is None or x[7] == passes)]
-    return max(ok, key=lambda x: (x[4], x[5], -x[6], -x[2], -x[3], x[0], x[7] == "per_time"), default=None)
+    return max(ok, key=lambda x: (x[4], x[5], -x[6], -x[2], -x[3], x[0], x[7] == "per_time", not x[8]), default=None)
 
 
 def sweep_lines(tune: list[dict], groups: dict, args, metrics: dict[str, float]) -> list[str]:
@@ -406,32 +419,33 @@ def sweep_lines(tune: list[dict], groups: dict, args, metrics: dict[str, float])
     recombined."""
     tune_groups = [rows for (part, name, _), rows in groups.items() if part == "tune" and name != "all"]
     sweep, cell = _sweep(tune, tune_groups)
-    mix, above, thr, sub, worst, gap, ratio, passes = _best(sweep)
+    mix, above, thr, sub, worst, gap, ratio, passes, alone = _best(sweep)
     lines = [f"sweep on the tune part (recombined): RIFE where score < threshold (rows) or motion < subtle_motion "
              f"(columns), crossfade where the fallback applies; each cell: mean adaptive - RIFE dB / worst set-step dB / "
-             f"time vs RIFE / RIFE share; at the chosen RIFE weight {mix:g} and passes {passes} (the best cell of each "
-             f"below)"]
+             f"time vs RIFE / RIFE share; at the chosen RIFE weight {mix:g}, passes {passes} and subtle motion "
+             f"{'RIFE alone' if alone else 'mixed'} (the best cell of each below)"]
     for a in SWEEP_FALLBACKS:
         lines.append(f"  fallback {'none' if a is None else f'crossfade where inconsistent > {a}'}; "
                      f"subtle_motion: " + "  ".join(f"{m:>22g}" for m in SWEEP_SUBTLE))
         for t in SWEEP_THRESHOLDS:
             lines.append(f"    threshold {t:4.2f}        "
-                         + "  ".join(f"{cell[mix, a, t, m, passes]:>22s}" for m in SWEEP_SUBTLE))
+                         + "  ".join(f"{cell[mix, a, t, m, passes, alone]:>22s}" for m in SWEEP_SUBTLE))
     for p in SWEEP_PASSES:
         for w in SWEEP_MIX:
             best = _best(sweep, mix=w, passes=p)
             if best:
                 lines.append(f"  passes {p}, RIFE weight {w:g}: best within 1/3 of RIFE's time: threshold {best[2]}, "
-                             f"subtle_motion {best[3]}, fallback {'none' if best[1] is None else best[1]}: "
-                             f"{cell[w, best[1], best[2], best[3], p]}")
+                             f"subtle_motion {best[3]}{' (RIFE alone)' if best[8] else ''}, fallback "
+                             f"{'none' if best[1] is None else best[1]}: {cell[w, best[1], best[2], best[3], p, best[8]]}")
     lines.append(f"chosen on the tune part by the rule (time <= 1/3 of RIFE's; then the best worst set/step, the best "
-                 f"mean, the cheapest, the smallest thresholds, RIFE's largest weight, a pass per in-between): RIFE "
-                 f"weight {mix:g}, passes {passes}, fallback {'none' if above is None else f'crossfade above {above}'}, "
+                 f"mean, the cheapest, the smallest thresholds, RIFE's largest weight, a pass per in-between, one "
+                 f"weight): RIFE weight {mix:g}{' (subtle motion: RIFE alone)' if alone else ''}, passes {passes}, "
+                 f"fallback {'none' if above is None else f'crossfade above {above}'}, "
                  f"threshold {thr}, subtle_motion {sub} (worst {worst:+.2f} dB, mean {gap:+.2f} dB, {ratio:.2f}x RIFE's "
                  f"time); this run used RIFE weight {args.rife_weight:g}, passes {args.rife_passes}, threshold "
                  f"{args.threshold}, subtle_motion {args.subtle_motion}")
     metrics["chosen_threshold"], metrics["chosen_subtle_motion"], metrics["chosen_rife_weight"] = thr, sub, mix
-    metrics["chosen_one_pass"] = float(passes == "one")
+    metrics["chosen_one_pass"], metrics["chosen_subtle_alone"] = float(passes == "one"), float(alone)
     return lines
 
 
@@ -449,11 +463,12 @@ def protocol_lines(res: list[dict], args, metrics: dict[str, float]) -> list[str
         if best is None:
             lines.append(f"  {proto}: no setting within 1/3 of RIFE's time on {', '.join(parts)}")
             continue
-        mix, above, thr, sub, worst, gap, ratio, passes = best
-        pick = _router(above, thr, sub, mix, passes)
+        mix, above, thr, sub, worst, gap, ratio, passes, alone = best
+        pick = _router(above, thr, sub, mix, passes, alone)
         metrics[f"protocol.{proto}.chosen_one_pass"] = float(passes == "one")
-        lines.append(f"  {proto} (chosen on {' + '.join(parts)}, {len(chosen)} triplets): RIFE weight {mix:g}, passes "
-                     f"{passes}, fallback "
+        metrics[f"protocol.{proto}.chosen_subtle_alone"] = float(alone)
+        lines.append(f"  {proto} (chosen on {' + '.join(parts)}, {len(chosen)} triplets): RIFE weight {mix:g}"
+                     f"{' (subtle motion: RIFE alone)' if alone else ''}, passes {passes}, fallback "
                      f"{'none' if above is None else f'crossfade above {above}'}, threshold {thr}, subtle_motion {sub} "
                      f"(worst {worst:+.2f} dB, mean {gap:+.2f} dB, {ratio:.2f}x RIFE's time there)")
         for k, v in (("threshold", thr), ("subtle_motion", sub), ("rife_weight", mix)):
@@ -479,17 +494,22 @@ def protocol_lines(res: list[dict], args, metrics: dict[str, float]) -> list[str
     return lines
 
 
-def _router(above: float | None, thr: float, sub: float, mix: float = 1.0, passes: str = "per_time"):
+def _router(above: float | None, thr: float, sub: float, mix: float = 1.0, passes: str = "per_time",
+            alone: bool = False):
     """The route a setting gives a measured triplet: the fallback (crossfade) above ``above``'s inconsistent share,
     RIFE (a pass per in-between, or one per pair) mixed ``mix`` : ``1 - mix`` with the flow where the score is
-    below ``thr`` or the motion below ``sub``, else the flow."""
-    routed = f"{'mix' if passes == 'per_time' else 'one'}{mix:g}"
+    below ``thr`` or the motion below ``sub`` (with ``alone``: RIFE alone where the motion is below ``sub``, as
+    ``AdaptiveInterpolator.weight``), else the flow."""
+    kind = "mix" if passes == "per_time" else "one"
+    routed, subtle = f"{kind}{mix:g}", f"{kind}{1.0 if alone else mix:g}"
 
     def pick(r: dict) -> str:
         c = r["conf"]
         if above is not None and c.inconsistent > above:
             return "crossfade"
-        return routed if c.score < thr or c.motion < sub else "flow"
+        if c.motion < sub:
+            return subtle
+        return routed if c.score < thr else "flow"
     return pick
 
 
@@ -517,19 +537,24 @@ def main() -> None:
     ap.add_argument("--rife-passes", default=AdaptiveSettings.model_fields["rife_passes"].default,
                     choices=("per_time", "one"))
     ap.add_argument("--unseen-per", type=int, default=None, help="bbb triplets per step of the unseen part (default 2x --per)")
+    ap.add_argument("--final-per", type=int, default=None, help="bbb triplets per step of the final part (default 2x --per)")
+    ap.add_argument("--subtle-alone", action=argparse.BooleanOptionalAction,
+                    default=AdaptiveSettings.model_fields["subtle_alone"].default,
+                    help="RIFE alone on the pairs routed for subtle motion")
     ap.add_argument("--per-pair", type=int, default=PER_PAIR, help=(
         f"in-betweens per keyframe pair the times are taken at (default {PER_PAIR}: the default keyframe_stride "
         "less one; 1: t = 0.5 alone, each pair's flow on one frame)"))
     args = ap.parse_args()
     if args.quick:
-        args.sets_only, args.per, args.tune_per, args.fresh_per, args.unseen_per = True, 2, 2, 2, 2
+        args.sets_only, args.per, args.tune_per, args.fresh_per, args.unseen_per, args.final_per = True, 2, 2, 2, 2, 2
     if args.sets_only:
         from stages.rife import RifeInterpolator
 
         lines, metrics = sets_bench(args, RifeInterpolator(weights=args.weights, threads=args.threads))
         print("\n".join(lines))
         log_run(args, {"sets_per": args.per, "tune_per": args.tune_per, "fresh_per": args.fresh_per,
-                       "unseen_per": args.unseen_per, "per_pair": args.per_pair,
+                       "unseen_per": args.unseen_per, "final_per": args.final_per, "per_pair": args.per_pair,
+                       "subtle_alone": args.subtle_alone,
                        "threshold": args.threshold, "subtle_motion": args.subtle_motion,
                        "rife_weight": args.rife_weight, "rife_passes": args.rife_passes,
                        "fallback": args.fallback, "fallback_above": args.fallback_above}, metrics, "\n".join(lines))
@@ -624,7 +649,8 @@ def main() -> None:
                     "flow.fps_1proc": fps[1], "flow.fps_2proc": fps[2], "holds_exact": float(hold_exact)})
     log_run(args, {"flow_preset": args.preset, "triplets": n, "holds": len(holds), "rife_threads": args.threads,
                    "sets_per": args.per, "tune_per": args.tune_per, "fresh_per": args.fresh_per,
-                       "unseen_per": args.unseen_per, "per_pair": args.per_pair,
+                       "unseen_per": args.unseen_per, "final_per": args.final_per, "per_pair": args.per_pair,
+                       "subtle_alone": args.subtle_alone,
                    "threshold": args.threshold, "subtle_motion": args.subtle_motion,
                    "rife_weight": args.rife_weight, "rife_passes": args.rife_passes,
                        "fallback": args.fallback, "fallback_above": args.fallback_above}, {**metrics, **set_metrics}, table)

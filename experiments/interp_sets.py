@@ -37,6 +37,11 @@ are made on ``tune`` and reported on ``report``.
   decoded duplicates (every third frame) dropped so that the film's own frames, evenly spaced in
   time, remain; ``unseen_per`` triplets per step, away from the raw frames 55–76 that the bench's
   section 1 table shows (``EXCLUDED_CHAPLIN``).
+* ``final``: added 2026-12-03 after the unseen part had been looked at (run D): bbb triplets of the
+  report range whose (centre, step) is in no earlier part, and chaplin triplets whose (centre, step)
+  is not an unseen one, ``final_per`` per step each: the held-out part of the protocol that chooses
+  on every part looked at (tune, report, fresh, unseen). They share frames with earlier triplets,
+  as fresh and unseen do, but none is one.
 
 The three bbb PNG triplets of ../shared/data/frames/bbb (centres 120, 430, 487) were used to pick
 the flow preset before this split existed; centres 430 and 487 fall in ``report`` and are left
@@ -59,13 +64,13 @@ from PIL import Image, ImageSequence
 REPO = Path(__file__).resolve().parents[1]
 FRAMES = REPO.parent / "shared" / "data" / "frames"
 STEPS = (1, 2, 3, 4)
-PARTS = ("tune", "report", "fresh", "unseen")
+PARTS = ("tune", "report", "fresh", "unseen", "final")
 BBB_SIZE = (640, 360)
 BBB_FRAMES = 720
 BBB_SPLIT = 360  # centres below: tune; at or above: report
 GIF_SPLIT = 15
 EXCLUDED_BBB = range(415, 500)  # around the shared PNG triplets 430 and 487 (used for the flow preset)
-LOOKED_AT = {"tune": 12, "report": 6, "fresh": 12, "unseen": 0}  # the counts of the runs that were looked at
+LOOKED_AT = {"tune": 12, "report": 6, "fresh": 12, "unseen": 12, "final": 0}  # the counts of the runs looked at
 EXCLUDED_CHAPLIN = range(55, 77)  # raw frames around the bench's section 1 triplets (60-71)
 DUPLICATE_PSNR = 40.0  # consecutive decoded frames closer than this are one film frame shown twice
 SINTEL = ("sintel_raft_demo", "sintel_alley1_clean", "sintel_alley1_final")
@@ -73,9 +78,9 @@ SINTEL = ("sintel_raft_demo", "sintel_alley1_clean", "sintel_alley1_final")
 
 @dataclass(frozen=True)
 class Triplet:
-    set: str  # "bbb" | "pigs_gif" | "sintel"
+    set: str  # "bbb" | "pigs_gif" | "sintel" | "chaplin"
     step: int
-    part: str  # "tune" | "report" | "fresh"
+    part: str  # one of PARTS
     name: str
     a: np.ndarray
     mid: np.ndarray
@@ -107,7 +112,7 @@ def _bbb_centres(step: int, part: str, per: dict[str, int]) -> list[int]:
     # the steps do not all share one centre
     allowed = [c for c in range(lo, hi + 1) if c not in EXCLUDED_BBB and c - step not in EXCLUDED_BBB
                and c + step not in EXCLUDED_BBB]
-    if part in ("fresh", "unseen"):  # the report range's centres no earlier part uses, spaced anew
+    if part in ("fresh", "unseen", "final"):  # the report range's centres no earlier part uses, spaced anew
         earlier = PARTS[1:PARTS.index(part)]
         used = {c for p in earlier for counts in (per, LOOKED_AT) for c in _bbb_centres(step, p, counts)}
         allowed = [c for c in allowed if c not in used]
@@ -164,9 +169,10 @@ def _sintel() -> list[Triplet]:
     return out
 
 
-def _chaplin(n: int) -> list[Triplet]:
-    """``n`` unseen triplets per step of the live-action clip's own frames (decoded duplicates dropped)."""
-    if n <= 0:
+def _chaplin(n: int, final: int = 0) -> list[Triplet]:
+    """``n`` unseen triplets per step of the live-action clip's own frames (decoded duplicates dropped), and
+    ``final`` more per step whose centres are not the unseen ones at the count that was looked at."""
+    if n <= 0 and final <= 0:
         return []
     gen = imageio_ffmpeg.read_frames(str(FRAMES / "liveaction_chaplin" / "chaplin.mp4"))
     w, h = next(gen)["size"]
@@ -180,24 +186,32 @@ def _chaplin(n: int) -> list[Triplet]:
     for step in STEPS:
         ok = [c for c in range(step, len(frames) - step)
               if not any(frames[c + d][0] in EXCLUDED_CHAPLIN for d in range(-step, step + 1))]
-        for c in [ok[i] for i in _spaced(0, len(ok) - 1, n)]:
-            seq = [img for _, img in frames[c - step:c + step + 1]]
-            out.append(Triplet("chaplin", step, "unseen", f"chaplin/{frames[c][0]}k{step}", seq[0], seq[step], seq[-1],
-                               tuple(seq[1:-1])))
+        unseen = [ok[i] for i in _spaced(0, len(ok) - 1, n)] if n > 0 else []
+        looked = {ok[i] for i in _spaced(0, len(ok) - 1, LOOKED_AT["unseen"])} | set(unseen)
+        rest = [c for c in ok if c not in looked]
+        later = [rest[i] for i in _spaced(0, len(rest) - 1, final)] if final > 0 else []
+        for part, centres in (("unseen", unseen), ("final", later)):
+            for c in centres:
+                seq = [img for _, img in frames[c - step:c + step + 1]]
+                out.append(Triplet("chaplin", step, part, f"chaplin/{frames[c][0]}k{step}", seq[0], seq[step],
+                                   seq[-1], tuple(seq[1:-1])))
     return out
 
 
 def triplets(per: int = 6, tune_per: int | None = None, fresh_per: int | None = None,
-             unseen_per: int | None = None) -> list[Triplet]:
+             unseen_per: int | None = None, final_per: int | None = None) -> list[Triplet]:
     """Every triplet of the sets: ``per`` per source, step and part (the GIF two thirds of it; Sintel:
     all it has); ``tune_per`` (default ``per``) instead for the tune part, where a denser sample makes
-    the choices less a matter of which few pairs were drawn; ``fresh_per`` and ``unseen_per`` (default
-    ``2 * per`` each) bbb triplets per step of the fresh and unseen parts (the fresh GIF: all that is
-    left; 0: no such part)."""
-    bbb = {"tune": tune_per or per, "report": per, "fresh": 2 * per if fresh_per is None else fresh_per,
-           "unseen": 2 * per if unseen_per is None else unseen_per}
+    the choices less a matter of which few pairs were drawn; ``fresh_per``, ``unseen_per`` and
+    ``final_per`` (default ``2 * per`` each) bbb triplets per step of the fresh, unseen and final parts
+    (unseen and final: as many chaplin triplets again; the fresh GIF: all that is left; 0: no such part)."""
+    def n(x: int | None) -> int:
+        return 2 * per if x is None else x
+
+    bbb = {"tune": tune_per or per, "report": per, "fresh": n(fresh_per), "unseen": n(unseen_per),
+           "final": n(final_per)}
     gif = {part: max(1, n * 2 // 3) for part, n in bbb.items() if part in ("tune", "report")}
-    items = _bbb(bbb) + _gif(gif) + _sintel() + _chaplin(bbb["unseen"])
+    items = _bbb(bbb) + _gif(gif) + _sintel() + _chaplin(bbb["unseen"], bbb["final"])
     return [t for t in items if t.part != "fresh" or bbb["fresh"] > 0]
 
 

@@ -178,7 +178,7 @@ def _adaptive(s: inbetween_adaptive.AdaptiveSettings, *, width: int, height: int
     return inbetween_adaptive.AdaptiveInterpolator(
         flow=inbetween.FlowInterpolator(preset=s.preset), rife=rife, crossfade=inbetween.Crossfade(),
         threshold=s.threshold, subtle_motion=s.subtle_motion, rife_weight=s.rife_weight, fallback=s.fallback,
-        fallback_above=s.fallback_above)
+        fallback_above=s.fallback_above, subtle_alone=s.subtle_alone)
 
 
 register(Backend("storyboard", "previz", keyframes.PrevizSettings,

@@ -63,6 +63,7 @@ RIFE_WEIGHT = 0.5
 RIFE_PASSES = "one"
 FALLBACK = "crossfade"
 FALLBACK_ABOVE = 0.4
+SUBTLE_ALONE = False
 
 
 class AdaptiveSettings(Record):
@@ -80,6 +81,9 @@ class AdaptiveSettings(Record):
         "Pairs whose motion (95th percentile flow magnitude / long side) is below this go to RIFE."))
     rife_weight: float = Field(RIFE_WEIGHT, gt=0.0, le=1.0, description=(
         "RIFE's share of the in-betweens of a pair routed to RIFE, the rest the flow's (1: RIFE alone)."))
+    subtle_alone: bool = Field(SUBTLE_ALONE, description=(
+        "Pairs sent to RIFE for their subtle motion get RIFE's in-betweens alone (rife_weight then applies to the "
+        "pairs sent for their low score)."))
     rife_passes: Literal["per_time", "one"] = Field(RIFE_PASSES, description=(
         "RIFE's passes on the RIFE route: 'per_time', one per in-between, or 'one' per pair, at t = 0.5, retimed "
         "to the pair's other in-betweens (stages.rife)."))
@@ -102,7 +106,7 @@ class AdaptiveInterpolator:
         rife: a RIFE in-betweener, or a no-argument factory of one (called on first need).
         confidence: (a, b, f01, f10) → a record with ``score``; ``pair_confidence`` by default.
         crossfade: the crossfade in-betweener (the "crossfade" fallback).
-        threshold, subtle_motion, rife_weight, fallback, fallback_above: see ``AdaptiveSettings``.
+        threshold, subtle_motion, rife_weight, fallback, fallback_above, subtle_alone: see ``AdaptiveSettings``.
     """
 
     name = "adaptive"
@@ -110,7 +114,8 @@ class AdaptiveInterpolator:
     def __init__(self, *, flow: Any, rife: Callable[..., list[np.ndarray]] | Callable[[], Any],
                  crossfade: Callable[..., list[np.ndarray]], threshold: float, subtle_motion: float,
                  rife_weight: float = RIFE_WEIGHT, confidence: Callable[..., Any] = pair_confidence,
-                 fallback: str = "none", fallback_above: float = 0.4, lazy: bool = True):
+                 fallback: str = "none", fallback_above: float = 0.4, subtle_alone: bool = SUBTLE_ALONE,
+                 lazy: bool = True):
         if not all(0.0 <= x <= 1.0 for x in (threshold, subtle_motion, fallback_above)):
             raise ValueError(f"threshold={threshold}, subtle_motion={subtle_motion}, fallback_above={fallback_above}: "
                              "must lie in [0, 1]")
@@ -121,7 +126,7 @@ class AdaptiveInterpolator:
         self.flow, self.confidence, self.crossfade = flow, confidence, crossfade
         self._rife, self._rife_factory = (None, rife) if lazy else (rife, None)
         self.threshold, self.subtle_motion, self.rife_weight = threshold, subtle_motion, rife_weight
-        self.fallback, self.fallback_above = fallback, fallback_above
+        self.fallback, self.fallback_above, self.subtle_alone = fallback, fallback_above, subtle_alone
         self.routes = {r: 0 for r in ROUTES}
         self.seconds = {r: 0.0 for r in ROUTES}
         self.scores: list[float] = []  # each pair's confidence, in call order
@@ -141,6 +146,10 @@ class AdaptiveInterpolator:
             return "rife"
         return "flow"
 
+    def weight(self, confidence: Any) -> float:
+        """RIFE's share of a RIFE-routed pair's in-betweens: 1 for a subtle-motion pair with ``subtle_alone``."""
+        return 1.0 if self.subtle_alone and confidence.motion < self.subtle_motion else self.rife_weight
+
     def __call__(self, a: np.ndarray, b: np.ndarray, ts: list[float]) -> list[np.ndarray]:
         check_pair(a, b, ts)
         t0 = time.perf_counter()
@@ -156,14 +165,14 @@ class AdaptiveInterpolator:
             out = self.flow.warp(a, b, f01, f10, ts, confidence=confidence)
             self._bill("flow", t0)
             return out
-        mix = route == "rife" and self.rife_weight < 1.0
+        w = self.weight(confidence)
+        mix = route == "rife" and w < 1.0
         flowed = self.flow.warp(a, b, f01, f10, ts, confidence=confidence) if mix else None
         self._bill("flow", t0, count=False)  # the flow and its judgement (and its in-betweens) were paid here too
         t1 = time.perf_counter()
         if route == "rife":
             out = self.rife(a, b, ts)
             if flowed is not None:
-                w = self.rife_weight
                 out = [cv2.addWeighted(r, w, f, 1.0 - w, 0.0) for r, f in zip(out, flowed)]
         elif self.fallback == "crossfade":
             out = self.crossfade(a, b, ts)

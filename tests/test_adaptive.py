@@ -55,7 +55,8 @@ def forward_passes(rife) -> list[int]:
 def adaptive(rife, **kw) -> AdaptiveInterpolator:
     """The adaptive in-betweener with the profile's defaults, but for ``kw``."""
     d = AdaptiveSettings.model_fields
-    kw = {k: kw.get(k, d[k].default) for k in ("threshold", "subtle_motion", "rife_weight", "fallback", "fallback_above")}
+    kw = {k: kw.get(k, d[k].default)
+          for k in ("threshold", "subtle_motion", "rife_weight", "fallback", "fallback_above", "subtle_alone")}
     return AdaptiveInterpolator(flow=FlowInterpolator(), rife=rife, crossfade=Crossfade(), lazy=False, **kw)
 
 
@@ -137,6 +138,20 @@ def test_subtle_motion_and_large_motion_below_the_threshold_go_to_rife_and_get_r
         assert np.array_equal(out[0], want)
     assert len(calls) == 2 and 0 < RIFE_WEIGHT < 1
     assert not np.array_equal(want_rife, want_flow)  # the mix is neither
+
+
+@needs_weights
+def test_subtle_alone_gives_a_subtle_pair_rifes_own_in_between_and_still_mixes_a_low_score_one(rife):
+    a, b = subtle_motion()
+    ad = adaptive(rife, subtle_alone=True, rife_weight=0.5, threshold=LARGE_MOTION_THRESHOLD, fallback="none")
+    assert np.array_equal(ad(a, b, [0.5])[0], rife(a, b, [0.5])[0])
+    a, b = big_motion()  # sent to RIFE for its score, not its motion: mixed
+    want = cv2.addWeighted(rife(a, b, [0.5])[0], 0.5, FlowInterpolator()(a, b, [0.5])[0], 0.5, 0.0)
+    assert np.array_equal(ad(a, b, [0.5])[0], want)
+    assert ad.routes == {"flow": 0, "rife": 2, "fallback": 0}
+    entry = registry.get("inbetween", "adaptive")  # a profile field, in the content key
+    s = entry.settings(weights=str(WEIGHTS), subtle_alone=True)
+    assert entry.build(s, width=320, height=180).subtle_alone and entry.key_params(s)["subtle_alone"] is True
 
 
 @needs_weights

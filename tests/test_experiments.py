@@ -182,9 +182,10 @@ def test_report_headline_is_billed_per_minute_with_attributed_beside(calibration
 def test_the_in_betweening_sets_keep_their_parts_apart():
     """The split of experiments/interp_sets.py that the adaptive rule's honesty rests on: no frame of a tune
     triplet is in a held-out one, no fresh triplet is a report triplet, no unseen triplet is one of the report
-    or fresh triplets that were looked at (those of the default counts, whatever this run's), Sintel is never
-    tuned on, and the middle of every triplet is a real frame that differs from both neighbours."""
-    items = interp_sets.triplets(per=2, tune_per=2, fresh_per=3, unseen_per=3)
+    or fresh triplets that were looked at (those of the default counts, whatever this run's), no final triplet
+    is one of any earlier part's, Sintel is never tuned on, and the middle of every triplet is a real frame that
+    differs from both neighbours."""
+    items = interp_sets.triplets(per=2, tune_per=2, fresh_per=3, unseen_per=3, final_per=3)
     parts = {p: [t for t in items if t.part == p] for p in interp_sets.PARTS}
     assert all(parts.values()) and {t.step for t in items} == set(interp_sets.STEPS)
 
@@ -195,7 +196,8 @@ def test_the_in_betweening_sets_keep_their_parts_apart():
         return {(t.set, c + d) for d in (-t.step, 0, t.step)}
 
     tuned = set().union(*(frames(t) for t in parts["tune"]))
-    assert not tuned & set().union(*(frames(t) for t in parts["report"] + parts["fresh"] + parts["unseen"]))
+    held = parts["report"] + parts["fresh"] + parts["unseen"] + parts["final"]
+    assert not tuned & set().union(*(frames(t) for t in held))
     assert not {t.name for t in parts["fresh"]} & {t.name for t in parts["report"]}
     assert {t.set for t in parts["tune"]} == {"bbb", "pigs_gif"} and "sintel" not in {t.set for t in parts["fresh"]}
     assert all(not np.array_equal(t.mid, t.a) and not np.array_equal(t.mid, t.b) for t in items)
@@ -206,7 +208,11 @@ def test_the_in_betweening_sets_keep_their_parts_apart():
     assert not {t.name for t in parts["unseen"]} & (looked_at | {t.name for t in parts["report"] + parts["fresh"]})
     assert {t.set for t in parts["unseen"]} == {"bbb", "chaplin"}
     assert {t.step for t in parts["unseen"]} == set(interp_sets.STEPS)
-    assert all(t.part == "unseen" for t in items if t.set == "chaplin")  # never in a part a choice was made on
+    assert all(t.part in ("unseen", "final") for t in items if t.set == "chaplin")  # never tuned on
+    seen = {t.name for t in interp_sets.triplets(per=6, tune_per=12, fresh_per=12, unseen_per=12, final_per=0)}
+    assert not {t.name for t in parts["final"]} & (seen | {t.name for t in items if t.part != "final"})
+    assert {t.set for t in parts["final"]} == {"bbb", "chaplin"} and {t.step for t in parts["final"]} == set(
+        interp_sets.STEPS)
 
 
 def test_the_bench_checks_each_choice_only_on_the_parts_it_did_not_choose_on():
@@ -236,6 +242,8 @@ def test_the_bench_checks_each_choice_only_on_the_parts_it_did_not_choose_on():
     assert metrics["protocol.tune.report.target_met"] == metrics["protocol.tune.unseen.target_met"] == 0.0
     assert metrics["protocol.looked-at.chosen_one_pass"] == 1.0 and metrics["protocol.looked-at.unseen.target_met"] == 1.0
     assert not any(k.startswith(("protocol.looked-at.report", "protocol.looked-at.tune")) for k in metrics)
-    looked = lines[[i for i, x in enumerate(lines) if x.startswith("  looked-at")][0]:]
+    start = [i for i, x in enumerate(lines) if x.startswith("  looked-at")][0]
+    looked = [lines[start]] + [x for x in lines[start + 1:] if x.startswith("    ")][:1]
+    assert lines[start + 2].startswith("  seen")  # its only held-out part here is unseen
     assert [x.split(":")[0].strip() for x in looked[1:]] == ["unseen"] and "target met" in looked[1]
 
