@@ -28,10 +28,12 @@ from tests.conftest import FRAMES, REPO, SHARED_DATA, read_rgb
 
 WEIGHTS = SHARED_DATA / "weights" / "rife" / "flownet.pkl"
 needs_weights = pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"RIFE weights absent: {WEIGHTS}")
-THRESHOLD = AdaptiveSettings.model_fields["threshold"].default
-SUBTLE = AdaptiveSettings.model_fields["subtle_motion"].default
-RIFE_WEIGHT = AdaptiveSettings.model_fields["rife_weight"].default
-FALLBACK_ABOVE = AdaptiveSettings.model_fields["fallback_above"].default
+# The rule these tests exercise: a setting that routes by the confidence (the shipped defaults send every
+# coherent pair to RIFE, threshold 1.0; tested on their own below).
+RULE = {"threshold": 0.5, "subtle_motion": 0.002, "rife_weight": 0.5, "fallback": "crossfade", "fallback_above": 0.4,
+        "subtle_alone": False}
+THRESHOLD, SUBTLE, RIFE_WEIGHT, FALLBACK_ABOVE = (RULE[k] for k in ("threshold", "subtle_motion", "rife_weight",
+                                                                     "fallback_above"))
 MIXED_THRESHOLD = 0.2
 LARGE_MOTION_THRESHOLD = 0.05  # above big_motion()'s score (0.016): the score route takes it
 
@@ -52,12 +54,15 @@ def forward_passes(rife) -> list[int]:
     return calls
 
 
-def adaptive(rife, **kw) -> AdaptiveInterpolator:
-    """The adaptive in-betweener with the profile's defaults, but for ``kw``."""
-    d = AdaptiveSettings.model_fields
-    kw = {k: kw.get(k, d[k].default)
-          for k in ("threshold", "subtle_motion", "rife_weight", "fallback", "fallback_above", "subtle_alone")}
-    return AdaptiveInterpolator(flow=FlowInterpolator(), rife=rife, crossfade=Crossfade(), lazy=False, **kw)
+def adaptive(rife, defaults: dict = RULE, **kw) -> AdaptiveInterpolator:
+    """The adaptive in-betweener with ``RULE`` (or ``defaults``), but for ``kw``."""
+    return AdaptiveInterpolator(flow=FlowInterpolator(), rife=rife, crossfade=Crossfade(), lazy=False,
+                                **{**defaults, **kw})
+
+
+def shipped() -> dict:
+    """The profile's defaults (``AdaptiveSettings``)."""
+    return {k: AdaptiveSettings.model_fields[k].default for k in RULE}
 
 
 def slow_pan() -> tuple[np.ndarray, np.ndarray]:
@@ -138,6 +143,27 @@ def test_subtle_motion_and_large_motion_below_the_threshold_go_to_rife_and_get_r
         assert np.array_equal(out[0], want)
     assert len(calls) == 2 and 0 < RIFE_WEIGHT < 1
     assert not np.array_equal(want_rife, want_flow)  # the mix is neither
+
+
+@needs_weights
+def test_the_defaults_send_every_coherent_pair_to_rife_mixed_a_still_one_alone_and_crossfade_incoherent_motion(rife):
+    """The shipped choice (threshold 1.0, subtle_motion 0.001 alone, weight 0.5, crossfade above 0.4)."""
+    d = shipped()
+    assert d["threshold"] == 1.0 and d["subtle_alone"] and d["fallback"] == "crossfade"
+    ad = adaptive(rife, defaults=d)
+    a, b = slow_pan()  # confident under RULE, yet mixed with RIFE by default
+    want = cv2.addWeighted(rife(a, b, [0.5])[0], d["rife_weight"], FlowInterpolator()(a, b, [0.5])[0],
+                           1 - d["rife_weight"], 0.0)
+    assert np.array_equal(ad(a, b, [0.5])[0], want)
+    a, _ = slow_pan()  # a tenth of a pixel: nearly still, RIFE alone
+    b = cv2.warpAffine(a, np.float32([[1, 0, 0.1], [0, 1, 0]]), (a.shape[1], a.shape[0]), flags=cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_REFLECT)
+    c = pair_confidence(a, b, *FlowInterpolator().flows(a, b))
+    assert c.motion < d["subtle_motion"] and ad.weight(c) == 1.0
+    assert np.array_equal(ad(a, b, [0.5])[0], rife(a, b, [0.5])[0])
+    a, b = big_motion()
+    assert np.array_equal(ad(a, b, [0.5])[0], Crossfade()(a, b, [0.5])[0])
+    assert ad.routes == {"flow": 0, "rife": 2, "fallback": 1}
 
 
 @needs_weights
@@ -224,7 +250,7 @@ def test_a_hold_is_copied_without_rife_and_bad_settings_are_refused():
 
 def test_the_registry_entry_builds_rife_only_when_a_pair_needs_it():
     entry = registry.get("inbetween", "adaptive")
-    s = entry.settings(weights=str(SHARED_DATA / "no-such-weights.pkl"))
+    s = entry.settings(weights=str(SHARED_DATA / "no-such-weights.pkl"), threshold=THRESHOLD, subtle_motion=SUBTLE)
     ad = entry.build(s, width=320, height=180)
     a, b = slow_pan()
     ad(a, b, [0.5])  # confident: RIFE's (missing) weights are never opened
@@ -272,6 +298,7 @@ storyboard_width = 128
 
 [adaptive]
 threshold = {MIXED_THRESHOLD}
+subtle_motion = {SUBTLE}
 fallback = "none"
 weights = "{WEIGHTS}"
 """)
