@@ -33,7 +33,7 @@ in-betweens, every other one RIFE's mixed 1 : 1 with the flow's; the mix beats b
 wide steps, and RIFE alone keeps the slow pans where the mix lost to it. The flow route stays for
 profiles that set a lower threshold (the confidence then decides). At one in-between per pair the
 single pass saves nothing, and the method costs 0.9–1.1× RIFE's time (run F); against the flow alone it costs
-~7× its time per frame, for +0.31 dB on final chaplin and −0.06 dB on final bbb at the render's own
+~7× its time per frame, for +0.31 dB on final chaplin and −0.05 dB on final bbb at the render's own
 step (k = 3).
 
 The instance counts its routes (``routes``: pairs per route) and the seconds spent in each method
