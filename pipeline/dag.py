@@ -849,8 +849,9 @@ class _Run:
         mine = got is not None and got.holder == self.work.holder
         done = ledger.finished_by(self.store, flight.key, self.work.holder)
         if done is not None and mine and self.store.get(flight.key) is None:
-            # killed between its spend note and its commit: those rows were spent on nothing
-            done = ledger.unfinished(self.store, done, got.generation, ledger.CANCELLED)
+            lost = ledger.finished_at(self.store, flight.key, self.work.holder, got.generation)
+            if lost is not None:  # killed between its spend note and its commit: spent on nothing
+                done = ledger.unfinished(self.store, lost, got.generation, ledger.CANCELLED)
         if done is not None:  # killed after its spend note: its rows are what it cost
             rows = done.rows
         elif mine:
