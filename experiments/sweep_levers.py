@@ -5,7 +5,10 @@ so every node executes and nothing is reused between configurations) from the fi
 ``--seconds`` of the sample script. Around the built-in ``draft`` profile it turns, one at a
 time, the levers that exist as profile fields — keyframe stride, animating on ones/twos/threes,
 the in-betweener and its flow preset, holds for static shots, the frame size — and then a few
-combinations. Per configuration it records:
+combinations. The in-betweeners include RIFE and the adaptive router (its defaults, and the
+flow-first rule that keeps confident pairs on the flow), read from ``--rife-weights``; they are
+the rows that say what the adaptive router costs and gains on the product's own drawings rather
+than on the live-action triplets of ``interp_bench.py``. Per configuration it records:
 
 * measured cost: the ledger total (attributed ¥: CPU core-seconds × the catalog's CPU price),
   mean of ``--repeats`` renders after one unlogged warm-up render, and ¥ per finished minute;
@@ -13,15 +16,17 @@ combinations. Per configuration it records:
 * quality: the in-between fidelity audit (PSNR and SSIM of the in-betweener's frame against a
   real keyframe-backend drawing at the same instant) and temporal flicker, each the mean over
   the sample's MOVING shots only — a static shot rendered without a hold audits a frame
-  against an identical drawing (PSNR ≈ 56 dB), which would flatter that configuration.
+  against an identical drawing (PSNR ≈ 56 dB), which would flatter that configuration;
+* for the adaptive router, the share of keyframe pairs it sent to RIFE (``to_rife``).
 
 One MLflow run per configuration (experiment ``lever_sweep``, tags ``lever``/``value``) plus a
 summary run holding the table and the Pareto chart (¥/min vs audit PSNR, the Pareto front —
 no other configuration is both cheaper and better — highlighted and every point labelled).
 
     .venv/bin/python experiments/sweep_levers.py [--script examples/episode_en.fountain] [--seconds 20]
+        [--only CONFIG ...] [--name lever_sweep] [--rife-weights PATH]
 
-Writes experiments/results/lever_sweep.csv and experiments/results/lever_sweep_pareto.png.
+Writes experiments/results/NAME.csv and experiments/results/NAME_pareto.png.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ from pipeline import tracking
 from pipeline.render import render
 from pipeline.store import open_store
 from pipeline.calibration import Calibration, CalibrationRow
-from pipeline.config import resolve_profile, resolve_settings
+from pipeline.config import REPO_ROOT, resolve_profile, resolve_settings
 from pipeline.cost import PriceCatalog, billed_yuan
 from stages.records import Episode
 from pipeline.models import Profile
@@ -49,6 +54,12 @@ from stages.script import load_episode
 RESULTS = Path(__file__).resolve().parent / "results"
 EXPERIMENT = "lever_sweep"
 BASE = "draft"
+# RIFE 4.x weights for the rife and adaptive rows: the shared copy, or `make rife-weights`'s.
+SHARED_WEIGHTS = REPO_ROOT.parent / "shared" / "data" / "weights" / "rife" / "flownet.pkl"
+MADE_WEIGHTS = REPO_ROOT / "models" / "rife" / "flownet.pkl"
+WEIGHTS = str(SHARED_WEIGHTS if SHARED_WEIGHTS.exists() else MADE_WEIGHTS)
+# The adaptive router's flow-first rule: confident pairs stay on the flow (stages/inbetween_adaptive.py).
+FLOW_FIRST = {"threshold": 0.5, "subtle_motion": 0.002, "subtle_alone": False}
 
 # (lever, value shown, profile overrides): one lever at a time around `draft`, then combinations.
 CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -56,6 +67,10 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     *[("keyframe_stride", str(v), {"keyframe_stride": v}) for v in (2, 4, 8, 12)],
     *[("animate_on", str(v), {"animate_on": v}) for v in (1, 3)],
     ("interpolation", "crossfade", {"interpolation": "crossfade"}),
+    ("interpolation", "rife", {"interpolation": "rife", "rife": {"weights": WEIGHTS}}),
+    ("interpolation", "adaptive", {"interpolation": "adaptive", "adaptive": {"weights": WEIGHTS}}),
+    ("interpolation", "adaptive-flow-first",
+     {"interpolation": "adaptive", "adaptive": {"weights": WEIGHTS, **FLOW_FIRST}}),
     *[("flow_preset", v, {"flow": {"preset": v}}) for v in ("fast", "medium")],
     ("hold_static", "off", {"hold_static": False}),
     ("short_side", "540", {"short_side": 540}),
@@ -65,7 +80,21 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 COLUMNS = ["config", "lever", "value", "cost_yuan", "cost_yuan_per_min", "wall_s", "cpu_seconds", "frames",
-           "keyframes", "audit_psnr_db", "audit_ssim", "flicker", "audit_shots", "duration_s", "mlflow_run"]
+           "keyframes", "audit_psnr_db", "audit_ssim", "flicker", "audit_shots", "to_rife", "duration_s",
+           "mlflow_run"]
+
+
+def with_weights(overrides: dict[str, Any], weights: str) -> dict[str, Any]:
+    """``overrides`` with every ``weights`` field of its tables (rife, adaptive) set to ``weights``."""
+    return {k: ({**v, "weights": weights} if isinstance(v, dict) and "weights" in v else v)
+            for k, v in overrides.items()}
+
+
+def rife_share(quality: dict[str, dict[str, Any]]) -> float | None:
+    """The share of keyframe pairs the adaptive router sent to RIFE, over every shot; None for other in-betweeners."""
+    routes = [v for v in quality.values() if "route_rife" in v]
+    pairs = sum(v["route_flow"] + v["route_rife"] + v["route_fallback"] for v in routes)
+    return sum(v["route_rife"] for v in routes) / pairs if pairs else None
 
 
 def sub_episode(episode: Episode, seconds: float) -> Episode:
@@ -187,7 +216,7 @@ def run_config(lever: str, value: str, overrides: dict[str, Any], episode: Episo
         "audit_psnr_db": _mean([v["audit_psnr_db"] for v in q if "audit_psnr_db" in v]),
         "audit_ssim": _mean([v["audit_ssim"] for v in q if "audit_ssim" in v]),
         "flicker": _mean([v["flicker"] for v in q if "flicker" in v]),
-        "audit_shots": sum("audit_psnr_db" in v for v in q),
+        "audit_shots": sum("audit_psnr_db" in v for v in q), "to_rife": rife_share(result.quality),
         "duration_s": plan.duration_s, "mlflow_run": run_id,
     }
 
@@ -204,7 +233,15 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="render the script's first shots up to this long")
     ap.add_argument("--repeats", type=int, default=2, help="renders per configuration (cost and wall averaged)")
     ap.add_argument("--only", action="append", default=None, help="run only these config names (repeatable)")
+    ap.add_argument("--name", default="lever_sweep", help="results/NAME.csv and results/NAME_pareto.png")
+    ap.add_argument("--rife-weights", type=Path, default=Path(WEIGHTS),
+                    help="RIFE 4.x flownet.pkl for the rife and adaptive rows (`make rife-weights` writes one)")
     args = ap.parse_args()
+    configs = [(lever, value, with_weights(o, str(args.rife_weights))) for lever, value, o in CONFIGS
+               if not args.only or (f"{lever}={value}" if lever != "baseline" else BASE) in args.only]
+    if any("weights" in str(o) for _, _, o in configs) and not args.rife_weights.is_file():
+        raise SystemExit(f"--rife-weights {args.rife_weights}: no such file (run `make rife-weights`, "
+                         "or leave the rife and adaptive rows out with --only)")
 
     tracking.mlflow_defaults()
     settings = resolve_settings()
@@ -226,36 +263,35 @@ def main() -> None:
 
     rows = []
     t0 = time.perf_counter()
-    for lever, value, overrides in CONFIGS:
+    for lever, value, overrides in configs:
         name = f"{lever}={value}" if lever != "baseline" else BASE
-        if args.only and name not in args.only:
-            continue
         row = run_config(lever, value, overrides, episode, sha, settings, calibration, prices, ffmpeg,
                          args.repeats)
         rows.append(row)
         print(f"  {name:<32} ¥{row['cost_yuan']:.6f}  ¥{row['cost_yuan_per_min']:.5f}/min  wall {row['wall_s']:.1f} s  "
               f"kf {row['keyframes']:>3}  PSNR {_fmt(row['audit_psnr_db'])}  SSIM {_fmt(row['audit_ssim'])}  "
-              f"flicker {_fmt(row['flicker'])}", flush=True)
+              f"flicker {_fmt(row['flicker'])}  to RIFE {_fmt(row['to_rife'])}", flush=True)
     print(f"sweep: {len(rows)} renders in {time.perf_counter() - t0:.0f} s")
 
     front = pareto_front(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    csv_path = RESULTS / "lever_sweep.csv"
+    csv_path = RESULTS / f"{args.name}.csv"
     with csv_path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS + ["pareto"])
         writer.writeheader()
         on_front = {r["config"] for r in front}
         for r in rows:
             writer.writerow({**{k: r[k] for k in COLUMNS}, "pareto": r["config"] in on_front})
-    png = pareto_chart(rows, front, RESULTS / "lever_sweep_pareto.png",
+    png = pareto_chart(rows, front, RESULTS / f"{args.name}_pareto.png",
                        f"Lever sweep on previz: {episode.title}, first {episode.duration_s:.0f} s, around '{BASE}'")
 
     print()
-    print("| config | ¥ | ¥/min | wall s | keyframes | PSNR dB | SSIM | flicker | Pareto |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| config | ¥ | ¥/min | wall s | keyframes | PSNR dB | SSIM | flicker | to RIFE | Pareto |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['cost_yuan']:.6f} | {r['cost_yuan_per_min']:.5f} | {r['wall_s']:.1f} | "
               f"{r['keyframes']} | {_fmt(r['audit_psnr_db'])} | {_fmt(r['audit_ssim'])} | {_fmt(r['flicker'])} | "
+              f"{_fmt(r['to_rife'])} | "
               f"{'yes' if r['config'] in on_front else ''} |")
     print("\nPareto front (¥/min ↑, PSNR ↑): " + " → ".join(
         f"{r['config']} (¥{r['cost_yuan_per_min']:.5f}/min, {r['audit_psnr_db']:.2f} dB)" for r in front))
