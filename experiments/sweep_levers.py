@@ -239,7 +239,7 @@ def main() -> None:
     args = ap.parse_args()
     configs = [(lever, value, with_weights(o, str(args.rife_weights))) for lever, value, o in CONFIGS
                if not args.only or (f"{lever}={value}" if lever != "baseline" else BASE) in args.only]
-    if any("weights" in str(o) for _, _, o in configs) and not args.rife_weights.is_file():
+    if any(o.get("interpolation") in ("rife", "adaptive") for _, _, o in configs) and not args.rife_weights.is_file():
         raise SystemExit(f"--rife-weights {args.rife_weights}: no such file (run `make rife-weights`, "
                          "or leave the rife and adaptive rows out with --only)")
 

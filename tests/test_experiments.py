@@ -120,6 +120,17 @@ def test_pareto_front_on_a_small_table():
     assert [r["config"] for r in sweep_levers.pareto_front(rows)] == ["a", "b", "d"]
 
 
+def test_sweep_points_every_in_betweener_at_the_given_weights_and_counts_the_routes():
+    configs = {value: sweep_levers.with_weights(o, "/w.pkl") for lever, value, o in sweep_levers.CONFIGS
+               if lever == "interpolation"}
+    assert configs["rife"]["rife"]["weights"] == configs["adaptive"]["adaptive"]["weights"] == "/w.pkl"
+    assert configs["adaptive-flow-first"]["adaptive"]["threshold"] == 0.5 and "rife" not in configs["crossfade"]
+    routes = {"a": {"route_flow": 3, "route_rife": 1, "route_fallback": 0},
+              "b": {"route_flow": 0, "route_rife": 2, "route_fallback": 2}, "c": {"audit_psnr_db": 30.0}}
+    assert sweep_levers.rife_share(routes) == 3 / 8
+    assert sweep_levers.rife_share({"c": {"audit_psnr_db": 30.0}}) is None
+
+
 def test_sweep_sub_episode_and_profiles_plan(calibration, prices):
     episode = sweep_levers.sub_episode(load_episode(REPO_ROOT / "examples" / "episode_en.fountain"), 20.0)
     assert 20.0 <= episode.duration_s < 30.0
