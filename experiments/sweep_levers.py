@@ -84,6 +84,11 @@ COLUMNS = ["config", "lever", "value", "cost_yuan", "cost_yuan_per_min", "wall_s
            "mlflow_run"]
 
 
+def config_name(lever: str, value: str) -> str:
+    """A configuration's name in the table and for ``--only``: ``draft`` for the baseline, else ``lever=value``."""
+    return f"{lever}={value}" if lever != "baseline" else BASE
+
+
 def with_weights(overrides: dict[str, Any], weights: str) -> dict[str, Any]:
     """``overrides`` with every ``weights`` field of its tables (rife, adaptive) set to ``weights``."""
     return {k: ({**v, "weights": weights} if isinstance(v, dict) and "weights" in v else v)
@@ -180,7 +185,7 @@ def run_config(lever: str, value: str, overrides: dict[str, Any], episode: Episo
                settings: Any, calibration: Calibration, prices: PriceCatalog, ffmpeg: str,
                repeats: int) -> dict[str, Any]:
     # 1. Profile and plan (estimates unused: cost is measured).
-    name = f"{lever}={value}" if lever != "baseline" else BASE
+    name = config_name(lever, value)
     profile = resolve_profile(BASE, overrides).replace(name=f"sweep:{name}")
     plan = make_plan(episode, profile, calibration=with_placeholders(calibration, profile), prices=prices,
                      script_sha256=sha)
@@ -238,7 +243,7 @@ def main() -> None:
                     help="RIFE 4.x flownet.pkl for the rife and adaptive rows (`make rife-weights` writes one)")
     args = ap.parse_args()
     configs = [(lever, value, with_weights(o, str(args.rife_weights))) for lever, value, o in CONFIGS
-               if not args.only or (f"{lever}={value}" if lever != "baseline" else BASE) in args.only]
+               if not args.only or config_name(lever, value) in args.only]
     if any(o.get("interpolation") in ("rife", "adaptive") for _, _, o in configs) and not args.rife_weights.is_file():
         raise SystemExit(f"--rife-weights {args.rife_weights}: no such file (run `make rife-weights`, "
                          "or leave the rife and adaptive rows out with --only)")
@@ -264,7 +269,7 @@ def main() -> None:
     rows = []
     t0 = time.perf_counter()
     for lever, value, overrides in configs:
-        name = f"{lever}={value}" if lever != "baseline" else BASE
+        name = config_name(lever, value)
         row = run_config(lever, value, overrides, episode, sha, settings, calibration, prices, ffmpeg,
                          args.repeats)
         rows.append(row)
