@@ -68,6 +68,7 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     *[("animate_on", str(v), {"animate_on": v}) for v in (1, 3)],
     ("interpolation", "crossfade", {"interpolation": "crossfade"}),
     ("interpolation", "rife", {"interpolation": "rife", "rife": {"weights": WEIGHTS}}),
+    ("interpolation", "rife-one", {"interpolation": "rife", "rife": {"weights": WEIGHTS, "passes": "one"}}),
     ("interpolation", "adaptive", {"interpolation": "adaptive", "adaptive": {"weights": WEIGHTS}}),
     ("interpolation", "adaptive-flow-first",
      {"interpolation": "adaptive", "adaptive": {"weights": WEIGHTS, **FLOW_FIRST}}),

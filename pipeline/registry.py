@@ -162,7 +162,7 @@ def _diffusers_size(s: keyframes.DiffusionSettings, width: int, height: int) -> 
 def _rife(settings: inbetween.RifeSettings, *, width: int, height: int) -> Any:
     from stages.rife import RifeInterpolator  # torch is imported only when it is built
 
-    return RifeInterpolator(weights=settings.weights, device=settings.device)
+    return RifeInterpolator(weights=settings.weights, device=settings.device, passes=settings.passes)
 
 
 def _rife_resources(s: inbetween.RifeSettings) -> Resources:
@@ -195,7 +195,8 @@ register(Backend("inbetween", "flow", inbetween.FlowSettings,
                  calibration=lambda s: f"flow:{s.preset}"))
 register(Backend("inbetween", "crossfade", inbetween.CrossfadeSettings, build=lambda s, **_: inbetween.Crossfade(),
                  calibration=lambda s: "crossfade"))
-register(Backend("inbetween", "rife", inbetween.RifeSettings, build=_rife, calibration=lambda s: "rife",
+register(Backend("inbetween", "rife", inbetween.RifeSettings, build=_rife,
+                 calibration=lambda s: "rife" if s.passes == "per_time" else "rife:one",
                  resources=_rife_resources, placement=inbetween.RifeSettings.PLACEMENT))
 register(Backend("inbetween", "adaptive", inbetween_adaptive.AdaptiveSettings, build=_adaptive,
                  calibration=lambda s: f"adaptive:{s.preset}", resources=_rife_resources,

@@ -124,6 +124,7 @@ def test_sweep_points_every_in_betweener_at_the_given_weights_and_counts_the_rou
     configs = {value: sweep_levers.with_weights(o, "/w.pkl") for lever, value, o in sweep_levers.CONFIGS
                if lever == "interpolation"}
     assert configs["rife"]["rife"]["weights"] == configs["adaptive"]["adaptive"]["weights"] == "/w.pkl"
+    assert configs["rife-one"]["rife"] == {"weights": "/w.pkl", "passes": "one"}
     assert configs["adaptive-flow-first"]["adaptive"]["threshold"] == 0.5 and "rife" not in configs["crossfade"]
     routes = {"a": {"route_flow": 3, "route_rife": 1, "route_fallback": 0},
               "b": {"route_flow": 0, "route_rife": 2, "route_fallback": 2}, "c": {"audit_psnr_db": 30.0}}

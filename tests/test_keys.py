@@ -50,6 +50,7 @@ TABLE = [
     ("draft", "espeak.voices", {"KAI": {"pitch": 20}}, frozenset({"voice", "assemble"})),
     ("rife", "rife.weights", "/elsewhere/flownet.pkl", CLIP),
     ("rife", "rife.device", "cuda", CLIP),
+    ("rife", "rife.passes", "one", CLIP),
     ("rife", "rife.num_gpus", 0.5, NONE),
     ("rife", "rife.gpu_type", "A100-80GB", NONE),
     ("gpu", "backend", "previz", SHOT | LAYERS),  # the layered plates and sheets go away

@@ -85,6 +85,27 @@ def test_registry_builds_rife_lazily():
     assert isinstance(built, RifeInterpolator) and built.name == "rife"
 
 
+def test_profile_passes_reach_the_interpolator_its_calibration_row_and_content_key(tmp_path):
+    """[rife] passes = "one" builds the one-pass interpolator, is priced from its own calibration row, and enters
+    the clip's content key; at its default the key is what it was before the setting existed (stores stay hits)."""
+    from pipeline.calibration import Calibration
+    from pipeline.config import resolve_profile, shipped_table
+
+    entry = registry.get("inbetween", "rife")
+    per_time, one = RifeSettings(weights=str(WEIGHTS)), RifeSettings(weights=str(WEIGHTS), passes="one")
+    assert entry.key_params(per_time) == {"backend": "rife", "weights": str(WEIGHTS), "device": "cpu"}
+    assert entry.key_params(one)["passes"] == "one"
+    assert per_time.model_dump()["passes"] == "per_time"  # config.json and MLflow params keep it
+    cal = Calibration.load(shipped_table("calibration.csv"))
+    rows = {entry.calibration(s): cal.row("inbetween", entry.calibration(s), "cpu") for s in (per_time, one)}
+    assert set(rows) == {"rife", "rife:one"} and rows["rife:one"].seconds_per_unit_mpx < rows["rife"].seconds_per_unit_mpx
+    profile = tmp_path / "one.toml"
+    profile.write_text(f'interpolation = "rife"\n[rife]\nweights = "{WEIGHTS}"\npasses = "one"\n')
+    assert resolve_profile(str(profile)).settings_for("inbetween") == one
+    if WEIGHTS.is_file():
+        assert entry.build(one, width=192, height=128).passes == "one"
+
+
 def test_missing_weights_error_names_the_path(tmp_path):
     missing = tmp_path / "nowhere" / "flownet.pkl"
     with pytest.raises(StageError, match=r"nowhere/flownet\.pkl.*RIFE 4\.x flownet\.pkl state dict"):
