@@ -1,8 +1,8 @@
 """Fit calibration rows from measured renders: each executed node's seconds against its work.
 
-For every executed (not cached) ledger row, the plan says how much work the node did
-(units × megapixels: keyframes drawn, in-betweens made, frames encoded …) and which
-calibration key prices it. A deliberate refit fits ``seconds = overhead + work × k`` per key by
+For every executed ledger row (not cached, and not ``partial``: an attempt that did not finish),
+the plan says how much work the node did (units × megapixels: keyframes drawn, in-betweens made,
+frames encoded …) and which calibration key prices it. A deliberate refit fits ``seconds = overhead + work × k`` per key by
 least squares (``fit``: overhead ≥ 0; through the origin with fewer than 8 nodes or when the fit
 goes negative); this cluster's rows fit a per-unit cost beside them (``fit_nodes``).
 
@@ -95,8 +95,8 @@ def node_samples(plan: RenderPlan, ledger: Ledger) -> dict[Key, list[tuple[float
     keys = calibration_keys(plan.profile)
     work, units = work_of(plan), units_of(plan)
     seconds: dict[tuple[str, str | None], float] = {}  # one node's rows summed (an adaptive clip bills per method)
-    for r in ledger.records:
-        if r.cached or (r.stage, r.shot) not in work or r.stage not in keys:
+    for r in ledger.records:  # an attempt that did not finish did only part of the node's work: not a sample
+        if r.cached or r.partial or (r.stage, r.shot) not in work or r.stage not in keys:
             continue
         seconds[(r.stage, r.shot)] = seconds.get((r.stage, r.shot), 0.0) + r.seconds
     out: dict[Key, list[tuple[float, float, float]]] = defaultdict(list)

@@ -181,8 +181,9 @@ def unstop(store: Store, key: str, holder: str) -> None:
 
 
 def partial_rows(prices: PriceCatalog, node: NodeId, seconds: float, resource: str, units: float) -> list[LedgerRecord]:
-    """The ledger row of a node's partial time, on its first ledger stage (``clip`` → inbetween)."""
-    return [prices.record(LEDGER_STAGES[node.stage][0], node.shot, max(seconds, 0.0), resource, units)]
+    """The ledger row of a node's partial time, on its first ledger stage (``clip`` → inbetween), marked partial."""
+    row = prices.record(LEDGER_STAGES[node.stage][0], node.shot, max(seconds, 0.0), resource, units)
+    return [row.model_copy(update={"partial": True})]
 
 
 def plan_nodes(plan: RenderPlan) -> list[tuple[NodeId, str]]:

@@ -288,6 +288,8 @@ class LedgerRecord(Record):
     cached: bool = False
     method: str | None = Field(None, description="The in-betweening method of an adaptive clip's row "
                                                  "('flow', 'rife', 'fallback'); None for every other row.")
+    partial: bool = Field(False, description="The time of a node attempt that did not finish (cancelled, failed or "
+                                             "its worker died): billed, but calibration does not learn from it.")
 
 
 class Ledger(Record):

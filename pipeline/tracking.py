@@ -58,7 +58,7 @@ HTTP_DEFAULTS = {  # fail in seconds, not minutes (MLflow's own: 7 retries, 120 
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 Status = Literal["FINISHED", "FAILED", "KILLED"]
-LEDGER_COLUMNS = ("stage", "shot", "seconds", "resource", "units", "yuan", "cached", "method")
+LEDGER_COLUMNS = ("stage", "shot", "seconds", "resource", "units", "yuan", "cached", "method", "partial")
 # per shot: the audit, and (adaptive in-betweening) how many keyframe pairs took which route
 QUALITY_COLUMNS = ("audit_psnr_db", "audit_ssim", "flicker", "route_flow", "route_rife", "route_fallback")
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline import registry
+from pipeline.calibrate import node_samples
 from pipeline.calibration import Calibration, CalibrationRow
 from pipeline.config import resolve_profile
 from pipeline.ledger import CANCELLED, episode_ledger
@@ -184,6 +185,14 @@ def test_a_node_running_when_the_cap_is_reached_is_cancelled_and_billed_for_the_
     assert all(0 < n.yuan < nap_yuan for n in notes)  # stopped part-way through its nap
     assert all(current(store, n.key) is None for n in notes)
     assert result.episode_spent_yuan == pytest.approx(boards.episode_spent_yuan + result.ledger.total_yuan)
+    # its row says it is partial time, so this cluster's calibration does not learn a keyframe costs that little
+    shots = {n[len("keyframes["):-1] for n in cancelled}
+    assert all(r.partial for r in result.ledger.records if r.stage == "keyframes" and r.shot in shots)
+    assert not any(r.partial for r in result.ledger.records if r.shot not in shots)
+    finished = {r.shot for r in result.ledger.records if r.stage == "keyframes" and not r.cached and not r.partial}
+    assert not finished & shots
+    taught = node_samples(plan, result.ledger)
+    assert sum(len(pts) for (stage, *_), pts in taught.items() if stage == "keyframes") == len(finished)
 
 
 # --------------------------------------------------------------------------- learn before widening: the storyboard

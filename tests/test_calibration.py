@@ -454,3 +454,20 @@ def test_refit_measurements_pool_runs_per_key(prices):
     row = learned_row([pooled])
     assert (row.overhead_s, row.seconds_per_unit, row.seconds_per_unit_mpx) == learn([pooled])
     assert row.renders == 1 and "2 renders, a refit among them" in row.source
+
+
+def test_an_attempt_that_did_not_finish_teaches_nothing_and_a_retry_teaches_its_own_time(prices):
+    """A node cancelled part-way (the budget cap) or failed and run again bills its partial time; calibration learns
+    only from attempts that did the node's whole work."""
+    plan = make_plan(load_episode(SHOTLIST), resolve_profile("draft"), calibration=Calibration.load(SHIPPED),
+                     prices=prices, script_sha256="0" * 64)
+    first, second, third = (s.shot.id for s in plan.shots[:3])
+
+    def row(shot: str, seconds: float, partial: bool = False) -> LedgerRecord:
+        return LedgerRecord(stage="keyframes", shot=shot, seconds=seconds, resource="cpu", units=1, yuan=0.0,
+                            partial=partial)
+
+    ledger = Ledger(records=[row(first, 1.0), row(second, 0.2, partial=True),  # cancelled at the cap
+                             row(third, 0.3, partial=True), row(third, 1.5)])  # failed once, then ran whole
+    [m] = render_measurements(plan, ledger, fingerprint=HERE, at=1.0)
+    assert m.seconds == [1.0, 1.5]
