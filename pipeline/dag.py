@@ -58,6 +58,7 @@ from stages.records import AnimError, NodeError, TransientNodeError
 
 START_TIMEOUT_S = 60.0  # starting or joining a cluster fails with one line after this long
 RETRIES = 2  # a node failing transiently (its encoder killed, its worker dead) runs at most 1 + RETRIES times
+log = logging.getLogger(__name__)
 STOP_WAIT_S = 15.0  # how long nodes told to stop have to come back before Ray cancels them (queued, not dispatching)
 POLL_S = 0.05  # with a budget: how often running nodes' cost so far is looked at
 STOP_AHEAD_S = 0.1  # the cap stops running nodes at least this long before they would reach it: two
@@ -835,6 +836,9 @@ class _Run:
         if told:  # one still queued for resources (a shared cluster) is not being dispatched: Ray cancels it
             _, late = ray.wait(told, num_returns=len(told), timeout=STOP_WAIT_S)
             late = set(late)
+            if late:
+                log.info("%d node(s) told to stop were still queued for resources after %.0f s: cancelled in Ray",
+                         len(late), STOP_WAIT_S)
             for ref in (r for r in told if r in late):
                 cancel_in_ray(ref)
             collect(told)

@@ -6,6 +6,7 @@ cluster of two CPUs, one of them held by another job's actor for as long as the 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from pathlib import Path
 
@@ -93,20 +94,11 @@ def backends():
 
 
 def test_a_node_queued_for_resources_when_the_render_fails_is_cancelled_after_the_wait_and_costs_nothing(
-        two_cpus, backends, calibration, prices, tmp_path, monkeypatch):
+        two_cpus, backends, calibration, prices, tmp_path, monkeypatch, caplog):
     import ray
 
     monkeypatch.setattr(dag, "STOP_WAIT_S", WAIT_S)
-    waits = []  # (nodes waited for, still queued after the wait) of the executor's waits of STOP_WAIT_S
-    ray_wait = ray.wait
-
-    def wait(refs, **kw):
-        ready, late = ray_wait(refs, **kw)
-        if kw.get("timeout") == WAIT_S:
-            waits.append((len(refs), len(late)))
-        return ready, late
-
-    monkeypatch.setattr(ray, "wait", wait)
+    caplog.set_level(logging.INFO, logger="pipeline.dag")
     flag = tmp_path / "fail-once"
     flag.touch()
     last = EPISODE.shots[-1].id
@@ -120,10 +112,8 @@ def test_a_node_queued_for_resources_when_the_render_fails_is_cancelled_after_th
     hog = ray.remote(num_cpus=1)(_Hog).remote()  # another job on the shared cluster
     ray.get(hog.ping.remote())
     try:
-        t0 = time.monotonic()
         with pytest.raises(AnimError, match="failed on purpose"):
             render(plan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe())
-        took = time.monotonic() - t0
     finally:
         ray.kill(hog)
     keyframes = {s.keys["keyframes"] for s in plan.shots}
@@ -131,8 +121,7 @@ def test_a_node_queued_for_resources_when_the_render_fails_is_cancelled_after_th
     assert not [n for n in book.notes if n.key in keyframes]  # never started: nothing spent, nothing on record
     assert all(current(store, k) is None for k in keyframes)
     assert not any(stopped(store, k, n.holder) for k in keyframes for n in book.notes)
-    assert waits and all(0 < late <= told for told, late in waits)  # told to stop, still queued: Ray cancelled them
-    assert took >= WAIT_S
+    assert "told to stop were still queued for resources after 2 s: cancelled in Ray" in caplog.text
     # the resources free, the next render runs them; the panels already drawn are hits
     result = render(plan, store=store, prices=prices, ffmpeg=imageio_ffmpeg.get_ffmpeg_exe())
     assert result.stopped is None and "episode.mp4" in result.outputs
