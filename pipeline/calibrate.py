@@ -2,9 +2,10 @@
 
 For every executed ledger row (not cached, and not ``partial``: an attempt that did not finish),
 the plan says how much work the node did (units × megapixels: keyframes drawn, in-betweens made,
-frames encoded …) and which calibration key prices it. A deliberate refit fits ``seconds = overhead + work × k`` per key by
-least squares (``fit``: overhead ≥ 0; through the origin with fewer than 8 nodes or when the fit
-goes negative); this cluster's rows fit a per-unit cost beside them (``fit_nodes``).
+frames encoded …) and which calibration key prices it. A deliberate refit fits
+``seconds = overhead + work × k`` per key by least squares (``fit``: overhead ≥ 0; through the
+origin with fewer than 8 nodes or when the fit goes negative); this cluster's rows fit a per-unit
+cost beside them (``fit_nodes``).
 
 Two ways rows are made:
 

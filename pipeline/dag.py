@@ -56,9 +56,10 @@ from pipeline.store import Store
 from pipeline.store.lease import LeaseInfo, clear as clear_lease, current as current_lease
 from stages.records import AnimError, NodeError, TransientNodeError
 
+log = logging.getLogger(__name__)
+
 START_TIMEOUT_S = 60.0  # starting or joining a cluster fails with one line after this long
 RETRIES = 2  # a node failing transiently (its encoder killed, its worker dead) runs at most 1 + RETRIES times
-log = logging.getLogger(__name__)
 STOP_WAIT_S = 15.0  # how long nodes told to stop have to come back before Ray cancels them (queued, not dispatching)
 POLL_S = 0.05  # with a budget: how often running nodes' cost so far is looked at
 STOP_AHEAD_S = 0.1  # the cap stops running nodes at least this long before they would reach it: two
