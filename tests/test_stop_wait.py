@@ -59,7 +59,7 @@ class WideKeyframes:
 
 
 class FailOnceSettings(Record):
-    flag: str = ""  # a file: while it exists, the last shot's panel fails (and removes it)
+    flag: str = ""  # a file: while it exists, the panel of `shot` fails (and removes it)
     shot: str = ""
 
 
